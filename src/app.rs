@@ -1,0 +1,181 @@
+//! Wires the daemon together: database (created and migrated), group committer, HTTP server;
+//! and takes it down in order on shutdown (stop accepting, finish in-flight callbacks, then
+//! finish the batches they are waiting for).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use anyhow::Context;
+use axum::{
+    Router,
+    extract::{DefaultBodyLimit, State},
+    http::StatusCode,
+    routing::{get, post},
+};
+use sqlx::PgPool;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::{
+    callback::{self, CallbackState},
+    config::{Config, Secret},
+    crypto::{self, CallbackCrypto},
+    ingest::Ingest,
+    store,
+};
+
+/// CorpId the embedded emulator's organisation uses (and events without a corpId fall back to
+/// when no `dingtalk.corp_id` is configured in emulator mode).
+pub const EMULATOR_CORP_ID: &str = "dingemulatorcorp0000";
+
+/// A running daemon.
+pub struct App {
+    /// Where the HTTP server listens (useful with port 0).
+    pub addr: SocketAddr,
+    pub pool: PgPool,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl App {
+    /// Prepares the database and starts serving. Returns once the listener is bound.
+    pub async fn start(mut config: Config) -> anyhow::Result<App> {
+        config.validate().context("invalid configuration")?;
+        resolve_emulator_defaults(&mut config);
+        let crypto = CallbackCrypto::new(
+            config.callback.token.expose(),
+            config.callback.aes_key.expose(),
+        )
+        .context("callback.aes_key")?;
+        let pool = store::connect_and_migrate(&config.database).await?;
+        let listener = TcpListener::bind(config.listen_addr())
+            .await
+            .with_context(|| format!("binding server.listen {}", config.server.listen))?;
+        let addr = listener.local_addr()?;
+
+        let shutdown = CancellationToken::new();
+        // Ingest stops only after the server has drained, so in-flight callbacks still commit.
+        let ingest_stop = CancellationToken::new();
+        let (ingest, ingest_task) =
+            Ingest::start(pool.clone(), &config.ingest, ingest_stop.clone());
+        let state = Arc::new(CallbackState {
+            crypto,
+            owner_keys: config.callback.owner_key.clone(),
+            default_corp_id: config.dingtalk.corp_id.clone(),
+            ingest,
+        });
+        let router = router(state, pool.clone(), &config);
+        let server_stop = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { server_stop.cancelled().await })
+                .await;
+            ingest_stop.cancel();
+            ingest_task.await.ok();
+            served.context("HTTP server")
+        });
+        tracing::info!(%addr, "dingsync listening; callbacks at POST /dingtalk/callback");
+        Ok(App {
+            addr,
+            pool,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Stops accepting, lets in-flight requests and their commits finish, and waits for that.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.context("server task")??;
+        self.pool.close().await;
+        Ok(())
+    }
+}
+
+/// `dingsync serve`: run until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let app = App::start(config).await?;
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight callbacks");
+    app.stop().await
+}
+
+fn router(state: Arc<CallbackState>, pool: PgPool, config: &Config) -> Router {
+    let callback = Router::new()
+        .route("/dingtalk/callback", post(callback::handle))
+        .with_state(state);
+    let health = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(pool);
+    callback
+        .merge(health)
+        .layer(DefaultBodyLimit::max(config.server.body_limit_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            config.request_timeout(),
+        ))
+}
+
+/// Ready when the database answers.
+async fn readyz(State(pool): State<PgPool>) -> (StatusCode, String) {
+    match sqlx::query("SELECT 1").execute(&pool).await {
+        Ok(_) => (StatusCode::OK, "ready".into()),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: database unreachable ({})", kind(&e)),
+        ),
+    }
+}
+
+fn kind(e: &sqlx::Error) -> &'static str {
+    if store::is_unavailable(e) {
+        "connection"
+    } else {
+        "query failed"
+    }
+}
+
+/// With the embedded emulator the callback secrets may be left empty: generate them for this run
+/// (the daemon registers them with its own emulator). Against a real DingTalk validation has
+/// already required them.
+fn resolve_emulator_defaults(config: &mut Config) {
+    if !config.uses_emulator() {
+        return;
+    }
+    if config.dingtalk.corp_id.is_empty() {
+        config.dingtalk.corp_id = EMULATOR_CORP_ID.into();
+    }
+    if config.callback.token.is_empty() {
+        config.callback.token = Secret::new(crypto::random_nonce(32));
+    }
+    if config.callback.aes_key.is_empty() {
+        config.callback.aes_key = Secret::new(crypto::random_aes_key());
+    }
+    if config.callback.owner_key.is_empty() {
+        config.callback.owner_key = vec![config.dingtalk.corp_id.clone()];
+    }
+    tracing::info!(
+        corp_id = %config.dingtalk.corp_id,
+        "dingtalk.api_base = \"emulator\": callback token and AES key generated for this run where empty"
+    );
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

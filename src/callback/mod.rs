@@ -1,0 +1,130 @@
+//! `POST /dingtalk/callback`: verify → decrypt → check the owner key → store (group commit) →
+//! reply with the encrypted `success`. No commit, no `success`: when anything fails DingTalk gets
+//! an error status and retries (API.md §4.7, §6).
+//!
+//! Owns the HTTP exchange only; what an event means is `event`, storing it is `ingest`.
+
+use std::sync::Arc;
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    crypto::{self, CallbackCrypto},
+    error::AppError,
+    event::{self, Parsed, Source},
+    ingest::{Ingest, IngestError},
+};
+
+/// What the callback handler needs.
+pub struct CallbackState {
+    pub crypto: CallbackCrypto,
+    pub owner_keys: Vec<String>,
+    pub default_corp_id: String,
+    pub ingest: Ingest,
+}
+
+/// Query of a push. Current docs say `signature`/`timestamp`, older ones `msg_signature`/`timeStamp`:
+/// accept both (API.md §4.7).
+#[derive(Debug, Deserialize)]
+pub struct PushQuery {
+    signature: Option<String>,
+    msg_signature: Option<String>,
+    timestamp: Option<String>,
+    #[serde(rename = "timeStamp")]
+    time_stamp: Option<String>,
+    nonce: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct PushBody {
+    encrypt: String,
+}
+
+/// The reply DingTalk requires: these exact field names, all strings.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EncryptedReply {
+    pub msg_signature: String,
+    #[serde(rename = "timeStamp")]
+    pub time_stamp: String,
+    pub nonce: String,
+    pub encrypt: String,
+}
+
+pub async fn handle(
+    State(state): State<Arc<CallbackState>>,
+    Query(query): Query<PushQuery>,
+    body: Bytes,
+) -> Result<Response, AppError> {
+    let signature = query
+        .signature
+        .or(query.msg_signature)
+        .ok_or(AppError::BadRequest("missing query parameter signature"))?;
+    let timestamp = query
+        .timestamp
+        .or(query.time_stamp)
+        .ok_or(AppError::BadRequest("missing query parameter timestamp"))?;
+    let nonce = query
+        .nonce
+        .ok_or(AppError::BadRequest("missing query parameter nonce"))?;
+    let body: PushBody = serde_json::from_slice(&body)
+        .map_err(|_| AppError::BadRequest("body is not {\"encrypt\": \"...\"}"))?;
+
+    let accepted: Vec<&str> = state.owner_keys.iter().map(String::as_str).collect();
+    let opened = state.crypto.open(&timestamp, &nonce, &body.encrypt, &signature, &accepted).map_err(|e| {
+        match &e {
+            crypto::Error::BadSignature => tracing::warn!("callback refused: signature does not match (callback.token?)"),
+            crypto::Error::ReceiverIdMismatch { received } => tracing::warn!(
+                received_owner_key = %received,
+                accepted_owner_keys = ?state.owner_keys,
+                "callback refused: owner key not accepted; add it to callback.owner_key if it is yours (CorpId vs AppKey?)"
+            ),
+            other => tracing::warn!(kind = other.kind(), "callback refused: {other} (callback.aes_key?)"),
+        }
+        AppError::from(e)
+    })?;
+
+    match event::parse(&opened.message, Source::HttpPush, &state.default_corp_id) {
+        Err(malformed) => {
+            tracing::warn!(reason = %malformed, "callback refused: malformed event");
+            Err(AppError::Malformed(malformed))
+        }
+        Ok(Parsed::Handshake) => {
+            tracing::info!("answered DingTalk's URL check");
+            Ok(success(&state.crypto, &opened.receiver_id))
+        }
+        Ok(Parsed::Event(event)) => {
+            let (event_type, pid) = (event.event_type.clone(), event.process_instance_id.clone());
+            match state.ingest.submit(*event).await {
+                Ok(stored) => {
+                    tracing::debug!(event_type, process_instance_id = ?pid, ?stored, "event committed");
+                    Ok(success(&state.crypto, &opened.receiver_id))
+                }
+                Err(IngestError::Unavailable | IngestError::ShuttingDown) => {
+                    Err(AppError::Unavailable)
+                }
+                Err(IngestError::Failed) => Err(AppError::Internal),
+            }
+        }
+    }
+}
+
+/// The encrypted `success`, sealed for the owner key the push came with.
+fn success(crypto: &CallbackCrypto, receiver_id: &str) -> Response {
+    let time_stamp = chrono::Utc::now().timestamp_millis().to_string();
+    let nonce = crypto::random_nonce(16);
+    let sealed = crypto.seal("success", receiver_id, &time_stamp, &nonce);
+    let reply = EncryptedReply {
+        msg_signature: sealed.signature,
+        time_stamp,
+        nonce,
+        encrypt: sealed.encrypt,
+    };
+    (StatusCode::OK, Json(reply)).into_response()
+}

@@ -1,0 +1,519 @@
+//! Configuration: `config.toml`, then `DINGSYNC_<SECTION>_<KEY>` environment overrides, validated
+//! once at start-up. Everything else receives `&Config` (or a part of it) and never reads the
+//! environment itself.
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, str::FromStr, time::Duration};
+
+use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgConnectOptions;
+
+use crate::crypto::CallbackCrypto;
+
+/// The value of `dingtalk.api_base` that selects the in-process emulator.
+pub const EMULATOR: &str = "emulator";
+/// Prefix of environment overrides: `DINGSYNC_DATABASE_URL` sets `[database] url`.
+const ENV_PREFIX: &str = "DINGSYNC_";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub server: ServerConfig,
+    pub callback: CallbackConfig,
+    pub dingtalk: DingTalkConfig,
+    pub ingest: IngestConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub url: Secret,
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub body_limit_bytes: usize,
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallbackConfig {
+    pub token: Secret,
+    pub aes_key: Secret,
+    /// Accepted owner keys (CorpId, AppKey or SuiteKey). A string or a list in the file; a
+    /// comma-separated list in the environment.
+    #[serde(deserialize_with = "string_or_list")]
+    pub owner_key: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DingTalkConfig {
+    pub api_base: String,
+    pub app_key: String,
+    pub app_secret: Secret,
+    pub corp_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    pub max_batch: usize,
+    pub committers: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database: DatabaseConfig {
+                url: Secret::new("postgres://postgres@127.0.0.1:5432/dingsync"),
+                max_connections: 16,
+                acquire_timeout_ms: 2_000,
+            },
+            server: ServerConfig {
+                listen: "127.0.0.1:8080".into(),
+                body_limit_bytes: 64 * 1024,
+                request_timeout_ms: 10_000,
+            },
+            callback: CallbackConfig {
+                token: Secret::default(),
+                aes_key: Secret::default(),
+                owner_key: Vec::new(),
+            },
+            dingtalk: DingTalkConfig {
+                api_base: EMULATOR.into(),
+                app_key: String::new(),
+                app_secret: Secret::default(),
+                corp_id: String::new(),
+            },
+            ingest: IngestConfig {
+                max_batch: 256,
+                committers: 4,
+            },
+            log: LogConfig {
+                format: LogFormat::Text,
+                filter: "info".into(),
+            },
+        }
+    }
+}
+
+macro_rules! default_from_config {
+    ($($ty:ident => $field:ident),*) => {$(
+        impl Default for $ty {
+            fn default() -> Self {
+                Config::default().$field
+            }
+        }
+    )*};
+}
+default_from_config!(
+    DatabaseConfig => database,
+    ServerConfig => server,
+    CallbackConfig => callback,
+    DingTalkConfig => dingtalk,
+    IngestConfig => ingest,
+    LogConfig => log
+);
+
+/// A configuration mistake, naming the key and the rule it breaks.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads `path` (a missing file is an error: say which file), applies `DINGSYNC_*`
+    /// overrides from the process environment and validates the result.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_sources(&text, &path.display().to_string(), std::env::vars())
+    }
+
+    /// The pure part of [`Config::load`]: file text plus environment pairs.
+    pub fn from_sources(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let parse_err = |e: &dyn fmt::Display| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string(),
+        };
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| parse_err(&e))?;
+        apply_env(&mut table, env)?;
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| parse_err(&e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every rule a running daemon depends on, so that mistakes surface at start-up.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        PgConnectOptions::from_str(self.database.url.expose())
+            .map_err(|e| invalid("database.url", format!("not a PostgreSQL URL: {e}")))?;
+        if self.database.max_connections < 2 {
+            return Err(invalid("database.max_connections", "must be at least 2"));
+        }
+        if self.database.acquire_timeout_ms == 0 {
+            return Err(invalid(
+                "database.acquire_timeout_ms",
+                "must be more than 0",
+            ));
+        }
+        SocketAddr::from_str(&self.server.listen).map_err(|e| {
+            invalid(
+                "server.listen",
+                format!("must be an address like 0.0.0.0:8080 ({e})"),
+            )
+        })?;
+        if self.server.body_limit_bytes < 1024 {
+            return Err(invalid("server.body_limit_bytes", "must be at least 1024"));
+        }
+        if self.server.request_timeout_ms == 0 {
+            return Err(invalid("server.request_timeout_ms", "must be more than 0"));
+        }
+        if self.ingest.max_batch == 0 {
+            return Err(invalid("ingest.max_batch", "must be at least 1"));
+        }
+        if self.ingest.committers == 0
+            || self.ingest.committers >= self.database.max_connections as usize
+        {
+            return Err(invalid(
+                "ingest.committers",
+                "must be at least 1 and less than database.max_connections",
+            ));
+        }
+        let emulator = self.uses_emulator();
+        if !emulator {
+            let base = &self.dingtalk.api_base;
+            if !(base.starts_with("https://") || base.starts_with("http://")) {
+                return Err(invalid(
+                    "dingtalk.api_base",
+                    "must be \"emulator\" or an http(s) URL such as https://oapi.dingtalk.com",
+                ));
+            }
+        }
+        // With the embedded emulator empty callback secrets are generated at start-up; against a
+        // real DingTalk they must be the ones registered there.
+        let token = self.callback.token.expose();
+        let token_ok = !token.is_empty()
+            && token.len() <= 64
+            && token.bytes().all(|b| b.is_ascii_alphanumeric());
+        if (!token.is_empty() || !emulator) && !token_ok {
+            return Err(invalid(
+                "callback.token",
+                "must be 1 to 64 characters of A-Z, a-z, 0-9 (DingTalk's console takes 3 to 32; 32 is safest)",
+            ));
+        }
+        let aes_key = self.callback.aes_key.expose();
+        if !aes_key.is_empty() || !emulator {
+            CallbackCrypto::new("x", aes_key)
+                .map_err(|e| invalid("callback.aes_key", e.to_string()))?;
+        }
+        if self.callback.owner_key.iter().any(|k| k.trim().is_empty()) {
+            return Err(invalid("callback.owner_key", "contains an empty entry"));
+        }
+        if !emulator {
+            if self.callback.owner_key.is_empty() {
+                return Err(invalid(
+                    "callback.owner_key",
+                    "required: the CorpId (ding...) for a callback registered with register_call_back, the AppKey for a console event subscription; list both while unsure",
+                ));
+            }
+            if self.dingtalk.corp_id.is_empty() {
+                return Err(invalid(
+                    "dingtalk.corp_id",
+                    "required: your organisation's CorpId (ding...)",
+                ));
+            }
+        }
+        if self.log.filter.trim().is_empty() {
+            return Err(invalid(
+                "log.filter",
+                "must not be empty (e.g. \"info\" or \"dingsync=debug,info\")",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn uses_emulator(&self) -> bool {
+        self.dingtalk.api_base == EMULATOR
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.server.listen.parse().expect("validated at load")
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.request_timeout_ms)
+    }
+}
+
+/// Overrides `table[section][key]` from `DINGSYNC_SECTION_KEY`. The value is parsed as the type the
+/// key has in the defaults, so `DINGSYNC_DATABASE_MAX_CONNECTIONS=32` becomes an integer; an
+/// unknown key is an error rather than a silently ignored typo.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let defaults = toml::Table::try_from(Config::default()).expect("defaults serialize");
+    let mut vars: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in env {
+        if let Some(rest) = name.strip_prefix(ENV_PREFIX) {
+            vars.insert(rest.to_ascii_lowercase(), value);
+        }
+    }
+    for (rest, value) in vars {
+        let env_name = format!("{ENV_PREFIX}{}", rest.to_ascii_uppercase());
+        let Some((section, key)) = rest.split_once('_') else {
+            return Err(invalid(
+                &env_name,
+                "is not of the form DINGSYNC_<SECTION>_<KEY>",
+            ));
+        };
+        let Some(default) = defaults.get(section).and_then(|s| s.get(key)) else {
+            return Err(invalid(
+                &env_name,
+                format!("there is no key {section}.{key}"),
+            ));
+        };
+        let dotted = format!("{section}.{key} (from {env_name})");
+        let parsed = match default {
+            toml::Value::Integer(_) => toml::Value::Integer(
+                value
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid(&dotted, "must be a whole number"))?,
+            ),
+            toml::Value::Boolean(_) => toml::Value::Boolean(
+                value
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid(&dotted, "must be true or false"))?,
+            ),
+            toml::Value::Array(_) => toml::Value::Array(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect(),
+            ),
+            _ => toml::Value::String(value),
+        };
+        let section_table = table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        match section_table {
+            toml::Value::Table(t) => {
+                t.insert(key.to_string(), parsed);
+            }
+            _ => return Err(invalid(section, "must be a table")),
+        }
+    }
+    Ok(())
+}
+
+fn string_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// A secret (token, key, password-bearing URL). `Debug` and `Display` print `***` so that a
+/// logged config or error can never leak it; [`Secret::expose`] is the one way to read it.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../config.toml");
+
+    fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_sources(
+            text,
+            "test.toml",
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn shipped_config_toml_is_valid_and_equals_the_defaults() {
+        let config = load(SHIPPED, &[]).unwrap();
+        let defaults = Config::default();
+        assert_eq!(
+            toml::Table::try_from(&config).unwrap(),
+            toml::Table::try_from(&defaults).unwrap(),
+            "config.toml and Config::default() disagree"
+        );
+    }
+
+    #[test]
+    fn environment_overrides_keys_with_their_types() {
+        let config = load(
+            SHIPPED,
+            &[
+                ("DINGSYNC_DATABASE_URL", "postgres://u@db:5432/x"),
+                ("DINGSYNC_DATABASE_MAX_CONNECTIONS", "32"),
+                ("DINGSYNC_CALLBACK_OWNER_KEY", "dingcorp, dingappkey"),
+                ("DINGSYNC_SERVER_LISTEN", "0.0.0.0:9000"),
+                ("OTHER_VAR", "ignored"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.database.url.expose(), "postgres://u@db:5432/x");
+        assert_eq!(config.database.max_connections, 32);
+        assert_eq!(config.callback.owner_key, vec!["dingcorp", "dingappkey"]);
+        assert_eq!(config.server.listen, "0.0.0.0:9000");
+    }
+
+    #[test]
+    fn unknown_environment_key_is_named_in_the_error() {
+        let err = load(SHIPPED, &[("DINGSYNC_DATABASE_URI", "x")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("DINGSYNC_DATABASE_URI") && err.contains("database.uri"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_file_key_is_an_error() {
+        let err = load("[server]\nlisten_on = \"x\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen_on"), "{err}");
+    }
+
+    #[test]
+    fn bad_aes_key_names_the_key_and_the_rule() {
+        let err = load(SHIPPED, &[("DINGSYNC_CALLBACK_AES_KEY", "tooshort")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("callback.aes_key:") && err.contains("43"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn non_numeric_override_names_the_key() {
+        let err = load(SHIPPED, &[("DINGSYNC_DATABASE_MAX_CONNECTIONS", "many")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("database.max_connections") && err.contains("whole number"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn real_dingtalk_requires_callback_secrets_owner_key_and_corp_id() {
+        let base = [("DINGSYNC_DINGTALK_API_BASE", "https://oapi.dingtalk.com")];
+        let err = load(SHIPPED, &base).unwrap_err().to_string();
+        assert!(err.starts_with("callback.token:"), "{err}");
+        let mut env = base.to_vec();
+        env.push(("DINGSYNC_CALLBACK_TOKEN", "tok123"));
+        env.push((
+            "DINGSYNC_CALLBACK_AES_KEY",
+            "1234567890123456789012345678901234567890123",
+        ));
+        let err = load(SHIPPED, &env).unwrap_err().to_string();
+        assert!(err.starts_with("callback.owner_key:"), "{err}");
+        env.push(("DINGSYNC_CALLBACK_OWNER_KEY", "dingcorp"));
+        let err = load(SHIPPED, &env).unwrap_err().to_string();
+        assert!(err.starts_with("dingtalk.corp_id:"), "{err}");
+        env.push(("DINGSYNC_DINGTALK_CORP_ID", "dingcorp"));
+        load(SHIPPED, &env).unwrap();
+    }
+
+    #[test]
+    fn secrets_print_as_stars() {
+        let mut config = Config::default();
+        config.callback.token = Secret::new("supersecrettoken");
+        config.dingtalk.app_secret = Secret::new("appsecretvalue");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("supersecrettoken") && !shown.contains("appsecretvalue"));
+        assert!(shown.contains("***"));
+    }
+}

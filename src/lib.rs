@@ -1,0 +1,15 @@
+//! dingsync keeps PostgreSQL in step with DingTalk approvals. The binary (`main.rs`) only parses
+//! arguments; everything runs from here so that the tests start the same code as production.
+//!
+//! Flow: `callback` (HTTP) → `crypto` (verify, decrypt) → `event` (what it means) → `ingest`
+//! (group commit) → `store` (SQL). `app` wires them together; `config` is read once at start-up.
+
+pub mod app;
+pub mod callback;
+pub mod config;
+pub mod crypto;
+pub mod error;
+pub mod event;
+pub mod ingest;
+pub mod store;
+pub mod telemetry;

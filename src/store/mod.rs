@@ -1,0 +1,111 @@
+//! All SQL lives here, one file per table. Functions take an executor or a connection, so the
+//! caller decides the transaction. This module also owns connecting (creating the database when
+//! it is missing) and applying the migrations.
+
+pub mod approvals;
+pub mod events;
+mod migrate;
+pub mod tasks;
+
+use std::{str::FromStr, time::Duration};
+
+use anyhow::Context;
+use sqlx::{
+    ConnectOptions, Connection, PgConnection, PgPool,
+    postgres::{PgConnectOptions, PgPoolOptions},
+};
+
+use crate::config::DatabaseConfig;
+
+pub use migrate::migrate;
+
+/// Creates the database named in the URL when it does not exist (through the `postgres`
+/// maintenance database on the same server), then opens the pool.
+pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(config.url.expose()).context("database.url")?;
+    ensure_database(&options).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
+        .connect_with(options)
+        .await
+        .context("connecting to PostgreSQL (database.url)")?;
+    Ok(pool)
+}
+
+/// Connects, creates the database if needed and applies the migrations: what `serve` and
+/// `migrate` both do before anything else.
+pub async fn connect_and_migrate(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
+    let pool = connect(config).await?;
+    migrate(&pool).await?;
+    Ok(pool)
+}
+
+async fn ensure_database(options: &PgConnectOptions) -> anyhow::Result<()> {
+    let Some(name) = options.get_database().map(str::to_owned) else {
+        return Ok(()); // no database in the URL: the server's default for the user
+    };
+    // Try the database itself first: a deployment may not be allowed to see `postgres`.
+    if options.connect().await.is_ok() {
+        return Ok(());
+    }
+    let mut admin = options
+        .clone()
+        .database("postgres")
+        .connect()
+        .await
+        .with_context(|| format!("connecting to PostgreSQL to create database {name:?}"))?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await?;
+    if !exists {
+        let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+        match sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut admin)
+            .await
+        {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // Another replica created it between our check and our CREATE.
+            Err(e) if is_code(&e, "42P04") => {}
+            Err(e) => return Err(e).with_context(|| format!("creating database {name:?}")),
+        }
+    }
+    admin.close().await.ok();
+    Ok(())
+}
+
+/// Whether `e` is a database error with this SQLSTATE.
+pub fn is_code(e: &sqlx::Error, code: &str) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some(code))
+}
+
+/// Whether `e` means the database cannot be reached or used right now (as opposed to a query
+/// that is wrong for this data): the caller should answer 503 and let the sender retry.
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception, 53: insufficient resources, 57P0x: shutting down /
+            // cannot connect now, 40001/40P01: serialization failure / deadlock (retry helps).
+            code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P")
+                || code == "40001"
+                || code == "40P01"
+        }),
+        _ => false,
+    }
+}
+
+/// A dedicated connection, outside the pool (migrations hold a session-level advisory lock).
+async fn single_connection(pool: &PgPool) -> anyhow::Result<PgConnection> {
+    let options = pool.connect_options();
+    Ok(PgConnection::connect_with(&options).await?)
+}

@@ -1,0 +1,517 @@
+//! POST /dingtalk/callback against a real daemon and a fresh database per test.
+
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use common::*;
+use dingsync::crypto::{self, CallbackCrypto};
+use sqlx::postgres::PgListener;
+
+const T0: i64 = 1_764_300_000_000; // 2025-11-28T03:20:00Z
+
+fn ts(ms: i64) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::from_timestamp_millis(ms)
+}
+
+#[tokio::test]
+async fn start_then_task_finish_then_instance_finish_ends_completed_agree_with_its_task() {
+    let app = TestApp::spawn().await;
+    app.push_ok(&instance_event("pid-1", "start", None, T0, None))
+        .await;
+    app.push_ok(&task_event("pid-1", 101, "start", None, T0 + 1_000, None))
+        .await;
+    assert_eq!(app.task(101).await.status, "RUNNING");
+    app.push_ok(&task_event(
+        "pid-1",
+        101,
+        "finish",
+        Some("agree"),
+        T0 + 1_000,
+        Some(T0 + 60_000),
+    ))
+    .await;
+    app.push_ok(&instance_event(
+        "pid-1",
+        "finish",
+        Some("agree"),
+        T0,
+        Some(T0 + 61_000),
+    ))
+    .await;
+
+    let a = app.approval("pid-1").await;
+    assert_eq!(
+        (a.status.as_str(), a.result.as_deref()),
+        ("COMPLETED", Some("agree"))
+    );
+    assert_eq!(a.title.as_deref(), Some("张三提交的报销"));
+    assert_eq!(a.originator_userid.as_deref(), Some("originator1"));
+    assert_eq!(a.created_at, ts(T0));
+    assert_eq!(a.finished_at, ts(T0 + 61_000));
+    assert!(a.wanted, "an event marks the approval for a detail fetch");
+    let t = app.task(101).await;
+    assert_eq!(
+        t,
+        TaskRow {
+            status: "COMPLETED".into(),
+            result: Some("AGREE".into()),
+            userid: Some("approver1".into()),
+            remark: Some("同意 ✅".into()),
+            finished_at: ts(T0 + 60_000),
+        }
+    );
+    assert_eq!(app.counts().await, (4, 1, 1));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_event_delivered_twice_re_encrypted_is_stored_once() {
+    let app = TestApp::spawn().await;
+    let event = instance_event("pid-dup", "start", None, T0, None);
+    let first = app.crypto.encrypt(&event, &app.owner_key);
+    app.push_ok(&event).await;
+    app.push_ok(&event).await; // new random prefix: different ciphertext, same event
+    let second = app.crypto.encrypt(&event, &app.owner_key);
+    assert_ne!(first, second);
+    let before = app.approval("pid-dup").await;
+    app.push_ok(&event).await;
+    assert_eq!(app.counts().await, (1, 1, 0));
+    let updated_at = |app: &TestApp| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(
+                "SELECT updated_at FROM dingsync.approvals",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let stamp = updated_at(&app).await;
+    app.push_ok(&event).await;
+    assert_eq!(updated_at(&app).await, stamp, "a duplicate changes nothing");
+    assert_eq!(app.approval("pid-dup").await, before);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn finish_before_start_ends_finished() {
+    let app = TestApp::spawn().await;
+    app.push_ok(&instance_event(
+        "pid-late",
+        "finish",
+        Some("agree"),
+        T0,
+        Some(T0 + 5_000),
+    ))
+    .await;
+    app.push_ok(&task_event(
+        "pid-late",
+        7,
+        "finish",
+        Some("agree"),
+        T0,
+        Some(T0 + 4_000),
+    ))
+    .await;
+    app.push_ok(&task_event("pid-late", 7, "start", None, T0, None))
+        .await;
+    app.push_ok(&instance_event("pid-late", "start", None, T0, None))
+        .await;
+    let a = app.approval("pid-late").await;
+    assert_eq!(
+        (a.status.as_str(), a.result.as_deref(), a.finished_at),
+        ("COMPLETED", Some("agree"), ts(T0 + 5_000))
+    );
+    let t = app.task(7).await;
+    assert_eq!(
+        (t.status.as_str(), t.result.as_deref()),
+        ("COMPLETED", Some("AGREE"))
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn terminate_ends_terminated_without_result_and_refuse_ends_completed_refuse() {
+    let app = TestApp::spawn().await;
+    app.push_ok(&instance_event("pid-t", "start", None, T0, None))
+        .await;
+    app.push_ok(&task_event("pid-t", 8, "start", None, T0, None))
+        .await;
+    app.push_ok(&instance_event(
+        "pid-t",
+        "terminate",
+        None,
+        T0,
+        Some(T0 + 9_000),
+    ))
+    .await;
+    app.push_ok(&task_event(
+        "pid-t",
+        8,
+        "cancel",
+        None,
+        T0,
+        Some(T0 + 9_000),
+    ))
+    .await;
+    let a = app.approval("pid-t").await;
+    assert_eq!(
+        (a.status.as_str(), a.result, a.finished_at),
+        ("TERMINATED", None, ts(T0 + 9_000))
+    );
+    assert_eq!(app.task(8).await.status, "CANCELED");
+
+    app.push_ok(&instance_event("pid-r", "start", None, T0, None))
+        .await;
+    app.push_ok(&task_event(
+        "pid-r",
+        9,
+        "finish",
+        Some("refuse"),
+        T0,
+        Some(T0 + 3_000),
+    ))
+    .await;
+    app.push_ok(&instance_event(
+        "pid-r",
+        "finish",
+        Some("refuse"),
+        T0,
+        Some(T0 + 3_000),
+    ))
+    .await;
+    let a = app.approval("pid-r").await;
+    assert_eq!(
+        (a.status.as_str(), a.result.as_deref()),
+        ("COMPLETED", Some("refuse"))
+    );
+    assert_eq!(app.task(9).await.result.as_deref(), Some("REFUSE"));
+    // A late terminate cannot overwrite a finish: terminal states do not move.
+    app.push_ok(&instance_event(
+        "pid-r",
+        "terminate",
+        None,
+        T0,
+        Some(T0 + 9_000),
+    ))
+    .await;
+    assert_eq!(app.approval("pid-r").await.status, "COMPLETED");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn check_url_is_answered_with_encrypted_success_and_stores_nothing() {
+    let app = TestApp::spawn().await;
+    app.push_ok(r#"{"EventType":"check_url"}"#).await;
+    assert_eq!(app.counts().await, (0, 0, 0));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_event_types_are_stored_and_acknowledged() {
+    let app = TestApp::spawn().await;
+    app.push_ok(r#"{"EventType":"user_add_org","TimeStamp":"1764300000000","UserId":["u1"],"CorpId":"dingothercorp"}"#).await;
+    let (corp, kind): (String, String) =
+        sqlx::query_as("SELECT corp_id, event_type FROM dingsync.events")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (corp.as_str(), kind.as_str()),
+        ("dingothercorp", "user_add_org")
+    );
+    assert_eq!(app.counts().await, (1, 0, 0));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_raw_message_and_its_parsed_payload_are_both_kept() {
+    let app = TestApp::spawn().await;
+    let event = instance_event("pid-raw", "start", None, T0, None);
+    app.push_ok(&event).await;
+    let (raw, title, source): (String, String, String) =
+        sqlx::query_as("SELECT raw, payload->>'title', source FROM dingsync.events")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(raw, event);
+    assert_eq!(title, "张三提交的报销");
+    assert_eq!(source, "http_push");
+    app.stop().await;
+}
+
+/// Every kind of bad input: a clear status, no row written, and the daemon keeps serving.
+#[tokio::test]
+async fn bad_input_gets_a_clear_status_and_writes_nothing() {
+    let app = TestApp::spawn().await;
+    let event = instance_event("pid-bad", "start", None, T0, None);
+    let (timestamp, nonce) = ("1764300000000", "n0nce123");
+    let sealed = app.crypto.seal(&event, &app.owner_key, timestamp, nonce);
+    let body = |encrypt: &str| serde_json::json!({ "encrypt": encrypt }).to_string();
+    let query = |sig: &str| {
+        vec![
+            ("signature", sig.to_string()),
+            ("timestamp", timestamp.into()),
+            ("nonce", nonce.into()),
+        ]
+    };
+    let post = |q: Vec<(&'static str, String)>, b: String| {
+        let app = &app;
+        async move {
+            let q: Vec<(&str, &str)> = q.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let r = app.post_raw(&q, b).await;
+            let status = r.status().as_u16();
+            (status, r.text().await.unwrap())
+        }
+    };
+
+    // Wrong signature: 403.
+    let mut wrong = sealed.signature.clone();
+    wrong.replace_range(0..1, if wrong.starts_with('0') { "1" } else { "0" });
+    assert_eq!(post(query(&wrong), body(&sealed.encrypt)).await.0, 403);
+    // Signed with another token: 403.
+    let other_token = CallbackCrypto::new("othertoken", app.crypto_key()).unwrap();
+    let sig = other_token.signature(timestamp, nonce, &sealed.encrypt);
+    assert_eq!(post(query(&sig), body(&sealed.encrypt)).await.0, 403);
+    // Encrypted with another AES key (correctly signed): 400.
+    let other_key = CallbackCrypto::new(app.token(), &crypto::random_aes_key()).unwrap();
+    let foreign = other_key.seal(&event, &app.owner_key, timestamp, nonce);
+    assert_eq!(
+        post(query(&foreign.signature), body(&foreign.encrypt))
+            .await
+            .0,
+        400
+    );
+    // Another owner key: 400, and the body does not echo it.
+    let other_owner = app.crypto.seal(&event, "dingsomeoneelse", timestamp, nonce);
+    let (status, text) = post(query(&other_owner.signature), body(&other_owner.encrypt)).await;
+    assert_eq!(status, 400);
+    assert!(!text.contains("dingsomeoneelse"), "{text}");
+    // Corrupt ciphertext (valid base64, signed): 400.
+    let corrupt = format!("{}AAAA", &sealed.encrypt[..sealed.encrypt.len() - 4]);
+    let sig = app.crypto.signature(timestamp, nonce, &corrupt);
+    assert_eq!(post(query(&sig), body(&corrupt)).await.0, 400);
+    // Not base64: 400.
+    let sig = app.crypto.signature(timestamp, nonce, "***");
+    assert_eq!(post(query(&sig), body("***")).await.0, 400);
+    // Body is not JSON / has no encrypt: 400.
+    assert_eq!(
+        post(query(&sealed.signature), "not json".into()).await.0,
+        400
+    );
+    assert_eq!(
+        post(query(&sealed.signature), r#"{"other":1}"#.into())
+            .await
+            .0,
+        400
+    );
+    // Missing query parameters: 400.
+    assert_eq!(post(vec![], body(&sealed.encrypt)).await.0, 400);
+    // Decrypts fine but the message is not JSON, or not an event: 400.
+    for message in [
+        "this is not json",
+        "[1,2]",
+        r#"{"no":"type"}"#,
+        r#"{"EventType":"bpms_instance_change"}"#,
+    ] {
+        let s = app.crypto.seal(message, &app.owner_key, timestamp, nonce);
+        let (status, text) = post(query(&s.signature), body(&s.encrypt)).await;
+        assert_eq!(status, 400, "{message}: {text}");
+    }
+    // Over 64 KiB: 413.
+    let huge = app
+        .crypto
+        .seal(&"x".repeat(70_000), &app.owner_key, timestamp, nonce);
+    assert_eq!(
+        post(query(&huge.signature), body(&huge.encrypt)).await.0,
+        413
+    );
+
+    assert_eq!(app.counts().await, (0, 0, 0), "bad input wrote a row");
+    // Still serving.
+    app.push_ok(&event).await;
+    assert_eq!(app.counts().await, (1, 1, 0));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn older_query_names_msg_signature_and_time_stamp_are_accepted() {
+    let app = TestApp::spawn().await;
+    let event = instance_event("pid-old", "start", None, T0, None);
+    let sealed = app
+        .crypto
+        .seal(&event, &app.owner_key, "1764300000", "abcdefgh");
+    let response = app
+        .post_raw(
+            &[
+                ("msg_signature", sealed.signature.as_str()),
+                ("timeStamp", "1764300000"),
+                ("nonce", "abcdefgh"),
+            ],
+            serde_json::json!({ "encrypt": sealed.encrypt }).to_string(),
+        )
+        .await;
+    assert_success(&app.crypto, &app.owner_key, response).await;
+    assert_eq!(app.counts().await, (1, 1, 0));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn any_configured_owner_key_is_accepted_and_the_reply_uses_the_one_received() {
+    let app = TestApp::spawn_with(|c| {
+        c.callback.owner_key = vec![CORP_ID.into(), "dingappkey123".into()]
+    })
+    .await;
+    let event = instance_event("pid-appkey", "start", None, T0, None);
+    let response = app.push_with(&app.crypto, "dingappkey123", &event).await;
+    assert_success(&app.crypto, "dingappkey123", response).await;
+    assert_eq!(app.counts().await, (1, 1, 0));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_change_is_notified_on_dingsync_approval_changed() {
+    let app = TestApp::spawn().await;
+    let mut listener = PgListener::connect(&app.db.url).await.unwrap();
+    listener.listen("dingsync_approval_changed").await.unwrap();
+    app.push_ok(&instance_event("pid-notify", "start", None, T0, None))
+        .await;
+    let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("notified in time")
+        .unwrap();
+    assert_eq!(n.payload(), "pid-notify");
+    app.stop().await;
+}
+
+/// Many concurrent callbacks share transactions (group commit); each is acknowledged only after
+/// its own commit, and every acknowledged event is in the database.
+#[tokio::test]
+async fn concurrent_callbacks_are_all_stored_and_applied() {
+    let app = TestApp::spawn_with(|c| {
+        c.ingest.max_batch = 32;
+        c.ingest.committers = 2;
+    })
+    .await;
+    let mut handles = Vec::new();
+    for i in 0..300 {
+        let message = if i % 3 == 0 {
+            task_event(&format!("pid-c{}", i / 3), i, "start", None, T0, None)
+        } else {
+            instance_event(
+                &format!("pid-c{}", i / 3),
+                if i % 3 == 1 { "start" } else { "finish" },
+                Some("agree"),
+                T0,
+                Some(T0 + 1),
+            )
+        };
+        let (http, base, crypto_owner) = (
+            app.http.clone(),
+            app.base_url.clone(),
+            app.owner_key.clone(),
+        );
+        let crypto = CallbackCrypto::new(app.token(), app.crypto_key()).unwrap();
+        handles.push(tokio::spawn(async move {
+            let ts = chrono::Utc::now().timestamp_millis().to_string();
+            let nonce = crypto::random_nonce(8);
+            let s = crypto.seal(&message, &crypto_owner, &ts, &nonce);
+            let r = http
+                .post(format!("{base}/dingtalk/callback"))
+                .query(&[
+                    ("signature", s.signature.as_str()),
+                    ("timestamp", &ts),
+                    ("nonce", &nonce),
+                ])
+                .json(&serde_json::json!({ "encrypt": s.encrypt }))
+                .send()
+                .await
+                .unwrap();
+            assert_success(&crypto, &crypto_owner, r).await;
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    assert_eq!(app.counts().await, (300, 100, 100));
+    let done: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM dingsync.approvals WHERE status = 'COMPLETED' AND result = 'agree'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(done, 100);
+    app.stop().await;
+}
+
+/// The database goes away mid-traffic: callbacks get 503 (never `success` without a commit), the
+/// daemon keeps running, and once the database is back the redelivered event is stored once.
+#[tokio::test]
+async fn database_down_gives_503_without_success_and_the_daemon_recovers() {
+    let upstream: SocketAddr = "127.0.0.1:5432".parse().unwrap();
+    let proxy = proxy::Proxy::start(upstream).await;
+    let db = TestDb::new();
+    // Create and migrate through the direct URL; the daemon then talks through the proxy.
+    dingsync::store::connect_and_migrate(&test_config(&db.url).database)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    let via_proxy = db.url.replace("127.0.0.1:5432", &proxy.addr.to_string());
+    let app = TestApp::spawn_on(db, |c| {
+        c.database.url = dingsync::config::Secret::new(via_proxy)
+    })
+    .await;
+    app.push_ok(&instance_event("pid-before", "start", None, T0, None))
+        .await;
+
+    proxy.cut().await;
+    let event = instance_event("pid-outage", "start", None, T0, None);
+    for _ in 0..3 {
+        let response = app.push(&event).await;
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap();
+        assert_eq!(status, 503, "{text}");
+        assert!(
+            !text.contains("encrypt"),
+            "no success without a commit: {text}"
+        );
+    }
+    assert_eq!(
+        app.count("events").await,
+        1,
+        "nothing was written during the outage"
+    );
+    let health = app
+        .http
+        .get(format!("{}/healthz", app.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200, "the daemon is still alive");
+    let ready = app
+        .http
+        .get(format!("{}/readyz", app.base_url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+
+    proxy.restore().await;
+    // DingTalk retries; the first retries may still meet dead pooled connections.
+    eventually(
+        Duration::from_secs(15),
+        "the daemon to store the event again",
+        || {
+            let app = &app;
+            let event = &event;
+            async move { (app.push(event).await.status() == 200).then_some(()) }
+        },
+    )
+    .await;
+    app.push_ok(&event).await;
+    assert_eq!(app.counts().await, (2, 2, 0));
+    app.stop().await;
+}

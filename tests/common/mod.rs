@@ -1,0 +1,342 @@
+//! Test harness: a fresh database per test (created and migrated by the production code), the
+//! real daemon on port 0, and a client that speaks DingTalk's side of the callback exchange.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+pub mod proxy;
+
+use std::{
+    future::Future,
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use dingsync::{
+    app::App,
+    callback::EncryptedReply,
+    config::{Config, Secret},
+    crypto::{self, CallbackCrypto},
+};
+use serde_json::Value;
+use sqlx::{Connection, PgConnection, PgPool};
+
+pub const CORP_ID: &str = "dingtestcorp00000001";
+
+/// Where test databases are created: `DINGSYNC_TEST_DATABASE_URL` (server URL without a
+/// database), default the local trust-auth Postgres. No Postgres means failing tests, never
+/// skipped ones.
+pub fn server_url() -> String {
+    std::env::var("DINGSYNC_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// A database that exists for one test and is dropped afterwards.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub fn new() -> TestDb {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "dingsync_test_{}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            crypto::random_nonce(6).to_lowercase()
+        );
+        let url = format!("{}/{}", server_url(), name);
+        TestDb { name, url }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (server, name) = (server_url(), self.name.clone());
+        // Drop runs inside the test's runtime; use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(mut conn) = PgConnection::connect(&format!("{server}/postgres")).await {
+                    let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                        .execute(&mut conn)
+                        .await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// The configuration a test daemon runs with: fresh secrets, port 0, the given database.
+pub fn test_config(database_url: &str) -> Config {
+    let mut config = Config::default();
+    config.database.url = Secret::new(database_url);
+    config.database.acquire_timeout_ms = 1_000;
+    config.server.listen = "127.0.0.1:0".into();
+    config.callback.token = Secret::new(crypto::random_nonce(32));
+    config.callback.aes_key = Secret::new(crypto::random_aes_key());
+    config.callback.owner_key = vec![CORP_ID.into()];
+    config.dingtalk.corp_id = CORP_ID.into();
+    config
+}
+
+/// A running daemon on its own database.
+pub struct TestApp {
+    pub app: Option<App>,
+    pub pool: PgPool,
+    pub base_url: String,
+    pub crypto: CallbackCrypto,
+    pub owner_key: String,
+    token: String,
+    aes_key: String,
+    pub http: reqwest::Client,
+    pub db: TestDb,
+}
+
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(|_| {}).await
+    }
+
+    /// Starts the daemon after `adjust` has changed the test configuration.
+    pub async fn spawn_with(adjust: impl FnOnce(&mut Config)) -> TestApp {
+        let db = TestDb::new();
+        Self::spawn_on(db, adjust).await
+    }
+
+    pub async fn spawn_on(db: TestDb, adjust: impl FnOnce(&mut Config)) -> TestApp {
+        install_crypto_provider();
+        let mut config = test_config(&db.url);
+        adjust(&mut config);
+        let crypto = CallbackCrypto::new(
+            config.callback.token.expose(),
+            config.callback.aes_key.expose(),
+        )
+        .unwrap();
+        let app = App::start(config.clone()).await.expect("daemon starts");
+        // Our own pool straight to the database (the daemon's may go through a proxy).
+        let pool = PgPool::connect(&db.url).await.unwrap();
+        TestApp {
+            base_url: format!("http://{}", app.addr),
+            app: Some(app),
+            pool,
+            crypto,
+            owner_key: config.callback.owner_key[0].clone(),
+            token: config.callback.token.expose().to_string(),
+            aes_key: config.callback.aes_key.expose().to_string(),
+            http: reqwest::Client::new(),
+            db,
+        }
+    }
+
+    /// The callback token the daemon was configured with.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The AES key the daemon was configured with.
+    pub fn crypto_key(&self) -> &str {
+        &self.aes_key
+    }
+
+    /// Encrypts `message` as DingTalk would (random prefix, ms timestamp, 8-char nonce) and posts it.
+    pub async fn push(&self, message: &str) -> reqwest::Response {
+        self.push_with(&self.crypto, &self.owner_key, message).await
+    }
+
+    pub async fn push_with(
+        &self,
+        crypto: &CallbackCrypto,
+        owner_key: &str,
+        message: &str,
+    ) -> reqwest::Response {
+        let timestamp = chrono::Utc::now().timestamp_millis().to_string();
+        let nonce = crypto::random_nonce(8);
+        let sealed = crypto.seal(message, owner_key, &timestamp, &nonce);
+        self.post_raw(
+            &[
+                ("signature", sealed.signature.as_str()),
+                ("timestamp", &timestamp),
+                ("nonce", &nonce),
+            ],
+            serde_json::json!({ "encrypt": sealed.encrypt }).to_string(),
+        )
+        .await
+    }
+
+    pub async fn post_raw(&self, query: &[(&str, &str)], body: String) -> reqwest::Response {
+        self.http
+            .post(format!("{}/dingtalk/callback", self.base_url))
+            .query(query)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Pushes `message` and asserts the daemon answered with a valid encrypted `success`.
+    pub async fn push_ok(&self, message: &str) {
+        let response = self.push(message).await;
+        assert_success(&self.crypto, &self.owner_key, response).await;
+    }
+
+    pub async fn count(&self, table: &str) -> i64 {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM dingsync.{table}"
+        )))
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    /// Row counts of every table the callback writes.
+    pub async fn counts(&self) -> (i64, i64, i64) {
+        (
+            self.count("events").await,
+            self.count("approvals").await,
+            self.count("approval_tasks").await,
+        )
+    }
+
+    pub async fn approval(&self, pid: &str) -> ApprovalRow {
+        sqlx::query_as("SELECT status, result, title, originator_userid, created_at, finished_at, detail_wanted_at IS NOT NULL AS wanted FROM dingsync.approvals WHERE process_instance_id = $1")
+            .bind(pid)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    pub async fn task(&self, task_id: i64) -> TaskRow {
+        sqlx::query_as("SELECT status, result, userid, remark, finished_at FROM dingsync.approval_tasks WHERE task_id = $1")
+            .bind(task_id)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(app) = self.app.take() {
+            app.stop().await.unwrap();
+        }
+        self.pool.close().await;
+    }
+}
+
+#[derive(Debug, sqlx::FromRow, PartialEq)]
+pub struct ApprovalRow {
+    pub status: String,
+    pub result: Option<String>,
+    pub title: Option<String>,
+    pub originator_userid: Option<String>,
+    pub created_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub wanted: bool,
+}
+
+#[derive(Debug, sqlx::FromRow, PartialEq)]
+pub struct TaskRow {
+    pub status: String,
+    pub result: Option<String>,
+    pub userid: Option<String>,
+    pub remark: Option<String>,
+    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Checks a reply as DingTalk does: HTTP 200, the four string fields, a valid `msg_signature`,
+/// and `encrypt` decrypting to `success` for our owner key.
+pub async fn assert_success(crypto: &CallbackCrypto, owner_key: &str, response: reqwest::Response) {
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    assert_eq!(status, 200, "expected success, got {status}: {text}");
+    let reply: EncryptedReply =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("reply {text}: {e}"));
+    let opened = crypto
+        .open(
+            &reply.time_stamp,
+            &reply.nonce,
+            &reply.encrypt,
+            &reply.msg_signature,
+            &[owner_key],
+        )
+        .expect("reply opens with our token, key and owner key");
+    assert_eq!(opened.message, "success");
+}
+
+/// An instance event as DingTalk's HTTP push sends it (API.md §5.2).
+pub fn instance_event(
+    pid: &str,
+    kind: &str,
+    result: Option<&str>,
+    create_ms: i64,
+    finish_ms: Option<i64>,
+) -> String {
+    let mut v = serde_json::json!({
+        "EventType": "bpms_instance_change", "processInstanceId": pid, "corpId": CORP_ID,
+        "createTime": create_ms, "title": "张三提交的报销", "type": kind, "staffId": "originator1",
+        "url": format!("https://aflow.dingtalk.com/?procInstId={pid}"), "processCode": "PROC-TEST-1",
+        "bizCategoryId": "", "businessId": "202611280001",
+    });
+    if let Some(r) = result {
+        v["result"] = r.into();
+    }
+    if let Some(f) = finish_ms {
+        v["finishTime"] = f.into();
+    }
+    v.to_string()
+}
+
+/// A task event (API.md §5.3).
+pub fn task_event(
+    pid: &str,
+    task_id: i64,
+    kind: &str,
+    result: Option<&str>,
+    create_ms: i64,
+    finish_ms: Option<i64>,
+) -> String {
+    let mut v = serde_json::json!({
+        "EventType": "bpms_task_change", "processInstanceId": pid, "corpId": CORP_ID,
+        "createTime": create_ms, "title": "张三提交的报销", "type": kind, "staffId": "approver1",
+        "taskId": task_id, "processCode": "PROC-TEST-1", "bizCategoryId": "", "businessId": "202611280001",
+    });
+    if let Some(r) = result {
+        v["result"] = r.into();
+        v["remark"] = "同意 ✅".into();
+    }
+    if let Some(f) = finish_ms {
+        v["finishTime"] = f.into();
+    }
+    v.to_string()
+}
+
+/// Polls `check` until it returns Some or the deadline passes.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap()
+}
