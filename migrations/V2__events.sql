@@ -21,9 +21,10 @@ CREATE TABLE dingsync.events (
     CONSTRAINT events_source_check CHECK (source IN ('http_push', 'failed_list', 'stream'))
 );
 
-CREATE INDEX events_instance_idx ON dingsync.events (corp_id, process_instance_id, received_at);
--- Retention deletes by age: keep that range scan cheap.
-CREATE INDEX events_received_at_idx ON dingsync.events (received_at);
+CREATE INDEX events_instance_idx ON dingsync.events (corp_id, process_instance_id);
+-- Retention deletes by age. Rows arrive in received_at order, so a BRIN index finds old ones for
+-- almost no cost on the insert path (a btree here was a measurable share of each callback).
+CREATE INDEX events_received_at_idx ON dingsync.events USING brin (received_at);
 
 COMMENT ON TABLE dingsync.events IS 'Every DingTalk event received (HTTP push, failed-push list, stream), raw and decrypted, stored once. Written by dingsync only.';
 COMMENT ON COLUMN dingsync.events.corp_id IS 'DingTalk organisation (CorpId) the event belongs to: the payload''s corpId/CorpId, else the configured dingtalk.corp_id.';

@@ -34,7 +34,10 @@ CREATE TABLE dingsync.approvals (
     CONSTRAINT approvals_result_check CHECK (result IN ('agree', 'refuse')),
     -- Only a COMPLETED approval has a result; "approved" is COMPLETED + agree.
     CONSTRAINT approvals_result_only_when_completed CHECK (result IS NULL OR status = 'COMPLETED')
-);
+)
+-- Rows are updated several times in their life (start, tasks, finish, detail fetch): free space
+-- in each page lets PostgreSQL update them in place (HOT) when no indexed column changes.
+WITH (fillfactor = 80);
 
 -- Apps often hold only the instance id (from a link or a push of their own).
 CREATE INDEX approvals_instance_idx ON dingsync.approvals (process_instance_id);

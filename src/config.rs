@@ -108,7 +108,7 @@ impl Default for Config {
             },
             ingest: IngestConfig {
                 max_batch: 256,
-                committers: 4,
+                committers: 1,
             },
             log: LogConfig {
                 format: LogFormat::Text,

@@ -98,6 +98,59 @@ pub struct TaskChange {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// How far along a status is; mirrors `dingsync.status_rank` (migration V3). `None` (a change
+/// that only marks the row) never advances anything.
+pub fn status_rank(status: Option<&str>) -> i32 {
+    match status {
+        None => -1,
+        Some("NEW") => 0,
+        Some("RUNNING" | "PAUSED") => 1,
+        Some(_) => 2,
+    }
+}
+
+impl ApprovalChange {
+    /// Folds a later change of the same approval into this one, by the rule the SQL upsert
+    /// applies to the stored row: the status (with its result and finish time) moves only to a
+    /// higher rank; descriptive fields keep the first value known.
+    pub fn merge(&mut self, later: &ApprovalChange) {
+        if status_rank(later.status) > status_rank(self.status) {
+            self.status = later.status;
+            self.result = later.result;
+            self.finished_at = later.finished_at.or(self.finished_at);
+        }
+        fill(&mut self.process_code, &later.process_code);
+        fill(&mut self.title, &later.title);
+        fill(&mut self.business_id, &later.business_id);
+        fill(&mut self.originator_userid, &later.originator_userid);
+        fill(&mut self.url, &later.url);
+        self.created_at = self.created_at.or(later.created_at);
+    }
+}
+
+impl TaskChange {
+    /// Folds a later change of the same task into this one (same rule as `approval_tasks`).
+    pub fn merge(&mut self, later: &TaskChange) {
+        if status_rank(Some(later.status)) > status_rank(Some(self.status)) {
+            self.status = later.status;
+            self.result = later.result;
+            self.remark = later.remark.clone().or(self.remark.take());
+            self.finished_at = later.finished_at.or(self.finished_at);
+        } else {
+            fill(&mut self.remark, &later.remark);
+        }
+        fill(&mut self.activity_id, &later.activity_id);
+        fill(&mut self.userid, &later.userid);
+        self.created_at = self.created_at.or(later.created_at);
+    }
+}
+
+fn fill(field: &mut Option<String>, later: &Option<String>) {
+    if field.is_none() {
+        field.clone_from(later);
+    }
+}
+
 /// Reads a decrypted message. `default_corp_id` is used when the payload names no organisation.
 pub fn parse(raw: &str, source: Source, default_corp_id: &str) -> Result<Parsed, Malformed> {
     if raw.contains("\\u0000") {
@@ -122,7 +175,9 @@ pub fn parse(raw: &str, source: Source, default_corp_id: &str) -> Result<Parsed,
         // re-serializing gives the same text for the same content however it was laid out.
         _ => format!(
             "sha256:{}",
-            hex::encode(Sha256::digest(Value::Object(obj.clone()).to_string()))
+            hex::encode(Sha256::digest(
+                serde_json::to_vec(&obj).expect("a JSON map serializes"),
+            ))
         ),
     };
     let missing = |field| Malformed::MissingField {
@@ -353,6 +408,47 @@ mod tests {
         let a = e.approval.unwrap();
         assert_eq!(a.status, Some("RUNNING"));
         assert_eq!(a.originator_userid, None);
+    }
+
+    #[test]
+    fn merging_keeps_the_furthest_status_whatever_the_order() {
+        let raw = [
+            r#"{"EventType":"bpms_instance_change","processInstanceId":"p","type":"start","createTime":1000,"title":"t","staffId":"u"}"#,
+            r#"{"EventType":"bpms_task_change","processInstanceId":"p","type":"start","taskId":1,"createTime":2000}"#,
+            r#"{"EventType":"bpms_instance_change","processInstanceId":"p","type":"finish","result":"refuse","createTime":1000,"finishTime":9000}"#,
+        ];
+        let changes: Vec<ApprovalChange> = raw.iter().map(|r| event(r).approval.unwrap()).collect();
+        for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0], [2, 0, 1]] {
+            let mut merged = changes[order[0]].clone();
+            merged.merge(&changes[order[1]]);
+            merged.merge(&changes[order[2]]);
+            assert_eq!(
+                (merged.status, merged.result),
+                (Some("COMPLETED"), Some("refuse")),
+                "{order:?}"
+            );
+            assert_eq!(merged.finished_at.unwrap().timestamp_millis(), 9000);
+            assert_eq!(merged.created_at.unwrap().timestamp_millis(), 1000);
+            assert_eq!(
+                (merged.title.as_deref(), merged.originator_userid.as_deref()),
+                (Some("t"), Some("u"))
+            );
+        }
+    }
+
+    #[test]
+    fn merging_a_task_finish_with_its_start_in_either_order_ends_finished() {
+        let start = event(r#"{"EventType":"bpms_task_change","processInstanceId":"p","type":"start","taskId":1,"createTime":5,"staffId":"a"}"#).task.unwrap();
+        let finish = event(r#"{"EventType":"bpms_task_change","processInstanceId":"p","type":"finish","result":"agree","remark":"ok","taskId":1,"createTime":5,"finishTime":7}"#).task.unwrap();
+        for (first, second) in [(&start, &finish), (&finish, &start)] {
+            let mut merged = first.clone();
+            merged.merge(second);
+            assert_eq!(
+                (merged.status, merged.result, merged.remark.as_deref()),
+                ("COMPLETED", Some("AGREE"), Some("ok"))
+            );
+            assert_eq!(merged.userid.as_deref(), Some("a"));
+        }
     }
 
     #[test]

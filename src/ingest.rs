@@ -1,22 +1,28 @@
 //! Group commit of incoming events. Each submitted event is answered only after the transaction
 //! that stored it (and applied its effect) has committed, but many concurrent events share one
-//! transaction: up to `ingest.max_batch` per batch, `ingest.committers` batches in flight. One
-//! commit (one WAL flush) then acknowledges a whole batch, which is how dingsync acks more events
-//! per second than one-commit-per-event could.
+//! transaction: up to `ingest.max_batch` per batch, one batch in flight per committer
+//! (`ingest.committers`), events sharded over committers by approval. One commit (one WAL flush)
+//! then acknowledges a whole batch, which is how dingsync acks more events per second than
+//! one-commit-per-event could.
 //!
 //! Owns: batching, the transaction, and the per-event fallback when a batch fails. The SQL itself
 //! is in `store`.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, hash_map::Entry},
+    hash::{Hash, Hasher},
     sync::Arc,
 };
 
 use sqlx::{Connection, PgPool};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::IngestConfig, event::Event, store};
+use crate::{
+    config::IngestConfig,
+    event::{ApprovalChange, Event, TaskChange},
+    store,
+};
 
 /// Why an event was not stored.
 #[derive(Debug, thiserror::Error, Clone, Copy, PartialEq, Eq)]
@@ -49,33 +55,44 @@ struct Job {
 /// Handle for submitting events; cheap to clone.
 #[derive(Clone)]
 pub struct Ingest {
-    tx: mpsc::Sender<Job>,
+    shards: Arc<[mpsc::Sender<Job>]>,
 }
 
 impl Ingest {
-    /// Starts the dispatcher. It stops taking batches when `shutdown` fires, after finishing the
-    /// batches in flight.
+    /// Starts one committer per shard (`ingest.committers`). They stop taking batches when
+    /// `shutdown` fires, after finishing the batch in hand; the handle completes when all have.
     pub fn start(
         pool: PgPool,
         config: &IngestConfig,
         shutdown: CancellationToken,
     ) -> (Ingest, tokio::task::JoinHandle<()>) {
-        // The queue is bounded so that a stalled database pushes back on the HTTP handlers.
-        let (tx, rx) = mpsc::channel(config.max_batch * config.committers * 4);
-        let handle = tokio::spawn(dispatch(
-            pool,
-            rx,
-            config.max_batch,
-            config.committers,
-            shutdown,
-        ));
-        (Ingest { tx }, handle)
+        let mut shards = Vec::with_capacity(config.committers);
+        let mut committers = tokio::task::JoinSet::new();
+        for _ in 0..config.committers {
+            // Bounded, so that a stalled database pushes back on the HTTP handlers.
+            let (tx, rx) = mpsc::channel(config.max_batch * 4);
+            shards.push(tx);
+            committers.spawn(committer(
+                pool.clone(),
+                rx,
+                config.max_batch,
+                shutdown.clone(),
+            ));
+        }
+        let handle = tokio::spawn(async move { while committers.join_next().await.is_some() {} });
+        (
+            Ingest {
+                shards: shards.into(),
+            },
+            handle,
+        )
     }
 
     /// Stores `event` and applies it; returns once that is committed (or has failed).
     pub async fn submit(&self, event: Event) -> Result<Stored, IngestError> {
+        let shard = &self.shards[shard_of(&event, self.shards.len())];
         let (reply, answer) = oneshot::channel();
-        self.tx
+        shard
             .send(Job { event, reply })
             .await
             .map_err(|_| IngestError::ShuttingDown)?;
@@ -83,22 +100,28 @@ impl Ingest {
     }
 }
 
-async fn dispatch(
+/// Events of one approval always go to the same committer, so concurrent transactions never
+/// touch the same approval rows: no committer waits for another's row locks (or deadlocks).
+fn shard_of(event: &Event, shards: usize) -> usize {
+    let mut hasher = std::hash::DefaultHasher::new();
+    event.corp_id.hash(&mut hasher);
+    match &event.process_instance_id {
+        Some(pid) => pid.hash(&mut hasher),
+        None => event.dedup_key.hash(&mut hasher),
+    }
+    (hasher.finish() % shards as u64) as usize
+}
+
+/// One committer: takes everything queued (up to `max_batch`) as one transaction, commits it,
+/// answers each event, repeats. While a commit is in flight new events queue up and become the
+/// next batch: the busier the daemon, the larger the batches.
+async fn committer(
     pool: PgPool,
     mut rx: mpsc::Receiver<Job>,
     max_batch: usize,
-    committers: usize,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(committers));
     loop {
-        // Take a committer slot first, then the queue: while every committer is busy, events pile
-        // up in the channel and the next batch takes them all at once.
-        let slot = slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("semaphore never closed");
         let first = tokio::select! {
             job = rx.recv() => match job { Some(job) => job, None => break },
             _ = shutdown.cancelled() => break,
@@ -110,25 +133,19 @@ async fn dispatch(
                 Err(_) => break,
             }
         }
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            commit_batch(&pool, batch).await;
-            drop(slot);
-        });
+        commit_batch(&pool, batch).await;
     }
-    // Refuse what is still queued (the sender gets 503 and retries) and wait for the batches in
-    // flight, so that nothing acknowledged is lost.
+    // Refuse what is still queued (the sender gets 503 and DingTalk retries); what was taken
+    // has been committed and answered above, so nothing acknowledged is lost.
     rx.close();
     while let Ok(job) = rx.try_recv() {
         let _ = job.reply.send(Err(IngestError::ShuttingDown));
     }
-    let _ = slots.acquire_many(committers as u32).await;
 }
 
 async fn commit_batch(pool: &PgPool, mut jobs: Vec<Job>) {
-    // One lock order for every transaction (by approval), so that concurrent batches touching
-    // the same approvals wait for each other instead of deadlocking. The sort is stable: events
-    // of one approval keep their arrival order.
+    // Group each approval's events (stable: they keep their arrival order) and keep one lock
+    // order, should two transactions ever meet on a row (e.g. the per-event fallback below).
     jobs.sort_by(|a, b| {
         (&a.event.corp_id, &a.event.process_instance_id)
             .cmp(&(&b.event.corp_id, &b.event.process_instance_id))
@@ -184,6 +201,7 @@ fn classify(e: &sqlx::Error, event: &Event) -> IngestError {
 async fn store_events(pool: &PgPool, events: &[&Event]) -> sqlx::Result<HashSet<(String, String)>> {
     let mut conn = pool.acquire().await?;
     let mut tx = conn.begin().await?;
+    store::prefer_generic_plans(&mut tx).await?;
     let inserted = store::events::insert_new(&mut tx, events).await?;
     // The same event twice in one batch (a redelivery racing the original) is applied once.
     let mut applied = HashSet::with_capacity(inserted.len());
@@ -195,34 +213,42 @@ async fn store_events(pool: &PgPool, events: &[&Event]) -> sqlx::Result<HashSet<
             inserted.contains(&key) && applied.insert(key)
         })
         .collect();
-    // A statement may touch a row once, so events are applied in layers with at most one event per
-    // approval each; within an approval, arrival order is kept (sorting above was stable).
-    let mut layers: Vec<Vec<&Event>> = Vec::new();
-    let mut depth: HashMap<(&str, &str), usize> = HashMap::new();
+    // A statement may touch a row once, and one row version per approval is cheaper than one
+    // per event: fold each approval's (and task's) changes of this batch into one, in arrival
+    // order, with the same monotonic rule the SQL applies against the stored row.
+    let mut approvals: Vec<(&str, ApprovalChange)> = Vec::new();
+    let mut approval_at: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut tasks: Vec<(&str, TaskChange)> = Vec::new();
+    let mut task_at: HashMap<(&str, i64), usize> = HashMap::new();
     for e in &fresh {
-        let Some(change) = &e.approval else { continue };
-        let d = depth
-            .entry((e.corp_id.as_str(), change.process_instance_id.as_str()))
-            .or_insert(0);
-        if layers.len() <= *d {
-            layers.push(Vec::new());
+        let corp = e.corp_id.as_str();
+        if let Some(change) = &e.approval {
+            match approval_at.entry((corp, change.process_instance_id.as_str())) {
+                Entry::Occupied(at) => approvals[*at.get()].1.merge(change),
+                Entry::Vacant(at) => {
+                    at.insert(approvals.len());
+                    approvals.push((corp, change.clone()));
+                }
+            }
         }
-        layers[*d].push(e);
-        *d += 1;
+        if let Some(change) = &e.task {
+            match task_at.entry((corp, change.task_id)) {
+                Entry::Occupied(at) => tasks[*at.get()].1.merge(change),
+                Entry::Vacant(at) => {
+                    at.insert(tasks.len());
+                    tasks.push((corp, change.clone()));
+                }
+            }
+        }
     }
-    for layer in &layers {
-        let approvals: Vec<_> = layer
-            .iter()
-            .filter_map(|e| Some((e.corp_id.as_str(), e.approval.as_ref()?)))
-            .collect();
-        store::approvals::apply_event_changes(&mut tx, &approvals).await?;
-        let tasks: Vec<_> = layer
-            .iter()
-            .filter_map(|e| Some((e.corp_id.as_str(), e.task.as_ref()?)))
-            .collect();
-        store::tasks::apply_event_changes(&mut tx, &tasks).await?;
-    }
-    let mut changed: Vec<&str> = depth.keys().map(|(_, pid)| *pid).collect();
+    let approvals: Vec<(&str, &ApprovalChange)> = approvals.iter().map(|(c, a)| (*c, a)).collect();
+    store::approvals::apply_event_changes(&mut tx, &approvals).await?;
+    let tasks: Vec<(&str, &TaskChange)> = tasks.iter().map(|(c, t)| (*c, t)).collect();
+    store::tasks::apply_event_changes(&mut tx, &tasks).await?;
+    let mut changed: Vec<&str> = approvals
+        .iter()
+        .map(|(_, a)| a.process_instance_id.as_str())
+        .collect();
     changed.sort_unstable();
     changed.dedup();
     store::approvals::notify_changed(&mut tx, &changed).await?;

@@ -515,3 +515,70 @@ async fn database_down_gives_503_without_success_and_the_daemon_recovers() {
     assert_eq!(app.counts().await, (2, 2, 0));
     app.stop().await;
 }
+
+/// Shutdown during a burst: the server stops accepting, finishes the callbacks in flight and
+/// their commits; every callback that got `success` is in the database.
+#[tokio::test]
+async fn shutdown_during_a_burst_loses_no_acknowledged_event() {
+    let mut app = TestApp::spawn().await;
+    let mut handles = Vec::new();
+    for i in 0..400 {
+        let message = instance_event(&format!("pid-s{i}"), "start", None, T0, None);
+        let (http, base, owner) = (
+            app.http.clone(),
+            app.base_url.clone(),
+            app.owner_key.clone(),
+        );
+        let crypto = CallbackCrypto::new(app.token(), app.crypto_key()).unwrap();
+        handles.push(tokio::spawn(async move {
+            let ts = chrono::Utc::now().timestamp_millis().to_string();
+            let nonce = crypto::random_nonce(8);
+            let s = crypto.seal(&message, &owner, &ts, &nonce);
+            let sent = http
+                .post(format!("{base}/dingtalk/callback"))
+                .query(&[
+                    ("signature", s.signature.as_str()),
+                    ("timestamp", &ts),
+                    ("nonce", &nonce),
+                ])
+                .json(&serde_json::json!({ "encrypt": s.encrypt }))
+                .send()
+                .await;
+            let Ok(r) = sent else { return None };
+            let ok = r.status() == 200 && r.text().await.is_ok_and(|t| t.contains("msg_signature"));
+            ok.then_some(format!("pid-s{i}"))
+        }));
+    }
+    // Stop while the burst is under way: once the first events are committed.
+    eventually(
+        Duration::from_secs(10),
+        "the first events to commit",
+        || {
+            let app = &app;
+            async move { (app.count("events").await >= 20).then_some(()) }
+        },
+    )
+    .await;
+    app.app.take().unwrap().stop().await.unwrap();
+    let mut acked = Vec::new();
+    for h in handles {
+        if let Some(pid) = h.await.unwrap() {
+            acked.push(pid);
+        }
+    }
+    let stored: Vec<String> = sqlx::query_scalar("SELECT process_instance_id FROM dingsync.events")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    for pid in &acked {
+        assert!(
+            stored.contains(pid),
+            "{pid} was acknowledged but is not stored"
+        );
+    }
+    assert!(
+        !acked.is_empty(),
+        "some callbacks were acknowledged before the shutdown"
+    );
+    app.stop().await;
+}

@@ -7,7 +7,7 @@ use refinery_core::{
     Migration, Runner,
     traits::r#async::{AsyncMigrate, AsyncQuery, AsyncTransaction},
 };
-use sqlx::{Connection, PgConnection, PgPool, Row};
+use sqlx::{Connection, Executor, PgConnection, PgPool, Row};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 include!(concat!(env!("OUT_DIR"), "/migrations.rs"));
@@ -31,12 +31,13 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<usize> {
         .bind(MIGRATION_LOCK)
         .execute(&mut conn)
         .await?;
+    // The history table lives in our schema, which must exist before refinery looks for it.
+    let created = sqlx::raw_sql("CREATE SCHEMA IF NOT EXISTS dingsync")
+        .execute(&mut conn)
+        .await;
+    let mut driver = Driver(conn);
     let result = async {
-        // The history table lives in our schema, which must exist before refinery looks for it.
-        sqlx::raw_sql("CREATE SCHEMA IF NOT EXISTS dingsync")
-            .execute(&mut conn)
-            .await?;
-        let mut driver = Driver(&mut conn);
+        created?;
         let mut runner = Runner::new(&migrations)
             .set_abort_divergent(true)
             .set_abort_missing(true);
@@ -48,6 +49,7 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<usize> {
         anyhow::Ok(report.applied_migrations().len())
     }
     .await;
+    let mut conn = driver.0;
     sqlx::query("SELECT pg_advisory_unlock($1)")
         .bind(MIGRATION_LOCK)
         .execute(&mut conn)
@@ -62,33 +64,31 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<usize> {
 }
 
 /// refinery's view of one sqlx connection.
-struct Driver<'c>(&'c mut PgConnection);
+struct Driver(PgConnection);
 
-impl AsyncTransaction for Driver<'_> {
+impl AsyncTransaction for Driver {
     type Error = sqlx::Error;
 
     async fn execute<'a, T: Iterator<Item = &'a str> + Send + 'a>(
         &mut self,
         queries: T,
     ) -> Result<usize, Self::Error> {
+        // Owned copies: sqlx 0.8's executor bounds cannot be proven `Send` for refinery's
+        // borrowed iterator inside this trait's future.
+        let queries: Vec<String> = queries.map(str::to_owned).collect();
         let mut tx = self.0.begin().await?;
-        let mut count = 0;
-        for query in queries {
-            sqlx::raw_sql(sqlx::AssertSqlSafe(query))
-                .execute(&mut *tx)
-                .await?;
-            count += 1;
+        for query in &queries {
+            tx.execute(query.as_str()).await?;
         }
         tx.commit().await?;
-        Ok(count)
+        Ok(queries.len())
     }
 }
 
-impl AsyncQuery<Vec<Migration>> for Driver<'_> {
+impl AsyncQuery<Vec<Migration>> for Driver {
     async fn query(&mut self, query: &str) -> Result<Vec<Migration>, Self::Error> {
-        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(query))
-            .fetch_all(&mut *self.0)
-            .await?;
+        let query = query.to_owned();
+        let rows = self.0.fetch_all(query.as_str()).await?;
         rows.iter()
             .map(|row| {
                 let applied_on: String = row.try_get(2)?;
@@ -105,4 +105,4 @@ impl AsyncQuery<Vec<Migration>> for Driver<'_> {
     }
 }
 
-impl AsyncMigrate for Driver<'_> {}
+impl AsyncMigrate for Driver {}

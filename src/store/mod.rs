@@ -62,10 +62,7 @@ async fn ensure_database(options: &PgConnectOptions) -> anyhow::Result<()> {
             .await?;
     if !exists {
         let sql = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
-        match sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-            .execute(&mut admin)
-            .await
-        {
+        match sqlx::raw_sql(&sql).execute(&mut admin).await {
             Ok(_) => tracing::info!(database = %name, "created database"),
             // Another replica created it between our check and our CREATE.
             Err(e) if is_code(&e, "42P04") => {}
@@ -73,6 +70,16 @@ async fn ensure_database(options: &PgConnectOptions) -> anyhow::Result<()> {
         }
     }
     admin.close().await.ok();
+    Ok(())
+}
+
+/// For the rest of the transaction, reuse one plan per prepared statement. The ingest statements
+/// (`unnest` of arrays, upserts by primary key) have one good plan, and PostgreSQL's default of
+/// re-planning them for each set of parameters cost more CPU than executing them.
+pub async fn prefer_generic_plans(conn: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
+        .execute(conn)
+        .await?;
     Ok(())
 }
 

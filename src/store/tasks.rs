@@ -4,8 +4,8 @@ use sqlx::PgConnection;
 
 use crate::event::TaskChange;
 
-/// Folds task changes into `approval_tasks` in one statement; each must name a different task and
-/// its approval row must exist. Same monotonic rule as approvals: status, result, remark and finish
+/// Folds task changes into `approval_tasks` in one statement; each must name a different task, and
+/// the caller writes the task's approval row first (there is no foreign key). Same monotonic rule as approvals: status, result, remark and finish
 /// time change only when the status rank rises.
 pub async fn apply_event_changes(
     conn: &mut PgConnection,

@@ -61,9 +61,7 @@ impl Drop for TestDb {
             rt.block_on(async {
                 if let Ok(mut conn) = PgConnection::connect(&format!("{server}/postgres")).await {
                     let sql = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
-                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                        .execute(&mut conn)
-                        .await;
+                    let _ = sqlx::raw_sql(&sql).execute(&mut conn).await;
                 }
             })
         })
@@ -190,12 +188,10 @@ impl TestApp {
     }
 
     pub async fn count(&self, table: &str) -> i64 {
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT count(*) FROM dingsync.{table}"
-        )))
-        .fetch_one(&self.pool)
-        .await
-        .unwrap()
+        sqlx::query_scalar(&format!("SELECT count(*) FROM dingsync.{table}"))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
     }
 
     /// Row counts of every table the callback writes.
