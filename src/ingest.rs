@@ -14,14 +14,14 @@ use std::{
     sync::Arc,
 };
 
-use sqlx::{Connection, PgPool};
+use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::IngestConfig,
-    event::{ApprovalChange, Event, TaskChange},
-    store,
+    event::Event,
+    store::{self, batch::Changes},
 };
 
 /// Why an event was not stored.
@@ -199,59 +199,36 @@ fn classify(e: &sqlx::Error, event: &Event) -> IngestError {
 /// One transaction: store the events that are new, apply their changes, notify, commit.
 /// Returns the keys of the events that were new.
 async fn store_events(pool: &PgPool, events: &[&Event]) -> sqlx::Result<HashSet<(String, String)>> {
-    let mut conn = pool.acquire().await?;
-    let mut tx = conn.begin().await?;
-    store::prefer_generic_plans(&mut tx).await?;
-    let inserted = store::events::insert_new(&mut tx, events).await?;
-    // The same event twice in one batch (a redelivery racing the original) is applied once.
-    let mut applied = HashSet::with_capacity(inserted.len());
-    let fresh: Vec<&Event> = events
-        .iter()
-        .copied()
-        .filter(|e| {
-            let key = (e.corp_id.clone(), e.dedup_key.clone());
-            inserted.contains(&key) && applied.insert(key)
-        })
-        .collect();
     // A statement may touch a row once, and one row version per approval is cheaper than one
     // per event: fold each approval's (and task's) changes of this batch into one, in arrival
     // order, with the same monotonic rule the SQL applies against the stored row.
-    let mut approvals: Vec<(&str, ApprovalChange)> = Vec::new();
+    let mut changes = Changes {
+        approvals: Vec::new(),
+        tasks: Vec::new(),
+    };
     let mut approval_at: HashMap<(&str, &str), usize> = HashMap::new();
-    let mut tasks: Vec<(&str, TaskChange)> = Vec::new();
     let mut task_at: HashMap<(&str, i64), usize> = HashMap::new();
-    for e in &fresh {
+    for e in events {
         let corp = e.corp_id.as_str();
         if let Some(change) = &e.approval {
             match approval_at.entry((corp, change.process_instance_id.as_str())) {
-                Entry::Occupied(at) => approvals[*at.get()].1.merge(change),
+                Entry::Occupied(at) => changes.approvals[*at.get()].1.merge(change),
                 Entry::Vacant(at) => {
-                    at.insert(approvals.len());
-                    approvals.push((corp, change.clone()));
+                    at.insert(changes.approvals.len());
+                    changes.approvals.push((corp, change.clone()));
                 }
             }
         }
         if let Some(change) = &e.task {
             match task_at.entry((corp, change.task_id)) {
-                Entry::Occupied(at) => tasks[*at.get()].1.merge(change),
+                Entry::Occupied(at) => changes.tasks[*at.get()].1.merge(change),
                 Entry::Vacant(at) => {
-                    at.insert(tasks.len());
-                    tasks.push((corp, change.clone()));
+                    at.insert(changes.tasks.len());
+                    changes.tasks.push((corp, change.clone()));
                 }
             }
         }
     }
-    let approvals: Vec<(&str, &ApprovalChange)> = approvals.iter().map(|(c, a)| (*c, a)).collect();
-    store::approvals::apply_event_changes(&mut tx, &approvals).await?;
-    let tasks: Vec<(&str, &TaskChange)> = tasks.iter().map(|(c, t)| (*c, t)).collect();
-    store::tasks::apply_event_changes(&mut tx, &tasks).await?;
-    let mut changed: Vec<&str> = approvals
-        .iter()
-        .map(|(_, a)| a.process_instance_id.as_str())
-        .collect();
-    changed.sort_unstable();
-    changed.dedup();
-    store::approvals::notify_changed(&mut tx, &changed).await?;
-    tx.commit().await?;
-    Ok(inserted)
+    let mut conn = pool.acquire().await?;
+    store::batch::write(&mut conn, events, &changes).await
 }

@@ -2,10 +2,8 @@
 //! caller decides the transaction. This module also owns connecting (creating the database when
 //! it is missing) and applying the migrations.
 
-pub mod approvals;
-pub mod events;
+pub mod batch;
 mod migrate;
-pub mod tasks;
 
 use std::{str::FromStr, time::Duration};
 
@@ -24,6 +22,10 @@ pub use migrate::migrate;
 pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(config.url.expose()).context("database.url")?;
     ensure_database(&options).await?;
+    // Reuse one plan per prepared statement. dingsync's statements are keyed lookups and
+    // `unnest` batches with one good plan; PostgreSQL's default of re-planning them for each
+    // parameter set (custom plans) cost more CPU than the callback batch itself.
+    let options = options.options([("plan_cache_mode", "force_generic_plan")]);
     let pool = PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms))
@@ -70,16 +72,6 @@ async fn ensure_database(options: &PgConnectOptions) -> anyhow::Result<()> {
         }
     }
     admin.close().await.ok();
-    Ok(())
-}
-
-/// For the rest of the transaction, reuse one plan per prepared statement. The ingest statements
-/// (`unnest` of arrays, upserts by primary key) have one good plan, and PostgreSQL's default of
-/// re-planning them for each set of parameters cost more CPU than executing them.
-pub async fn prefer_generic_plans(conn: &mut PgConnection) -> sqlx::Result<()> {
-    sqlx::query("SET LOCAL plan_cache_mode = force_generic_plan")
-        .execute(conn)
-        .await?;
     Ok(())
 }
 
