@@ -92,6 +92,11 @@ impl App {
     }
 }
 
+/// reqwest's TLS needs a process-wide crypto provider; installing it twice is harmless.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// `dingsync serve`: run until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let app = App::start(config).await?;

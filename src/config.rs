@@ -22,7 +22,19 @@ pub struct Config {
     pub callback: CallbackConfig,
     pub dingtalk: DingTalkConfig,
     pub ingest: IngestConfig,
+    pub emulator: EmulatorSettings,
     pub log: LogConfig,
+}
+
+/// The DingTalk emulator: embedded in `serve` when `dingtalk.api_base = "emulator"`, or
+/// standalone with `dingsync emulator`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmulatorSettings {
+    pub listen: String,
+    pub people_pace_ms: u64,
+    pub time_scale: f64,
+    pub seed: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -46,6 +58,7 @@ pub struct ServerConfig {
 pub struct CallbackConfig {
     pub token: Secret,
     pub aes_key: Secret,
+    pub public_url: String,
     /// Accepted owner keys (CorpId, AppKey or SuiteKey). A string or a list in the file; a
     /// comma-separated list in the environment.
     #[serde(deserialize_with = "string_or_list")]
@@ -59,6 +72,9 @@ pub struct DingTalkConfig {
     pub app_key: String,
     pub app_secret: Secret,
     pub corp_id: String,
+    pub timeout_ms: u64,
+    pub qps: u32,
+    pub max_attempts: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,6 +114,7 @@ impl Default for Config {
             callback: CallbackConfig {
                 token: Secret::default(),
                 aes_key: Secret::default(),
+                public_url: String::new(),
                 owner_key: Vec::new(),
             },
             dingtalk: DingTalkConfig {
@@ -105,10 +122,19 @@ impl Default for Config {
                 app_key: String::new(),
                 app_secret: Secret::default(),
                 corp_id: String::new(),
+                timeout_ms: 10_000,
+                qps: 20,
+                max_attempts: 3,
             },
             ingest: IngestConfig {
                 max_batch: 256,
                 committers: 1,
+            },
+            emulator: EmulatorSettings {
+                listen: "127.0.0.1:9090".into(),
+                people_pace_ms: 2_000,
+                time_scale: 1.0,
+                seed: 1,
             },
             log: LogConfig {
                 format: LogFormat::Text,
@@ -133,6 +159,7 @@ default_from_config!(
     CallbackConfig => callback,
     DingTalkConfig => dingtalk,
     IngestConfig => ingest,
+    EmulatorSettings => emulator,
     LogConfig => log
 );
 
@@ -211,6 +238,31 @@ impl Config {
         }
         if self.server.request_timeout_ms == 0 {
             return Err(invalid("server.request_timeout_ms", "must be more than 0"));
+        }
+        if self.dingtalk.timeout_ms == 0 {
+            return Err(invalid("dingtalk.timeout_ms", "must be more than 0"));
+        }
+        if self.dingtalk.max_attempts == 0 {
+            return Err(invalid("dingtalk.max_attempts", "must be at least 1"));
+        }
+        if !(self.emulator.time_scale > 0.0 && self.emulator.time_scale <= 1.0) {
+            return Err(invalid(
+                "emulator.time_scale",
+                "must be more than 0 and at most 1",
+            ));
+        }
+        SocketAddr::from_str(&self.emulator.listen).map_err(|e| {
+            invalid(
+                "emulator.listen",
+                format!("must be an address like 127.0.0.1:9090 ({e})"),
+            )
+        })?;
+        let url = &self.callback.public_url;
+        if !(url.is_empty() || url.starts_with("https://") || url.starts_with("http://")) {
+            return Err(invalid(
+                "callback.public_url",
+                "must be an http(s) URL ending in /dingtalk/callback",
+            ));
         }
         if self.ingest.max_batch == 0 {
             return Err(invalid("ingest.max_batch", "must be at least 1"));

@@ -8,6 +8,7 @@ pub mod app;
 pub mod callback;
 pub mod config;
 pub mod crypto;
+pub mod dingtalk;
 pub mod error;
 pub mod event;
 pub mod ingest;

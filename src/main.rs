@@ -3,7 +3,12 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
-use dingsync::{app, config::Config, store, telemetry};
+use dingsync::{
+    app,
+    callback::manage::{self, Action},
+    config::Config,
+    store, telemetry,
+};
 
 /// mimalloc instead of the system allocator: request handling allocates many small short-lived
 /// buffers, and glibc's malloc was the largest single item in the ingest profile.
@@ -26,6 +31,23 @@ enum Command {
     Serve,
     /// Create the database if missing and apply the migrations, then exit.
     Migrate,
+    /// Manage the callback registration at DingTalk (register_call_back and friends).
+    Callback {
+        #[command(subcommand)]
+        action: CallbackCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CallbackCommand {
+    /// Register callback.public_url for approval events (DingTalk checks the URL first).
+    Register,
+    /// Show the registration DingTalk holds, and whether it matches the configuration.
+    Show,
+    /// Replace the registration with the configured URL, token and AES key.
+    Update,
+    /// Delete the registration.
+    Delete,
 }
 
 #[tokio::main]
@@ -44,6 +66,7 @@ async fn main() -> ExitCode {
         Command::Migrate => store::connect_and_migrate(&config.database)
             .await
             .map(|_| ()),
+        Command::Callback { action } => callback(&config, action).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -53,4 +76,18 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn callback(config: &Config, command: CallbackCommand) -> anyhow::Result<()> {
+    let action = match command {
+        CallbackCommand::Register => Action::Register,
+        CallbackCommand::Show => Action::Show,
+        CallbackCommand::Update => Action::Update,
+        CallbackCommand::Delete => Action::Delete,
+    };
+    app::install_crypto_provider();
+    let pool = store::connect_and_migrate(&config.database).await?;
+    let client = manage::client(config, pool).await?;
+    println!("{}", manage::run(&client, config, action).await?);
+    Ok(())
 }

@@ -4,6 +4,8 @@
 //!
 //! Owns the HTTP exchange only; what an event means is `event`, storing it is `ingest`.
 
+pub mod manage;
+
 use std::sync::Arc;
 
 use axum::{

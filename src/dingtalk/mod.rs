@@ -1,0 +1,373 @@
+//! DingTalk API client (the old oapi/topapi family, API.md §1–§3): typed requests and responses,
+//! one shared access token (`token`), one shared request budget (`budget`), and errors classified
+//! so that callers can act on them. Every outbound feature talks to DingTalk through [`Client`].
+//!
+//! Retries happen here, within bounds: an invalid token is refreshed once and the call retried
+//! once; a rate-limit answer backs off (≥ 1 s, with jitter) and retries; a transient failure
+//! (timeout, 5xx, connection error, gateway errcode) is retried with jitter — but only for calls
+//! that are safe to repeat. `processinstance/create` is not (DingTalk has no idempotency key):
+//! when it may have reached DingTalk without an answer the caller gets [`Error::NoResponse`].
+//!
+//! The v1.0 family (api.dingtalk.com, header token, HTTP-status errors) would be a second
+//! `Family` in `send`; callers only see typed methods and [`Error`].
+
+mod budget;
+mod token;
+pub mod types;
+
+use std::{sync::Arc, time::Duration};
+
+use rand::Rng;
+use reqwest::Method;
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+use sqlx::PgPool;
+
+pub use budget::{Budget, Priority};
+pub use token::Tokens;
+use types::*;
+
+use crate::config::DingTalkConfig;
+
+/// What went wrong with a DingTalk call, by what the caller should do about it.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// DingTalk refused the request for a business reason (bad parameter, unknown template,
+    /// callback already registered…): permanent, do not retry.
+    #[error("DingTalk rejected the request: errcode {errcode}: {errmsg}")]
+    Rejected { errcode: i64, errmsg: String },
+    /// The access token was refused even after one refresh.
+    #[error("DingTalk refused the access token (errcode {errcode}) after a refresh")]
+    InvalidToken { errcode: i64 },
+    /// Rate limited, still after backing off.
+    #[error("DingTalk rate limit (errcode {errcode}) still hit after backing off")]
+    RateLimited { errcode: i64 },
+    /// Timeout, 5xx, connection failure or gateway error, still after the retries allowed.
+    #[error("DingTalk unavailable: {0}")]
+    Transient(String),
+    /// A call that is not safe to repeat may have reached DingTalk, but no answer came. Whether it
+    /// took effect is unknown: look before retrying.
+    #[error("no answer from DingTalk; the request may have been processed: {0}")]
+    NoResponse(String),
+    /// DingTalk answered something we cannot read.
+    #[error("unexpected answer from DingTalk: {0}")]
+    Protocol(String),
+}
+
+/// DingTalk's client; cheap to clone.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    base: String,
+    tokens: Tokens,
+    budget: Budget,
+    max_attempts: u32,
+}
+
+/// How a failed attempt may be repeated.
+enum Outcome<T> {
+    Done(T),
+    /// Rejected before DingTalk processed anything: safe to retry any call.
+    RetryToken(i64),
+    RetryRate(i64),
+    /// May or may not have been processed.
+    Uncertain(String),
+    /// Certainly not processed (connection refused).
+    NotSent(String),
+    /// Permanent: give up now.
+    Fail(Error),
+}
+
+impl Client {
+    /// `base` is `dingtalk.api_base` (or the embedded emulator's URL).
+    pub fn new(pool: PgPool, config: &DingTalkConfig, base: &str) -> anyhow::Result<Client> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_millis(config.timeout_ms))
+            .connect_timeout(Duration::from_secs(5))
+            .build()?;
+        let base = base.trim_end_matches('/').to_string();
+        let tokens = Tokens::new(pool.clone(), http.clone(), &base, config);
+        let budget = Budget::new(pool, config);
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http,
+                base,
+                tokens,
+                budget,
+                max_attempts: config.max_attempts,
+            }),
+        })
+    }
+
+    pub fn tokens(&self) -> &Tokens {
+        &self.inner.tokens
+    }
+
+    /// `topapi/processinstance/create` (API.md §2.1). Not idempotent: never repeated after it may
+    /// have reached DingTalk.
+    pub async fn create_instance(&self, request: &CreateInstance) -> Result<String, Error> {
+        let r: CreateInstanceResponse = self
+            .call(
+                Priority::Outbox,
+                Method::POST,
+                "/topapi/processinstance/create",
+                Some(request),
+                false,
+            )
+            .await?;
+        Ok(r.process_instance_id)
+    }
+
+    /// `topapi/processinstance/get` (API.md §2.3).
+    pub async fn get_instance(&self, process_instance_id: &str) -> Result<ProcessInstance, Error> {
+        let body = serde_json::json!({ "process_instance_id": process_instance_id });
+        let r: GetInstanceResponse = self
+            .call(
+                Priority::Live,
+                Method::POST,
+                "/topapi/processinstance/get",
+                Some(&body),
+                true,
+            )
+            .await?;
+        Ok(r.process_instance)
+    }
+
+    /// `topapi/processinstance/listids` (API.md §2.4): one page.
+    pub async fn list_instance_ids(
+        &self,
+        request: &ListIds,
+        priority: Priority,
+    ) -> Result<IdPage, Error> {
+        let r: ListIdsResponse = self
+            .call(
+                priority,
+                Method::POST,
+                "/topapi/processinstance/listids",
+                Some(request),
+                true,
+            )
+            .await?;
+        Ok(r.result)
+    }
+
+    /// `call_back/register_call_back` (API.md §3). DingTalk first sends `check_url` to the URL.
+    pub async fn register_callback(&self, request: &CallbackRegistration) -> Result<(), Error> {
+        let _: Value = self
+            .call(
+                Priority::Live,
+                Method::POST,
+                "/call_back/register_call_back",
+                Some(request),
+                true,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// `call_back/update_call_back`.
+    pub async fn update_callback(&self, request: &CallbackRegistration) -> Result<(), Error> {
+        let _: Value = self
+            .call(
+                Priority::Live,
+                Method::POST,
+                "/call_back/update_call_back",
+                Some(request),
+                true,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// `call_back/get_call_back`.
+    pub async fn get_callback(&self) -> Result<CallbackRegistration, Error> {
+        self.call::<(), _>(
+            Priority::Live,
+            Method::GET,
+            "/call_back/get_call_back",
+            None,
+            true,
+        )
+        .await
+    }
+
+    /// `call_back/delete_call_back`.
+    pub async fn delete_callback(&self) -> Result<(), Error> {
+        let _: Value = self
+            .call::<(), _>(
+                Priority::Live,
+                Method::GET,
+                "/call_back/delete_call_back",
+                None,
+                true,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// `call_back/get_call_back_failed_result`: read-once (what it returns is gone from DingTalk),
+    /// so it is never retried after it may have been answered. Returns the raw answer, to be
+    /// committed before it is applied.
+    pub async fn failed_callbacks(&self) -> Result<FailedPage, Error> {
+        self.call::<(), _>(
+            Priority::Live,
+            Method::GET,
+            "/call_back/get_call_back_failed_result",
+            None,
+            false,
+        )
+        .await
+    }
+
+    async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        priority: Priority,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        idempotent: bool,
+    ) -> Result<T, Error> {
+        let inner = &self.inner;
+        let mut refreshed = false;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            inner
+                .budget
+                .acquire(priority)
+                .await
+                .map_err(|e| Error::Transient(format!("rate budget: {e}")))?;
+            let token = inner.tokens.get().await?;
+            let outcome = self.attempt(&method, path, &token, body).await;
+            let last = attempt >= inner.max_attempts;
+            match outcome {
+                Outcome::Done(v) => return Ok(v),
+                Outcome::Fail(e) => return Err(e),
+                Outcome::RetryToken(errcode) => {
+                    inner.tokens.invalidate(&token).await;
+                    if refreshed {
+                        return Err(Error::InvalidToken { errcode });
+                    }
+                    refreshed = true;
+                    attempt -= 1; // a refresh is not one of the retries
+                }
+                Outcome::RetryRate(errcode) => {
+                    if last {
+                        return Err(Error::RateLimited { errcode });
+                    }
+                    tracing::debug!(path, errcode, "DingTalk rate limit; backing off");
+                    sleep_with_jitter(Duration::from_secs(1) * attempt).await;
+                }
+                Outcome::NotSent(why) => {
+                    if last {
+                        return Err(Error::Transient(why));
+                    }
+                    sleep_with_jitter(Duration::from_millis(200) * attempt).await;
+                }
+                Outcome::Uncertain(why) => {
+                    if !idempotent {
+                        return Err(Error::NoResponse(why));
+                    }
+                    if last {
+                        return Err(Error::Transient(why));
+                    }
+                    tracing::debug!(path, reason = %why, "DingTalk call failed; retrying");
+                    sleep_with_jitter(Duration::from_millis(200) * attempt).await;
+                }
+            }
+        }
+    }
+
+    /// One HTTP exchange, classified.
+    async fn attempt<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: &Method,
+        path: &str,
+        token: &str,
+        body: Option<&B>,
+    ) -> Outcome<T> {
+        let mut request = self
+            .inner
+            .http
+            .request(method.clone(), format!("{}{path}", self.inner.base))
+            .query(&[("access_token", token)]);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = match request.send().await {
+            Ok(r) => r,
+            // Never print the URL: it carries the access token.
+            Err(e) if e.is_connect() => return Outcome::NotSent(e.without_url().to_string()),
+            Err(e) => return Outcome::Uncertain(e.without_url().to_string()),
+        };
+        let status = response.status();
+        let text = match response.text().await {
+            Ok(t) => t,
+            Err(e) => return Outcome::Uncertain(e.without_url().to_string()),
+        };
+        if status.as_u16() == 429 {
+            return Outcome::RetryRate(429);
+        }
+        if !status.is_success() {
+            return Outcome::Uncertain(format!("HTTP {status}"));
+        }
+        match classify(&text) {
+            Ok(()) => match serde_json::from_str(&text) {
+                Ok(v) => Outcome::Done(v),
+                Err(e) => Outcome::Uncertain(format!("unreadable answer: {e}")),
+            },
+            Err(Classified::Token(code)) => Outcome::RetryToken(code),
+            Err(Classified::Rate(code)) => Outcome::RetryRate(code),
+            Err(Classified::Gateway(why)) => Outcome::Uncertain(why),
+            Err(Classified::Rejected(e)) => Outcome::Fail(e),
+        }
+    }
+}
+
+enum Classified {
+    Token(i64),
+    Rate(i64),
+    Gateway(String),
+    Rejected(Error),
+}
+
+/// Reads `errcode` / `sub_code` of a topapi/oapi answer (HTTP 200 with errcode ≠ 0 on error;
+/// API.md §1.3, §7).
+fn classify(text: &str) -> Result<(), Classified> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| Classified::Gateway(format!("answer is not JSON ({e})")))?;
+    let errcode = value.get("errcode").and_then(Value::as_i64).unwrap_or(0);
+    if errcode == 0 {
+        return Ok(());
+    }
+    let sub_code = value.get("sub_code").and_then(|v| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    });
+    let errmsg = value
+        .get("errmsg")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    match (errcode, sub_code.as_deref()) {
+        (40014 | 42001 | 40001 | 33001, _) | (88, Some("40014" | "42001" | "40000")) => {
+            Err(Classified::Token(errcode))
+        }
+        (90002 | 90019, _) | (88, Some("90002" | "90019")) => Err(Classified::Rate(errcode)),
+        // 15: gateway/remote timeout; 88 without a sub_code: gateway timeout (API.md §7).
+        (15, _) | (88, None | Some("")) => {
+            Err(Classified::Gateway(format!("errcode {errcode}: {errmsg}")))
+        }
+        _ => Err(Classified::Rejected(Error::Rejected { errcode, errmsg })),
+    }
+}
+
+async fn sleep_with_jitter(base: Duration) {
+    let jitter = rand::rng().random_range(0.0..0.5);
+    tokio::time::sleep(base.mul_f64(1.0 + jitter)).await;
+}

@@ -1,0 +1,180 @@
+//! The access token, shared by every replica through `dingsync.access_tokens` (API.md §1.1).
+//!
+//! In a process, callers share a cached copy; when it must be fetched, one task fetches while the
+//! others wait (a local mutex), and across processes one replica fetches while the others wait (a
+//! transaction-scoped advisory lock around read-check-fetch-store). A token is renewed when less
+//! than [`RENEW_AHEAD`] of its life is left, so callers never hold one that is about to expire.
+//! The app secret is only ever sent to DingTalk; it appears in no log or error.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use sqlx::{Connection, PgPool};
+use tokio::sync::Mutex;
+
+use super::Error;
+use crate::config::{DingTalkConfig, Secret};
+
+/// Renew a token this long before DingTalk says it expires.
+pub const RENEW_AHEAD: Duration = Duration::from_secs(10 * 60);
+
+pub struct Tokens {
+    pool: PgPool,
+    http: reqwest::Client,
+    base: String,
+    corp_id: String,
+    app_key: String,
+    app_secret: Secret,
+    cached: Mutex<Option<(String, DateTime<Utc>)>>,
+}
+
+#[derive(Deserialize)]
+struct TokenAnswer {
+    #[serde(default)]
+    errcode: i64,
+    #[serde(default)]
+    errmsg: String,
+    access_token: Option<String>,
+    expires_in: Option<i64>,
+}
+
+impl Tokens {
+    pub(super) fn new(
+        pool: PgPool,
+        http: reqwest::Client,
+        base: &str,
+        config: &DingTalkConfig,
+    ) -> Tokens {
+        Tokens {
+            pool,
+            http,
+            base: base.to_string(),
+            corp_id: config.corp_id.clone(),
+            app_key: config.app_key.clone(),
+            app_secret: config.app_secret.clone(),
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// A token valid for at least [`RENEW_AHEAD`].
+    pub async fn get(&self) -> Result<String, Error> {
+        // Held while fetching: concurrent callers in this process wait for the one fetch.
+        let mut cached = self.cached.lock().await;
+        if let Some((token, expires_at)) = cached.as_ref()
+            && fresh(*expires_at)
+        {
+            return Ok(token.clone());
+        }
+        let (token, expires_at) = self.shared().await?;
+        *cached = Some((token.clone(), expires_at));
+        Ok(token)
+    }
+
+    /// DingTalk refused `token`: forget it here and in the database (unless another replica has
+    /// already replaced it), so the next [`Tokens::get`] fetches a new one.
+    pub async fn invalidate(&self, token: &str) {
+        let mut cached = self.cached.lock().await;
+        if cached.as_ref().is_some_and(|(t, _)| t == token) {
+            *cached = None;
+        }
+        let deleted = sqlx::query(
+            "DELETE FROM dingsync.access_tokens WHERE corp_id = $1 AND app_key = $2 AND access_token = $3",
+        )
+        .bind(&self.corp_id)
+        .bind(&self.app_key)
+        .bind(token)
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = deleted {
+            tracing::warn!(error = %e, "could not drop the refused access token");
+        }
+    }
+
+    /// The token in the database if fresh, else one fetched by exactly one replica.
+    async fn shared(&self) -> Result<(String, DateTime<Utc>), Error> {
+        let db = |e: sqlx::Error| Error::Transient(format!("database: {e}"));
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        let mut tx = conn.begin().await.map_err(db)?;
+        // Replicas needing a token queue here; the first fetches, the others find its token.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('dingsync.access_token:' || $1 || ':' || $2, 0))")
+            .bind(&self.corp_id)
+            .bind(&self.app_key)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let stored: Option<(String, DateTime<Utc>)> = sqlx::query_as(
+            "SELECT access_token, expires_at FROM dingsync.access_tokens WHERE corp_id = $1 AND app_key = $2",
+        )
+        .bind(&self.corp_id)
+        .bind(&self.app_key)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        if let Some((token, expires_at)) = stored
+            && fresh(expires_at)
+        {
+            return Ok((token, expires_at));
+        }
+        let (token, expires_at) = self.fetch().await?;
+        sqlx::query(
+            "INSERT INTO dingsync.access_tokens (corp_id, app_key, access_token, expires_at, fetched_at)
+             VALUES ($1, $2, $3, $4, now())
+             ON CONFLICT (corp_id, app_key) DO UPDATE
+             SET access_token = excluded.access_token, expires_at = excluded.expires_at, fetched_at = now()",
+        )
+        .bind(&self.corp_id)
+        .bind(&self.app_key)
+        .bind(&token)
+        .bind(expires_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        tracing::info!(app_key = %self.app_key, %expires_at, "fetched a DingTalk access token");
+        Ok((token, expires_at))
+    }
+
+    /// `GET /gettoken` (API.md §1.1). Retried only for connection failures: a fetch is cheap to
+    /// repeat, but an answer with an errcode (bad credentials) is final.
+    async fn fetch(&self) -> Result<(String, DateTime<Utc>), Error> {
+        let started = Utc::now();
+        let response = self
+            .http
+            .get(format!("{}/gettoken", self.base))
+            .query(&[
+                ("appkey", self.app_key.as_str()),
+                ("appsecret", self.app_secret.expose()),
+            ])
+            .send()
+            .await
+            // without_url: the URL carries the app secret.
+            .map_err(|e| Error::Transient(format!("gettoken: {}", e.without_url())))?;
+        let status = response.status();
+        let answer: TokenAnswer = response.json().await.map_err(|e| {
+            Error::Protocol(format!(
+                "gettoken answered HTTP {status}: {}",
+                e.without_url()
+            ))
+        })?;
+        match (answer.errcode, answer.access_token, answer.expires_in) {
+            (0, Some(token), Some(expires_in)) => {
+                Ok((token, started + chrono::Duration::seconds(expires_in)))
+            }
+            (0, ..) => Err(Error::Protocol(
+                "gettoken answered without access_token/expires_in".into(),
+            )),
+            (errcode, ..) => Err(Error::Rejected {
+                errcode,
+                errmsg: format!(
+                    "gettoken: {} (check dingtalk.app_key and dingtalk.app_secret)",
+                    answer.errmsg
+                ),
+            }),
+        }
+    }
+}
+
+fn fresh(expires_at: DateTime<Utc>) -> bool {
+    expires_at - chrono::Duration::from_std(RENEW_AHEAD).expect("small") > Utc::now()
+}

@@ -1,0 +1,147 @@
+//! Requests and responses of the oapi/topapi calls, with DingTalk's field names (API.md §2–§3).
+
+use serde::{Deserialize, Serialize};
+
+/// `topapi/processinstance/create` body (API.md §2.1).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CreateInstance {
+    pub process_code: String,
+    pub originator_user_id: String,
+    pub dept_id: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<i64>,
+    /// Comma-separated userids, approving in sequence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approvers: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approvers_v2: Option<Vec<ApproverNode>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cc_list: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cc_position: Option<String>,
+    pub form_component_values: Vec<FormValue>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApproverNode {
+    pub task_action_type: String,
+    pub user_ids: Vec<String>,
+}
+
+/// One form value: `value` is always a string (API.md §2.2).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FormValue {
+    pub name: String,
+    pub value: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ext_value: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct CreateInstanceResponse {
+    pub process_instance_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct GetInstanceResponse {
+    pub process_instance: ProcessInstance,
+}
+
+/// `processinstance/get` → `process_instance` (API.md §2.3). Times are Beijing-time strings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProcessInstance {
+    #[serde(default)]
+    pub title: Option<String>,
+    #[serde(default)]
+    pub create_time: Option<String>,
+    #[serde(default)]
+    pub finish_time: Option<String>,
+    #[serde(default)]
+    pub originator_userid: Option<String>,
+    #[serde(default)]
+    pub originator_dept_id: Option<String>,
+    pub status: String,
+    #[serde(default)]
+    pub result: Option<String>,
+    #[serde(default)]
+    pub business_id: Option<String>,
+    #[serde(default)]
+    pub form_component_values: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub operation_records: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub tasks: Vec<InstanceTask>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstanceTask {
+    /// A string here, a number in events (API.md §2.3).
+    pub taskid: String,
+    #[serde(default)]
+    pub userid: Option<String>,
+    pub task_status: String,
+    #[serde(default)]
+    pub task_result: Option<String>,
+    #[serde(default)]
+    pub create_time: Option<String>,
+    #[serde(default)]
+    pub finish_time: Option<String>,
+    #[serde(default)]
+    pub activity_id: Option<String>,
+}
+
+/// `processinstance/listids` body (API.md §2.4): times in epoch ms, `size` ≤ 20.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ListIds {
+    pub process_code: String,
+    pub start_time: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub end_time: Option<i64>,
+    pub size: u32,
+    pub cursor: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub userid_list: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ListIdsResponse {
+    pub result: IdPage,
+}
+
+/// One page of instance ids; `next_cursor` absent on the last page.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct IdPage {
+    #[serde(default)]
+    pub list: Vec<String>,
+    #[serde(default)]
+    pub next_cursor: Option<u64>,
+}
+
+/// Body of register/update, and the answer of get_call_back (API.md §3).
+#[derive(Clone, Serialize, Deserialize, PartialEq)]
+pub struct CallbackRegistration {
+    pub call_back_tag: Vec<String>,
+    pub token: String,
+    pub aes_key: String,
+    pub url: String,
+}
+
+impl std::fmt::Debug for CallbackRegistration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallbackRegistration")
+            .field("call_back_tag", &self.call_back_tag)
+            .field("token", &"***")
+            .field("aes_key", &"***")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+/// `get_call_back_failed_result`: the raw answer, so it can be committed as received.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+pub struct FailedPage {
+    #[serde(default)]
+    pub has_more: bool,
+    #[serde(default)]
+    pub failed_list: Vec<serde_json::Value>,
+}

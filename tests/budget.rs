@@ -1,0 +1,97 @@
+//! The shared rate budget: replicas (separate pools) together never exceed `dingtalk.qps`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestDb, test_config};
+use dingsync::{
+    dingtalk::{Budget, Priority},
+    store,
+};
+use futures::future::join_all;
+
+/// The most calls that fall in any one-second window.
+fn busiest_second(times: &mut [Duration]) -> usize {
+    times.sort();
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..times.len() {
+        while times[end] - times[start] >= Duration::from_secs(1) {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
+
+#[tokio::test]
+async fn two_replicas_together_never_exceed_the_budget_and_use_most_of_it() {
+    let db = TestDb::new();
+    let mut config = test_config(&db.url);
+    config.dingtalk.app_key = "dingbudgetapp".into();
+    config.dingtalk.qps = 20;
+    let pool_a = store::connect_and_migrate(&config.database).await.unwrap();
+    let pool_b = store::connect(&config.database).await.unwrap();
+    let budgets = [
+        Budget::new(pool_a.clone(), &config.dingtalk),
+        Budget::new(pool_b.clone(), &config.dingtalk),
+    ];
+    // Warm up: both replicas have a connection open, as running daemons would.
+    for budget in &budgets {
+        budget.acquire(Priority::Live).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    let calls = 80;
+    let mut times = Vec::with_capacity(calls);
+    let mut waits = Vec::new();
+    for i in 0..calls {
+        let budget = &budgets[i % 2];
+        waits.push(async move {
+            budget.acquire(Priority::Live).await.unwrap();
+            started.elapsed()
+        });
+    }
+    for t in join_all(waits).await {
+        times.push(t);
+    }
+    let elapsed = started.elapsed();
+    assert!(
+        busiest_second(&mut times) <= 20,
+        "more than 20 calls in one second: {times:?}"
+    );
+    // 80 calls at 20/s take about 4 s: at least 95% of the budget was used.
+    let used = calls as f64 / elapsed.as_secs_f64();
+    assert!(
+        used >= 0.95 * 20.0 * (calls as f64 - 1.0) / calls as f64,
+        "only {used:.1} calls/s"
+    );
+    pool_a.close().await;
+    pool_b.close().await;
+}
+
+#[tokio::test]
+async fn bulk_work_never_takes_slots_that_live_sync_is_queued_for() {
+    let db = TestDb::new();
+    let mut config = test_config(&db.url);
+    config.dingtalk.app_key = "dingbudgetapp2".into();
+    config.dingtalk.qps = 10;
+    let pool = store::connect_and_migrate(&config.database).await.unwrap();
+    let budget = Budget::new(pool.clone(), &config.dingtalk);
+    // Live sync queues 20 calls (two seconds of budget); a bulk call must wait until they are done.
+    let started = Instant::now();
+    let live: Vec<_> = (0..20).map(|_| budget.acquire(Priority::Live)).collect();
+    let bulk = async {
+        tokio::time::sleep(Duration::from_millis(50)).await; // live work is queued by now
+        budget.acquire(Priority::Bulk).await.unwrap();
+        started.elapsed()
+    };
+    let (_, bulk_at) = tokio::join!(join_all(live), bulk);
+    // 20 live calls at 10/s end after ~2 s; bulk had to wait for the queue to drain.
+    assert!(
+        bulk_at >= Duration::from_millis(1_800),
+        "bulk went at {bulk_at:?}"
+    );
+    pool.close().await;
+}
