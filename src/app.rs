@@ -2,7 +2,7 @@
 //! and takes it down in order on shutdown (stop accepting, finish in-flight callbacks, then
 //! finish the batches they are waiting for).
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use axum::{
@@ -17,9 +17,11 @@ use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::{
-    callback::{self, CallbackState},
+    callback::{self, CallbackState, manage},
     config::{Config, Secret},
     crypto::{self, CallbackCrypto},
+    dingtalk::{self, types::CallbackRegistration},
+    emulator::{Emulator, EmulatorConfig},
     ingest::Ingest,
     store,
 };
@@ -28,11 +30,18 @@ use crate::{
 /// when no `dingtalk.corp_id` is configured in emulator mode).
 pub const EMULATOR_CORP_ID: &str = "dingemulatorcorp0000";
 
+/// AppKey of the embedded emulator's app (when `dingtalk.app_key` is empty).
+pub const EMULATOR_APP_KEY: &str = "dingemulatorappkey00";
+
 /// A running daemon.
 pub struct App {
     /// Where the HTTP server listens (useful with port 0).
     pub addr: SocketAddr,
     pub pool: PgPool,
+    /// The embedded DingTalk emulator (`dingtalk.api_base = "emulator"`).
+    pub emulator: Option<Emulator>,
+    /// The DingTalk client; `None` without credentials (then `serve` only serves callbacks).
+    pub client: Option<dingtalk::Client>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -75,18 +84,44 @@ impl App {
             served.context("HTTP server")
         });
         tracing::info!(%addr, "dingsync listening; callbacks at POST /dingtalk/callback");
-        Ok(App {
+
+        let (emulator, client) = match dingtalk_client(&config, &pool).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                shutdown.cancel();
+                return Err(e);
+            }
+        };
+        if let Some(client) = &client {
+            tokio::spawn(keep_token_fresh(client.clone(), shutdown.clone()));
+        }
+        let app = App {
             addr,
             pool,
             shutdown,
             task,
-        })
+            emulator,
+            client,
+        };
+        if let (Some(emulator), Some(client)) = (&app.emulator, &app.client) {
+            let url = format!("http://{addr}/dingtalk/callback");
+            register_with_emulator(client, &config, &url).await?;
+            tracing::info!(
+                emulator = %emulator.base_url(),
+                callback = %url,
+                "embedded DingTalk emulator running; callback registered with it (dingtalk.api_base = \"emulator\")"
+            );
+        }
+        Ok(app)
     }
 
     /// Stops accepting, lets in-flight requests and their commits finish, and waits for that.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.task.await.context("server task")??;
+        if let Some(emulator) = self.emulator {
+            emulator.stop().await;
+        }
         self.pool.close().await;
         Ok(())
     }
@@ -103,6 +138,77 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("shutting down: finishing in-flight callbacks");
     app.stop().await
+}
+
+/// Starts the embedded emulator when configured, and the client when there are credentials.
+async fn dingtalk_client(
+    config: &Config,
+    pool: &PgPool,
+) -> anyhow::Result<(Option<Emulator>, Option<dingtalk::Client>)> {
+    install_crypto_provider();
+    if config.uses_emulator() {
+        let settings = &config.emulator;
+        let emulator = Emulator::start(
+            EmulatorConfig {
+                corp_id: config.dingtalk.corp_id.clone(),
+                app_key: config.dingtalk.app_key.clone(),
+                app_secret: config.dingtalk.app_secret.expose().to_string(),
+                time_scale: settings.time_scale,
+                seed: settings.effective_seed(),
+                people: (settings.people_pace_ms > 0)
+                    .then(|| Duration::from_millis(settings.people_pace_ms)),
+            },
+            "127.0.0.1:0".parse().expect("literal address"),
+        )
+        .await
+        .context("starting the embedded DingTalk emulator")?;
+        let client = dingtalk::Client::new(pool.clone(), &config.dingtalk, &emulator.base_url())?;
+        return Ok((Some(emulator), Some(client)));
+    }
+    if config.dingtalk.app_key.is_empty() || config.dingtalk.app_secret.is_empty() {
+        tracing::warn!(
+            "no dingtalk.app_key/app_secret: serving callbacks only (no DingTalk API calls)"
+        );
+        return Ok((None, None));
+    }
+    let client = dingtalk::Client::new(pool.clone(), &config.dingtalk, &config.dingtalk.api_base)?;
+    Ok((None, Some(client)))
+}
+
+/// Registers our callback URL with the emulator (updating a registration left from before).
+async fn register_with_emulator(
+    client: &dingtalk::Client,
+    config: &Config,
+    url: &str,
+) -> anyhow::Result<()> {
+    let registration = CallbackRegistration {
+        call_back_tag: manage::TAGS.iter().map(|t| t.to_string()).collect(),
+        token: config.callback.token.expose().to_string(),
+        aes_key: config.callback.aes_key.expose().to_string(),
+        url: url.to_string(),
+    };
+    match client.register_callback(&registration).await {
+        Err(dingtalk::Error::Rejected { errcode: 71006, .. }) => {
+            client.update_callback(&registration).await
+        }
+        other => other,
+    }
+    .context("registering the callback with the embedded emulator")
+}
+
+/// The scheduled token refresh: renews the shared token ahead of expiry, so API calls never wait
+/// for a `gettoken`. (With several replicas, one fetches; the others find its token.)
+async fn keep_token_fresh(client: dingtalk::Client, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if let Err(e) = client.tokens().get().await {
+            tracing::warn!(error = %e, "could not refresh the DingTalk access token");
+        }
+    }
 }
 
 fn router(state: Arc<CallbackState>, pool: PgPool, config: &Config) -> Router {
@@ -141,8 +247,8 @@ fn kind(e: &sqlx::Error) -> &'static str {
     }
 }
 
-/// With the embedded emulator the callback secrets may be left empty: generate them for this run
-/// (the daemon registers them with its own emulator). Against a real DingTalk validation has
+/// With the embedded emulator the callback secrets and app credentials may be left empty:
+/// generate them for this run (the daemon registers them with its own emulator). Against a real DingTalk validation has
 /// already required them.
 fn resolve_emulator_defaults(config: &mut Config) {
     if !config.uses_emulator() {
@@ -159,6 +265,12 @@ fn resolve_emulator_defaults(config: &mut Config) {
     }
     if config.callback.owner_key.is_empty() {
         config.callback.owner_key = vec![config.dingtalk.corp_id.clone()];
+    }
+    if config.dingtalk.app_key.is_empty() {
+        config.dingtalk.app_key = EMULATOR_APP_KEY.into();
+    }
+    if config.dingtalk.app_secret.is_empty() {
+        config.dingtalk.app_secret = Secret::new(crypto::random_nonce(40));
     }
     tracing::info!(
         corp_id = %config.dingtalk.corp_id,

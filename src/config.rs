@@ -134,7 +134,7 @@ impl Default for Config {
                 listen: "127.0.0.1:9090".into(),
                 people_pace_ms: 2_000,
                 time_scale: 1.0,
-                seed: 1,
+                seed: 0,
             },
             log: LogConfig {
                 format: LogFormat::Text,
@@ -181,6 +181,19 @@ fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         message: message.into(),
+    }
+}
+
+impl EmulatorSettings {
+    /// The seed to run with: `emulator.seed`, or a random one when it is 0. The emulator keeps its
+    /// state in memory, so a restarted embedded emulator with a fixed seed would hand out the same
+    /// instance ids again, next to rows already in the database.
+    pub fn effective_seed(&self) -> u64 {
+        if self.seed == 0 {
+            rand::random::<u64>().max(1)
+        } else {
+            self.seed
+        }
     }
 }
 

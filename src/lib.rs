@@ -9,6 +9,7 @@ pub mod callback;
 pub mod config;
 pub mod crypto;
 pub mod dingtalk;
+pub mod emulator;
 pub mod error;
 pub mod event;
 pub mod ingest;

@@ -31,6 +31,12 @@ enum Command {
     Serve,
     /// Create the database if missing and apply the migrations, then exit.
     Migrate,
+    /// Run the DingTalk emulator on its own (for local development against a stand-in).
+    Emulator {
+        /// Address to listen on (default: emulator.listen).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
     /// Manage the callback registration at DingTalk (register_call_back and friends).
     Callback {
         #[command(subcommand)]
@@ -67,6 +73,7 @@ async fn main() -> ExitCode {
             .await
             .map(|_| ()),
         Command::Callback { action } => callback(&config, action).await,
+        Command::Emulator { listen } => emulator(&config, listen).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -90,4 +97,38 @@ async fn callback(config: &Config, command: CallbackCommand) -> anyhow::Result<(
     let client = manage::client(config, pool).await?;
     println!("{}", manage::run(&client, config, action).await?);
     Ok(())
+}
+
+async fn emulator(config: &Config, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    app::install_crypto_provider();
+    let listen = match listen {
+        Some(addr) => addr,
+        None => config.emulator.listen.parse()?,
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        stop.cancel();
+    });
+    let settings = &config.emulator;
+    let mut emulator_config = dingsync::emulator::EmulatorConfig {
+        time_scale: settings.time_scale,
+        seed: settings.effective_seed(),
+        people: (settings.people_pace_ms > 0)
+            .then(|| std::time::Duration::from_millis(settings.people_pace_ms)),
+        ..Default::default()
+    };
+    if !config.dingtalk.corp_id.is_empty() {
+        emulator_config.corp_id = config.dingtalk.corp_id.clone();
+    }
+    if !config.dingtalk.app_key.is_empty() && !config.dingtalk.app_secret.is_empty() {
+        emulator_config.app_key = config.dingtalk.app_key.clone();
+        emulator_config.app_secret = config.dingtalk.app_secret.expose().to_string();
+    }
+    println!(
+        "DingTalk emulator on http://{listen} (corp_id {}, app_key {}); Ctrl-C stops it",
+        emulator_config.corp_id, emulator_config.app_key
+    );
+    dingsync::emulator::serve(emulator_config, listen, shutdown).await
 }

@@ -359,8 +359,9 @@ fn classify(text: &str) -> Result<(), Classified> {
             Err(Classified::Token(errcode))
         }
         (90002 | 90019, _) | (88, Some("90002" | "90019")) => Err(Classified::Rate(errcode)),
-        // 15: gateway/remote timeout; 88 without a sub_code: gateway timeout (API.md §7).
-        (15, _) | (88, None | Some("")) => {
+        // -1: system busy; 15: gateway/remote timeout; 88 without a sub_code: gateway timeout
+        // (API.md §7).
+        (-1 | 15, _) | (88, None | Some("")) => {
             Err(Classified::Gateway(format!("errcode {errcode}: {errmsg}")))
         }
         _ => Err(Classified::Rejected(Error::Rejected { errcode, errmsg })),

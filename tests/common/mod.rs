@@ -79,6 +79,9 @@ pub fn test_config(database_url: &str) -> Config {
     config.callback.aes_key = Secret::new(crypto::random_aes_key());
     config.callback.owner_key = vec![CORP_ID.into()];
     config.dingtalk.corp_id = CORP_ID.into();
+    // No DingTalk by default: the daemon only serves callbacks. Tests that want the embedded
+    // emulator set api_base = "emulator".
+    config.dingtalk.api_base = "http://127.0.0.1:9".into();
     config
 }
 

@@ -1,0 +1,196 @@
+//! A faithful local DingTalk, used by the tests, the benchmarks and the embedded default
+//! (`dingtalk.api_base = "emulator"`). It behaves as `/work/shared/dingtalk/API.md` says DingTalk
+//! behaves, not as the daemon would like; where API.md marks something [UNCONFIRMED] it takes
+//! the stricter reading and says so where it does.
+//!
+//! What it serves (one axum server):
+//! - DingTalk's old API (`api`): `gettoken`, `topapi/processinstance/{create,get,listids}`,
+//!   `call_back/{register,update,get,delete}_call_back`, `call_back/get_call_back_failed_result`;
+//! - encrypted pushes of every approval change to the registered URL, with DingTalk's retry
+//!   ladder and failed-push list (`push`);
+//! - an admin API under `/_emulator/…` to act as people, look inside and set faults (`admin`),
+//!   also available from Rust through [`Handle`];
+//! - optionally simulated people who keep approvals moving (`people`).
+//!
+//! Files: `model` (organisation, templates, instances, approval rules, event payloads), `state`
+//! (memory, tokens, failed list, call log, [`Handle`]), `faults` (knobs), `api`, `push`, `admin`,
+//! `people`. This file owns configuration, start and stop.
+
+mod admin;
+mod api;
+mod faults;
+mod model;
+mod people;
+mod push;
+mod state;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex, atomic::AtomicUsize},
+    time::Duration,
+};
+
+use anyhow::{Context, ensure};
+use axum::Router;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+pub use faults::{Faults, InjectedError, Injection, PushFaults};
+pub use model::{
+    ActionType, CcPosition, Control, DEFAULT_APPROVER, FormEntry, FormInput, Instance,
+    InstanceStatus, NodeSpec, Person, Record, Rejection, Task, TaskResult, TaskStatus, Template,
+    errcode,
+};
+pub use push::DEADLINE as PUSH_DEADLINE;
+pub use state::{
+    AdminError, FAILED_PAGE, Handle, OpenTask, PushOutcome, PushRecord, Registration,
+    StartInstance, TOKEN_EXPIRES_IN, TaskAction,
+};
+
+/// CorpId of the emulated organisation by default (same as `app::EMULATOR_CORP_ID`).
+pub const DEFAULT_CORP_ID: &str = "dingemulatorcorp0000";
+/// AppKey `gettoken` accepts by default.
+pub const DEFAULT_APP_KEY: &str = "dingemulatorappkey00";
+/// AppSecret `gettoken` accepts by default (not a secret: the emulator is local).
+pub const DEFAULT_APP_SECRET: &str = "emulator-app-secret";
+
+/// How the emulator runs.
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    /// The organisation's CorpId: in pushes (`corpId`) and the owner key of every push and
+    /// `check_url`, since the callback is registered with `register_call_back` (API.md §4.5).
+    pub corp_id: String,
+    /// Credentials `gettoken` accepts; anything else gets 40096.
+    pub app_key: String,
+    pub app_secret: String,
+    /// 1.0 = DingTalk's timings. Smaller is faster: the retry ladder (10 s, 30 s), the failed
+    /// list's 3–5 minute delay and one-week retention, and token expiry (7200 s) are multiplied
+    /// by it. The 1500 ms push deadline is not.
+    pub time_scale: f64,
+    /// Seed of every random choice (ids, tokens, fault decisions, simulated people).
+    pub seed: u64,
+    /// `Some(pace)`: simulated people start an approval or act on a task every `pace`.
+    pub people: Option<Duration>,
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        EmulatorConfig {
+            corp_id: DEFAULT_CORP_ID.into(),
+            app_key: DEFAULT_APP_KEY.into(),
+            app_secret: DEFAULT_APP_SECRET.into(),
+            time_scale: 1.0,
+            seed: 1,
+            people: None,
+        }
+    }
+}
+
+/// A running emulator.
+pub struct Emulator {
+    /// Where it listens (the real port when started on port 0).
+    pub addr: SocketAddr,
+    handle: Handle,
+    /// `None` once stopped.
+    server: Option<JoinHandle<std::io::Result<()>>>,
+    people: Option<JoinHandle<()>>,
+}
+
+/// Dropping a running emulator (a panicking test, a forgotten `stop`) stops it too, without
+/// waiting: the server closes and pending pushes end.
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.handle.shared.shutdown.cancel();
+    }
+}
+
+impl Emulator {
+    /// Binds `listen` (port 0 picks a free port) and serves in the background.
+    pub async fn start(config: EmulatorConfig, listen: SocketAddr) -> anyhow::Result<Emulator> {
+        ensure!(
+            config.time_scale.is_finite() && config.time_scale > 0.0,
+            "emulator time_scale must be a positive number (got {})",
+            config.time_scale
+        );
+        ensure!(!config.corp_id.is_empty(), "emulator corp_id is empty");
+        ensure!(
+            !config.app_key.is_empty() && !config.app_secret.is_empty(),
+            "emulator app_key and app_secret must not be empty"
+        );
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding the DingTalk emulator to {listen}"))?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(state::Shared {
+            world: Mutex::new(state::World::new(config.seed)),
+            push_http: push::http_client().context("building the emulator's push client")?,
+            shutdown: CancellationToken::new(),
+            in_flight: AtomicUsize::new(0),
+            config,
+        });
+        let handle = Handle {
+            shared: shared.clone(),
+        };
+        let router: Router = api::router(shared.clone())
+            .merge(admin::router(handle.clone()))
+            .fallback(api::fallback);
+        let stop = shared.shutdown.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        });
+        let people = shared
+            .config
+            .people
+            .map(|pace| tokio::spawn(people::run(handle.clone(), pace)));
+        tracing::info!(%addr, corp_id = %shared.config.corp_id, time_scale = shared.config.time_scale, "DingTalk emulator listening");
+        Ok(Emulator {
+            addr,
+            handle,
+            server: Some(server),
+            people,
+        })
+    }
+
+    /// `http://ADDR`, the base URL a DingTalk client is pointed at.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The emulator's insides: act as people, count calls, set faults.
+    pub fn state(&self) -> &Handle {
+        &self.handle
+    }
+
+    /// Stops serving, pending pushes and simulated people; waits for the server to close.
+    pub async fn stop(mut self) {
+        self.handle.shared.shutdown.cancel();
+        if let Some(people) = self.people.take() {
+            let _ = people.await;
+        }
+        let Some(server) = self.server.take() else {
+            return;
+        };
+        match tokio::time::timeout(Duration::from_secs(10), server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(error = %e, "DingTalk emulator server stopped with an error")
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "DingTalk emulator server task failed"),
+            Err(_) => tracing::warn!("DingTalk emulator did not stop within 10 s"),
+        }
+    }
+}
+
+/// Runs an emulator until `shutdown` is cancelled (`dingsync emulator --listen ADDR`).
+pub async fn serve(
+    config: EmulatorConfig,
+    listen: SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let emulator = Emulator::start(config, listen).await?;
+    shutdown.cancelled().await;
+    emulator.stop().await;
+    Ok(())
+}

@@ -1,0 +1,955 @@
+//! The emulator's memory: the organisation and its instances, the access token, the registered
+//! callback, the failed-push list, the call log and the fault knobs, all behind one mutex (never
+//! held across an `.await`). [`Handle`] is the Rust face of it: what tests and the admin API use
+//! to act as people, look inside and set faults.
+//!
+//! Owns: token issue/renewal/expiry (API.md §1.1), the failed list's read-once semantics
+//! (API.md §3), `listids` filtering and paging (API.md §2.4), call counting and rate limiting.
+//! Does not own: HTTP shapes (`api`), delivering pushes (`push`), the approval rules (`model`).
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use chrono::{DateTime, Utc};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    EmulatorConfig,
+    faults::{Faults, InjectedError, Injection, probability},
+    model::{
+        self, ActError, Action, Ctx, Event, FormInput, Ids, Instance, NodeSpec, Org, Person,
+        Rejection, StartRequest, Task, TaskStatus, Template,
+    },
+    push,
+};
+
+/// `expires_in` DingTalk reports for an access token, in seconds (API.md §1.1).
+pub const TOKEN_EXPIRES_IN: u64 = 7_200;
+/// Calls per endpoint whose arrival times are kept (for rate checks in tests).
+const CALL_TIMES_KEPT: usize = 100_000;
+/// Push records kept for inspection.
+const PUSH_LOG_KEPT: usize = 10_000;
+/// Most items one `get_call_back_failed_result` returns (API.md §3).
+pub const FAILED_PAGE: usize = 200;
+/// Failed pushes are readable 3–5 minutes after the last retry failed (API.md §6, 2026 doc).
+const FAILED_VISIBLE_AFTER_SECS: std::ops::RangeInclusive<f64> = 180.0..=300.0;
+/// Failed pushes are kept one week (API.md §6, older doc).
+const FAILED_KEPT_SECS: f64 = 7.0 * 24.0 * 3600.0;
+
+/// What [`Handle`] and every part of the emulator share.
+pub(crate) struct Shared {
+    pub config: EmulatorConfig,
+    pub world: Mutex<World>,
+    /// Client for pushes and `check_url`: DingTalk's 1500 ms deadline (API.md §4.7), no proxy,
+    /// no redirects.
+    pub push_http: reqwest::Client,
+    pub shutdown: CancellationToken,
+    pub in_flight: AtomicUsize,
+}
+
+impl Shared {
+    pub fn world(&self) -> MutexGuard<'_, World> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.world.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `secs` of DingTalk time as real time, by `time_scale`.
+    pub fn scaled(&self, secs: f64) -> Duration {
+        Duration::from_secs_f64((secs * self.config.time_scale).max(0.0))
+    }
+}
+
+/// The registered callback (API.md §3). `Debug` hides the secrets.
+#[derive(Clone, PartialEq, Eq, Serialize)]
+pub struct Registration {
+    pub call_back_tag: Vec<String>,
+    #[serde(skip)]
+    pub token: String,
+    #[serde(skip)]
+    pub aes_key: String,
+    pub url: String,
+}
+
+impl std::fmt::Debug for Registration {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registration")
+            .field("call_back_tag", &self.call_back_tag)
+            .field("token", &"***")
+            .field("aes_key", &"***")
+            .field("url", &self.url)
+            .finish()
+    }
+}
+
+/// One entry of the push log: an attempt and its outcome, or what happened to an event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PushRecord {
+    /// Which push (an event, or one copy of a duplicated event).
+    pub push_id: u64,
+    pub tag: &'static str,
+    /// The event's `type` (`start`, `finish`, …).
+    pub kind: String,
+    pub process_instance_id: String,
+    /// 0 for the first attempt, 1 and 2 for the retries; `None` for records about the event.
+    pub attempt: Option<u32>,
+    /// Wall-clock time of the record, epoch ms.
+    pub at_ms: i64,
+    /// Monotonic time of the record, for measuring the retry ladder.
+    #[serde(skip)]
+    pub at: Instant,
+    pub outcome: PushOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum PushOutcome {
+    /// The receiver answered with a valid encrypted `success` in time.
+    Delivered,
+    /// Non-200, timeout, connection error, or a reply that does not verify.
+    Failed { reason: String },
+    /// Fault `drop_rate`: the request never left.
+    Dropped,
+    /// Fault `lose_reply_rate`: the receiver answered, DingTalk never saw it.
+    ReplyLost,
+    /// After the last retry failed: in the failed list.
+    Parked,
+    /// Fault `drop_forever_rate`: DingTalk lost the event.
+    LostForever,
+    /// No callback registered for this tag when the event happened: nothing to push.
+    NotSubscribed,
+}
+
+impl PushOutcome {
+    pub fn is_failed_attempt(&self) -> bool {
+        matches!(
+            self,
+            PushOutcome::Failed { .. } | PushOutcome::Dropped | PushOutcome::ReplyLost
+        )
+    }
+}
+
+pub(crate) struct IssuedToken {
+    pub value: String,
+    pub expires_at: Instant,
+}
+
+pub(crate) struct FailedItem {
+    pub visible_at: Instant,
+    pub expires_at: Instant,
+    pub item: Value,
+}
+
+#[derive(Default)]
+pub(crate) struct CallLog {
+    pub count: usize,
+    pub times: VecDeque<Instant>,
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TokenProblem {
+    Missing,
+    Invalid,
+}
+
+/// What the gate decided for one API call.
+pub(crate) struct Admission {
+    pub latency: Duration,
+    pub http_5xx: bool,
+    pub rate_limited: bool,
+    pub injected: Option<InjectedError>,
+}
+
+pub(crate) struct World {
+    pub org: Org,
+    pub ids: Ids,
+    /// Fault decisions get their own stream, so turning a fault on does not change the ids.
+    pub fault_rng: StdRng,
+    pub people_rng: StdRng,
+    pub instances: HashMap<String, Instance>,
+    /// Instance ids in creation order.
+    pub order: Vec<String>,
+    pub task_index: HashMap<i64, String>,
+    pub token: Option<IssuedToken>,
+    pub callback: Option<Registration>,
+    pub failed: VecDeque<FailedItem>,
+    pub calls: BTreeMap<String, CallLog>,
+    pub faults: Faults,
+    pub push_log: VecDeque<PushRecord>,
+    pub push_seq: u64,
+}
+
+impl World {
+    pub fn new(seed: u64) -> World {
+        World {
+            org: Org::builtin(),
+            ids: Ids::new(seed),
+            fault_rng: StdRng::seed_from_u64(seed ^ 0x5eed_fa17_0000_0001),
+            people_rng: StdRng::seed_from_u64(seed ^ 0x5eed_9e09_1e00_0002),
+            instances: HashMap::new(),
+            order: Vec::new(),
+            task_index: HashMap::new(),
+            token: None,
+            callback: None,
+            failed: VecDeque::new(),
+            calls: BTreeMap::new(),
+            faults: Faults::default(),
+            push_log: VecDeque::new(),
+            push_seq: 0,
+        }
+    }
+
+    /// Records a call and takes the fault decisions for it, in the order a gateway would:
+    /// 5xx, rate limit, injected error.
+    pub fn admit(&mut self, endpoint: &str, now: Instant) -> Admission {
+        let log = self.calls.entry(endpoint.to_string()).or_default();
+        log.count += 1;
+        log.times.push_back(now);
+        if log.times.len() > CALL_TIMES_KEPT {
+            log.times.pop_front();
+        }
+        let rate_limited = self.faults.qps_limit(endpoint).is_some_and(|limit| {
+            let window_start = now.checked_sub(Duration::from_secs(1)).unwrap_or(now);
+            let recent = log.times.iter().rev().take_while(|t| **t > window_start);
+            recent.count() > limit as usize
+        });
+        let http_5xx = self
+            .fault_rng
+            .random_bool(probability(self.faults.http_5xx_rate));
+        let injected = if http_5xx || rate_limited {
+            None
+        } else {
+            self.faults.take_injection(endpoint)
+        };
+        Admission {
+            latency: Duration::from_millis(self.faults.latency_ms),
+            http_5xx,
+            rate_limited,
+            injected,
+        }
+    }
+
+    pub fn check_token(&self, given: Option<&str>, now: Instant) -> Result<(), TokenProblem> {
+        let given = given
+            .filter(|t| !t.is_empty())
+            .ok_or(TokenProblem::Missing)?;
+        match &self.token {
+            Some(t) if t.value == given && now < t.expires_at => Ok(()),
+            // Unknown, revoked or expired: DingTalk answers all three as "不合法的access_token"
+            // (API.md §1.3).
+            _ => Err(TokenProblem::Invalid),
+        }
+    }
+
+    /// `gettoken`: the same token while it is valid, its validity extended; a new one otherwise
+    /// (API.md §1.1).
+    pub fn issue_token(&mut self, now: Instant, ttl: Duration) -> String {
+        match &mut self.token {
+            Some(t) if now < t.expires_at => {
+                t.expires_at = now + ttl;
+                t.value.clone()
+            }
+            _ => {
+                let value = self.ids.token();
+                self.token = Some(IssuedToken {
+                    value: value.clone(),
+                    expires_at: now + ttl,
+                });
+                value
+            }
+        }
+    }
+
+    pub fn insert_instance(&mut self, instance: Instance) {
+        for t in &instance.tasks {
+            self.task_index
+                .insert(t.taskid, instance.process_instance_id.clone());
+        }
+        self.order.push(instance.process_instance_id.clone());
+        self.instances
+            .insert(instance.process_instance_id.clone(), instance);
+    }
+
+    /// `listids` (API.md §2.4): instances of `process_code` created in `[start, end]` (ms),
+    /// optionally only by `userids`, ordered by create time, `size` from `cursor`. The second
+    /// value is the next cursor, `None` on the last page. At most `MAX_REACHABLE` ids per query.
+    pub fn list_ids(
+        &self,
+        process_code: &str,
+        start_ms: i64,
+        end_ms: i64,
+        userids: &[String],
+        cursor: u64,
+        size: u64,
+    ) -> (Vec<String>, Option<u64>) {
+        const MAX_REACHABLE: u64 = 10_000;
+        let mut matching: Vec<&Instance> = self
+            .order
+            .iter()
+            .filter_map(|id| self.instances.get(id))
+            .filter(|i| i.process_code == process_code)
+            .filter(|i| {
+                let t = i.create_time.timestamp_millis();
+                start_ms <= t && t <= end_ms
+            })
+            .filter(|i| userids.is_empty() || userids.contains(&i.originator_userid))
+            .collect();
+        // Stable: instances created in the same millisecond keep their creation order.
+        matching.sort_by_key(|i| i.create_time);
+        let reachable = (matching.len() as u64).min(MAX_REACHABLE);
+        let from = cursor.min(reachable);
+        let to = (cursor.saturating_add(size)).min(reachable);
+        let page = matching[from as usize..to as usize]
+            .iter()
+            .map(|i| i.process_instance_id.clone())
+            .collect();
+        let next = (to < reachable).then_some(to);
+        (page, next)
+    }
+
+    /// Puts an event whose retries all failed into the failed list (API.md §3, §6).
+    pub fn park(&mut self, event: &Event, corp_id: &str, now: Instant, shared_scale: f64) {
+        let delay = self.fault_rng.random_range(FAILED_VISIBLE_AFTER_SECS) * shared_scale;
+        let visible_at = now + Duration::from_secs_f64(delay.max(0.0));
+        let expires_at = visible_at + Duration::from_secs_f64(FAILED_KEPT_SECS * shared_scale);
+        let mut data = event.payload.clone();
+        data.remove("EventType");
+        data.remove("corpId");
+        let item = json!({
+            "call_back_tag": event.tag,
+            "event_time": event.event_time_ms,
+            event.tag: { "corpid": corp_id, "bpmsCallBackData": Value::Object(data) },
+        });
+        self.failed.push_back(FailedItem {
+            visible_at,
+            expires_at,
+            item,
+        });
+    }
+
+    /// `get_call_back_failed_result`: up to 200 readable items, removed as they are returned
+    /// (there is no cursor, so the list is read-once; API.md §3 [UNCONFIRMED: inferred]).
+    pub fn take_failed(&mut self, now: Instant) -> (Vec<Value>, bool) {
+        self.failed.retain(|f| now < f.expires_at);
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(self.failed.len());
+        let mut has_more = false;
+        for f in self.failed.drain(..) {
+            if f.visible_at <= now {
+                if taken.len() < FAILED_PAGE {
+                    taken.push(f.item);
+                    continue;
+                }
+                has_more = true;
+            }
+            kept.push_back(f);
+        }
+        self.failed = kept;
+        (taken, has_more)
+    }
+
+    pub fn log_push(&mut self, record: PushRecord) {
+        self.push_log.push_back(record);
+        if self.push_log.len() > PUSH_LOG_KEPT {
+            self.push_log.pop_front();
+        }
+    }
+
+    fn apply(
+        &mut self,
+        corp_id: &str,
+        change: Change,
+    ) -> Result<(Instance, Vec<Event>), AdminError> {
+        let now = Utc::now();
+        let id = match &change {
+            Change::Task { taskid, .. } => self
+                .task_index
+                .get(taskid)
+                .cloned()
+                .ok_or(AdminError::NotFound(format!("no task {taskid}")))?,
+            Change::Terminate { id, .. } => id.clone(),
+        };
+        let World {
+            org,
+            ids,
+            instances,
+            task_index,
+            ..
+        } = self;
+        let instance = instances
+            .get_mut(&id)
+            .ok_or_else(|| AdminError::NotFound(format!("no instance {id}")))?;
+        let events = match change {
+            Change::Task {
+                taskid,
+                action,
+                userid,
+                remark,
+            } => {
+                let task = instance
+                    .tasks
+                    .iter()
+                    .find(|t| t.taskid == taskid)
+                    .ok_or(AdminError::NotFound(format!("no task {taskid}")))?;
+                if let Some(userid) = userid.filter(|u| *u != task.userid) {
+                    return Err(AdminError::Invalid(format!(
+                        "task {taskid} belongs to {}, not {userid}",
+                        task.userid
+                    )));
+                }
+                let mut ctx = Ctx {
+                    org,
+                    ids,
+                    corp_id,
+                    now,
+                };
+                instance.act(taskid, action, remark, &mut ctx)?
+            }
+            Change::Terminate { userid, remark, .. } => {
+                let userid = userid.unwrap_or_else(|| instance.originator_userid.clone());
+                org.person(&userid)
+                    .map_err(|e| AdminError::Invalid(e.errmsg))?;
+                instance.terminate(&userid, remark, corp_id, now)?
+            }
+        };
+        for t in &instance.tasks {
+            task_index
+                .entry(t.taskid)
+                .or_insert_with(|| instance.process_instance_id.clone());
+        }
+        Ok((instance.clone(), events))
+    }
+}
+
+enum Change {
+    Task {
+        taskid: i64,
+        action: Action,
+        userid: Option<String>,
+        remark: Option<String>,
+    },
+    Terminate {
+        id: String,
+        userid: Option<String>,
+        remark: Option<String>,
+    },
+}
+
+/// Why an admin action was not carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    NotFound(String),
+    /// The task or instance is not open.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    /// DingTalk's own validation refused it (the same as a create through the API would get).
+    #[error("{0}")]
+    Rejected(Rejection),
+}
+
+impl From<ActError> for AdminError {
+    fn from(e: ActError) -> AdminError {
+        match e {
+            ActError::NoTask(_) | ActError::NoInstance(_) => AdminError::NotFound(e.to_string()),
+            ActError::Conflict(m) => AdminError::Conflict(m),
+            ActError::Invalid(m) => AdminError::Invalid(m),
+        }
+    }
+}
+
+/// A person starts an approval (admin API `POST /_emulator/instances`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartInstance {
+    pub process_code: String,
+    pub originator_userid: String,
+    /// Default: the originator's first department.
+    #[serde(default)]
+    pub dept_id: Option<i64>,
+    /// Approvers in sequence, one per node. Default: the template's flow.
+    #[serde(default)]
+    pub approvers: Option<Vec<String>>,
+    /// Nodes as in `approvers_v2` (API.md §2.1); wins over `approvers`.
+    #[serde(default)]
+    pub approvers_v2: Option<Vec<NodeSpec>>,
+    #[serde(default)]
+    pub cc_list: Option<Vec<String>>,
+    /// Default: sample values for the template's controls.
+    #[serde(default)]
+    pub form_values: Option<Vec<FormInput>>,
+    /// Backdate the instance (epoch ms), e.g. to exercise `listids` windows. Default: now.
+    #[serde(default)]
+    pub create_time_ms: Option<i64>,
+}
+
+/// A person's action on a task (admin API `POST /_emulator/tasks/{taskid}/{action}`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskAction {
+    /// Who acts; must be the task's approver when given.
+    #[serde(default)]
+    pub userid: Option<String>,
+    #[serde(default)]
+    pub remark: Option<String>,
+    /// Redirect only: the new approver.
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// An open task and the instance it belongs to.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OpenTask {
+    pub process_instance_id: String,
+    pub process_code: String,
+    #[serde(flatten)]
+    pub task: Task,
+}
+
+/// The emulator seen from Rust: cheap to clone; every method locks briefly and never across I/O.
+#[derive(Clone)]
+pub struct Handle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Handle {
+    /// The CorpId: the owner key of every push and `check_url` (register_call_back, API.md §4.5).
+    pub fn corp_id(&self) -> &str {
+        &self.shared.config.corp_id
+    }
+
+    /// Calls of one endpoint so far; `endpoint` is the path without the leading slash
+    /// (`"gettoken"`, `"topapi/processinstance/create"`, `"call_back/register_call_back"`).
+    pub fn calls(&self, endpoint: &str) -> usize {
+        self.shared
+            .world()
+            .calls
+            .get(endpoint)
+            .map_or(0, |c| c.count)
+    }
+
+    /// Calls per endpoint so far.
+    pub fn all_calls(&self) -> BTreeMap<String, usize> {
+        self.shared
+            .world()
+            .calls
+            .iter()
+            .map(|(k, v)| (k.clone(), v.count))
+            .collect()
+    }
+
+    /// Arrival times of the calls of one endpoint (the last 100 000).
+    pub fn call_times(&self, endpoint: &str) -> Vec<Instant> {
+        self.shared
+            .world()
+            .calls
+            .get(endpoint)
+            .map(|c| c.times.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// The most calls of `endpoint` that arrived within any `window` (e.g. one second): for
+    /// "the rate was never exceeded".
+    pub fn max_calls_within(&self, endpoint: &str, window: Duration) -> usize {
+        let times = self.call_times(endpoint);
+        let mut best = 0;
+        let mut from = 0;
+        for to in 0..times.len() {
+            while times[to].duration_since(times[from]) >= window {
+                from += 1;
+            }
+            best = best.max(to - from + 1);
+        }
+        best
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.shared.world().faults.clone()
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.shared.world().faults = faults;
+    }
+
+    pub fn update_faults(&self, change: impl FnOnce(&mut Faults)) {
+        change(&mut self.shared.world().faults);
+    }
+
+    /// Back to a healthy DingTalk (queued injections included).
+    pub fn reset_faults(&self) {
+        self.set_faults(Faults::default());
+    }
+
+    /// The next `count` calls of `endpoint` (or `"*"`) are answered with `error`.
+    pub fn inject(&self, endpoint: &str, error: InjectedError, count: u32) {
+        self.shared.world().faults.inject.push(Injection {
+            endpoint: endpoint.into(),
+            error,
+            remaining: count,
+        });
+    }
+
+    /// Revokes the current access token now: the next call with it gets 88/40014 (topapi) or
+    /// 40014 (oapi), and `gettoken` issues a new one.
+    pub fn revoke_token(&self) {
+        self.shared.world().token = None;
+    }
+
+    /// The currently valid access token, if any.
+    pub fn current_token(&self) -> Option<String> {
+        let world = self.shared.world();
+        world
+            .token
+            .as_ref()
+            .filter(|t| Instant::now() < t.expires_at)
+            .map(|t| t.value.clone())
+    }
+
+    /// A person starts an approval; its events are pushed like any other.
+    pub fn start_instance(&self, request: StartInstance) -> Result<Instance, AdminError> {
+        let (instance, events) = {
+            let mut world = self.shared.world();
+            let world = &mut *world;
+            let originator = world
+                .org
+                .person(&request.originator_userid)
+                .map_err(AdminError::Rejected)?
+                .clone();
+            let template = world
+                .org
+                .templates
+                .get(&request.process_code)
+                .cloned()
+                .ok_or_else(|| {
+                    AdminError::Rejected(Rejection::not_found(format!(
+                        "审批模板不存在 process_code={}",
+                        request.process_code
+                    )))
+                })?;
+            let now = match request.create_time_ms {
+                Some(ms) => DateTime::from_timestamp_millis(ms)
+                    .ok_or_else(|| AdminError::Invalid("create_time_ms out of range".into()))?,
+                None => Utc::now(),
+            };
+            let form = match request.form_values {
+                Some(values) => values,
+                None => sample_form(&template, &world.org, &mut world.people_rng, now),
+            };
+            let nodes = request.approvers_v2.or_else(|| {
+                request.approvers.map(|users| {
+                    users
+                        .into_iter()
+                        .map(|u| NodeSpec {
+                            task_action_type: model::ActionType::None,
+                            user_ids: vec![u],
+                        })
+                        .collect()
+                })
+            });
+            let start = StartRequest {
+                process_code: request.process_code,
+                originator_userid: request.originator_userid,
+                dept_id: request
+                    .dept_id
+                    .or_else(|| originator.dept_ids.first().copied())
+                    .unwrap_or(-1),
+                nodes,
+                cc: request.cc_list.unwrap_or_default(),
+                cc_position: None,
+                form,
+            };
+            let mut ctx = Ctx {
+                org: &world.org,
+                ids: &mut world.ids,
+                corp_id: &self.shared.config.corp_id,
+                now,
+            };
+            let (instance, events) =
+                Instance::start(&mut ctx, start).map_err(AdminError::Rejected)?;
+            world.insert_instance(instance.clone());
+            (instance, events)
+        };
+        tracing::debug!(process_instance_id = %instance.process_instance_id, "emulator: approval started");
+        push::dispatch(&self.shared, events);
+        Ok(instance)
+    }
+
+    /// The task's approver agrees.
+    pub fn agree(&self, taskid: i64, act: TaskAction) -> Result<Instance, AdminError> {
+        self.change(Change::Task {
+            taskid,
+            action: Action::Agree,
+            userid: act.userid,
+            remark: act.remark,
+        })
+    }
+
+    /// The task's approver refuses: the instance ends COMPLETED + refuse.
+    pub fn refuse(&self, taskid: i64, act: TaskAction) -> Result<Instance, AdminError> {
+        self.change(Change::Task {
+            taskid,
+            action: Action::Refuse,
+            userid: act.userid,
+            remark: act.remark,
+        })
+    }
+
+    /// The task's approver hands the task over to `act.to`.
+    pub fn redirect(&self, taskid: i64, act: TaskAction) -> Result<Instance, AdminError> {
+        let to = act
+            .to
+            .ok_or_else(|| AdminError::Invalid("redirect needs \"to\"".into()))?;
+        self.change(Change::Task {
+            taskid,
+            action: Action::Redirect { to },
+            userid: act.userid,
+            remark: act.remark,
+        })
+    }
+
+    /// Withdraws a running instance (by its originator unless `userid` says otherwise).
+    pub fn terminate(
+        &self,
+        process_instance_id: &str,
+        userid: Option<String>,
+        remark: Option<String>,
+    ) -> Result<Instance, AdminError> {
+        self.change(Change::Terminate {
+            id: process_instance_id.into(),
+            userid,
+            remark,
+        })
+    }
+
+    fn change(&self, change: Change) -> Result<Instance, AdminError> {
+        let (instance, events) = self
+            .shared
+            .world()
+            .apply(&self.shared.config.corp_id, change)?;
+        push::dispatch(&self.shared, events);
+        Ok(instance)
+    }
+
+    pub fn instance(&self, process_instance_id: &str) -> Option<Instance> {
+        self.shared
+            .world()
+            .instances
+            .get(process_instance_id)
+            .cloned()
+    }
+
+    /// Every instance, in creation order.
+    pub fn instances(&self) -> Vec<Instance> {
+        let world = self.shared.world();
+        world
+            .order
+            .iter()
+            .filter_map(|id| world.instances.get(id).cloned())
+            .collect()
+    }
+
+    /// Tasks waiting for their approver, oldest instance first.
+    pub fn open_tasks(&self) -> Vec<OpenTask> {
+        let world = self.shared.world();
+        world
+            .order
+            .iter()
+            .filter_map(|id| world.instances.get(id))
+            .flat_map(|i| {
+                i.tasks
+                    .iter()
+                    .filter(|t| t.status == TaskStatus::Running)
+                    .map(|t| OpenTask {
+                        process_instance_id: i.process_instance_id.clone(),
+                        process_code: i.process_code.clone(),
+                        task: t.clone(),
+                    })
+            })
+            .collect()
+    }
+
+    /// The registered callback (secrets are in the struct but never in its `Debug`).
+    pub fn callback(&self) -> Option<Registration> {
+        self.shared.world().callback.clone()
+    }
+
+    /// Every push attempt and event outcome so far (the last 10 000).
+    pub fn push_log(&self) -> Vec<PushRecord> {
+        self.shared.world().push_log.iter().cloned().collect()
+    }
+
+    /// Deliveries still running (waiting for a retry or an answer).
+    pub fn pushes_in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Items in the failed list, readable or not yet.
+    pub fn failed_pending(&self) -> usize {
+        self.shared.world().failed.len()
+    }
+
+    /// Waits until no delivery is running, up to `within`. True when idle.
+    pub async fn settle(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.pushes_in_flight() > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    pub fn templates(&self) -> Vec<Template> {
+        self.shared
+            .world()
+            .org
+            .templates
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Adds (or replaces) an approval template, e.g. one a test's client uses.
+    pub fn add_template(&self, template: Template) -> Result<(), Rejection> {
+        self.shared.world().org.add_template(template)
+    }
+
+    pub fn people(&self) -> Vec<Person> {
+        self.shared.world().org.people.values().cloned().collect()
+    }
+
+    /// Adds (or replaces) a person.
+    pub fn add_person(&self, person: Person) -> Result<(), Rejection> {
+        self.shared.world().org.add_person(person)
+    }
+}
+
+/// Plausible values for a template's controls: every required one and about half of the others.
+pub(crate) fn sample_form(
+    template: &Template,
+    org: &Org,
+    rng: &mut StdRng,
+    now: DateTime<Utc>,
+) -> Vec<FormInput> {
+    let day = now.with_timezone(&model::beijing_offset()).date_naive();
+    let people: Vec<&String> = org.people.keys().collect();
+    template
+        .controls
+        .iter()
+        .filter_map(|c| {
+            if !c.required && !rng.random_bool(0.5) {
+                return None;
+            }
+            let value = match c.component_type.as_str() {
+                "NumberField" | "StarRatingField" => rng.random_range(1..=5).to_string(),
+                "MoneyField" => format!(
+                    "{}.{:02}",
+                    rng.random_range(10..5000),
+                    rng.random_range(0..100)
+                ),
+                "DDSelectField" if !c.options.is_empty() => {
+                    c.options[rng.random_range(0..c.options.len())].clone()
+                }
+                "DDMultiSelectField" if !c.options.is_empty() => {
+                    json!([c.options[rng.random_range(0..c.options.len())]]).to_string()
+                }
+                "DDDateField" => day.format("%Y-%m-%d").to_string(),
+                "DDDateRangeField" => {
+                    let end = day + chrono::Days::new(rng.random_range(0..5));
+                    json!([
+                        day.format("%Y-%m-%d").to_string(),
+                        end.format("%Y-%m-%d").to_string()
+                    ])
+                    .to_string()
+                }
+                "DDPhotoField" => json!(["https://static.example.com/receipt.jpg"]).to_string(),
+                "InnerContactField" if !people.is_empty() => {
+                    json!([people[rng.random_range(0..people.len())]]).to_string()
+                }
+                "TableField" => {
+                    json!([[{"name": "品名", "value": "笔记本"}, {"name": "数量", "value": "2"}]])
+                        .to_string()
+                }
+                "TextareaField" => "详见附件".to_string(),
+                _ => ["出差北京", "客户拜访", "办公用品", "团队活动"][rng.random_range(0..4)]
+                    .to_string(),
+            };
+            Some(FormInput {
+                name: c.label.clone(),
+                value,
+                ext_value: None,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_list_is_read_once_in_pages_of_200() {
+        let mut world = World::new(1);
+        let now = Instant::now();
+        let event = Event {
+            tag: model::TAG_INSTANCE,
+            payload: serde_json::from_value(
+                json!({"EventType": "bpms_instance_change", "corpId": "c", "type": "start"}),
+            )
+            .unwrap(),
+            event_time_ms: 1,
+        };
+        for _ in 0..201 {
+            world.park(&event, "c", now, 1e-6);
+        }
+        // Readable after 180–300 s × 1e-6, kept one week × 1e-6 (0.6 s).
+        assert_eq!(world.take_failed(now).0.len(), 0);
+        let now = now + Duration::from_millis(10);
+        let (page, more) = world.take_failed(now);
+        assert_eq!((page.len(), more), (200, true));
+        assert_eq!(page[0]["bpms_instance_change"]["corpid"], "c");
+        assert!(
+            page[0]["bpms_instance_change"]["bpmsCallBackData"]
+                .get("EventType")
+                .is_none()
+        );
+        let (page, more) = world.take_failed(now);
+        assert_eq!((page.len(), more), (1, false));
+        assert_eq!(world.take_failed(now).0.len(), 0);
+    }
+
+    #[test]
+    fn a_token_is_renewed_while_valid_and_replaced_after_expiry() {
+        let mut world = World::new(1);
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(10);
+        let a = world.issue_token(t0, ttl);
+        let b = world.issue_token(t0 + Duration::from_secs(9), ttl);
+        assert_eq!(a, b);
+        // Renewed at 9 s, so still valid at 18 s.
+        assert!(
+            world
+                .check_token(Some(&a), t0 + Duration::from_secs(18))
+                .is_ok()
+        );
+        assert_eq!(
+            world.check_token(Some(&a), t0 + Duration::from_secs(20)),
+            Err(TokenProblem::Invalid)
+        );
+        let c = world.issue_token(t0 + Duration::from_secs(20), ttl);
+        assert_ne!(a, c);
+        assert_eq!(world.check_token(None, t0), Err(TokenProblem::Missing));
+    }
+}

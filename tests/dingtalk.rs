@@ -1,0 +1,418 @@
+//! The DingTalk client against the emulator over real HTTP, with a real database for the shared
+//! token and budget: every call, each error class, one gettoken for two replicas.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{CORP_ID, TestApp, TestDb, install_crypto_provider, test_config};
+use dingsync::{
+    callback::manage::{self, Action},
+    config::{Config, Secret},
+    dingtalk::{
+        Client, Error, Priority,
+        types::{CreateInstance, FormValue, ListIds},
+    },
+    emulator::{Emulator, EmulatorConfig, InjectedError, TaskAction},
+    store,
+};
+
+struct Setup {
+    emulator: Emulator,
+    config: Config,
+    client: Client,
+    _db: TestDb,
+}
+
+async fn setup(adjust: impl FnOnce(&mut Config)) -> Setup {
+    install_crypto_provider();
+    let emulator = Emulator::start(
+        EmulatorConfig {
+            corp_id: CORP_ID.into(),
+            time_scale: 0.01,
+            ..EmulatorConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
+    let db = TestDb::new();
+    let mut config = test_config(&db.url);
+    config.dingtalk.app_key = dingsync::emulator::DEFAULT_APP_KEY.into();
+    config.dingtalk.app_secret = Secret::new(dingsync::emulator::DEFAULT_APP_SECRET);
+    config.dingtalk.timeout_ms = 1_000;
+    config.dingtalk.qps = 0;
+    adjust(&mut config);
+    let pool = store::connect_and_migrate(&config.database).await.unwrap();
+    let client = Client::new(pool, &config.dingtalk, &emulator.base_url()).unwrap();
+    Setup {
+        emulator,
+        config,
+        client,
+        _db: db,
+    }
+}
+
+fn expense() -> CreateInstance {
+    CreateInstance {
+        process_code: "PROC-EMU-EXPENSE".into(),
+        originator_user_id: "emp1".into(),
+        dept_id: 100,
+        agent_id: None,
+        approvers: Some("manager1".into()),
+        approvers_v2: None,
+        cc_list: None,
+        cc_position: None,
+        form_component_values: vec![
+            FormValue {
+                name: "Reason".into(),
+                value: "trip".into(),
+                ext_value: None,
+            },
+            FormValue {
+                name: "Amount".into(),
+                value: "100".into(),
+                ext_value: None,
+            },
+        ],
+    }
+}
+
+#[tokio::test]
+async fn create_get_and_listids_round_trip_through_the_emulator() {
+    let s = setup(|_| {}).await;
+    let id = s.client.create_instance(&expense()).await.unwrap();
+    let instance = s.client.get_instance(&id).await.unwrap();
+    assert_eq!(instance.status, "RUNNING");
+    assert_eq!(instance.originator_userid.as_deref(), Some("emp1"));
+    assert!(!instance.tasks.is_empty() && instance.tasks[0].taskid.parse::<i64>().is_ok());
+    // Beijing-time "yyyy-MM-dd HH:mm:ss".
+    assert_eq!(instance.create_time.as_deref().map(str::len), Some(19));
+    let now = chrono::Utc::now().timestamp_millis();
+    let page = s
+        .client
+        .list_instance_ids(
+            &ListIds {
+                process_code: "PROC-EMU-EXPENSE".into(),
+                start_time: now - 3_600_000,
+                end_time: None,
+                size: 20,
+                cursor: 0,
+                userid_list: None,
+            },
+            Priority::Bulk,
+        )
+        .await
+        .unwrap();
+    assert_eq!(page.list, vec![id]);
+    assert_eq!(page.next_cursor, None);
+    assert_eq!(
+        s.emulator.state().calls("gettoken"),
+        1,
+        "one token for all three calls"
+    );
+    s.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn a_business_rejection_is_permanent_and_carries_errcode_and_errmsg() {
+    let s = setup(|_| {}).await;
+    let mut bad = expense();
+    bad.process_code = "PROC-DOES-NOT-EXIST".into();
+    match s.client.create_instance(&bad).await {
+        Err(Error::Rejected { errcode, errmsg }) => assert!(errcode != 0 && !errmsg.is_empty()),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(
+        s.emulator.state().calls("topapi/processinstance/create"),
+        1,
+        "not retried"
+    );
+    s.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn a_revoked_token_is_refreshed_once_and_the_call_retried() {
+    let s = setup(|_| {}).await;
+    let id = s.client.create_instance(&expense()).await.unwrap();
+    s.emulator.state().revoke_token();
+    s.client.get_instance(&id).await.unwrap();
+    assert_eq!(s.emulator.state().calls("gettoken"), 2);
+    // A token refused again right after the refresh is reported, not retried forever.
+    s.emulator
+        .state()
+        .inject("topapi/processinstance/get", InjectedError::TokenInvalid, 5);
+    assert!(matches!(
+        s.client.get_instance(&id).await,
+        Err(Error::InvalidToken { .. })
+    ));
+    s.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn rate_limits_back_off_and_retry_within_the_attempt_bound() {
+    let s = setup(|c| c.dingtalk.max_attempts = 2).await;
+    let id = s.client.create_instance(&expense()).await.unwrap();
+    s.emulator
+        .state()
+        .inject("topapi/processinstance/get", InjectedError::RateLimit, 1);
+    let started = std::time::Instant::now();
+    s.client.get_instance(&id).await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "backed off at least a second"
+    );
+    s.emulator
+        .state()
+        .inject("topapi/processinstance/get", InjectedError::RateLimit, 5);
+    assert!(matches!(
+        s.client.get_instance(&id).await,
+        Err(Error::RateLimited { .. })
+    ));
+    s.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_for_reads_but_not_for_create() {
+    let s = setup(|_| {}).await;
+    let id = s.client.create_instance(&expense()).await.unwrap();
+    s.emulator.state().inject(
+        "topapi/processinstance/get",
+        InjectedError::GatewayTimeout,
+        1,
+    );
+    s.client.get_instance(&id).await.unwrap();
+    s.emulator.state().update_faults(|f| f.http_5xx_rate = 1.0);
+    assert!(matches!(
+        s.client.get_instance(&id).await,
+        Err(Error::Transient(_))
+    ));
+    s.emulator.state().reset_faults();
+    // A create that hit a gateway timeout may have been processed: no blind retry.
+    s.emulator.state().inject(
+        "topapi/processinstance/create",
+        InjectedError::GatewayTimeout,
+        1,
+    );
+    assert!(matches!(
+        s.client.create_instance(&expense()).await,
+        Err(Error::NoResponse(_))
+    ));
+    s.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn a_create_whose_response_is_lost_reports_no_response_and_the_instance_exists() {
+    let s = setup(|_| {}).await;
+    let before = s.emulator.state().instances().len();
+    s.emulator
+        .state()
+        .update_faults(|f| f.lose_create_response = 1);
+    assert!(matches!(
+        s.client.create_instance(&expense()).await,
+        Err(Error::NoResponse(_))
+    ));
+    assert_eq!(
+        s.emulator.state().instances().len(),
+        before + 1,
+        "created, exactly once"
+    );
+    assert_eq!(
+        s.emulator.state().calls("topapi/processinstance/create"),
+        1,
+        "not retried"
+    );
+    s.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn two_replicas_needing_a_token_at_once_make_exactly_one_gettoken() {
+    let s = setup(|_| {}).await;
+    let other_pool = store::connect(&s.config.database).await.unwrap();
+    let other = Client::new(
+        other_pool.clone(),
+        &s.config.dingtalk,
+        &s.emulator.base_url(),
+    )
+    .unwrap();
+    let (a, b, c, d) = tokio::join!(
+        s.client.tokens().get(),
+        other.tokens().get(),
+        s.client.tokens().get(),
+        other.tokens().get()
+    );
+    let tokens = [a.unwrap(), b.unwrap(), c.unwrap(), d.unwrap()];
+    assert!(tokens.iter().all(|t| t == &tokens[0]));
+    assert_eq!(s.emulator.state().calls("gettoken"), 1);
+    other_pool.close().await;
+    s.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_app_secret_is_a_clear_rejection_without_the_secret() {
+    let s = setup(|c| c.dingtalk.app_secret = Secret::new("wrong-secret-value")).await;
+    let err = s.client.get_instance("x").await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, Error::Rejected { errcode: 40096, .. }),
+        "{text}"
+    );
+    assert!(
+        text.contains("dingtalk.app_secret") && !text.contains("wrong-secret-value"),
+        "{text}"
+    );
+    s.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn the_rate_budget_is_never_exceeded_at_the_emulator() {
+    let s = setup(|c| c.dingtalk.qps = 20).await;
+    let id = s.client.create_instance(&expense()).await.unwrap();
+    let calls: Vec<_> = (0..50).map(|_| s.client.get_instance(&id)).collect();
+    for result in futures::future::join_all(calls).await {
+        result.unwrap();
+    }
+    let busiest = s
+        .emulator
+        .state()
+        .max_calls_within("topapi/processinstance/get", Duration::from_secs(1));
+    assert!(busiest <= 20, "{busiest} calls in one second");
+    s.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn callback_management_registers_shows_updates_and_deletes() {
+    let app = TestApp::spawn().await;
+    let s = setup(|_| {}).await;
+    let mut config = s.config.clone();
+    config.callback.token = Secret::new(app.token());
+    config.callback.aes_key = Secret::new(app.crypto_key());
+    config.callback.public_url = format!("{}/dingtalk/callback", app.base_url);
+    let said = manage::run(&s.client, &config, Action::Register)
+        .await
+        .unwrap();
+    assert!(said.contains("registered"), "{said}");
+    let again = manage::run(&s.client, &config, Action::Register)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{again:#}").contains("callback update"),
+        "{again:#}"
+    );
+    let shown = manage::run(&s.client, &config, Action::Show).await.unwrap();
+    assert!(
+        shown.contains("matches") && !shown.contains(app.token()),
+        "{shown}"
+    );
+    manage::run(&s.client, &config, Action::Update)
+        .await
+        .unwrap();
+    manage::run(&s.client, &config, Action::Delete)
+        .await
+        .unwrap();
+    let none = manage::run(&s.client, &config, Action::Show)
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{none:#}").contains("callback register"),
+        "{none:#}"
+    );
+    s.emulator.stop().await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn registration_fails_clearly_when_the_daemon_has_another_aes_key_or_owner_key() {
+    // The daemon accepts only another owner key than the emulator's CorpId.
+    let app = TestApp::spawn_with(|c| c.callback.owner_key = vec!["dingsomeappkey".into()]).await;
+    let s = setup(|_| {}).await;
+    let mut config = s.config.clone();
+    config.callback.token = Secret::new(app.token());
+    config.callback.aes_key = Secret::new(app.crypto_key());
+    config.callback.public_url = format!("{}/dingtalk/callback", app.base_url);
+    let err = format!(
+        "{:#}",
+        manage::run(&s.client, &config, Action::Register)
+            .await
+            .unwrap_err()
+    );
+    assert!(err.contains("71009") && err.contains("owner_key"), "{err}");
+    // Another AES key than the daemon's.
+    config.callback.aes_key = Secret::new(dingsync::crypto::random_aes_key());
+    let err = format!(
+        "{:#}",
+        manage::run(&s.client, &config, Action::Register)
+            .await
+            .unwrap_err()
+    );
+    assert!(err.contains("71009") && err.contains("aes_key"), "{err}");
+    s.emulator.stop().await;
+    app.stop().await;
+}
+
+/// End to end: the daemon registers with the emulator, a person starts and approves, the push
+/// lands in dingsync.approvals as COMPLETED/agree.
+#[tokio::test]
+async fn an_approval_made_in_the_emulator_lands_completed_in_the_database() {
+    let db = TestDb::new();
+    let app = TestApp::spawn_on(db, |c| {
+        c.dingtalk.api_base = "emulator".into();
+        c.emulator.people_pace_ms = 0;
+        c.emulator.time_scale = 0.01;
+        c.dingtalk.app_key = String::new();
+        c.dingtalk.app_secret = Secret::default();
+    })
+    .await;
+    let emulator = app
+        .app
+        .as_ref()
+        .unwrap()
+        .emulator
+        .as_ref()
+        .unwrap()
+        .state()
+        .clone();
+    assert!(
+        emulator.callback().is_some(),
+        "serve registered its callback"
+    );
+    let instance = emulator
+        .start_instance(serde_json::from_value(serde_json::json!({
+            "process_code": "PROC-EMU-EXPENSE", "originator_userid": "emp1", "approvers": ["manager1"]
+        })).unwrap())
+        .unwrap();
+    let taskid = instance.tasks[0].taskid;
+    emulator
+        .agree(
+            taskid,
+            TaskAction {
+                userid: None,
+                remark: Some("ok".into()),
+                to: None,
+            },
+        )
+        .unwrap();
+    let pid = instance.process_instance_id.clone();
+    common::eventually(Duration::from_secs(10), "the approval to complete", || {
+        let (app, pid) = (&app, &pid);
+        async move {
+            let a: Option<(String, Option<String>)> = sqlx::query_as(
+                "SELECT status, result FROM dingsync.approvals WHERE process_instance_id = $1",
+            )
+            .bind(pid)
+            .fetch_optional(&app.pool)
+            .await
+            .unwrap();
+            (a == Some(("COMPLETED".into(), Some("agree".into())))).then_some(())
+        }
+    })
+    .await;
+    let task: (String, Option<String>) =
+        sqlx::query_as("SELECT status, result FROM dingsync.approval_tasks WHERE task_id = $1")
+            .bind(taskid)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(task, ("COMPLETED".into(), Some("AGREE".into())));
+    app.stop().await;
+}
