@@ -416,3 +416,49 @@ async fn an_approval_made_in_the_emulator_lands_completed_in_the_database() {
     assert_eq!(task, ("COMPLETED".into(), Some("AGREE".into())));
     app.stop().await;
 }
+
+#[tokio::test]
+async fn pushes_that_failed_while_the_daemon_was_down_are_read_once_from_the_failed_list() {
+    let app = TestApp::spawn().await;
+    let s = setup(|_| {}).await;
+    let mut config = s.config.clone();
+    config.callback.token = Secret::new(app.token());
+    config.callback.aes_key = Secret::new(app.crypto_key());
+    config.callback.public_url = format!("{}/dingtalk/callback", app.base_url);
+    manage::run(&s.client, &config, Action::Register)
+        .await
+        .unwrap();
+    app.stop().await; // the daemon goes down
+    let emulator = s.emulator.state();
+    let instance = emulator
+        .start_instance(
+            serde_json::from_value(serde_json::json!({
+                "process_code": "PROC-EMU-EXPENSE", "originator_userid": "emp1"
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+    // The retry ladder (scaled) fails, then the events become readable from the failed list.
+    let page = common::eventually(
+        Duration::from_secs(20),
+        "failed pushes to be listed",
+        || async {
+            let page = s.client.failed_callbacks().await.unwrap();
+            (!page.failed_list.is_empty()).then_some(page)
+        },
+    )
+    .await;
+    let first = &page.failed_list[0];
+    assert_eq!(first["call_back_tag"], "bpms_instance_change");
+    assert_eq!(
+        first["bpms_instance_change"]["bpmsCallBackData"]["processInstanceId"],
+        instance.process_instance_id.as_str()
+    );
+    // Read-once: what was returned is gone.
+    let again = s.client.failed_callbacks().await.unwrap();
+    assert!(
+        again.failed_list.iter().all(|item| item != first),
+        "an item was returned twice"
+    );
+    s.emulator.stop().await;
+}

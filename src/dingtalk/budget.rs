@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::{sync::Mutex, time::Instant};
 
 use sqlx::PgPool;
 
@@ -46,6 +46,8 @@ pub struct Budget {
     app_key: String,
     /// Seconds between slots; `None` = no budget (benchmarks against the emulator).
     spacing: Option<f64>,
+    /// Earliest time this process may make its next call.
+    next_local: Mutex<Instant>,
 }
 
 impl Budget {
@@ -57,7 +59,17 @@ impl Budget {
             // 5% slack: a call leaves a little after its slot (timer and scheduling delays), and
             // two calls must never land in one second as qps + 1.
             spacing: (config.qps > 0).then(|| 1.05 / f64::from(config.qps)),
+            next_local: Mutex::new(Instant::now()),
         }
+    }
+
+    /// The database hands out slots, but the answer reaches each caller after a varying delay, so
+    /// calls of one process could still bunch up; they also leave at least `spacing` apart here.
+    async fn space_locally(&self, spacing: f64) {
+        let mut next = self.next_local.lock().await;
+        let at = (*next).max(Instant::now());
+        tokio::time::sleep_until(at).await;
+        *next = at + Duration::from_secs_f64(spacing);
     }
 
     /// Waits for a slot for one call at `priority`.
@@ -88,6 +100,7 @@ impl Budget {
                     // Woken too late (a busy machine), the call would land next to the calls
                     // of later slots: give the slot up and take a new one instead.
                     if Instant::now() - due <= LATE {
+                        self.space_locally(spacing).await;
                         return Ok(());
                     }
                 }

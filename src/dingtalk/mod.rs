@@ -236,12 +236,14 @@ impl Client {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            // Token first: a token fetch must not hold back calls that already have their slot
+            // (they would leave together once it arrives and bunch up at DingTalk).
+            let token = inner.tokens.get().await?;
             inner
                 .budget
                 .acquire(priority)
                 .await
                 .map_err(|e| Error::Transient(format!("rate budget: {e}")))?;
-            let token = inner.tokens.get().await?;
             let outcome = self.attempt(&method, path, &token, body).await;
             let last = attempt >= inner.max_attempts;
             match outcome {
