@@ -119,6 +119,8 @@ async fn main() {
             .env("DINGSYNC_CALLBACK_AES_KEY", &aes_key)
             .env("DINGSYNC_CALLBACK_OWNER_KEY", CORP)
             .env("DINGSYNC_DINGTALK_CORP_ID", CORP)
+            // No DingTalk: the daemon only serves callbacks (no embedded emulator adding events).
+            .env("DINGSYNC_DINGTALK_API_BASE", "http://127.0.0.1:9")
             .env("DINGSYNC_LOG_FILTER", "warn")
             .stdout(Stdio::null())
             .spawn()
