@@ -408,28 +408,10 @@ async fn concurrent_callbacks_are_all_stored_and_applied() {
                 Some(T0 + 1),
             )
         };
-        let (http, base, crypto_owner) = (
-            app.http.clone(),
-            app.base_url.clone(),
-            app.owner_key.clone(),
-        );
-        let crypto = CallbackCrypto::new(app.token(), app.crypto_key()).unwrap();
+        let pusher = app.pusher();
         handles.push(tokio::spawn(async move {
-            let ts = chrono::Utc::now().timestamp_millis().to_string();
-            let nonce = crypto::random_nonce(8);
-            let s = crypto.seal(&message, &crypto_owner, &ts, &nonce);
-            let r = http
-                .post(format!("{base}/dingtalk/callback"))
-                .query(&[
-                    ("signature", s.signature.as_str()),
-                    ("timestamp", &ts),
-                    ("nonce", &nonce),
-                ])
-                .json(&serde_json::json!({ "encrypt": s.encrypt }))
-                .send()
-                .await
-                .unwrap();
-            assert_success(&crypto, &crypto_owner, r).await;
+            let r = pusher.send(&message).await.unwrap();
+            assert_success(&pusher.crypto, &pusher.owner_key, r).await;
         }));
     }
     for h in handles {
@@ -524,26 +506,9 @@ async fn shutdown_during_a_burst_loses_no_acknowledged_event() {
     let mut handles = Vec::new();
     for i in 0..400 {
         let message = instance_event(&format!("pid-s{i}"), "start", None, T0, None);
-        let (http, base, owner) = (
-            app.http.clone(),
-            app.base_url.clone(),
-            app.owner_key.clone(),
-        );
-        let crypto = CallbackCrypto::new(app.token(), app.crypto_key()).unwrap();
+        let pusher = app.pusher();
         handles.push(tokio::spawn(async move {
-            let ts = chrono::Utc::now().timestamp_millis().to_string();
-            let nonce = crypto::random_nonce(8);
-            let s = crypto.seal(&message, &owner, &ts, &nonce);
-            let sent = http
-                .post(format!("{base}/dingtalk/callback"))
-                .query(&[
-                    ("signature", s.signature.as_str()),
-                    ("timestamp", &ts),
-                    ("nonce", &nonce),
-                ])
-                .json(&serde_json::json!({ "encrypt": s.encrypt }))
-                .send()
-                .await;
+            let sent = pusher.send(&message).await;
             let Ok(r) = sent else { return None };
             let ok = r.status() == 200 && r.text().await.is_ok_and(|t| t.contains("msg_signature"));
             ok.then_some(format!("pid-s{i}"))

@@ -159,18 +159,23 @@ impl TestApp {
         owner_key: &str,
         message: &str,
     ) -> reqwest::Response {
-        let timestamp = chrono::Utc::now().timestamp_millis().to_string();
-        let nonce = crypto::random_nonce(8);
-        let sealed = crypto.seal(message, owner_key, &timestamp, &nonce);
-        self.post_raw(
-            &[
-                ("signature", sealed.signature.as_str()),
-                ("timestamp", &timestamp),
-                ("nonce", &nonce),
-            ],
-            serde_json::json!({ "encrypt": sealed.encrypt }).to_string(),
-        )
-        .await
+        let pusher = Pusher {
+            http: self.http.clone(),
+            base_url: self.base_url.clone(),
+            crypto: crypto.clone(),
+            owner_key: owner_key.to_string(),
+        };
+        pusher.send(message).await.expect("request sent")
+    }
+
+    /// An owned sender of pushes, for spawned tasks.
+    pub fn pusher(&self) -> Pusher {
+        Pusher {
+            http: self.http.clone(),
+            base_url: self.base_url.clone(),
+            crypto: self.crypto.clone(),
+            owner_key: self.owner_key.clone(),
+        }
     }
 
     pub async fn post_raw(&self, query: &[(&str, &str)], body: String) -> reqwest::Response {
@@ -227,6 +232,36 @@ impl TestApp {
             app.stop().await.unwrap();
         }
         self.pool.close().await;
+    }
+}
+
+/// DingTalk's side of a push, owned so that it can move into a spawned task.
+#[derive(Clone)]
+pub struct Pusher {
+    http: reqwest::Client,
+    base_url: String,
+    pub crypto: CallbackCrypto,
+    pub owner_key: String,
+}
+
+impl Pusher {
+    /// Encrypts `message` as DingTalk would (random prefix, ms timestamp, 8-char nonce), posts it.
+    pub async fn send(&self, message: &str) -> reqwest::Result<reqwest::Response> {
+        let timestamp = chrono::Utc::now().timestamp_millis().to_string();
+        let nonce = crypto::random_nonce(8);
+        let sealed = self
+            .crypto
+            .seal(message, &self.owner_key, &timestamp, &nonce);
+        self.http
+            .post(format!("{}/dingtalk/callback", self.base_url))
+            .query(&[
+                ("signature", sealed.signature.as_str()),
+                ("timestamp", &timestamp),
+                ("nonce", &nonce),
+            ])
+            .json(&serde_json::json!({ "encrypt": sealed.encrypt }))
+            .send()
+            .await
     }
 }
 
