@@ -88,7 +88,10 @@ impl App {
         let (emulator, client) = match dingtalk_client(&config, &pool).await {
             Ok(pair) => pair,
             Err(e) => {
+                // The server is already running: take it down before reporting.
                 shutdown.cancel();
+                let _ = task.await;
+                pool.close().await;
                 return Err(e);
             }
         };
@@ -105,7 +108,13 @@ impl App {
         };
         if let (Some(emulator), Some(client)) = (&app.emulator, &app.client) {
             let url = format!("http://{addr}/dingtalk/callback");
-            register_with_emulator(client, &config, &url).await?;
+            if let Err(e) = register_with_emulator(client, &config, &url).await {
+                // Not left running behind the error: server, token job, emulator, pool.
+                if let Err(stopped) = app.stop().await {
+                    tracing::warn!(error = %format!("{stopped:#}"), "stopping after a failed start");
+                }
+                return Err(e);
+            }
             tracing::info!(
                 emulator = %emulator.base_url(),
                 callback = %url,

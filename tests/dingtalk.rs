@@ -462,3 +462,106 @@ async fn pushes_that_failed_while_the_daemon_was_down_are_read_once_from_the_fai
     );
     s.emulator.stop().await;
 }
+
+#[tokio::test]
+async fn a_busy_rate_limited_or_failing_gettoken_is_retried_and_never_a_rejection() {
+    let s = setup(|c| c.dingtalk.max_attempts = 2).await;
+    // errcode -1 from gettoken says nothing about the credentials: the call goes through.
+    s.emulator
+        .state()
+        .inject("gettoken", InjectedError::Busy, 1);
+    let id = s.client.create_instance(&expense()).await.unwrap();
+    assert_eq!(s.emulator.state().calls("gettoken"), 2);
+    assert_eq!(s.emulator.state().calls("topapi/processinstance/create"), 1);
+    // Still rate limited after backing off: reported as such, not as bad credentials.
+    s.emulator.state().revoke_token();
+    s.emulator
+        .state()
+        .inject("gettoken", InjectedError::RateLimit, 2);
+    let err = s.client.get_instance(&id).await.unwrap_err();
+    assert!(matches!(err, Error::RateLimited { .. }), "{err:?}");
+    // A 502 from gettoken is DingTalk being unavailable, not an unreadable answer.
+    s.emulator.state().update_faults(|f| f.http_5xx_rate = 1.0);
+    let err = s.client.get_instance(&id).await.unwrap_err();
+    assert!(matches!(err, Error::Transient(_)), "{err:?}");
+    s.emulator.state().reset_faults();
+    s.client.get_instance(&id).await.unwrap();
+    s.emulator.stop().await;
+}
+
+/// A stand-in for DingTalk that answers `gettoken` and every other path with fixed JSON.
+async fn fixed_answers(gettoken: serde_json::Value, api: serde_json::Value) -> String {
+    use axum::{Json, Router, routing::get};
+    let router = Router::new()
+        .route("/gettoken", get(move || async move { Json(gettoken) }))
+        .fallback(move || async move { Json(api) });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn an_answer_without_errcode_is_never_taken_for_success() {
+    let s = setup(|c| c.dingtalk.max_attempts = 1).await;
+    let token = serde_json::json!({"errcode": 0, "access_token": "t0", "expires_in": 7200});
+    // The gateway's flood-ban page (API.md §7).
+    let ban = serde_json::json!({"status": 1111, "wait": 5, "source": "x5", "punish": "deny"});
+    let base = fixed_answers(token.clone(), ban).await;
+    let pool = store::connect(&s.config.database).await.unwrap();
+    let client = Client::new(pool.clone(), &s.config.dingtalk, &base).unwrap();
+    let err = client.delete_callback().await.unwrap_err();
+    assert!(matches!(err, Error::RateLimited { .. }), "{err:?}");
+    // Anything else without errcode: unknown, so a read-once call reports no answer.
+    let base = fixed_answers(token, serde_json::json!({"whatever": true})).await;
+    let client = Client::new(pool.clone(), &s.config.dingtalk, &base).unwrap();
+    let err = client.failed_callbacks().await.unwrap_err();
+    assert!(matches!(err, Error::NoResponse(_)), "{err:?}");
+    pool.close().await;
+    s.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn an_absurd_expires_in_from_gettoken_is_an_error_not_a_panic() {
+    let s = setup(|_| {}).await;
+    for expires_in in [i64::MAX, 0, -5] {
+        let base = fixed_answers(
+            serde_json::json!({"errcode": 0, "access_token": "t0", "expires_in": expires_in}),
+            serde_json::json!({"errcode": 0}),
+        )
+        .await;
+        let pool = store::connect(&s.config.database).await.unwrap();
+        let client = Client::new(pool.clone(), &s.config.dingtalk, &base).unwrap();
+        let err = client.tokens().get().await.unwrap_err();
+        assert!(matches!(err, Error::Protocol(_)), "{expires_in}: {err:?}");
+        pool.close().await;
+    }
+    s.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn a_daemon_whose_emulator_registration_fails_is_not_left_serving() {
+    install_crypto_provider();
+    let db = TestDb::new();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let mut config = test_config(&db.url);
+    config.server.listen = addr.to_string();
+    config.dingtalk.api_base = "emulator".into();
+    config.dingtalk.app_key = String::new();
+    config.dingtalk.app_secret = Secret::default();
+    config.emulator.people_pace_ms = 0;
+    config.emulator.time_scale = 0.01;
+    // check_url comes with the emulator's CorpId as owner key, which the daemon refuses: 71009.
+    config.callback.owner_key = vec!["dingsomeappkey".into()];
+    let err = dingsync::app::App::start(config)
+        .await
+        .err()
+        .expect("start fails");
+    assert!(format!("{err:#}").contains("71009"), "{err:#}");
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "the server still listens after start failed"
+    );
+}

@@ -86,6 +86,9 @@ impl Client {
     /// `base` is `dingtalk.api_base` (or the embedded emulator's URL).
     pub fn new(pool: PgPool, config: &DingTalkConfig, base: &str) -> anyhow::Result<Client> {
         let http = reqwest::Client::builder()
+            // Never follow a redirect: the URL carries the access token or the app secret in its
+            // query, which a redirect would hand to wherever it points (and reqwest logs it).
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_millis(config.timeout_ms))
             .connect_timeout(Duration::from_secs(5))
             .build()?;
@@ -238,7 +241,20 @@ impl Client {
             attempt += 1;
             // Token first: a token fetch must not hold back calls that already have their slot
             // (they would leave together once it arrives and bunch up at DingTalk).
-            let token = inner.tokens.get().await?;
+            let token = match inner.tokens.get().await {
+                Ok(token) => token,
+                // Nothing was sent yet, so any call may wait and try again.
+                Err(Error::RateLimited { .. }) if attempt < inner.max_attempts => {
+                    sleep_with_jitter(Duration::from_secs(1) * attempt).await;
+                    continue;
+                }
+                Err(Error::Transient(why)) if attempt < inner.max_attempts => {
+                    tracing::debug!(path, reason = %why, "no access token; retrying");
+                    sleep_with_jitter(Duration::from_millis(200) * attempt).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             inner
                 .budget
                 .acquire(priority)
@@ -342,7 +358,17 @@ enum Classified {
 fn classify(text: &str) -> Result<(), Classified> {
     let value: Value = serde_json::from_str(text)
         .map_err(|e| Classified::Gateway(format!("answer is not JSON ({e})")))?;
-    let errcode = value.get("errcode").and_then(Value::as_i64).unwrap_or(0);
+    // Every oapi/topapi answer carries errcode; one without it is not DingTalk's API speaking
+    // (e.g. the gateway's flood-ban page `{"status":1111,"wait":5,"punish":"deny"}`, API.md §7),
+    // so it must not be read as success.
+    let Some(errcode) = value.get("errcode").and_then(Value::as_i64) else {
+        if value.get("punish").is_some() {
+            return Err(Classified::Rate(
+                value.get("status").and_then(Value::as_i64).unwrap_or(0),
+            ));
+        }
+        return Err(Classified::Gateway("answer without errcode".into()));
+    };
     if errcode == 0 {
         return Ok(());
     }

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use sqlx::{Connection, PgPool};
 use tokio::sync::Mutex;
 
-use super::Error;
+use super::{Classified, Error, classify};
 use crate::config::{DingTalkConfig, Secret};
 
 /// Renew a token this long before DingTalk says it expires.
@@ -31,8 +31,6 @@ pub struct Tokens {
 
 #[derive(Deserialize)]
 struct TokenAnswer {
-    #[serde(default)]
-    errcode: i64,
     #[serde(default)]
     errmsg: String,
     access_token: Option<String>,
@@ -135,8 +133,9 @@ impl Tokens {
         Ok((token, expires_at))
     }
 
-    /// `GET /gettoken` (API.md §1.1). Retried only for connection failures: a fetch is cheap to
-    /// repeat, but an answer with an errcode (bad credentials) is final.
+    /// `GET /gettoken` (API.md §1.1). Not retried here ([`super::Client`] retries a call whose
+    /// token fetch failed transiently); an answer with a business errcode (bad credentials) is
+    /// final. Busy, gateway and rate-limit answers are not: they say nothing about the credentials.
     async fn fetch(&self) -> Result<(String, DateTime<Utc>), Error> {
         let started = Utc::now();
         let response = self
@@ -151,27 +150,49 @@ impl Tokens {
             // without_url: the URL carries the app secret.
             .map_err(|e| Error::Transient(format!("gettoken: {}", e.without_url())))?;
         let status = response.status();
-        let answer: TokenAnswer = response.json().await.map_err(|e| {
-            Error::Protocol(format!(
-                "gettoken answered HTTP {status}: {}",
-                e.without_url()
-            ))
-        })?;
-        match (answer.errcode, answer.access_token, answer.expires_in) {
-            (0, Some(token), Some(expires_in)) => {
-                Ok((token, started + chrono::Duration::seconds(expires_in)))
-            }
-            (0, ..) => Err(Error::Protocol(
-                "gettoken answered without access_token/expires_in".into(),
-            )),
-            (errcode, ..) => Err(Error::Rejected {
-                errcode,
-                errmsg: format!(
-                    "gettoken: {} (check dingtalk.app_key and dingtalk.app_secret)",
-                    answer.errmsg
-                ),
-            }),
+        let text = response
+            .text()
+            .await
+            .map_err(|e| Error::Transient(format!("gettoken: {}", e.without_url())))?;
+        if status.as_u16() == 429 {
+            return Err(Error::RateLimited { errcode: 429 });
         }
+        if !status.is_success() {
+            return Err(Error::Transient(format!("gettoken answered HTTP {status}")));
+        }
+        match classify(&text) {
+            Ok(()) => {}
+            Err(Classified::Rate(errcode)) => return Err(Error::RateLimited { errcode }),
+            Err(Classified::Gateway(why)) => {
+                return Err(Error::Transient(format!("gettoken: {why}")));
+            }
+            Err(Classified::Token(errcode))
+            | Err(Classified::Rejected(Error::Rejected { errcode, .. })) => {
+                let errmsg = serde_json::from_str::<TokenAnswer>(&text)
+                    .map(|a| a.errmsg)
+                    .unwrap_or_default();
+                return Err(Error::Rejected {
+                    errcode,
+                    errmsg: format!(
+                        "gettoken: {errmsg} (check dingtalk.app_key and dingtalk.app_secret)"
+                    ),
+                });
+            }
+            Err(Classified::Rejected(e)) => return Err(e),
+        }
+        let answer: TokenAnswer = serde_json::from_str(&text)
+            .map_err(|e| Error::Protocol(format!("gettoken answer: {e}")))?;
+        let (Some(token), Some(expires_in)) = (answer.access_token, answer.expires_in) else {
+            return Err(Error::Protocol(
+                "gettoken answered without access_token/expires_in".into(),
+            ));
+        };
+        // Checked: an absurd expires_in must not panic the daemon.
+        let expires_at = chrono::TimeDelta::try_seconds(expires_in)
+            .filter(|_| expires_in > 0)
+            .and_then(|d| started.checked_add_signed(d))
+            .ok_or_else(|| Error::Protocol(format!("gettoken answered expires_in {expires_in}")))?;
+        Ok((token, expires_at))
     }
 }
 

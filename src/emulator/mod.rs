@@ -54,8 +54,8 @@ pub const DEFAULT_APP_KEY: &str = "dingemulatorappkey00";
 /// AppSecret `gettoken` accepts by default (not a secret: the emulator is local).
 pub const DEFAULT_APP_SECRET: &str = "emulator-app-secret";
 
-/// How the emulator runs.
-#[derive(Debug, Clone)]
+/// How the emulator runs. `Debug` hides the app secret.
+#[derive(Clone)]
 pub struct EmulatorConfig {
     /// The organisation's CorpId: in pushes (`corpId`) and the owner key of every push and
     /// `check_url`, since the callback is registered with `register_call_back` (API.md §4.5).
@@ -71,6 +71,19 @@ pub struct EmulatorConfig {
     pub seed: u64,
     /// `Some(pace)`: simulated people start an approval or act on a task every `pace`.
     pub people: Option<Duration>,
+}
+
+impl std::fmt::Debug for EmulatorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmulatorConfig")
+            .field("corp_id", &self.corp_id)
+            .field("app_key", &self.app_key)
+            .field("app_secret", &"***")
+            .field("time_scale", &self.time_scale)
+            .field("seed", &self.seed)
+            .field("people", &self.people)
+            .finish()
+    }
 }
 
 impl Default for EmulatorConfig {
