@@ -438,28 +438,27 @@ async fn pushes_that_failed_while_the_daemon_was_down_are_read_once_from_the_fai
             .unwrap(),
         )
         .unwrap();
-    // The retry ladder (scaled) fails, then the events become readable from the failed list.
-    let page = common::eventually(
-        Duration::from_secs(20),
-        "failed pushes to be listed",
-        || async {
-            let page = s.client.failed_callbacks().await.unwrap();
-            (!page.failed_list.is_empty()).then_some(page)
-        },
-    )
-    .await;
-    let first = &page.failed_list[0];
-    assert_eq!(first["call_back_tag"], "bpms_instance_change");
-    assert_eq!(
-        first["bpms_instance_change"]["bpmsCallBackData"]["processInstanceId"],
-        instance.process_instance_id.as_str()
-    );
-    // Read-once: what was returned is gone.
-    let again = s.client.failed_callbacks().await.unwrap();
-    assert!(
-        again.failed_list.iter().all(|item| item != first),
-        "an item was returned twice"
-    );
+    // The retry ladder (scaled) fails, then the events (instance start, task start) become
+    // readable from the failed list, each at its own time. Collect until the instance's is there.
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    let pid = instance.process_instance_id.as_str();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let is_ours = |item: &serde_json::Value| {
+        item["call_back_tag"] == "bpms_instance_change"
+            && item["bpms_instance_change"]["bpmsCallBackData"]["processInstanceId"] == pid
+    };
+    while !seen.iter().any(is_ours) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the instance's failed push was never listed"
+        );
+        for item in s.client.failed_callbacks().await.unwrap().failed_list {
+            // Read-once: nothing is returned twice.
+            assert!(!seen.contains(&item), "returned twice: {item}");
+            seen.push(item);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     s.emulator.stop().await;
 }
 
