@@ -64,9 +64,21 @@ impl Tokens {
         {
             return Ok(token.clone());
         }
-        let (token, expires_at) = self.shared().await?;
-        *cached = Some((token.clone(), expires_at));
-        Ok(token)
+        match self.shared().await {
+            Ok((token, expires_at)) => {
+                *cached = Some((token.clone(), expires_at));
+                Ok(token)
+            }
+            // Renewal failed but the token we hold still works for a while: use it, and try
+            // again on the next call (a gettoken outage must not stop calls that can succeed).
+            Err(e) => match cached.as_ref() {
+                Some((token, expires_at)) if *expires_at > Utc::now() => {
+                    tracing::warn!(error = %e, %expires_at, "renewing the DingTalk access token failed; using the current one until it expires");
+                    Ok(token.clone())
+                }
+                _ => Err(e),
+            },
+        }
     }
 
     /// DingTalk refused `token`: forget it here and in the database (unless another replica has
