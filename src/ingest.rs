@@ -157,6 +157,18 @@ async fn commit_batch(pool: &PgPool, mut jobs: Vec<Job>) {
             let outcome = classify(&e, &jobs[0].event);
             let _ = jobs.pop().expect("one job").reply.send(Err(outcome));
         }
+        // The database is down or overloaded: retrying event by event would only make every
+        // sender wait longer (each attempt waits for a connection). All get 503 now and
+        // DingTalk retries them. (A deadlock or serialization failure is retried one by one.)
+        Err(e)
+            if store::is_unavailable(&e)
+                && !(store::is_code(&e, "40001") || store::is_code(&e, "40P01")) =>
+        {
+            tracing::warn!(error = %e, events = jobs.len(), "database unavailable; batch not stored");
+            for job in jobs {
+                let _ = job.reply.send(Err(IngestError::Unavailable));
+            }
+        }
         Err(e) => {
             // Find out which events fail on their own, so that one bad event (or a lost
             // connection) does not fail its neighbours.

@@ -461,6 +461,26 @@ async fn database_down_gives_503_without_success_and_the_daemon_recovers() {
             "no success without a commit: {text}"
         );
     }
+    // A burst during the outage: every callback gets its 503 promptly (a batch is not retried
+    // event by event while the database is unreachable), none gets success.
+    let started = std::time::Instant::now();
+    let burst: Vec<_> = (0..50)
+        .map(|i| {
+            let pusher = app.pusher();
+            tokio::spawn(async move {
+                let message = instance_event(&format!("pid-burst{i}"), "start", None, T0, None);
+                pusher.send(&message).await.unwrap().status().as_u16()
+            })
+        })
+        .collect();
+    for handle in burst {
+        assert_eq!(handle.await.unwrap(), 503);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the burst took {:?} to be refused",
+        started.elapsed()
+    );
     assert_eq!(
         app.count("events").await,
         1,
