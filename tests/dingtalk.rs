@@ -53,6 +53,17 @@ async fn setup(adjust: impl FnOnce(&mut Config)) -> Setup {
     }
 }
 
+impl Setup {
+    /// The client's configuration, with the callback settings of a running daemon `app`.
+    fn callback_config(&self, app: &TestApp) -> Config {
+        let mut config = self.config.clone();
+        config.callback.token = Secret::new(app.token());
+        config.callback.aes_key = Secret::new(app.crypto_key());
+        config.callback.public_url = format!("{}/dingtalk/callback", app.base_url);
+        config
+    }
+}
+
 fn expense() -> CreateInstance {
     CreateInstance {
         process_code: "PROC-EMU-EXPENSE".into(),
@@ -284,10 +295,7 @@ async fn the_rate_budget_is_never_exceeded_at_the_emulator() {
 async fn callback_management_registers_shows_updates_and_deletes() {
     let app = TestApp::spawn().await;
     let s = setup(|_| {}).await;
-    let mut config = s.config.clone();
-    config.callback.token = Secret::new(app.token());
-    config.callback.aes_key = Secret::new(app.crypto_key());
-    config.callback.public_url = format!("{}/dingtalk/callback", app.base_url);
+    let config = s.callback_config(&app);
     let said = manage::run(&s.client, &config, Action::Register)
         .await
         .unwrap();
@@ -326,10 +334,7 @@ async fn registration_fails_clearly_when_the_daemon_has_another_aes_key_or_owner
     // The daemon accepts only another owner key than the emulator's CorpId.
     let app = TestApp::spawn_with(|c| c.callback.owner_key = vec!["dingsomeappkey".into()]).await;
     let s = setup(|_| {}).await;
-    let mut config = s.config.clone();
-    config.callback.token = Secret::new(app.token());
-    config.callback.aes_key = Secret::new(app.crypto_key());
-    config.callback.public_url = format!("{}/dingtalk/callback", app.base_url);
+    let mut config = s.callback_config(&app);
     let err = format!(
         "{:#}",
         manage::run(&s.client, &config, Action::Register)
@@ -421,10 +426,7 @@ async fn an_approval_made_in_the_emulator_lands_completed_in_the_database() {
 async fn pushes_that_failed_while_the_daemon_was_down_are_read_once_from_the_failed_list() {
     let app = TestApp::spawn().await;
     let s = setup(|_| {}).await;
-    let mut config = s.config.clone();
-    config.callback.token = Secret::new(app.token());
-    config.callback.aes_key = Secret::new(app.crypto_key());
-    config.callback.public_url = format!("{}/dingtalk/callback", app.base_url);
+    let config = s.callback_config(&app);
     manage::run(&s.client, &config, Action::Register)
         .await
         .unwrap();
