@@ -132,6 +132,25 @@ impl Dt {
     }
 }
 
+/// An emulator (see [`emulator`]), a client for it and a valid access token.
+async fn connected(time_scale: f64) -> (Emulator, Dt, String) {
+    let emu = emulator(time_scale).await;
+    let dt = Dt::new(&emu);
+    let token = dt.token().await;
+    (emu, dt, token)
+}
+
+/// A [`Receiver`] for `emu`'s organisation, registered as its callback (which must succeed).
+async fn registered_receiver(emu: &Emulator, dt: &Dt, token: &str) -> Receiver {
+    let receiver = Receiver::start(emu.state().corp_id()).await;
+    assert_eq!(
+        dt.register(token, &receiver.url, &receiver.token, &receiver.aes_key)
+            .await["errcode"],
+        0
+    );
+    receiver
+}
+
 fn expense_create() -> Value {
     json!({
         "process_code": "PROC-EMU-EXPENSE",
@@ -299,9 +318,7 @@ async fn gettoken_returns_the_same_token_while_valid_and_40096_for_bad_credentia
 #[tokio::test]
 async fn a_token_expires_after_7200_seconds_times_the_time_scale() {
     // 7200 s × 0.0002 = 1.44 s.
-    let emu = emulator(0.0002).await;
-    let dt = Dt::new(&emu);
-    let token = dt.token().await;
+    let (emu, dt, token) = connected(0.0002).await;
     let ok = dt.top("processinstance/listids", &token, json!({"process_code": "PROC-EMU-EXPENSE", "start_time": chrono::Utc::now().timestamp_millis() - 1000})).await;
     assert_eq!(ok["errcode"], 0, "{ok}");
     let expired = eventually(Duration::from_secs(5), "the token to expire", || {
@@ -359,9 +376,7 @@ async fn calls_without_a_valid_token_get_errcode_88_40014_on_topapi_and_40014_on
 
 #[tokio::test]
 async fn create_then_get_has_dingtalks_shapes_through_to_completed_agree() {
-    let emu = emulator(1.0).await;
-    let dt = Dt::new(&emu);
-    let token = dt.token().await;
+    let (emu, dt, token) = connected(1.0).await;
     let created = dt
         .top("processinstance/create", &token, expense_create())
         .await;
@@ -483,9 +498,7 @@ async fn create_then_get_has_dingtalks_shapes_through_to_completed_agree() {
 
 #[tokio::test]
 async fn create_refuses_what_dingtalk_refuses() {
-    let emu = emulator(1.0).await;
-    let dt = Dt::new(&emu);
-    let token = dt.token().await;
+    let (emu, dt, token) = connected(1.0).await;
     let mut cases = Vec::new();
     for field in [
         "process_code",
@@ -525,9 +538,7 @@ async fn create_refuses_what_dingtalk_refuses() {
 #[tokio::test]
 async fn listids_pages_with_next_cursor_absent_on_the_last_page_and_refuses_a_window_over_120_days()
 {
-    let emu = emulator(1.0).await;
-    let dt = Dt::new(&emu);
-    let token = dt.token().await;
+    let (emu, dt, token) = connected(1.0).await;
     let state = emu.state();
     let now = chrono::Utc::now().timestamp_millis();
     let mut created = Vec::new();
@@ -613,9 +624,7 @@ async fn listids_pages_with_next_cursor_absent_on_the_last_page_and_refuses_a_wi
 
 #[tokio::test]
 async fn register_fails_with_71009_unless_the_url_answers_an_encrypted_success() {
-    let emu = emulator(1.0).await;
-    let dt = Dt::new(&emu);
-    let token = dt.token().await;
+    let (emu, dt, token) = connected(1.0).await;
     assert_eq!(dt.oapi_get("get_call_back", &token).await["errcode"], 71007);
 
     let receiver = Receiver::start(emu.state().corp_id()).await;
@@ -663,9 +672,7 @@ async fn register_fails_with_71009_unless_the_url_answers_an_encrypted_success()
 
 #[tokio::test]
 async fn register_against_a_daemon_with_a_wrong_key_fails_and_with_the_right_one_succeeds() {
-    let emu = emulator(1.0).await;
-    let dt = Dt::new(&emu);
-    let token = dt.token().await;
+    let (emu, dt, token) = connected(1.0).await;
 
     let base = emu.base_url();
     let wrong_owner = TestApp::spawn_with(|c| {
@@ -823,15 +830,8 @@ async fn an_approval_approved_in_the_emulator_reaches_completed_agree_in_the_dae
 
 #[tokio::test]
 async fn pushes_carry_dingtalks_query_and_flat_legacy_payload() {
-    let emu = emulator(1.0).await;
-    let dt = Dt::new(&emu);
-    let token = dt.token().await;
-    let receiver = Receiver::start(emu.state().corp_id()).await;
-    assert_eq!(
-        dt.register(&token, &receiver.url, &receiver.token, &receiver.aes_key)
-            .await["errcode"],
-        0
-    );
+    let (emu, dt, token) = connected(1.0).await;
+    let receiver = registered_receiver(&emu, &dt, &token).await;
     let instance = emu.state().start_instance(start_expense()).unwrap();
     let events = eventually(Duration::from_secs(5), "two pushes", || async {
         let e = receiver.events();
@@ -869,15 +869,8 @@ async fn pushes_carry_dingtalks_query_and_flat_legacy_payload() {
 #[tokio::test]
 async fn pushes_to_a_dead_daemon_are_retried_after_10_and_30_scaled_seconds_then_listed_once() {
     let scale = 0.005; // 10 s → 50 ms, 30 s → 150 ms, failed list readable after 0.9–1.5 s.
-    let emu = emulator(scale).await;
-    let dt = Dt::new(&emu);
-    let token = dt.token().await;
-    let receiver = Receiver::start(emu.state().corp_id()).await;
-    assert_eq!(
-        dt.register(&token, &receiver.url, &receiver.token, &receiver.aes_key)
-            .await["errcode"],
-        0
-    );
+    let (emu, dt, token) = connected(scale).await;
+    let receiver = registered_receiver(&emu, &dt, &token).await;
     receiver.stop.cancel(); // the daemon goes down; its port closes
     tokio::time::sleep(Duration::from_millis(50)).await;
 
@@ -965,15 +958,8 @@ async fn pushes_to_a_dead_daemon_are_retried_after_10_and_30_scaled_seconds_then
 
 #[tokio::test]
 async fn a_push_that_fails_once_is_delivered_by_the_first_retry() {
-    let emu = emulator(0.05).await; // first retry after 500 ms
-    let dt = Dt::new(&emu);
-    let token = dt.token().await;
-    let receiver = Receiver::start(emu.state().corp_id()).await;
-    assert_eq!(
-        dt.register(&token, &receiver.url, &receiver.token, &receiver.aes_key)
-            .await["errcode"],
-        0
-    );
+    let (emu, dt, token) = connected(0.05).await; // first retry after 500 ms
+    let receiver = registered_receiver(&emu, &dt, &token).await;
     receiver.set_mode(Mode::Status(503));
     let state = emu.state();
     state.start_instance(start_expense()).unwrap();
@@ -1006,9 +992,7 @@ async fn a_push_that_fails_once_is_delivered_by_the_first_retry() {
 
 #[tokio::test]
 async fn a_lost_create_response_leaves_the_instance_created() {
-    let emu = emulator(1.0).await;
-    let dt = Dt::new(&emu);
-    let token = dt.token().await;
+    let (emu, dt, token) = connected(1.0).await;
     emu.state().update_faults(|f| f.lose_create_response = 1);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_millis(500))
@@ -1043,9 +1027,7 @@ async fn a_lost_create_response_leaves_the_instance_created() {
 
 #[tokio::test]
 async fn injected_errors_rate_limits_and_5xx_answer_like_dingtalk() {
-    let emu = emulator(1.0).await;
-    let dt = Dt::new(&emu);
-    let token = dt.token().await;
+    let (emu, dt, token) = connected(1.0).await;
     let state = emu.state();
     let get = json!({"process_instance_id": "x"});
 
@@ -1115,15 +1097,8 @@ async fn injected_errors_rate_limits_and_5xx_answer_like_dingtalk() {
 
 #[tokio::test]
 async fn push_faults_duplicate_lose_and_drop_deliveries_as_configured() {
-    let emu = emulator(0.005).await;
-    let dt = Dt::new(&emu);
-    let token = dt.token().await;
-    let receiver = Receiver::start(emu.state().corp_id()).await;
-    assert_eq!(
-        dt.register(&token, &receiver.url, &receiver.token, &receiver.aes_key)
-            .await["errcode"],
-        0
-    );
+    let (emu, dt, token) = connected(0.005).await;
+    let receiver = registered_receiver(&emu, &dt, &token).await;
     let state = emu.state();
 
     // Duplicate: every event arrives twice.
@@ -1181,15 +1156,8 @@ async fn push_faults_duplicate_lose_and_drop_deliveries_as_configured() {
 
 #[tokio::test]
 async fn reordered_pushes_let_later_events_overtake_earlier_ones() {
-    let emu = emulator(1.0).await;
-    let dt = Dt::new(&emu);
-    let token = dt.token().await;
-    let receiver = Receiver::start(emu.state().corp_id()).await;
-    assert_eq!(
-        dt.register(&token, &receiver.url, &receiver.token, &receiver.aes_key)
-            .await["errcode"],
-        0
-    );
+    let (emu, dt, token) = connected(1.0).await;
+    let receiver = registered_receiver(&emu, &dt, &token).await;
     let state = emu.state();
     state.update_faults(|f| {
         f.push.reorder_rate = 0.5;
