@@ -567,3 +567,35 @@ async fn shutdown_during_a_burst_loses_no_acknowledged_event() {
     );
     app.stop().await;
 }
+
+/// An event that says nothing about the status (`delete`, or a type dingsync does not know that
+/// names an approval) is stored and marks the approval, without changing what the row says.
+#[tokio::test]
+async fn an_instance_delete_event_is_stored_and_only_marks_the_approval() {
+    let app = TestApp::spawn().await;
+    app.push_ok(&instance_event("pid-del", "start", None, T0, None))
+        .await;
+    let before: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT last_event_at FROM dingsync.approvals")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    app.push_ok(&instance_event("pid-del", "delete", None, T0, None))
+        .await;
+    let (status, last_event_at): (String, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT status, last_event_at FROM dingsync.approvals")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "RUNNING");
+    assert!(
+        last_event_at > before,
+        "the delete event was recorded on the row"
+    );
+    assert_eq!(app.counts().await, (2, 1, 0));
+    // A delete for an approval dingsync has never seen is stored; no row is invented.
+    app.push_ok(&instance_event("pid-unknown", "delete", None, T0, None))
+        .await;
+    assert_eq!(app.counts().await, (3, 1, 0));
+    app.stop().await;
+}
