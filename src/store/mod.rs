@@ -4,6 +4,7 @@
 
 pub mod batch;
 mod migrate;
+pub mod outbox;
 
 use std::{str::FromStr, time::Duration};
 

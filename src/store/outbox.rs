@@ -1,0 +1,345 @@
+//! `dingsync.outbox` (and `dingsync.corps`): claiming due rows, recording what DingTalk answered,
+//! and the operator's view. Every state change is one statement guarded by the state it expects,
+//! so a late or repeated write changes nothing.
+//!
+//! States: `pending` → `sending` (claimed, create in flight) → `created` | `failed` | `pending`
+//! (transient, backing off) | `unknown` (no answer: searched for, never blindly resent) →
+//! `created` (found and adopted) | `pending` (certainly absent). Operators move `failed` back to
+//! `pending` and `pending`/`failed` to `cancelled`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::{PgExecutor, PgPool};
+
+/// One outbox row as the worker and the CLI see it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OutboxRow {
+    pub corp_id: String,
+    pub id: i64,
+    pub idempotency_key: String,
+    pub process_code: String,
+    pub originator_user_id: String,
+    pub dept_id: i64,
+    pub form_values: Value,
+    pub approvers: Option<Value>,
+    pub cc_list: Option<Vec<String>>,
+    pub cc_position: Option<String>,
+    pub state: String,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+    pub process_instance_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A claimed row and what to do with it.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub row: OutboxRow,
+    pub work: Work,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Send the create (the row was pending; it is now `sending`, `attempts` counts this send).
+    Send,
+    /// Find out whether an unanswered create took effect (the row is `unknown`). `rescued`: it
+    /// was left `sending` by a worker whose claim expired (stopped or killed mid-send).
+    Search { rescued: bool },
+}
+
+const COLUMNS: &str = "o.corp_id, o.id, o.idempotency_key, o.process_code, o.originator_user_id, \
+    o.dept_id, o.form_values, o.approvers, o.cc_list, o.cc_position, o.state, o.attempts, \
+    o.next_attempt_at, o.sent_at, o.last_error, o.process_instance_id, o.created_at";
+
+/// Records that a daemon serves `corp_id` (see `dingsync.default_corp_id()`).
+pub async fn register_corp(db: impl PgExecutor<'_>, corp_id: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO dingsync.corps (corp_id) VALUES ($1)
+         ON CONFLICT (corp_id) DO UPDATE SET last_started_at = now()",
+    )
+    .bind(corp_id)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Claims up to `limit` due rows of `corp_id` in one short transaction (one statement), with a
+/// lease of `lease`: pending rows become `sending`; `unknown` rows and `sending` rows whose lease
+/// expired are handed out for a search. Rows another worker holds are skipped, not waited for.
+pub async fn claim(
+    pool: &PgPool,
+    corp_id: &str,
+    limit: i64,
+    lease: Duration,
+) -> sqlx::Result<Vec<Claim>> {
+    let sql = format!(
+        "WITH due AS (
+            SELECT corp_id, id, state AS previous FROM dingsync.outbox
+            WHERE corp_id = $1 AND state IN ('pending', 'sending', 'unknown')
+              AND next_attempt_at <= now()
+            ORDER BY next_attempt_at
+            LIMIT $2
+            FOR UPDATE SKIP LOCKED
+        )
+        UPDATE dingsync.outbox o SET
+            state = CASE WHEN due.previous = 'pending' THEN 'sending' ELSE 'unknown' END,
+            attempts = o.attempts + CASE WHEN due.previous = 'pending' THEN 1 ELSE 0 END,
+            sent_at = CASE WHEN due.previous = 'pending' THEN now() ELSE o.sent_at END,
+            last_error = CASE WHEN due.previous = 'sending'
+                THEN 'the worker sending this create stopped before it got an answer; searching DingTalk for the instance'
+                ELSE o.last_error END,
+            next_attempt_at = now() + make_interval(secs => $3),
+            updated_at = now()
+        FROM due
+        WHERE o.corp_id = due.corp_id AND o.id = due.id
+        RETURNING {COLUMNS}, due.previous"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(corp_id)
+        .bind(limit)
+        .bind(lease.as_secs_f64())
+        .try_map(|row: sqlx::postgres::PgRow| {
+            use sqlx::{FromRow, Row};
+            let previous: String = row.try_get("previous")?;
+            let work = match previous.as_str() {
+                "pending" => Work::Send,
+                "sending" => Work::Search { rescued: true },
+                _ => Work::Search { rescued: false },
+            };
+            Ok(Claim {
+                row: OutboxRow::from_row(&row)?,
+                work,
+            })
+        })
+        .fetch_all(pool)
+        .await?;
+    Ok(rows)
+}
+
+/// When the next row of `corp_id` falls due (None: nothing left to do).
+pub async fn next_due(pool: &PgPool, corp_id: &str) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar(
+        "SELECT min(next_attempt_at) FROM dingsync.outbox
+         WHERE corp_id = $1 AND state IN ('pending', 'sending', 'unknown')",
+    )
+    .bind(corp_id)
+    .fetch_one(pool)
+    .await
+}
+
+/// The approval exists in DingTalk as `process_instance_id`: marks the row `created` and links
+/// the approval row to it (inserting it when no event has yet), in one statement. Applies while
+/// the row is `sending` or `unknown`; returns false otherwise (someone else already recorded an
+/// outcome) or when another outbox row already owns that instance.
+pub async fn record_created(
+    pool: &PgPool,
+    corp_id: &str,
+    id: i64,
+    process_instance_id: &str,
+) -> sqlx::Result<bool> {
+    let result = sqlx::query(
+        "WITH o AS (
+            UPDATE dingsync.outbox SET
+                state = 'created', process_instance_id = $3, last_error = NULL,
+                done_at = now(), updated_at = now()
+            WHERE corp_id = $1 AND id = $2 AND state IN ('sending', 'unknown')
+            RETURNING corp_id, id, process_instance_id, process_code, originator_user_id, dept_id
+        ),
+        ap AS (
+            -- The instance is running in DingTalk; events and the detail fetch fill in the rest
+            -- (detail_wanted_at asks for it). Never moves an approval backwards.
+            INSERT INTO dingsync.approvals AS a
+                (corp_id, process_instance_id, process_code, originator_userid,
+                 originator_dept_id, status, outbox_id, detail_wanted_at, updated_at)
+            SELECT corp_id, process_instance_id, process_code, originator_user_id,
+                   dept_id::text, 'RUNNING', id, now(), now()
+            FROM o
+            ON CONFLICT (corp_id, process_instance_id) DO UPDATE SET
+                outbox_id          = excluded.outbox_id,
+                process_code       = coalesce(a.process_code, excluded.process_code),
+                originator_userid  = coalesce(a.originator_userid, excluded.originator_userid),
+                originator_dept_id = coalesce(a.originator_dept_id, excluded.originator_dept_id),
+                status = CASE WHEN dingsync.status_rank(excluded.status) > dingsync.status_rank(a.status)
+                              THEN excluded.status ELSE a.status END,
+                detail_wanted_at   = coalesce(a.detail_wanted_at, now()),
+                updated_at         = now()
+            RETURNING a.process_instance_id
+        )
+        SELECT count(pg_notify('dingsync_approval_changed', process_instance_id)) FROM ap",
+    )
+    .bind(corp_id)
+    .bind(id)
+    .bind(process_instance_id)
+    .fetch_one(pool)
+    .await;
+    match result {
+        Ok(row) => {
+            use sqlx::Row;
+            Ok(row.try_get::<i64, _>(0)? > 0)
+        }
+        // Another outbox row owns that instance (outbox_instance_unique).
+        Err(e) if is_constraint(&e, "outbox_instance_unique") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// DingTalk refused the request for good: `failed` with its reason.
+pub async fn record_failed(
+    pool: &PgPool,
+    corp_id: &str,
+    id: i64,
+    error: &str,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE dingsync.outbox SET state = 'failed', last_error = $3, done_at = now(),
+                next_attempt_at = now(), updated_at = now()
+         WHERE corp_id = $1 AND id = $2 AND state IN ('sending', 'unknown')",
+    )
+    .bind(corp_id)
+    .bind(id)
+    .bind(error)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Not created, certainly: back to `pending`, due after `delay`.
+pub async fn record_retry(
+    pool: &PgPool,
+    corp_id: &str,
+    id: i64,
+    error: &str,
+    delay: Duration,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE dingsync.outbox SET state = 'pending', last_error = $3,
+                next_attempt_at = now() + make_interval(secs => $4), updated_at = now()
+         WHERE corp_id = $1 AND id = $2 AND state IN ('sending', 'unknown')",
+    )
+    .bind(corp_id)
+    .bind(id)
+    .bind(error)
+    .bind(delay.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Maybe created, maybe not: `unknown`, to be searched for after `delay`.
+pub async fn record_unknown(
+    pool: &PgPool,
+    corp_id: &str,
+    ids: &[i64],
+    error: &str,
+    delay: Duration,
+) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "UPDATE dingsync.outbox SET state = 'unknown', last_error = $3,
+                next_attempt_at = now() + make_interval(secs => $4), updated_at = now()
+         WHERE corp_id = $1 AND id = ANY($2) AND state IN ('sending', 'unknown')",
+    )
+    .bind(corp_id)
+    .bind(ids)
+    .bind(error)
+    .bind(delay.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// Of these instance ids, the ones an outbox row of `corp_id` already owns.
+pub async fn owned_instances(
+    pool: &PgPool,
+    corp_id: &str,
+    ids: &[String],
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT process_instance_id FROM dingsync.outbox
+         WHERE corp_id = $1 AND process_instance_id = ANY($2)",
+    )
+    .bind(corp_id)
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+}
+
+/// Rows for `dingsync outbox list`, newest first.
+pub async fn list(pool: &PgPool, state: Option<&str>, limit: i64) -> sqlx::Result<Vec<OutboxRow>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM dingsync.outbox o
+         WHERE ($1::text IS NULL OR o.state = $1)
+         ORDER BY o.id DESC LIMIT $2"
+    );
+    sqlx::query_as(&sql)
+        .bind(state)
+        .bind(limit)
+        .fetch_all(pool)
+        .await
+}
+
+/// One row by id.
+pub async fn get(pool: &PgPool, id: i64) -> sqlx::Result<Option<OutboxRow>> {
+    let sql = format!("SELECT {COLUMNS} FROM dingsync.outbox o WHERE o.id = $1");
+    sqlx::query_as(&sql).bind(id).fetch_optional(pool).await
+}
+
+/// `dingsync outbox retry`: a `failed` or `cancelled` row goes back to `pending` with its attempts
+/// reset, and the workers are woken. Returns the state the row was in (None: no such row); the
+/// row changed only if that was `failed` or `cancelled`. Safe: a failed or cancelled row never
+/// reached DingTalk as an approval.
+pub async fn retry(pool: &PgPool, id: i64) -> sqlx::Result<Option<String>> {
+    let mut tx = pool.begin().await?;
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM dingsync.outbox WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if matches!(state.as_deref(), Some("failed" | "cancelled")) {
+        sqlx::query(
+            "UPDATE dingsync.outbox SET state = 'pending', attempts = 0, next_attempt_at = now(),
+                    done_at = NULL, updated_at = now(),
+                    last_error = 'retried by an operator after: ' || coalesce(last_error, state)
+             WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("SELECT pg_notify('dingsync_outbox', '')")
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(state)
+}
+
+/// `dingsync outbox cancel`: a `pending` or `failed` row becomes `cancelled`. Returns the state
+/// the row was in. Rows in flight (`sending`, `unknown`) cannot be cancelled: DingTalk may already
+/// hold their approval.
+pub async fn cancel(pool: &PgPool, id: i64) -> sqlx::Result<Option<String>> {
+    let mut tx = pool.begin().await?;
+    let state: Option<String> =
+        sqlx::query_scalar("SELECT state FROM dingsync.outbox WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    if matches!(state.as_deref(), Some("pending" | "failed")) {
+        sqlx::query(
+            "UPDATE dingsync.outbox SET state = 'cancelled', done_at = now(), updated_at = now(),
+                    last_error = coalesce(last_error || '; ', '') || 'cancelled by an operator'
+             WHERE id = $1",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(state)
+}
+
+fn is_constraint(e: &sqlx::Error, name: &str) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.constraint() == Some(name))
+}
