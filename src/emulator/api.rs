@@ -25,7 +25,7 @@ use rand::{Rng, distr::Alphanumeric};
 use serde_json::{Map, Value, json};
 
 use super::{
-    faults::InjectedError,
+    faults::{self, InjectedError},
     model::{
         ActionType, CcPosition, Ctx, FormInput, Instance, MAX_APPROVERS, NodeSpec, Rejection,
         StartRequest,
@@ -46,6 +46,9 @@ const LISTIDS_MAX_AGE_MS: i64 = 365 * 24 * 3600 * 1000;
 const LISTIDS_MAX_SIZE: i64 = 20;
 /// `userid_list` holds at most 10 userids (API.md §2.4).
 const LISTIDS_MAX_USERS: usize = 10;
+/// Largest request body the emulated API reads (DingTalk's limits are not documented; a create
+/// with 150 values of 65535 characters is about 10 MiB).
+const MAX_BODY: usize = 16 * 1024 * 1024;
 /// Callback tags per registration (API.md §3).
 const MAX_TAGS: usize = 20;
 
@@ -188,8 +191,23 @@ fn rejected(family: Family, r: Rejection) -> Response {
     failure(family, Failure::Rejected(r))
 }
 
-/// Counts the call, applies the API faults, checks the access token.
+/// Receives the whole request, then handles it on a task of its own: DingTalk finishes a request
+/// it has received even when the caller hangs up, so a create whose caller timed out may still
+/// take effect (API.md §7: "after a timeout, look for the instance"). Without this, a dropped
+/// connection would cancel the handler and make lost answers look harmless.
 async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    };
+    let req = Request::from_parts(parts, axum::body::Body::from(body));
+    tokio::spawn(admit(shared, req, next))
+        .await
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Counts the call, applies the API faults, checks the access token.
+async fn admit(shared: Arc<Shared>, req: Request, next: Next) -> Response {
     let endpoint = req.uri().path().trim_start_matches('/').to_string();
     let family = Family::of(&endpoint);
     let query: HashMap<String, String> = Query::try_from_uri(req.uri())
@@ -425,10 +443,13 @@ async fn create(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         };
         let id = instance.process_instance_id.clone();
         world.insert_instance(instance);
-        let lose = world.faults.lose_create_response > 0;
-        if lose {
+        let lose = if world.faults.lose_create_response > 0 {
             world.faults.lose_create_response -= 1;
-        }
+            true
+        } else {
+            let p = faults::probability(world.faults.lose_create_response_rate);
+            p > 0.0 && world.fault_rng.random_bool(p)
+        };
         (id, events, lose)
     };
     tracing::debug!(process_instance_id = %id, "emulator: approval created through the API");

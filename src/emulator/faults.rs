@@ -30,6 +30,9 @@ pub struct Faults {
     /// pushed) but the HTTP response is never sent: the request hangs until the client gives up
     /// (API.md "What a faithful local emulator must reproduce", item 3: timeout after committing).
     pub lose_create_response: u32,
+    /// Probability (0..=1) that a `processinstance/create` is committed but its response lost,
+    /// as with `lose_create_response` (for load runs with a share of lost answers).
+    pub lose_create_response_rate: f64,
     /// Faults of the HTTP pushes to the registered callback URL.
     pub push: PushFaults,
 }
