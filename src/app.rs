@@ -1,6 +1,7 @@
-//! Wires the daemon together: database (created and migrated), group committer, HTTP server;
-//! and takes it down in order on shutdown (stop accepting, finish in-flight callbacks, then
-//! finish the batches they are waiting for).
+//! Wires the daemon together: database (created and migrated), group committer, HTTP server,
+//! DingTalk client and outbox worker; and takes it down in order on shutdown (stop accepting,
+//! finish in-flight callbacks, then the batches they are waiting for, then the outbox's creates
+//! in flight).
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -23,7 +24,7 @@ use crate::{
     dingtalk::{self, types::CallbackRegistration},
     emulator::{Emulator, EmulatorConfig},
     ingest::Ingest,
-    store,
+    outbox, store,
 };
 
 /// CorpId the embedded emulator's organisation uses (and events without a corpId fall back to
@@ -44,6 +45,8 @@ pub struct App {
     pub client: Option<dingtalk::Client>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
+    /// Background loops (the outbox worker) that finish their work on shutdown.
+    workers: Vec<JoinHandle<()>>,
 }
 
 impl App {
@@ -57,6 +60,9 @@ impl App {
         )
         .context("callback.aes_key")?;
         let pool = store::connect_and_migrate(&config.database).await?;
+        store::outbox::register_corp(&pool, &config.dingtalk.corp_id)
+            .await
+            .context("recording dingtalk.corp_id in dingsync.corps")?;
         let listener = TcpListener::bind(config.listen_addr())
             .await
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
@@ -95,14 +101,27 @@ impl App {
                 return Err(e);
             }
         };
+        let mut workers = Vec::new();
         if let Some(client) = &client {
             tokio::spawn(keep_token_fresh(client.clone(), shutdown.clone()));
+            if config.outbox.enabled {
+                let worker = outbox::Worker::new(
+                    pool.clone(),
+                    client.clone(),
+                    config.dingtalk.corp_id.clone(),
+                    config.outbox.clone(),
+                );
+                workers.push(tokio::spawn(worker.run(shutdown.clone())));
+            }
+        } else if config.outbox.enabled {
+            tracing::warn!("no DingTalk client: dingsync.outbox rows are not sent by this replica");
         }
         let app = App {
             addr,
             pool,
             shutdown,
             task,
+            workers,
             emulator,
             client,
         };
@@ -128,6 +147,9 @@ impl App {
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
         self.task.await.context("server task")??;
+        for worker in self.workers {
+            worker.await.context("worker task")?;
+        }
         if let Some(emulator) = self.emulator {
             emulator.stop().await;
         }

@@ -22,6 +22,7 @@ pub struct Config {
     pub callback: CallbackConfig,
     pub dingtalk: DingTalkConfig,
     pub ingest: IngestConfig,
+    pub outbox: OutboxConfig,
     pub emulator: EmulatorSettings,
     pub log: LogConfig,
 }
@@ -84,6 +85,20 @@ pub struct IngestConfig {
     pub committers: usize,
 }
 
+/// The outbox worker (`dingsync.outbox` → `processinstance/create`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    pub enabled: bool,
+    pub concurrency: usize,
+    pub max_attempts: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    pub lease_ms: u64,
+    pub lost_settle_ms: u64,
+    pub poll_ms: u64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -130,6 +145,16 @@ impl Default for Config {
                 max_batch: 256,
                 committers: 1,
             },
+            outbox: OutboxConfig {
+                enabled: true,
+                concurrency: 16,
+                max_attempts: 8,
+                backoff_base_ms: 1_000,
+                backoff_max_ms: 300_000,
+                lease_ms: 60_000,
+                lost_settle_ms: 10_000,
+                poll_ms: 1_000,
+            },
             emulator: EmulatorSettings {
                 listen: "127.0.0.1:9090".into(),
                 people_pace_ms: 2_000,
@@ -159,6 +184,7 @@ default_from_config!(
     CallbackConfig => callback,
     DingTalkConfig => dingtalk,
     IngestConfig => ingest,
+    OutboxConfig => outbox,
     EmulatorSettings => emulator,
     LogConfig => log
 );
@@ -288,6 +314,7 @@ impl Config {
                 "must be at least 1 and less than database.max_connections",
             ));
         }
+        self.validate_outbox()?;
         let emulator = self.uses_emulator();
         if !emulator {
             let base = &self.dingtalk.api_base;
@@ -336,6 +363,44 @@ impl Config {
             return Err(invalid(
                 "log.filter",
                 "must not be empty (e.g. \"info\" or \"dingsync=debug,info\")",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_outbox(&self) -> Result<(), ConfigError> {
+        let o = &self.outbox;
+        if o.concurrency == 0 || o.concurrency > 1024 {
+            return Err(invalid("outbox.concurrency", "must be 1 to 1024"));
+        }
+        if o.max_attempts == 0 {
+            return Err(invalid("outbox.max_attempts", "must be at least 1"));
+        }
+        if o.backoff_base_ms == 0 || o.backoff_max_ms < o.backoff_base_ms {
+            return Err(invalid(
+                "outbox.backoff_base_ms",
+                "must be more than 0 and at most outbox.backoff_max_ms",
+            ));
+        }
+        if o.poll_ms == 0 {
+            return Err(invalid("outbox.poll_ms", "must be more than 0"));
+        }
+        // A create is cut off at half the lease, and must get at least one whole DingTalk call.
+        if o.lease_ms < 2 * self.dingtalk.timeout_ms {
+            return Err(invalid(
+                "outbox.lease_ms",
+                format!(
+                    "must be at least twice dingtalk.timeout_ms ({} ms): a create may take half the lease",
+                    self.dingtalk.timeout_ms
+                ),
+            ));
+        }
+        // A worker that stopped mid-send is searched for when its lease ends, at least half a
+        // lease after its last possible send: that must cover the settle time too.
+        if o.lost_settle_ms > o.lease_ms / 2 {
+            return Err(invalid(
+                "outbox.lost_settle_ms",
+                "must be at most half of outbox.lease_ms",
             ));
         }
         Ok(())

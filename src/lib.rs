@@ -2,7 +2,9 @@
 //! arguments; everything runs from here so that the tests start the same code as production.
 //!
 //! Flow: `callback` (HTTP) → `crypto` (verify, decrypt) → `event` (what it means) → `ingest`
-//! (group commit) → `store` (SQL). `app` wires them together; `config` is read once at start-up.
+//! (group commit) → `store` (SQL). The other way, `outbox` turns `dingsync.outbox` rows into
+//! DingTalk approvals through `dingtalk` (the API client). `app` wires them together; `config` is
+//! read once at start-up.
 
 pub mod app;
 pub mod callback;
@@ -13,5 +15,6 @@ pub mod emulator;
 pub mod error;
 pub mod event;
 pub mod ingest;
+pub mod outbox;
 pub mod store;
 pub mod telemetry;

@@ -7,7 +7,7 @@ use dingsync::{
     app,
     callback::manage::{self, Action},
     config::Config,
-    store, telemetry,
+    outbox, store, telemetry,
 };
 
 /// mimalloc instead of the system allocator: request handling allocates many small short-lived
@@ -42,6 +42,28 @@ enum Command {
         #[command(subcommand)]
         action: CallbackCommand,
     },
+    /// Look at and unblock approval requests in dingsync.outbox.
+    Outbox {
+        #[command(subcommand)]
+        action: OutboxCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum OutboxCommand {
+    /// List rows, newest first.
+    List {
+        /// Only rows in this state (pending, sending, unknown, created, failed, cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Send a failed or cancelled row again (its attempts start over).
+    Retry { id: i64 },
+    /// Cancel a pending or failed row.
+    Cancel { id: i64 },
 }
 
 #[derive(Subcommand)]
@@ -74,6 +96,7 @@ async fn main() -> ExitCode {
             .map(|_| ()),
         Command::Callback { action } => callback(&config, action).await,
         Command::Emulator { listen } => emulator(&config, listen).await,
+        Command::Outbox { action } => outbox(&config, action).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,6 +119,20 @@ async fn callback(config: &Config, command: CallbackCommand) -> anyhow::Result<(
     let pool = store::connect_and_migrate(&config.database).await?;
     let client = manage::client(config, pool).await?;
     println!("{}", manage::run(&client, config, action).await?);
+    Ok(())
+}
+
+async fn outbox(config: &Config, command: OutboxCommand) -> anyhow::Result<()> {
+    let pool = store::connect_and_migrate(&config.database).await?;
+    let output = match command {
+        OutboxCommand::List { state, limit } => {
+            outbox::manage::list(&pool, state.as_deref(), limit).await
+        }
+        OutboxCommand::Retry { id } => outbox::manage::retry(&pool, id).await,
+        OutboxCommand::Cancel { id } => outbox::manage::cancel(&pool, id).await,
+    };
+    pool.close().await;
+    println!("{}", output?);
     Ok(())
 }
 

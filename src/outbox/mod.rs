@@ -1,0 +1,406 @@
+//! The outbox worker: turns `dingsync.outbox` rows into DingTalk approvals, each exactly once.
+//!
+//! DingTalk's create API has no idempotency key (API.md §2.1, §7), so exactly-once rests on three
+//! rules:
+//! 1. A row is claimed (`FOR UPDATE SKIP LOCKED`, a short transaction, a lease) before its create
+//!    is sent, so two workers never send the same row; the create runs outside any transaction.
+//! 2. A create that may have reached DingTalk without an answer is never resent blindly: the row
+//!    becomes `unknown` and is searched for (listids of the originator's instances of that
+//!    template since the send, then `get` and compare); found → adopted, certainly absent → sent
+//!    again.
+//! 3. Every send for a claim ends (or is cut off) within half the lease, and a search starts only
+//!    after the lease has expired plus `lost_settle_ms`, so a search never races a create that is
+//!    still on its way. A worker that dies mid-send leaves its row `sending`; when the lease runs
+//!    out another worker (or the next start) takes it over as `unknown`.
+//!
+//! Owns: the claim loop (LISTEN `dingsync_outbox` plus polling, for PgBouncer), sending, backoff,
+//! the lost-response search. Does not own: the SQL (`store::outbox`), the shapes DingTalk takes
+//! (`request`), the operator commands (`manage`).
+
+pub mod manage;
+pub mod request;
+
+use std::{
+    collections::HashSet,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context;
+use chrono::Utc;
+use rand::Rng;
+use sqlx::{PgPool, postgres::PgListener};
+use tokio::{task::JoinSet, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::OutboxConfig,
+    dingtalk::{self, Priority, types::ListIds},
+    store::outbox::{self as store, Claim, OutboxRow, Work},
+};
+
+/// Instances are listed from this long before the create was sent: DingTalk's clock and ours
+/// may disagree, and listids filters by DingTalk's create time (API.md §2.4).
+const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+/// `listids` page size: the doc says at most 20, the Java SDK 10 [UNCONFIRMED]; 10 is accepted by
+/// both readings.
+const LIST_PAGE: u32 = 10;
+/// How long a stopping worker waits for creates in flight before it abandons them (as `unknown`).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// The worker of one organisation.
+pub struct Worker {
+    pool: PgPool,
+    client: dingtalk::Client,
+    corp_id: String,
+    config: OutboxConfig,
+    /// Rows with a task running, so that a stop can mark the abandoned ones.
+    in_flight: Mutex<HashSet<i64>>,
+}
+
+impl Worker {
+    pub fn new(
+        pool: PgPool,
+        client: dingtalk::Client,
+        corp_id: String,
+        config: OutboxConfig,
+    ) -> Arc<Worker> {
+        Arc::new(Worker {
+            pool,
+            client,
+            corp_id,
+            config,
+            in_flight: Mutex::new(HashSet::new()),
+        })
+    }
+
+    fn lease(&self) -> Duration {
+        Duration::from_millis(self.config.lease_ms)
+    }
+
+    fn settle(&self) -> Duration {
+        Duration::from_millis(self.config.lost_settle_ms)
+    }
+
+    /// Runs until `shutdown`: claims due rows whenever woken (NOTIFY, a finished task, the next
+    /// due time, or the poll interval) and processes up to `concurrency` at once.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let poll = Duration::from_millis(self.config.poll_ms);
+        let mut listener = self.listen().await;
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut due_now = true;
+        let mut wake_at = Instant::now() + poll;
+        loop {
+            let free = self.config.concurrency.saturating_sub(tasks.len());
+            if due_now && free > 0 && !shutdown.is_cancelled() {
+                match store::claim(&self.pool, &self.corp_id, free as i64, self.lease()).await {
+                    Ok(claims) => {
+                        // A full batch: more may be due as soon as there is room.
+                        due_now = claims.len() == free;
+                        for claim in claims {
+                            self.in_flight.lock().unwrap().insert(claim.row.id);
+                            let worker = self.clone();
+                            tasks.spawn(async move { worker.process(claim).await });
+                        }
+                        if !due_now {
+                            wake_at = self.next_wake(poll).await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbox: could not claim rows; retrying");
+                        due_now = false;
+                        wake_at = Instant::now() + poll;
+                    }
+                }
+                continue;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                woken = recv(&mut listener) => {
+                    match woken {
+                        Ok(()) => due_now = true,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "outbox: LISTEN connection failed; polling until it is back");
+                            listener = None;
+                        }
+                    }
+                }
+                () = tokio::time::sleep_until(wake_at) => {
+                    due_now = true;
+                    wake_at = Instant::now() + poll;
+                    if listener.is_none() {
+                        listener = self.listen().await;
+                    }
+                }
+            }
+        }
+        self.stop(tasks).await;
+    }
+
+    /// Stops claiming, gives creates in flight `SHUTDOWN_GRACE` to finish, then abandons the rest
+    /// as `unknown` (they may have reached DingTalk), so nothing is left `sending`.
+    async fn stop(&self, mut tasks: JoinSet<()>) {
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_ok() {
+            return;
+        }
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        let abandoned: Vec<i64> = self.in_flight.lock().unwrap().drain().collect();
+        let marked = store::record_unknown(
+            &self.pool,
+            &self.corp_id,
+            &abandoned,
+            "dingsync stopped while this create was in flight; searching DingTalk for the instance",
+            self.settle(),
+        )
+        .await;
+        match marked {
+            Ok(n) => tracing::info!(
+                rows = n,
+                "outbox: creates in flight at shutdown left to the lost-response search"
+            ),
+            // Their leases expire and the next start searches for them anyway.
+            Err(e) => tracing::warn!(error = %e, "outbox: could not mark abandoned creates"),
+        }
+    }
+
+    async fn listen(&self) -> Option<PgListener> {
+        let connected: sqlx::Result<PgListener> = async {
+            let mut listener = PgListener::connect_with(&self.pool).await?;
+            listener.listen("dingsync_outbox").await?;
+            Ok(listener)
+        }
+        .await;
+        match connected {
+            Ok(listener) => Some(listener),
+            Err(e) => {
+                tracing::warn!(error = %e, "outbox: LISTEN unavailable; polling every outbox.poll_ms");
+                None
+            }
+        }
+    }
+
+    /// The sooner of the next row's due time and the next poll.
+    async fn next_wake(&self, poll: Duration) -> Instant {
+        let fallback = Instant::now() + poll;
+        match store::next_due(&self.pool, &self.corp_id).await {
+            Ok(Some(at)) => {
+                let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                fallback.min(Instant::now() + wait)
+            }
+            _ => fallback,
+        }
+    }
+
+    async fn process(&self, claim: Claim) {
+        let id = claim.row.id;
+        let outcome = match claim.work {
+            Work::Send => self.send(&claim.row).await,
+            Work::Search { rescued } => self.search(&claim.row, rescued).await,
+        };
+        self.in_flight.lock().unwrap().remove(&id);
+        if let Err(e) = outcome {
+            // The claim's lease runs out and the row is taken up again (as `unknown` if a create
+            // may have gone out): nothing is lost, the outcome is only late.
+            tracing::warn!(outbox_id = id, error = %format!("{e:#}"), "outbox: could not record an outcome");
+        }
+    }
+
+    /// Sends the create of a claimed row and records what came of it.
+    async fn send(&self, row: &OutboxRow) -> anyhow::Result<()> {
+        let (pool, corp) = (&self.pool, self.corp_id.as_str());
+        let request = match request::create_request(row) {
+            Ok(request) => request,
+            Err(why) => {
+                store::record_failed(pool, corp, row.id, &format!("invalid request: {why}"))
+                    .await?;
+                return Ok(());
+            }
+        };
+        // Cut off at half the lease: by the time the lease expires, this send is over.
+        let sent = tokio::time::timeout(self.lease() / 2, self.client.create_instance(&request));
+        match sent.await {
+            Ok(Ok(instance_id)) => {
+                if store::record_created(pool, corp, row.id, &instance_id).await? {
+                    tracing::info!(outbox_id = row.id, process_instance_id = %instance_id, "outbox: approval created");
+                } else {
+                    tracing::warn!(outbox_id = row.id, process_instance_id = %instance_id,
+                        "outbox: approval created, but the row was already resolved elsewhere");
+                }
+            }
+            Ok(Err(dingtalk::Error::Rejected { errcode, errmsg })) => {
+                let why = format!("DingTalk rejected the request: errcode {errcode}: {errmsg}");
+                tracing::info!(outbox_id = row.id, errcode, "outbox: {why}");
+                store::record_failed(pool, corp, row.id, &why).await?;
+            }
+            // DingTalk certainly did not process these: nothing was sent, or it was refused
+            // before processing (token, rate limit).
+            Ok(Err(
+                e @ (dingtalk::Error::Transient(_)
+                | dingtalk::Error::RateLimited { .. }
+                | dingtalk::Error::InvalidToken { .. }),
+            )) => self.not_created(row, &e.to_string()).await?,
+            Ok(Err(e @ (dingtalk::Error::NoResponse(_) | dingtalk::Error::Protocol(_)))) => {
+                self.maybe_created(row, &e.to_string()).await?
+            }
+            Err(_elapsed) => {
+                self.maybe_created(row, "no answer from DingTalk within half the claim's lease")
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    /// Certainly not created: back off and retry, or give up after `max_attempts` sends.
+    async fn not_created(&self, row: &OutboxRow, why: &str) -> anyhow::Result<()> {
+        let (pool, corp) = (&self.pool, self.corp_id.as_str());
+        if row.attempts as u32 >= self.config.max_attempts {
+            let why = format!("gave up after {} attempts: {why}", row.attempts);
+            tracing::warn!(outbox_id = row.id, "outbox: {why}");
+            store::record_failed(pool, corp, row.id, &why).await?;
+        } else {
+            let delay = self.backoff(row.attempts as u32);
+            tracing::debug!(
+                outbox_id = row.id,
+                ?delay,
+                reason = why,
+                "outbox: retrying later"
+            );
+            store::record_retry(pool, corp, row.id, why, delay).await?;
+        }
+        Ok(())
+    }
+
+    /// Maybe created: `unknown`, searched for once DingTalk has certainly finished with it.
+    async fn maybe_created(&self, row: &OutboxRow, why: &str) -> anyhow::Result<()> {
+        tracing::info!(
+            outbox_id = row.id,
+            reason = why,
+            "outbox: no answer to a create; will search DingTalk for the instance before any retry"
+        );
+        let why = format!("{why}; searching DingTalk for the instance before any retry");
+        store::record_unknown(&self.pool, &self.corp_id, &[row.id], &why, self.settle()).await?;
+        Ok(())
+    }
+
+    /// Exponential backoff with jitter: `base · 2^(attempt-1)`, capped, then between half and all
+    /// of it, so that rows failing together do not come back together.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = Duration::from_millis(self.config.backoff_base_ms);
+        let max = Duration::from_millis(self.config.backoff_max_ms);
+        let full = base
+            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
+            .min(max);
+        full.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+
+    /// Resolves an `unknown` row: adopt the instance its create made, or, when DingTalk certainly
+    /// holds none, send again. If DingTalk cannot be asked now the row stays `unknown`.
+    async fn search(&self, row: &OutboxRow, rescued: bool) -> anyhow::Result<()> {
+        let (pool, corp) = (&self.pool, self.corp_id.as_str());
+        if rescued {
+            tracing::info!(
+                outbox_id = row.id,
+                "outbox: taking over a create whose worker stopped mid-send"
+            );
+        }
+        let request = match request::create_request(row) {
+            Ok(request) => request,
+            Err(why) => {
+                store::record_failed(pool, corp, row.id, &format!("invalid request: {why}"))
+                    .await?;
+                return Ok(());
+            }
+        };
+        let found = match self.find(row, &request).await {
+            Ok(found) => found,
+            Err(e) => {
+                let delay = self.search_backoff(row);
+                tracing::info!(outbox_id = row.id, error = %e, ?delay, "outbox: cannot search DingTalk now; the row stays unknown");
+                let why = format!("searching DingTalk for the instance failed ({e}); trying again");
+                store::record_unknown(pool, corp, &[row.id], &why, delay).await?;
+                return Ok(());
+            }
+        };
+        for instance_id in &found {
+            if store::record_created(pool, corp, row.id, instance_id).await? {
+                tracing::info!(outbox_id = row.id, process_instance_id = %instance_id, "outbox: unanswered create found in DingTalk; adopted");
+                return Ok(());
+            }
+        }
+        // DingTalk holds no instance for this row: the create never took effect.
+        let why = "the create got no answer and DingTalk holds no such instance";
+        self.not_created(row, why).await
+    }
+
+    /// The instances that could be this row's, oldest first, not owned by another row.
+    async fn find(
+        &self,
+        row: &OutboxRow,
+        request: &dingtalk::types::CreateInstance,
+    ) -> anyhow::Result<Vec<String>> {
+        let since = row.sent_at.unwrap_or(row.created_at) - CLOCK_SKEW;
+        let mut ids = Vec::new();
+        let mut cursor = 0;
+        loop {
+            let page = self
+                .client
+                .list_instance_ids(
+                    &ListIds {
+                        process_code: row.process_code.clone(),
+                        start_time: since.timestamp_millis(),
+                        end_time: None,
+                        size: LIST_PAGE,
+                        cursor,
+                        userid_list: Some(row.originator_user_id.clone()),
+                    },
+                    Priority::Outbox,
+                )
+                .await
+                .context("listids")?;
+            ids.extend(page.list);
+            match page.next_cursor {
+                Some(next) if next > cursor => cursor = next,
+                _ => break,
+            }
+        }
+        let owned: HashSet<String> = store::owned_instances(&self.pool, &self.corp_id, &ids)
+            .await?
+            .into_iter()
+            .collect();
+        let mut found = Vec::new();
+        for id in ids.into_iter().filter(|id| !owned.contains(id)) {
+            let instance = self.client.get_instance(&id).await.context("get")?;
+            if request::matches(request, &instance) {
+                found.push((instance.create_time.unwrap_or_default(), id));
+            }
+        }
+        // "yyyy-MM-dd HH:mm:ss" sorts as text; the oldest match is the first create.
+        found.sort();
+        Ok(found.into_iter().map(|(_, id)| id).collect())
+    }
+
+    /// How long an unanswerable search waits: half the time since the send, at least the settle
+    /// time and at most the backoff cap.
+    fn search_backoff(&self, row: &OutboxRow) -> Duration {
+        let since = row.sent_at.unwrap_or(row.created_at);
+        let elapsed = (Utc::now() - since).to_std().unwrap_or(Duration::ZERO);
+        let max = Duration::from_millis(self.config.backoff_max_ms);
+        (elapsed / 2).clamp(self.settle().min(max), max)
+    }
+}
+
+/// The next notification; never resolves without a listener.
+async fn recv(listener: &mut Option<PgListener>) -> sqlx::Result<()> {
+    match listener {
+        // `Ok(None)`: the connection was lost and re-established; notifications may have been
+        // missed, so treat it as a wake-up too.
+        Some(l) => l.try_recv().await.map(|_| ()),
+        None => std::future::pending().await,
+    }
+}
