@@ -30,7 +30,11 @@ use anyhow::Context;
 use chrono::Utc;
 use rand::Rng;
 use sqlx::{PgPool, postgres::PgListener};
-use tokio::{task::JoinSet, time::Instant};
+use tokio::{
+    sync::{Semaphore, mpsc, oneshot},
+    task::JoinSet,
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -39,9 +43,9 @@ use crate::{
     store::outbox::{self as store, Claim, OutboxRow, Work},
 };
 
-/// Instances are listed from this long before the create was sent: DingTalk's clock and ours
-/// may disagree, and listids filters by DingTalk's create time (API.md §2.4).
-const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+/// listids filters by DingTalk's create time (API.md §2.4) and our times come from PostgreSQL's
+/// clock: the search window is widened by this much on each side for the two clocks to disagree.
+const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
 /// `listids` page size: the doc says at most 20, the Java SDK 10 [UNCONFIRMED]; 10 is accepted by
 /// both readings.
 const LIST_PAGE: u32 = 10;
@@ -56,7 +60,17 @@ pub struct Worker {
     config: OutboxConfig,
     /// Rows with a task running, so that a stop can mark the abandoned ones.
     in_flight: Mutex<HashSet<i64>>,
+    /// Successful creates on their way to [`record_loop`], and its end of the channel until
+    /// `run` starts it.
+    created: mpsc::Sender<Created>,
+    created_rx: Mutex<Option<mpsc::Receiver<Created>>>,
 }
+
+/// A create that succeeded: the row, its instance, and who waits for the row to be recorded.
+type Created = (i64, String, oneshot::Sender<sqlx::Result<bool>>);
+
+/// Most creates recorded in one transaction.
+const RECORD_BATCH: usize = 256;
 
 impl Worker {
     pub fn new(
@@ -65,12 +79,15 @@ impl Worker {
         corp_id: String,
         config: OutboxConfig,
     ) -> Arc<Worker> {
+        let (created, created_rx) = mpsc::channel(RECORD_BATCH);
         Arc::new(Worker {
             pool,
             client,
             corp_id,
             config,
             in_flight: Mutex::new(HashSet::new()),
+            created,
+            created_rx: Mutex::new(Some(created_rx)),
         })
     }
 
@@ -86,21 +103,35 @@ impl Worker {
     /// due time, or the poll interval) and processes up to `concurrency` at once.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         let poll = Duration::from_millis(self.config.poll_ms);
+        let created_rx = self.created_rx.lock().unwrap().take();
+        let recorder = created_rx
+            .map(|rx| tokio::spawn(record_loop(self.pool.clone(), self.corp_id.clone(), rx)));
         let mut listener = self.listen().await;
         let mut tasks: JoinSet<()> = JoinSet::new();
         let mut due_now = true;
         let mut wake_at = Instant::now() + poll;
+        // At most `concurrency` rows are worked on at once (the permits), and up to as many more
+        // are claimed ahead: a claim is a commit, and claiming one row per finished one would
+        // make the claim's round trip and WAL flush the limit.
+        let permits = Arc::new(Semaphore::new(self.config.concurrency));
+        let held_max = 2 * self.config.concurrency;
         loop {
-            let free = self.config.concurrency.saturating_sub(tasks.len());
-            if due_now && free > 0 && !shutdown.is_cancelled() {
+            let free = held_max.saturating_sub(tasks.len());
+            if due_now && free >= self.config.concurrency && !shutdown.is_cancelled() {
                 match store::claim(&self.pool, &self.corp_id, free as i64, self.lease()).await {
                     Ok(claims) => {
                         // A full batch: more may be due as soon as there is room.
                         due_now = claims.len() == free;
+                        let claimed_at = Instant::now();
                         for claim in claims {
                             self.in_flight.lock().unwrap().insert(claim.row.id);
-                            let worker = self.clone();
-                            tasks.spawn(async move { worker.process(claim).await });
+                            let (worker, permits) = (self.clone(), permits.clone());
+                            tasks.spawn(async move {
+                                let Ok(_permit) = permits.acquire().await else {
+                                    return;
+                                };
+                                worker.process(claim, claimed_at).await
+                            });
                         }
                         if !due_now {
                             wake_at = self.next_wake(poll).await;
@@ -136,6 +167,22 @@ impl Worker {
             }
         }
         self.stop(tasks).await;
+        // Every task has ended, so nothing waits for the recorder any more.
+        if let Some(recorder) = recorder {
+            recorder.abort();
+        }
+    }
+
+    /// Hands a successful create to the recorder and waits until it is committed.
+    async fn record_created(&self, id: i64, instance_id: &str) -> anyhow::Result<bool> {
+        let (reply, recorded) = oneshot::channel();
+        self.created
+            .send((id, instance_id.to_string(), reply))
+            .await
+            .context("the outbox recorder has stopped")?;
+        Ok(recorded
+            .await
+            .context("the outbox recorder has stopped")??)
     }
 
     /// Stops claiming, gives creates in flight `SHUTDOWN_GRACE` to finish, then abandons the rest
@@ -197,10 +244,10 @@ impl Worker {
         }
     }
 
-    async fn process(&self, claim: Claim) {
+    async fn process(&self, claim: Claim, claimed_at: Instant) {
         let id = claim.row.id;
         let outcome = match claim.work {
-            Work::Send => self.send(&claim.row).await,
+            Work::Send => self.send(&claim.row, claimed_at).await,
             Work::Search { rescued } => self.search(&claim.row, rescued).await,
         };
         self.in_flight.lock().unwrap().remove(&id);
@@ -212,7 +259,7 @@ impl Worker {
     }
 
     /// Sends the create of a claimed row and records what came of it.
-    async fn send(&self, row: &OutboxRow) -> anyhow::Result<()> {
+    async fn send(&self, row: &OutboxRow, claimed_at: Instant) -> anyhow::Result<()> {
         let (pool, corp) = (&self.pool, self.corp_id.as_str());
         let request = match request::create_request(row) {
             Ok(request) => request,
@@ -222,11 +269,13 @@ impl Worker {
                 return Ok(());
             }
         };
-        // Cut off at half the lease: by the time the lease expires, this send is over.
-        let sent = tokio::time::timeout(self.lease() / 2, self.client.create_instance(&request));
+        // Cut off at half the lease after the claim: by the time the lease expires, this send is
+        // over (rule 3).
+        let deadline = claimed_at + self.lease() / 2;
+        let sent = tokio::time::timeout_at(deadline, self.client.create_instance(&request));
         match sent.await {
             Ok(Ok(instance_id)) => {
-                if store::record_created(pool, corp, row.id, &instance_id).await? {
+                if self.record_created(row.id, &instance_id).await? {
                     tracing::info!(outbox_id = row.id, process_instance_id = %instance_id, "outbox: approval created");
                 } else {
                     tracing::warn!(outbox_id = row.id, process_instance_id = %instance_id,
@@ -344,7 +393,16 @@ impl Worker {
         row: &OutboxRow,
         request: &dingtalk::types::CreateInstance,
     ) -> anyhow::Result<Vec<String>> {
-        let since = row.sent_at.unwrap_or(row.created_at) - CLOCK_SKEW;
+        // Every send of a claim ends within half its lease after `sent_at` (rule 3 above), so
+        // the instance, if any, was created in this window. A narrow window keeps the search
+        // short for an originator who starts many approvals (an ERP's service account).
+        let sent_at = row.sent_at.unwrap_or(row.created_at);
+        let since = sent_at - CLOCK_SKEW;
+        let now = Utc::now();
+        let until = chrono::TimeDelta::from_std(self.lease())
+            .ok()
+            .and_then(|lease| sent_at.checked_add_signed(lease + CLOCK_SKEW))
+            .map_or(now, |t| t.min(now));
         let mut ids = Vec::new();
         let mut cursor = 0;
         loop {
@@ -354,7 +412,7 @@ impl Worker {
                     &ListIds {
                         process_code: row.process_code.clone(),
                         start_time: since.timestamp_millis(),
-                        end_time: None,
+                        end_time: Some(until.timestamp_millis()),
                         size: LIST_PAGE,
                         cursor,
                         userid_list: Some(row.originator_user_id.clone()),
@@ -392,6 +450,38 @@ impl Worker {
         let elapsed = (Utc::now() - since).to_std().unwrap_or(Duration::ZERO);
         let max = Duration::from_millis(self.config.backoff_max_ms);
         (elapsed / 2).clamp(self.settle().min(max), max)
+    }
+}
+
+/// Records successful creates in batches: whatever arrived while the previous batch was
+/// committing goes into the next one (group commit). PostgreSQL serialises the commits of
+/// transactions that NOTIFY, so one commit per create would cap the outbox at the disk's flush
+/// rate. A batch that fails is retried row by row, so one bad row cannot hold back the others.
+async fn record_loop(pool: PgPool, corp_id: String, mut rx: mpsc::Receiver<Created>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < RECORD_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let pairs: Vec<(i64, String)> = batch
+            .iter()
+            .map(|(id, pid, _)| (*id, pid.clone()))
+            .collect();
+        match store::record_created_batch(&pool, &corp_id, &pairs).await {
+            Ok(applied) => {
+                for (id, _, reply) in batch {
+                    let _ = reply.send(Ok(applied.contains(&id)));
+                }
+            }
+            Err(_) => {
+                for (id, pid, reply) in batch {
+                    let _ = reply.send(store::record_created(&pool, &corp_id, id, &pid).await);
+                }
+            }
+        }
     }
 }
 

@@ -131,23 +131,27 @@ pub async fn next_due(pool: &PgPool, corp_id: &str) -> sqlx::Result<Option<DateT
     .await
 }
 
-/// The approval exists in DingTalk as `process_instance_id`: marks the row `created` and links
-/// the approval row to it (inserting it when no event has yet), in one statement. Applies while
-/// the row is `sending` or `unknown`; returns false otherwise (someone else already recorded an
-/// outcome) or when another outbox row already owns that instance.
-pub async fn record_created(
+/// The approvals exist in DingTalk: marks each row `(id, process_instance_id)` `created` and links
+/// (or inserts) its approval row, all in one statement: one commit for the whole batch, since
+/// commits that NOTIFY are serialised by PostgreSQL. A row is changed only while `sending` or
+/// `unknown`; returns the ids that were. Fails as a whole if an instance is already owned by
+/// another outbox row (`outbox_instance_unique`): see [`record_created`].
+pub async fn record_created_batch(
     pool: &PgPool,
     corp_id: &str,
-    id: i64,
-    process_instance_id: &str,
-) -> sqlx::Result<bool> {
-    let result = sqlx::query(
+    created: &[(i64, String)],
+) -> sqlx::Result<Vec<i64>> {
+    let ids: Vec<i64> = created.iter().map(|(id, _)| *id).collect();
+    let pids: Vec<&str> = created.iter().map(|(_, pid)| pid.as_str()).collect();
+    sqlx::query_scalar(
         "WITH o AS (
-            UPDATE dingsync.outbox SET
-                state = 'created', process_instance_id = $3, last_error = NULL,
+            UPDATE dingsync.outbox o SET
+                state = 'created', process_instance_id = x.pid, last_error = NULL,
                 done_at = now(), updated_at = now()
-            WHERE corp_id = $1 AND id = $2 AND state IN ('sending', 'unknown')
-            RETURNING corp_id, id, process_instance_id, process_code, originator_user_id, dept_id
+            FROM unnest($2::bigint[], $3::text[]) AS x(id, pid)
+            WHERE o.corp_id = $1 AND o.id = x.id AND o.state IN ('sending', 'unknown')
+            RETURNING o.corp_id, o.id, o.process_instance_id, o.process_code,
+                      o.originator_user_id, o.dept_id
         ),
         ap AS (
             -- The instance is running in DingTalk; events and the detail fetch fill in the rest
@@ -158,6 +162,8 @@ pub async fn record_created(
             SELECT corp_id, process_instance_id, process_code, originator_user_id,
                    dept_id::text, 'RUNNING', id, now(), now()
             FROM o
+            -- The lock order of the callback ingest (store::batch), so the two never deadlock.
+            ORDER BY corp_id, process_instance_id
             ON CONFLICT (corp_id, process_instance_id) DO UPDATE SET
                 outbox_id          = excluded.outbox_id,
                 process_code       = coalesce(a.process_code, excluded.process_code),
@@ -167,21 +173,28 @@ pub async fn record_created(
                               THEN excluded.status ELSE a.status END,
                 detail_wanted_at   = coalesce(a.detail_wanted_at, now()),
                 updated_at         = now()
-            RETURNING a.process_instance_id
+            RETURNING a.process_instance_id, a.outbox_id
         )
-        SELECT count(pg_notify('dingsync_approval_changed', process_instance_id)) FROM ap",
+        SELECT outbox_id FROM ap WHERE pg_notify('dingsync_approval_changed', process_instance_id) IS NOT NULL",
     )
     .bind(corp_id)
-    .bind(id)
-    .bind(process_instance_id)
-    .fetch_one(pool)
-    .await;
-    match result {
-        Ok(row) => {
-            use sqlx::Row;
-            Ok(row.try_get::<i64, _>(0)? > 0)
-        }
-        // Another outbox row owns that instance (outbox_instance_unique).
+    .bind(ids)
+    .bind(pids)
+    .fetch_all(pool)
+    .await
+}
+
+/// One row's approval exists in DingTalk as `process_instance_id` (see [`record_created_batch`]).
+/// Returns false when the row was no longer `sending`/`unknown` (someone else already recorded
+/// an outcome) or when another outbox row already owns that instance.
+pub async fn record_created(
+    pool: &PgPool,
+    corp_id: &str,
+    id: i64,
+    process_instance_id: &str,
+) -> sqlx::Result<bool> {
+    match record_created_batch(pool, corp_id, &[(id, process_instance_id.to_string())]).await {
+        Ok(applied) => Ok(applied.contains(&id)),
         Err(e) if is_constraint(&e, "outbox_instance_unique") => Ok(false),
         Err(e) => Err(e),
     }

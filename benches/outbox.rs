@@ -1,0 +1,285 @@
+//! Outbox benchmark (a program that reports figures, not a test). Each part runs the real daemon
+//! (`App`, embedded emulator with nobody acting, callbacks flowing back) on a fresh database.
+//!
+//! 1. Latency: rows inserted one at a time (`--latency-rows`, one every 20 ms) into an idle
+//!    daemon; INSERT-to-created per row from the database's own clock (`done_at - created_at`).
+//! 2. Throughput: `--rows` inserted in one statement, rate budget off, zero-latency emulator;
+//!    rows/s from the first insert to the last `created`.
+//! 3. Budget: `--budget-rows` rows with `dingtalk.qps = 20`; the busiest one-second window of
+//!    creates the emulator saw.
+//! 4. Lost responses: `--lost-rows` rows with 30% of create responses lost; counts the
+//!    emulator's instances per row (duplicates) and rows not created (lost).
+//!
+//! Any part given 0 rows is skipped.
+//!
+//! ```sh
+//! cargo bench --bench outbox -- [--latency-rows 300] [--rows 5000] [--budget-rows 200] \
+//!     [--lost-rows 1000] [--concurrency 16]
+//! ```
+
+use std::{
+    collections::HashMap,
+    time::{Duration, Instant},
+};
+
+use dingsync::{
+    app::App,
+    config::{Config, Secret},
+    crypto,
+    emulator::Handle,
+};
+use sqlx::{Connection, PgConnection, PgPool};
+
+fn arg(name: &str, default: u64) -> u64 {
+    let argv: Vec<String> = std::env::args().collect();
+    argv.iter()
+        .position(|a| a == name)
+        .and_then(|i| argv.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn server() -> String {
+    std::env::var("DINGSYNC_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+/// A daemon on a fresh database with the embedded emulator.
+struct Run {
+    app: App,
+    pool: PgPool,
+    db_name: String,
+}
+
+impl Run {
+    async fn start(adjust: impl FnOnce(&mut Config)) -> Run {
+        let db_name = format!("dingsync_bench_{}", crypto::random_nonce(8).to_lowercase());
+        let mut config = Config::default();
+        config.database.url = Secret::new(format!("{}/{db_name}", server()));
+        config.server.listen = "127.0.0.1:0".into();
+        config.dingtalk.qps = 0;
+        config.emulator.people_pace_ms = 0;
+        config.outbox.concurrency = arg("--concurrency", 16) as usize;
+        config.log.filter = "warn".into();
+        adjust(&mut config);
+        let app = App::start(config).await.expect("daemon starts");
+        let pool = app.pool.clone();
+        Run { app, pool, db_name }
+    }
+
+    fn emulator(&self) -> Handle {
+        self.app.emulator.as_ref().unwrap().state().clone()
+    }
+
+    /// Inserts rows `from..from+n` (reason "bench <n>") in one statement.
+    async fn insert(&self, from: u64, n: u64) {
+        sqlx::query(
+            "SELECT dingsync.request_approval('bench-' || i, 'PROC-EMU-EXPENSE', 'emp1',
+                jsonb_build_array(jsonb_build_object('name', 'Reason', 'value', 'bench ' || i),
+                                  jsonb_build_object('name', 'Amount', 'value', i)))
+             FROM generate_series($1::bigint, $2::bigint) AS i",
+        )
+        .bind(from as i64)
+        .bind((from + n - 1) as i64)
+        .execute(&self.pool)
+        .await
+        .unwrap();
+    }
+
+    /// Waits until no row is left in flight; returns the time it took.
+    async fn wait_done(&self, within: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let open: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM dingsync.outbox WHERE state IN ('pending', 'sending', 'unknown')",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .unwrap();
+            if open == 0 {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < within,
+                "{open} rows still open after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.app.stop().await.unwrap();
+        let mut admin = PgConnection::connect(&format!("{}/postgres", server()))
+            .await
+            .unwrap();
+        sqlx::raw_sql(&format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.db_name
+        ))
+        .execute(&mut admin)
+        .await
+        .ok();
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    println!(
+        "machine: {} cores",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+
+    let n = arg("--latency-rows", 300);
+    if n > 0 {
+        latency(n).await;
+    }
+    let n = arg("--rows", 5_000);
+    if n > 0 {
+        throughput(n).await;
+    }
+    let n = arg("--budget-rows", 200);
+    if n > 0 {
+        budget(n).await;
+    }
+    let n = arg("--lost-rows", 1_000);
+    if n > 0 {
+        lost(n).await;
+    }
+}
+
+/// Latency, one row at a time into an idle daemon.
+async fn latency(n: u64) {
+    let run = Run::start(|_| {}).await;
+    for i in 0..n {
+        run.insert(i, 1).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    run.wait_done(Duration::from_secs(60)).await;
+    let mut ms: Vec<f64> = sqlx::query_scalar(
+        "SELECT extract(epoch FROM done_at - created_at)::float8 * 1000 FROM dingsync.outbox WHERE state = 'created'",
+    )
+    .fetch_all(&run.pool)
+    .await
+    .unwrap();
+    ms.sort_by(f64::total_cmp);
+    println!(
+        "latency: {} rows one at a time, INSERT to created: p50 {:.1} ms, p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        ms.len(),
+        percentile(&ms, 0.5),
+        percentile(&ms, 0.9),
+        percentile(&ms, 0.99),
+        ms[ms.len() - 1]
+    );
+    run.stop().await;
+}
+
+/// Throughput, budget off.
+async fn throughput(n: u64) {
+    let run = Run::start(|_| {}).await;
+    let started = Instant::now();
+    run.insert(0, n).await;
+    run.wait_done(Duration::from_secs(600)).await;
+    let (created, span, in_flight): (i64, f64, f64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state = 'created'),
+                extract(epoch FROM max(done_at) - min(created_at))::float8,
+                extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY done_at - sent_at))::float8 * 1000
+         FROM dingsync.outbox",
+    )
+    .fetch_one(&run.pool)
+    .await
+    .unwrap();
+    println!(
+        "throughput: {created} of {n} rows created in {span:.2} s (database clock) = {:.0} rows/s; claim to created p50 {in_flight:.1} ms; wall {:.2} s; emulator saw {} creates",
+        created as f64 / span,
+        started.elapsed().as_secs_f64(),
+        run.emulator().calls("topapi/processinstance/create")
+    );
+    run.stop().await;
+}
+
+/// Rate budget at 20 QPS.
+async fn budget(n: u64) {
+    let run = Run::start(|c| c.dingtalk.qps = 20).await;
+    let started = Instant::now();
+    run.insert(0, n).await;
+    let took = run.wait_done(Duration::from_secs(120)).await;
+    let emu = run.emulator();
+    let times = emu.call_times("topapi/processinstance/create");
+    println!(
+        "budget: {n} rows at dingtalk.qps = 20 in {:.1} s = {:.1} creates/s; busiest one-second window at the emulator: {} creates",
+        took.as_secs_f64(),
+        times.len() as f64 / started.elapsed().as_secs_f64(),
+        emu.max_calls_within("topapi/processinstance/create", Duration::from_secs(1))
+    );
+    run.stop().await;
+}
+
+/// 30% of create responses lost.
+async fn lost(n: u64) {
+    let run = Run::start(|c| {
+        c.dingtalk.timeout_ms = 200;
+        c.outbox.lease_ms = 1_000;
+        c.outbox.lost_settle_ms = 100;
+        c.outbox.backoff_base_ms = 50;
+        c.outbox.backoff_max_ms = 1_000;
+    })
+    .await;
+    let emu = run.emulator();
+    emu.update_faults(|f| f.lose_create_response_rate = 0.3);
+    run.insert(0, n).await;
+    let took = run.wait_done(Duration::from_secs(600)).await;
+    emu.reset_faults();
+    let mut per_reason: HashMap<String, Vec<String>> = HashMap::new();
+    for instance in emu.instances() {
+        let reason = instance
+            .form_component_values
+            .iter()
+            .find(|v| v.name == "Reason")
+            .map(|v| v.value.clone())
+            .unwrap_or_default();
+        per_reason
+            .entry(reason)
+            .or_default()
+            .push(instance.process_instance_id);
+    }
+    let rows: Vec<(i64, String, Option<String>, i32)> = sqlx::query_as(
+        "SELECT id, state, process_instance_id, attempts FROM dingsync.outbox ORDER BY id",
+    )
+    .fetch_all(&run.pool)
+    .await
+    .unwrap();
+    let lost = rows.iter().filter(|r| r.1 != "created").count();
+    let duplicates: usize = per_reason
+        .values()
+        .map(|ids| ids.len().saturating_sub(1))
+        .sum();
+    let mut mismatched = 0;
+    let outbox_ids: HashMap<String, String> = sqlx::query_as::<_, (String, String)>(
+        "SELECT 'bench ' || substr(idempotency_key, 7), process_instance_id FROM dingsync.outbox WHERE state = 'created'",
+    )
+    .fetch_all(&run.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    for (reason, pid) in &outbox_ids {
+        if per_reason.get(reason).is_none_or(|ids| !ids.contains(pid)) {
+            mismatched += 1;
+        }
+    }
+    let resent = rows.iter().filter(|r| r.3 > 1).count();
+    println!(
+        "lost responses: {n} rows, 30% of create answers lost: done in {:.1} s; {} creates sent, {} instances in the emulator; duplicates {duplicates}, rows not created {lost}, rows linked to a wrong instance {mismatched}, rows sent more than once {resent}",
+        took.as_secs_f64(),
+        emu.calls("topapi/processinstance/create"),
+        emu.instances().len()
+    );
+    run.stop().await;
+}
