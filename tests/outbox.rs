@@ -695,3 +695,67 @@ async fn operator_commands_retry_and_cancel_only_what_cannot_double_an_approval(
     assert!(manage::cancel(&pool, 999_999).await.is_err());
     pool.close().await;
 }
+
+#[tokio::test]
+async fn a_stopped_daemon_leaves_no_row_sending_and_the_next_one_finishes_the_rest_once() {
+    let emu = standalone_emulator().await;
+    emu.state().update_faults(|f| f.latency_ms = 100);
+    let db = TestDb::new();
+    let mut config = against(&emu, &db);
+    config.outbox.concurrency = 2;
+    let first = App::start(config.clone()).await.unwrap();
+    let pool = PgPool::connect(&db.url).await.unwrap();
+    sqlx::query(
+        "SELECT dingsync.request_approval('stop-' || n, 'PROC-EMU-EXPENSE', 'emp1',
+            jsonb_build_array(jsonb_build_object('name', 'Reason', 'value', 'stop ' || n),
+                              jsonb_build_object('name', 'Amount', 'value', n)))
+         FROM generate_series(1, 30) AS n",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(10), "a few rows created", || async {
+        let created: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM dingsync.outbox WHERE state = 'created'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        (created >= 4).then_some(())
+    })
+    .await;
+    first.stop().await.unwrap();
+    let states: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM dingsync.outbox GROUP BY 1 ORDER BY 1")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert!(
+        states.iter().all(|(s, _)| s == "created" || s == "pending"),
+        "after a stop every row is created or pending: {states:?}"
+    );
+    // Rows given back unsent do not count an attempt.
+    let pending_attempts: i64 = sqlx::query_scalar(
+        "SELECT coalesce(sum(attempts), 0) FROM dingsync.outbox WHERE state = 'pending'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(pending_attempts, 0);
+
+    emu.state().reset_faults();
+    let second = App::start(config).await.unwrap();
+    eventually(Duration::from_secs(15), "all 30 rows created", || async {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM dingsync.outbox WHERE state <> 'created'")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        (left == 0).then_some(())
+    })
+    .await;
+    assert_eq!(emu.state().instances().len(), 30);
+    assert_eq!(emu.state().calls("topapi/processinstance/create"), 30);
+    second.stop().await.unwrap();
+    pool.close().await;
+    emu.stop().await;
+}

@@ -128,7 +128,8 @@ impl Worker {
                             let (worker, permits) = (self.clone(), permits.clone());
                             tasks.spawn(async move {
                                 let Ok(_permit) = permits.acquire().await else {
-                                    return;
+                                    // Stopping: nothing was sent for this row yet.
+                                    return worker.release(claim.row.id).await;
                                 };
                                 worker.process(claim, claimed_at).await
                             });
@@ -166,11 +167,21 @@ impl Worker {
                 }
             }
         }
+        // Rows claimed ahead and not started are given back at once.
+        permits.close();
         self.stop(tasks).await;
         // Every task has ended, so nothing waits for the recorder any more.
         if let Some(recorder) = recorder {
             recorder.abort();
         }
+    }
+
+    async fn release(&self, id: i64) {
+        if let Err(e) = store::release(&self.pool, &self.corp_id, id).await {
+            // Its lease runs out and it is taken over as usual.
+            tracing::warn!(outbox_id = id, error = %e, "outbox: could not give back a claimed row");
+        }
+        self.in_flight.lock().unwrap().remove(&id);
     }
 
     /// Hands a successful create to the recorder and waits until it is committed.

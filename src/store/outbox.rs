@@ -264,6 +264,24 @@ pub async fn record_unknown(
     Ok(done.rows_affected())
 }
 
+/// Gives back a claimed row that was never worked on (the worker is stopping): a `sending` row
+/// whose create was not sent goes back to `pending` without counting the attempt, an `unknown`
+/// row stays `unknown`; both are due at once for the next worker.
+pub async fn release(pool: &PgPool, corp_id: &str, id: i64) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE dingsync.outbox SET
+                state = CASE WHEN state = 'sending' THEN 'pending' ELSE state END,
+                attempts = CASE WHEN state = 'sending' THEN attempts - 1 ELSE attempts END,
+                next_attempt_at = now(), updated_at = now()
+         WHERE corp_id = $1 AND id = $2 AND state IN ('sending', 'unknown')",
+    )
+    .bind(corp_id)
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Of these instance ids, the ones an outbox row of `corp_id` already owns.
 pub async fn owned_instances(
     pool: &PgPool,
