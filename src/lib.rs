@@ -13,5 +13,7 @@ pub mod emulator;
 pub mod error;
 pub mod event;
 pub mod ingest;
+pub mod reconcile;
+pub mod scheduler;
 pub mod store;
 pub mod telemetry;

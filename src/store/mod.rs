@@ -2,8 +2,11 @@
 //! caller decides the transaction. This module also owns connecting (creating the database when
 //! it is missing) and applying the migrations.
 
+pub mod approvals;
 pub mod batch;
+pub mod job_runs;
 mod migrate;
+pub mod sync_state;
 
 use std::{str::FromStr, time::Duration};
 
