@@ -176,9 +176,11 @@ pub async fn fetch_and_apply(
 }
 
 /// Runs `work` for each item with at most `limit` in flight; adds up the outcomes in `counts`.
+/// On shutdown no new item starts; those in flight finish (each commits on its own).
 async fn for_each<I, F, Fut>(
     items: Vec<I>,
     limit: u32,
+    shutdown: &CancellationToken,
     counts: &mut Counts,
     work: F,
 ) -> anyhow::Result<()>
@@ -190,6 +192,9 @@ where
     let mut running = JoinSet::new();
     let mut first_error = None;
     for item in items {
+        if shutdown.is_cancelled() {
+            break;
+        }
         while running.len() >= limit as usize {
             record(running.join_next().await, counts, &mut first_error);
         }
@@ -242,12 +247,18 @@ pub async fn details(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Res
         after = Some(last);
         let ids = page.into_iter().map(|w| w.process_instance_id).collect();
         let ctx2 = ctx.clone();
-        for_each(ids, c.concurrency, &mut counts, move |id: String| {
-            let ctx = ctx2.clone();
-            async move {
-                fetch_and_apply(&ctx, &id, Priority::Live, SnapshotSource::Details, None).await
-            }
-        })
+        for_each(
+            ids,
+            c.concurrency,
+            shutdown,
+            &mut counts,
+            move |id: String| {
+                let ctx = ctx2.clone();
+                async move {
+                    fetch_and_apply(&ctx, &id, Priority::Live, SnapshotSource::Details, None).await
+                }
+            },
+        )
         .await?;
     }
     Ok(counts)
@@ -265,12 +276,18 @@ pub async fn sweep(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Resul
             break;
         }
         let ctx2 = ctx.clone();
-        for_each(ids, c.concurrency, &mut counts, move |id: String| {
-            let ctx = ctx2.clone();
-            async move {
-                fetch_and_apply(&ctx, &id, Priority::Bulk, SnapshotSource::Sweep, None).await
-            }
-        })
+        for_each(
+            ids,
+            c.concurrency,
+            shutdown,
+            &mut counts,
+            move |id: String| {
+                let ctx = ctx2.clone();
+                async move {
+                    fetch_and_apply(&ctx, &id, Priority::Bulk, SnapshotSource::Sweep, None).await
+                }
+            },
+        )
         .await?;
     }
     Ok(counts)
