@@ -587,3 +587,83 @@ async fn an_event_arriving_during_a_detail_fetch_causes_another_fetch() {
     app.stop().await;
     emu.stop().await;
 }
+
+/// `dingsync` itself, configured through the environment for `emu` and the database at `url`.
+fn command(emu: &Emulator, url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_dingsync"))
+        .args(args)
+        .env("DINGSYNC_DATABASE_URL", url)
+        .env("DINGSYNC_DINGTALK_API_BASE", emu.base_url())
+        .env("DINGSYNC_DINGTALK_APP_KEY", DEFAULT_APP_KEY)
+        .env("DINGSYNC_DINGTALK_APP_SECRET", DEFAULT_APP_SECRET)
+        .env("DINGSYNC_DINGTALK_CORP_ID", CORP_ID)
+        .env("DINGSYNC_DINGTALK_QPS", "0")
+        .env("DINGSYNC_CALLBACK_TOKEN", "tok123")
+        .env(
+            "DINGSYNC_CALLBACK_AES_KEY",
+            dingsync::crypto::random_aes_key(),
+        )
+        .env("DINGSYNC_CALLBACK_OWNER_KEY", CORP_ID)
+        .env("DINGSYNC_RECONCILE_PROCESS_CODES", CODES.join(","))
+        .env("DINGSYNC_LOG_FILTER", "warn")
+        .output()
+        .expect("dingsync runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_reports_missing_approvals_and_exits_non_zero_until_a_backfill_repairs_them() {
+    let emu = emulator().await;
+    for n in 0..3 {
+        emu.state()
+            .start_instance(start(CODES[n % 2], "emp1", &["manager1"]))
+            .unwrap();
+    }
+    let db = TestDb::new();
+    let url = db.url.clone();
+    let drift = command(&emu, &url, &["drift", "--since", "1d"]);
+    let out = String::from_utf8_lossy(&drift.stdout);
+    assert_eq!(drift.status.code(), Some(1), "{out}");
+    assert_eq!(out.matches("missing ").count(), 3, "{out}");
+
+    let too_old = command(
+        &emu,
+        &url,
+        &[
+            "backfill",
+            "--process-code",
+            CODES[0],
+            "--since",
+            "2020-01-01",
+        ],
+    );
+    let err = String::from_utf8_lossy(&too_old.stderr);
+    assert!(!too_old.status.success());
+    assert!(err.contains("365 days"), "{err}");
+    assert_eq!(
+        emu.state().calls("topapi/processinstance/listids"),
+        2,
+        "drift listed both codes once"
+    );
+
+    let since = (Utc::now() - TimeDelta::days(1)).to_rfc3339();
+    for code in CODES {
+        let backfill = command(
+            &emu,
+            &url,
+            &["backfill", "--process-code", code, "--since", &since],
+        );
+        assert!(
+            backfill.status.success(),
+            "{}",
+            String::from_utf8_lossy(&backfill.stderr)
+        );
+    }
+    let drift = command(&emu, &url, &["drift", "--since", "1d"]);
+    let out = String::from_utf8_lossy(&drift.stdout);
+    assert_eq!(drift.status.code(), Some(0), "{out}");
+    assert!(
+        out.contains("3 listed, 0 missing, 0 extra, 0 disagreeing"),
+        "{out}"
+    );
+    emu.stop().await;
+}
