@@ -667,3 +667,95 @@ async fn drift_reports_missing_approvals_and_exits_non_zero_until_a_backfill_rep
     );
     emu.stop().await;
 }
+
+#[tokio::test]
+async fn a_snapshot_corrects_a_terminal_state_but_never_an_older_one_a_newer_and_keeps_outbox_id() {
+    use dingsync::{
+        reconcile::snapshot::Snapshot,
+        store::approvals::{Applied, Cadence, SnapshotSource, apply_snapshot},
+    };
+    let db = TestDb::new();
+    let config = test_config(&db.url);
+    let pool = dingsync::store::connect_and_migrate(&config.database)
+        .await
+        .unwrap();
+    // Events said TERMINATED first (first terminal wins); the row was created by the outbox.
+    sqlx::query(
+        "INSERT INTO dingsync.approvals (corp_id, process_instance_id, status, outbox_id, created_at)
+         VALUES ($1, 'p1', 'TERMINATED', 42, '2026-11-28 10:00:00.123+00')",
+    )
+    .bind(CORP_ID)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let snapshot = |status: &str, result: Option<&str>| Snapshot {
+        process_instance_id: "p1".into(),
+        status: status.into(),
+        result: result.map(str::to_string),
+        title: Some("t".into()),
+        business_id: None,
+        originator_userid: Some("emp1".into()),
+        originator_dept_id: Some("100".into()),
+        created_at: Some("2026-11-28T10:00:00Z".parse().unwrap()),
+        finished_at: (status != "RUNNING").then(|| "2026-11-28T11:00:00Z".parse().unwrap()),
+        form_values: json!([{"name": "Reason", "value": "trip"}]),
+        operation_records: json!([]),
+        tasks: Vec::new(),
+    };
+    let cadence = Cadence {
+        min_s: 60,
+        max_s: 3600,
+        divisor: 10,
+    };
+    let at = |s: &str| -> DateTime<Utc> { s.parse().unwrap() };
+    let mut conn = pool.acquire().await.unwrap();
+    let mut apply = async |snap: Snapshot, requested: &str| {
+        apply_snapshot(
+            &mut conn,
+            CORP_ID,
+            &snap,
+            at(requested),
+            SnapshotSource::Sweep,
+            None,
+            cadence,
+        )
+        .await
+        .unwrap()
+    };
+    let row = async || -> (String, Option<String>, Option<i64>, DateTime<Utc>) {
+        sqlx::query_as(
+            "SELECT status, result, outbox_id, created_at FROM dingsync.approvals WHERE process_instance_id = 'p1'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+
+    let applied = apply(snapshot("COMPLETED", Some("agree")), "2026-11-28T12:00:00Z").await;
+    assert_eq!(applied, Applied::Yes { changed: true });
+    let (status, result, outbox_id, created_at) = row().await;
+    assert_eq!(
+        (status.as_str(), result.as_deref(), outbox_id),
+        ("COMPLETED", Some("agree"), Some(42))
+    );
+    assert_eq!(
+        created_at,
+        at("2026-11-28T10:00:00.123Z"),
+        "the event's milliseconds are kept within the snapshot's second"
+    );
+
+    let older = apply(snapshot("TERMINATED", None), "2026-11-28T11:30:00Z").await;
+    assert_eq!(older, Applied::Stale);
+    assert_eq!(row().await.0, "COMPLETED");
+
+    let newer_but_behind = apply(snapshot("RUNNING", None), "2026-11-28T13:00:00Z").await;
+    assert_eq!(newer_but_behind, Applied::Yes { changed: false });
+    let (status, result, outbox_id, _) = row().await;
+    assert_eq!(
+        (status.as_str(), result.as_deref(), outbox_id),
+        ("COMPLETED", Some("agree"), Some(42)),
+        "a status never drops a rank"
+    );
+    drop(conn);
+    pool.close().await;
+}
