@@ -24,7 +24,7 @@ use crate::{
     dingtalk::{self, types::CallbackRegistration},
     emulator::{Emulator, EmulatorConfig},
     ingest::Ingest,
-    outbox, store,
+    outbox, reconcile, scheduler, store,
 };
 
 /// CorpId the embedded emulator's organisation uses (and events without a corpId fall back to
@@ -43,6 +43,9 @@ pub struct App {
     pub emulator: Option<Emulator>,
     /// The DingTalk client; `None` without credentials (then `serve` only serves callbacks).
     pub client: Option<dingtalk::Client>,
+    /// The reconcile jobs' context (with a DingTalk client), e.g. for `scheduler::run_job_now`.
+    pub reconcile: Option<reconcile::Context>,
+    scheduler: Option<scheduler::Scheduler>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
     /// Background loops (the outbox worker) that finish their work on shutdown.
@@ -116,7 +119,15 @@ impl App {
         } else if config.outbox.enabled {
             tracing::warn!("no DingTalk client: dingsync.outbox rows are not sent by this replica");
         }
-        let app = App {
+        let reconcile = client.as_ref().map(|client| {
+            reconcile::Context::new(
+                pool.clone(),
+                client.clone(),
+                &config.dingtalk.corp_id,
+                &config.reconcile,
+            )
+        });
+        let mut app = App {
             addr,
             pool,
             shutdown,
@@ -124,6 +135,8 @@ impl App {
             workers,
             emulator,
             client,
+            reconcile,
+            scheduler: None,
         };
         if let (Some(emulator), Some(client)) = (&app.emulator, &app.client) {
             let url = format!("http://{addr}/dingtalk/callback");
@@ -140,12 +153,27 @@ impl App {
                 "embedded DingTalk emulator running; callback registered with it (dingtalk.api_base = \"emulator\")"
             );
         }
+        if let Some(ctx) = app.reconcile.clone() {
+            let replica = scheduler::replica_name();
+            match scheduler::start(ctx, &config.scheduler, &replica, app.shutdown.clone()).await {
+                Ok(running) => app.scheduler = Some(running),
+                Err(e) => {
+                    if let Err(stopped) = app.stop().await {
+                        tracing::warn!(error = %format!("{stopped:#}"), "stopping after a failed start");
+                    }
+                    return Err(e);
+                }
+            }
+        }
         Ok(app)
     }
 
     /// Stops accepting, lets in-flight requests and their commits finish, and waits for that.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
+        if let Some(scheduler) = self.scheduler {
+            scheduler.stop().await;
+        }
         self.task.await.context("server task")??;
         for worker in self.workers {
             worker.await.context("worker task")?;

@@ -25,6 +25,37 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub emulator: EmulatorSettings,
     pub log: LogConfig,
+    pub scheduler: SchedulerConfig,
+    pub reconcile: ReconcileConfig,
+}
+
+/// When each reconcile job runs: cron strings with six fields, seconds first
+/// (`sec min hour day-of-month month day-of-week`), in UTC (tokio-cron-scheduler).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    pub details: String,
+    pub sweep: String,
+    pub backfill: String,
+    pub failed: String,
+}
+
+/// How the reconcile jobs work (`src/reconcile/`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReconcileConfig {
+    #[serde(deserialize_with = "string_or_list")]
+    pub process_codes: Vec<String>,
+    pub detail_quiet_ms: u64,
+    pub detail_max_wait_ms: u64,
+    pub batch_size: u32,
+    pub concurrency: u32,
+    pub sweep_min_interval_s: u64,
+    pub sweep_max_interval_s: u64,
+    pub sweep_age_divisor: u32,
+    pub backfill_days: u32,
+    pub backfill_window_days: u32,
+    pub backfill_overlap_s: u64,
 }
 
 /// The DingTalk emulator: embedded in `serve` when `dingtalk.api_base = "emulator"`, or
@@ -165,6 +196,25 @@ impl Default for Config {
                 format: LogFormat::Text,
                 filter: "info".into(),
             },
+            scheduler: SchedulerConfig {
+                details: "*/5 * * * * *".into(),
+                sweep: "0 * * * * *".into(),
+                backfill: "0 17 19 * * *".into(),
+                failed: "30 */2 * * * *".into(),
+            },
+            reconcile: ReconcileConfig {
+                process_codes: Vec::new(),
+                detail_quiet_ms: 1_000,
+                detail_max_wait_ms: 30_000,
+                batch_size: 100,
+                concurrency: 4,
+                sweep_min_interval_s: 60,
+                sweep_max_interval_s: 21_600,
+                sweep_age_divisor: 10,
+                backfill_days: 30,
+                backfill_window_days: 30,
+                backfill_overlap_s: 3_600,
+            },
         }
     }
 }
@@ -186,7 +236,9 @@ default_from_config!(
     IngestConfig => ingest,
     OutboxConfig => outbox,
     EmulatorSettings => emulator,
-    LogConfig => log
+    LogConfig => log,
+    SchedulerConfig => scheduler,
+    ReconcileConfig => reconcile
 );
 
 /// A configuration mistake, naming the key and the rule it breaks.
@@ -359,6 +411,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_reconcile()?;
         if self.log.filter.trim().is_empty() {
             return Err(invalid(
                 "log.filter",
@@ -401,6 +454,71 @@ impl Config {
             return Err(invalid(
                 "outbox.lost_settle_ms",
                 "must be at most half of outbox.lease_ms",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The `[scheduler]` and `[reconcile]` rules (issue 5), naming the key that breaks one.
+    fn validate_reconcile(&self) -> Result<(), ConfigError> {
+        let s = &self.scheduler;
+        for (key, schedule) in [
+            ("scheduler.details", &s.details),
+            ("scheduler.sweep", &s.sweep),
+            ("scheduler.backfill", &s.backfill),
+            ("scheduler.failed", &s.failed),
+        ] {
+            crate::scheduler::parse_schedule(schedule).map_err(|e| invalid(key, e))?;
+        }
+        let r = &self.reconcile;
+        if r.process_codes.iter().any(|c| c.trim().is_empty()) {
+            return Err(invalid(
+                "reconcile.process_codes",
+                "contains an empty entry",
+            ));
+        }
+        if r.batch_size == 0 {
+            return Err(invalid("reconcile.batch_size", "must be at least 1"));
+        }
+        if r.concurrency == 0 || r.concurrency >= self.database.max_connections {
+            return Err(invalid(
+                "reconcile.concurrency",
+                "must be at least 1 and less than database.max_connections",
+            ));
+        }
+        if r.detail_max_wait_ms < r.detail_quiet_ms {
+            return Err(invalid(
+                "reconcile.detail_max_wait_ms",
+                "must be at least reconcile.detail_quiet_ms",
+            ));
+        }
+        if r.sweep_max_interval_s < r.sweep_min_interval_s {
+            return Err(invalid(
+                "reconcile.sweep_max_interval_s",
+                "must be at least reconcile.sweep_min_interval_s",
+            ));
+        }
+        if r.sweep_age_divisor == 0 {
+            return Err(invalid("reconcile.sweep_age_divisor", "must be at least 1"));
+        }
+        // DingTalk's listids limits (API.md §2.4): a window spans at most 120 days and starts
+        // within the last 365 days.
+        if !(1..=120).contains(&r.backfill_window_days) {
+            return Err(invalid(
+                "reconcile.backfill_window_days",
+                "must be 1 to 120 (DingTalk's listids window is at most 120 days)",
+            ));
+        }
+        if !(1..=364).contains(&r.backfill_days) {
+            return Err(invalid(
+                "reconcile.backfill_days",
+                "must be 1 to 364 (listids only reaches the last 365 days)",
+            ));
+        }
+        if r.backfill_overlap_s >= u64::from(r.backfill_window_days) * 86_400 {
+            return Err(invalid(
+                "reconcile.backfill_overlap_s",
+                "must be shorter than reconcile.backfill_window_days",
             ));
         }
         Ok(())
@@ -635,6 +753,37 @@ mod tests {
         assert!(err.starts_with("dingtalk.corp_id:"), "{err}");
         env.push(("DINGSYNC_DINGTALK_CORP_ID", "dingcorp"));
         load(SHIPPED, &env).unwrap();
+    }
+
+    #[test]
+    fn every_shipped_schedule_parses() {
+        let s = load(SHIPPED, &[]).unwrap().scheduler;
+        for schedule in [&s.details, &s.sweep, &s.backfill, &s.failed] {
+            crate::scheduler::parse_schedule(schedule)
+                .unwrap_or_else(|e| panic!("{schedule}: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_bad_schedule_or_window_names_its_key() {
+        let err = load(SHIPPED, &[("DINGSYNC_SCHEDULER_SWEEP", "every minute")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("scheduler.sweep:"), "{err}");
+        let err = load(SHIPPED, &[("DINGSYNC_SCHEDULER_FAILED", "0 * * * *")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("scheduler.failed:"), "{err}");
+        let err = load(
+            SHIPPED,
+            &[("DINGSYNC_RECONCILE_BACKFILL_WINDOW_DAYS", "121")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("reconcile.backfill_window_days:") && err.contains("120"),
+            "{err}"
+        );
     }
 
     #[test]

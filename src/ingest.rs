@@ -210,7 +210,10 @@ fn classify(e: &sqlx::Error, event: &Event) -> IngestError {
 
 /// One transaction: store the events that are new, apply their changes, notify, commit.
 /// Returns the keys of the events that were new.
-async fn store_events(pool: &PgPool, events: &[&Event]) -> sqlx::Result<HashSet<(String, String)>> {
+pub(crate) async fn store_events(
+    pool: &PgPool,
+    events: &[&Event],
+) -> sqlx::Result<HashSet<(String, String)>> {
     // A statement may touch a row once, and one row version per approval is cheaper than one
     // per event: fold each approval's (and task's) changes of this batch into one, in arrival
     // order, with the same monotonic rule the SQL applies against the stored row.

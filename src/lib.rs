@@ -16,5 +16,7 @@ pub mod error;
 pub mod event;
 pub mod ingest;
 pub mod outbox;
+pub mod reconcile;
+pub mod scheduler;
 pub mod store;
 pub mod telemetry;

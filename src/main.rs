@@ -47,6 +47,30 @@ enum Command {
         #[command(subcommand)]
         action: OutboxCommand,
     },
+    /// List instance ids of a template at DingTalk and fetch the approvals the database lacks
+    /// (resumes an interrupted run with the same --since).
+    Backfill {
+        /// The approval template (PROC-...).
+        #[arg(long)]
+        process_code: String,
+        /// First day to list: YYYY-MM-DD (Beijing time, DingTalk's) or an RFC 3339 time; within
+        /// the last 365 days (DingTalk's limit).
+        #[arg(long)]
+        since: String,
+        /// List and count only; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Compare the database with a fresh DingTalk listing of reconcile.process_codes; print
+    /// missing, extra and disagreeing approvals; exit 1 when there are any.
+    Drift {
+        /// How far back: 7d, 12h, 30m.
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// Templates to compare (default: reconcile.process_codes). Repeatable.
+        #[arg(long)]
+        process_code: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -89,6 +113,20 @@ async fn main() -> ExitCode {
         }
     };
     telemetry::init(&config.log);
+    if let Command::Drift {
+        since,
+        process_code,
+    } = &cli.command
+    {
+        return match drift(&config, since, process_code).await {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("dingsync: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let result = match cli.command {
         Command::Serve => app::run(config).await,
         Command::Migrate => store::connect_and_migrate(&config.database)
@@ -97,6 +135,12 @@ async fn main() -> ExitCode {
         Command::Callback { action } => callback(&config, action).await,
         Command::Emulator { listen } => emulator(&config, listen).await,
         Command::Outbox { action } => outbox(&config, action).await,
+        Command::Backfill {
+            process_code,
+            since,
+            dry_run,
+        } => backfill(&config, &process_code, &since, dry_run).await,
+        Command::Drift { .. } => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -134,6 +178,88 @@ async fn outbox(config: &Config, command: OutboxCommand) -> anyhow::Result<()> {
     pool.close().await;
     println!("{}", output?);
     Ok(())
+}
+
+/// The reconcile context of an operator command (needs a real DingTalk's credentials).
+async fn reconcile_context(config: &Config) -> anyhow::Result<dingsync::reconcile::Context> {
+    if config.uses_emulator() {
+        anyhow::bail!(
+            "dingtalk.api_base: backfill and drift talk to a DingTalk (or a standalone `dingsync emulator` at its URL); the embedded emulator lives inside `serve`"
+        );
+    }
+    app::install_crypto_provider();
+    let pool = store::connect_and_migrate(&config.database).await?;
+    let client = manage::client(config, pool.clone()).await?;
+    Ok(dingsync::reconcile::Context::new(
+        pool,
+        client,
+        &config.dingtalk.corp_id,
+        &config.reconcile,
+    ))
+}
+
+async fn backfill(
+    config: &Config,
+    process_code: &str,
+    since: &str,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let since = parse_since(since)?;
+    let ctx = reconcile_context(config).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let on_signal = stop.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        on_signal.cancel();
+    });
+    let report =
+        dingsync::reconcile::backfill::run(&ctx, process_code, since, dry_run, &stop).await?;
+    println!(
+        "{process_code}: {} windows, {} pages, {} ids, {} not in the database, {} fetched{}{}",
+        report.windows,
+        report.pages,
+        report.ids,
+        report.missing,
+        report.fetched,
+        if report.resumed { " (resumed)" } else { "" },
+        if dry_run {
+            " (dry run: nothing written)"
+        } else {
+            ""
+        }
+    );
+    if stop.is_cancelled() {
+        println!("interrupted: run the same command again to resume");
+    }
+    Ok(())
+}
+
+/// `YYYY-MM-DD` is midnight in Beijing time (DingTalk's day); anything else must be RFC 3339.
+fn parse_since(text: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(day) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        let midnight = day.and_hms_opt(0, 0, 0).expect("midnight exists");
+        return Ok((midnight - chrono::Duration::hours(8)).and_utc());
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.to_utc())
+        .map_err(|_| anyhow::anyhow!("--since {text:?}: use YYYY-MM-DD or an RFC 3339 time"))
+}
+
+/// Prints the drift report; `Ok(true)` when there is none.
+async fn drift(config: &Config, since: &str, codes: &[String]) -> anyhow::Result<bool> {
+    let period = dingsync::reconcile::drift::parse_period(since)?;
+    let codes = if codes.is_empty() {
+        config.reconcile.process_codes.clone()
+    } else {
+        codes.to_vec()
+    };
+    if codes.is_empty() {
+        anyhow::bail!("no process code: set reconcile.process_codes or pass --process-code");
+    }
+    let ctx = reconcile_context(config).await?;
+    let report = dingsync::reconcile::drift::run(&ctx, &codes, chrono::Utc::now() - period).await?;
+    println!("{report}");
+    Ok(report.is_clean())
 }
 
 async fn emulator(config: &Config, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {

@@ -125,12 +125,22 @@ impl Client {
         Ok(r.process_instance_id)
     }
 
-    /// `topapi/processinstance/get` (API.md §2.3).
+    /// `topapi/processinstance/get` (API.md §2.3), as live work.
     pub async fn get_instance(&self, process_instance_id: &str) -> Result<ProcessInstance, Error> {
+        self.get_instance_at(process_instance_id, Priority::Live)
+            .await
+    }
+
+    /// `topapi/processinstance/get` at `priority` (sweeps and backfills use `Bulk`).
+    pub async fn get_instance_at(
+        &self,
+        process_instance_id: &str,
+        priority: Priority,
+    ) -> Result<ProcessInstance, Error> {
         let body = serde_json::json!({ "process_instance_id": process_instance_id });
         let r: GetInstanceResponse = self
             .call(
-                Priority::Live,
+                priority,
                 Method::POST,
                 "/topapi/processinstance/get",
                 Some(&body),

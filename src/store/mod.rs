@@ -2,9 +2,12 @@
 //! caller decides the transaction. This module also owns connecting (creating the database when
 //! it is missing) and applying the migrations.
 
+pub mod approvals;
 pub mod batch;
+pub mod job_runs;
 mod migrate;
 pub mod outbox;
+pub mod sync_state;
 
 use std::{str::FromStr, time::Duration};
 

@@ -1,0 +1,294 @@
+//! Reconciliation (issue 5): events are hints, DingTalk's API is the truth. Owns what the
+//! scheduled jobs do (the scheduler only decides when, `scheduler.rs`):
+//! - `details`: `processinstance/get` for approvals an event marked, coalesced per burst;
+//! - `sweep`: re-check approvals still NEW/RUNNING, young often and old rarely;
+//! - `backfill`: `processinstance/listids` per process_code in windows, resumable;
+//! - `failed`: drain DingTalk's read-once failed-push list;
+//! - `drift`: compare the database with a fresh listing (operator command).
+//!
+//! Every job is safe to run twice and safe to interrupt: each step is committed on its own and
+//! a snapshot is applied by the monotonic rule of `store::approvals`. SQL lives in `store`.
+
+pub mod backfill;
+pub mod drift;
+pub mod failed;
+pub mod snapshot;
+
+use std::{collections::BTreeMap, future::Future, sync::Arc};
+
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::ReconcileConfig,
+    dingtalk::{self, Priority},
+    store::approvals::{self, Applied, Cadence, SnapshotSource},
+};
+use snapshot::Snapshot;
+
+/// Everything a job needs; cheap to clone.
+#[derive(Clone)]
+pub struct Context {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    client: dingtalk::Client,
+    corp_id: String,
+    config: ReconcileConfig,
+}
+
+impl Context {
+    /// `corp_id` is the organisation the client's app belongs to (`dingtalk.corp_id`).
+    pub fn new(
+        pool: PgPool,
+        client: dingtalk::Client,
+        corp_id: &str,
+        config: &ReconcileConfig,
+    ) -> Context {
+        Context {
+            inner: Arc::new(Inner {
+                pool,
+                client,
+                corp_id: corp_id.to_string(),
+                config: config.clone(),
+            }),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    pub fn client(&self) -> &dingtalk::Client {
+        &self.inner.client
+    }
+
+    pub fn corp_id(&self) -> &str {
+        &self.inner.corp_id
+    }
+
+    pub fn config(&self) -> &ReconcileConfig {
+        &self.inner.config
+    }
+
+    fn cadence(&self) -> Cadence {
+        let c = &self.inner.config;
+        Cadence {
+            min_s: c.sweep_min_interval_s,
+            max_s: c.sweep_max_interval_s,
+            divisor: c.sweep_age_divisor,
+        }
+    }
+}
+
+/// What a run did, by name (stored as `job_runs.counts`).
+pub type Counts = BTreeMap<&'static str, u64>;
+
+/// What one fetch-and-apply came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetched {
+    Changed,
+    Unchanged,
+    /// A newer snapshot had been applied meanwhile.
+    Stale,
+    /// DingTalk refused (e.g. the instance does not exist): not asked again until the sweep's
+    /// longest interval has passed, or a new event.
+    Rejected,
+    /// Transient failure or an unreadable answer: tried again by the next run.
+    Failed,
+}
+
+impl Fetched {
+    fn name(self) -> &'static str {
+        match self {
+            Fetched::Changed => "changed",
+            Fetched::Unchanged => "unchanged",
+            Fetched::Stale => "stale",
+            Fetched::Rejected => "rejected",
+            Fetched::Failed => "failed",
+        }
+    }
+}
+
+/// Fetches one instance and applies the snapshot. Database errors end the run (`Err`); DingTalk
+/// errors are outcomes of this one approval.
+pub async fn fetch_and_apply(
+    ctx: &Context,
+    process_instance_id: &str,
+    priority: Priority,
+    source: SnapshotSource,
+    process_code: Option<&str>,
+) -> anyhow::Result<Fetched> {
+    let pool = ctx.pool();
+    let corp = ctx.corp_id();
+    // Stamped before the request leaves, on the clock events are stamped with: whatever the
+    // answer says was true at least at this moment.
+    let requested_at = approvals::clock(pool).await?;
+    let answer = ctx
+        .client()
+        .get_instance_at(process_instance_id, priority)
+        .await;
+    let snap = match answer {
+        Ok(instance) => Snapshot::from_instance(process_instance_id, &instance),
+        Err(dingtalk::Error::Rejected { errcode, errmsg }) => {
+            tracing::warn!(%process_instance_id, errcode, %errmsg, "processinstance/get refused; not asking again soon");
+            let later = ctx.config().sweep_max_interval_s;
+            approvals::postpone(pool, corp, process_instance_id, requested_at, later, true).await?;
+            return Ok(Fetched::Rejected);
+        }
+        Err(e) => {
+            tracing::warn!(%process_instance_id, error = %e, "processinstance/get failed; next run retries");
+            approvals::postpone(pool, corp, process_instance_id, requested_at, 0, false).await?;
+            return Ok(Fetched::Failed);
+        }
+    };
+    let snap = match snap {
+        Ok(snap) => snap,
+        Err(e) => {
+            tracing::error!(%process_instance_id, error = %e, "unreadable processinstance/get answer");
+            approvals::postpone(pool, corp, process_instance_id, requested_at, 0, false).await?;
+            return Ok(Fetched::Failed);
+        }
+    };
+    let mut conn = pool.acquire().await?;
+    let applied = approvals::apply_snapshot(
+        &mut conn,
+        corp,
+        &snap,
+        requested_at,
+        source,
+        process_code,
+        ctx.cadence(),
+    )
+    .await?;
+    Ok(match applied {
+        Applied::Yes { changed: true } => Fetched::Changed,
+        Applied::Yes { changed: false } => Fetched::Unchanged,
+        Applied::Stale => {
+            // Still leave this run's sweep queue.
+            approvals::postpone(pool, corp, process_instance_id, requested_at, 0, true).await?;
+            Fetched::Stale
+        }
+    })
+}
+
+/// Runs `work` for each item with at most `limit` in flight; adds up the outcomes in `counts`.
+/// On shutdown no new item starts; those in flight finish (each commits on its own).
+async fn for_each<I, F, Fut>(
+    items: Vec<I>,
+    limit: u32,
+    shutdown: &CancellationToken,
+    counts: &mut Counts,
+    work: F,
+) -> anyhow::Result<()>
+where
+    I: Send + 'static,
+    F: Fn(I) -> Fut,
+    Fut: Future<Output = anyhow::Result<Fetched>> + Send + 'static,
+{
+    let mut running = JoinSet::new();
+    let mut first_error = None;
+    for item in items {
+        if shutdown.is_cancelled() {
+            break;
+        }
+        while running.len() >= limit as usize {
+            record(running.join_next().await, counts, &mut first_error);
+        }
+        running.spawn(work(item));
+    }
+    while let Some(done) = running.join_next().await {
+        record(Some(done), counts, &mut first_error);
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn record(
+    done: Option<Result<anyhow::Result<Fetched>, tokio::task::JoinError>>,
+    counts: &mut Counts,
+    first_error: &mut Option<anyhow::Error>,
+) {
+    match done {
+        Some(Ok(Ok(fetched))) => {
+            *counts.entry("fetched").or_default() += 1;
+            *counts.entry(fetched.name()).or_default() += 1;
+        }
+        Some(Ok(Err(e))) => {
+            first_error.get_or_insert(e);
+        }
+        Some(Err(e)) => {
+            first_error.get_or_insert(anyhow::anyhow!("fetch task failed: {e}"));
+        }
+        None => {}
+    }
+}
+
+/// The `details` job: one `processinstance/get` per marked approval, live priority.
+pub async fn details(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Result<Counts> {
+    let mut counts = Counts::new();
+    let c = ctx.config();
+    let mut after = None;
+    while !shutdown.is_cancelled() {
+        let page = approvals::wanted_page(
+            ctx.pool(),
+            ctx.corp_id(),
+            c.detail_quiet_ms,
+            c.detail_max_wait_ms,
+            after.as_ref(),
+            c.batch_size,
+        )
+        .await?;
+        let Some(last) = page.last().cloned() else {
+            break;
+        };
+        after = Some(last);
+        let ids = page.into_iter().map(|w| w.process_instance_id).collect();
+        let ctx2 = ctx.clone();
+        for_each(
+            ids,
+            c.concurrency,
+            shutdown,
+            &mut counts,
+            move |id: String| {
+                let ctx = ctx2.clone();
+                async move {
+                    fetch_and_apply(&ctx, &id, Priority::Live, SnapshotSource::Details, None).await
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(counts)
+}
+
+/// The `sweep` job: every open approval that is due gets one `processinstance/get` (bulk
+/// priority), page by page, so memory stays flat however many are open.
+pub async fn sweep(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Result<Counts> {
+    let mut counts = Counts::new();
+    let c = ctx.config();
+    let run_started = approvals::clock(ctx.pool()).await?;
+    while !shutdown.is_cancelled() {
+        let ids = approvals::due_page(ctx.pool(), ctx.corp_id(), run_started, c.batch_size).await?;
+        if ids.is_empty() {
+            break;
+        }
+        let ctx2 = ctx.clone();
+        for_each(
+            ids,
+            c.concurrency,
+            shutdown,
+            &mut counts,
+            move |id: String| {
+                let ctx = ctx2.clone();
+                async move {
+                    fetch_and_apply(&ctx, &id, Priority::Bulk, SnapshotSource::Sweep, None).await
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(counts)
+}

@@ -1,0 +1,411 @@
+//! Reconcile's SQL on `dingsync.approvals` and `dingsync.approval_tasks`: the detail-fetch and
+//! sweep queues, applying a `processinstance/get` snapshot, and the reads of backfill and drift.
+//! (Event ingest writes the same tables in `batch`.)
+//!
+//! The snapshot rule (applies to approvals and tasks alike):
+//! - A snapshot is DingTalk's truth as of the moment it was requested (`snapshot_at`). One
+//!   requested earlier than the snapshot already applied is ignored entirely: an older snapshot
+//!   never overrides a newer one.
+//! - The status never moves to a lower `dingsync.status_rank`. At the same or a higher rank the
+//!   snapshot's status wins, with its result and finish time: so a snapshot corrects a terminal
+//!   state that events got wrong (first-terminal-wins), but an event that moved the row further
+//!   than a snapshot requested before it is kept (the next fetch confirms it).
+//! - Descriptive fields (title, business id, originator, department, form values, operation
+//!   records) are replaced by the snapshot's; `process_code`, `url` and `outbox_id` are never
+//!   touched (the snapshot has no process_code or url; outbox_id belongs to the outbox).
+//! - Times: the snapshot has whole seconds (Beijing-time strings), events have milliseconds. A
+//!   stored time in the same second as the snapshot's is kept, so events and snapshots agree.
+
+use chrono::{DateTime, Utc};
+use sqlx::{Acquire, PgConnection, PgExecutor, Row};
+
+use crate::reconcile::snapshot::Snapshot;
+
+/// An approval waiting for its detail fetch.
+#[derive(Debug, Clone)]
+pub struct Wanted {
+    pub process_instance_id: String,
+    pub wanted_at: DateTime<Utc>,
+}
+
+/// How often an open approval is re-checked: `age / divisor`, clamped to `[min_s, max_s]`.
+#[derive(Debug, Clone, Copy)]
+pub struct Cadence {
+    pub min_s: u64,
+    pub max_s: u64,
+    pub divisor: u32,
+}
+
+/// What became of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Applied; `changed` says whether status, result, times, form values or tasks changed.
+    Yes { changed: bool },
+    /// A snapshot requested later was applied already.
+    Stale,
+}
+
+/// The database clock: the time a DingTalk request is stamped with (every replica shares it).
+pub async fn clock(db: impl PgExecutor<'_>) -> sqlx::Result<DateTime<Utc>> {
+    sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(db)
+        .await
+}
+
+/// The next page of the detail-fetch queue after `after` (keyset, so one run visits each row
+/// once): approvals an event marked, whose events have been quiet for `quiet_ms` (a burst
+/// becomes one fetch) or that have waited `max_wait_ms` since their first unfetched event.
+pub async fn wanted_page(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+    quiet_ms: u64,
+    max_wait_ms: u64,
+    after: Option<&Wanted>,
+    limit: u32,
+) -> sqlx::Result<Vec<Wanted>> {
+    let rows = sqlx::query(
+        "SELECT process_instance_id, detail_wanted_at FROM dingsync.approvals
+         WHERE detail_wanted_at IS NOT NULL AND corp_id = $1
+           AND (last_event_at IS NULL
+                OR last_event_at <= clock_timestamp() - make_interval(secs => $2)
+                OR detail_wanted_at <= clock_timestamp() - make_interval(secs => $3))
+           AND ($4::timestamptz IS NULL OR (detail_wanted_at, process_instance_id) > ($4, $5))
+         ORDER BY detail_wanted_at, process_instance_id
+         LIMIT $6",
+    )
+    .bind(corp_id)
+    .bind(quiet_ms as f64 / 1000.0)
+    .bind(max_wait_ms as f64 / 1000.0)
+    .bind(after.map(|w| w.wanted_at))
+    .bind(after.map_or("", |w| w.process_instance_id.as_str()))
+    .bind(i64::from(limit))
+    .fetch_all(db)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(Wanted {
+                process_instance_id: r.try_get(0)?,
+                wanted_at: r.try_get(1)?,
+            })
+        })
+        .collect()
+}
+
+/// The next page of open approvals due for a sweep by `run_started`. Every approval the sweep
+/// handles gets a `next_check_at` after `run_started`, so a run meets each approval once.
+pub async fn due_page(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+    run_started: DateTime<Utc>,
+    limit: u32,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT process_instance_id FROM dingsync.approvals
+         WHERE corp_id = $1 AND status IN ('NEW', 'RUNNING')
+           AND (next_check_at IS NULL OR next_check_at <= $2)
+         ORDER BY next_check_at NULLS FIRST
+         LIMIT $3",
+    )
+    .bind(corp_id)
+    .bind(run_started)
+    .bind(i64::from(limit))
+    .fetch_all(db)
+    .await
+}
+
+/// After a fetch that brought no snapshot (not found, unreadable, failed): leave the sweep queue
+/// until `retry_in_s` from now, and (when `clear_wanted`) drop the detail-fetch mark unless an
+/// event arrived after `requested_at`.
+pub async fn postpone(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+    process_instance_id: &str,
+    requested_at: DateTime<Utc>,
+    retry_in_s: u64,
+    clear_wanted: bool,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE dingsync.approvals a
+         SET next_check_at = clock_timestamp() + make_interval(secs => $3),
+             detail_wanted_at = CASE WHEN $5 AND a.detail_wanted_at <= $4
+                                          AND (a.last_event_at IS NULL OR a.last_event_at <= $4)
+                                     THEN NULL ELSE a.detail_wanted_at END
+         WHERE corp_id = $1 AND process_instance_id = $2",
+    )
+    .bind(corp_id)
+    .bind(process_instance_id)
+    .bind(retry_in_s as f64)
+    .bind(requested_at)
+    .bind(clear_wanted)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// Which of `ids` have a row already.
+pub async fn known(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+    ids: &[String],
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT process_instance_id FROM dingsync.approvals
+         WHERE corp_id = $1 AND process_instance_id = ANY($2)",
+    )
+    .bind(corp_id)
+    .bind(ids)
+    .fetch_all(db)
+    .await
+}
+
+/// What drift compares of one approval.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Stored {
+    pub process_instance_id: String,
+    pub status: String,
+    pub result: Option<String>,
+    pub title: Option<String>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub form_values: Option<serde_json::Value>,
+    /// `[task_id, status, result]` per task, ordered by task id.
+    pub tasks: serde_json::Value,
+}
+
+/// The stored approvals with these ids.
+pub async fn stored(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+    ids: &[String],
+) -> sqlx::Result<Vec<Stored>> {
+    sqlx::query_as(
+        "SELECT a.process_instance_id, a.status, a.result, a.title, a.created_at, a.finished_at,
+                a.form_values,
+                coalesce((SELECT jsonb_agg(jsonb_build_array(t.task_id, t.status, t.result)
+                                           ORDER BY t.task_id)
+                          FROM dingsync.approval_tasks t
+                          WHERE t.corp_id = a.corp_id
+                            AND t.process_instance_id = a.process_instance_id), '[]') AS tasks
+         FROM dingsync.approvals a
+         WHERE a.corp_id = $1 AND a.process_instance_id = ANY($2)",
+    )
+    .bind(corp_id)
+    .bind(ids)
+    .fetch_all(db)
+    .await
+}
+
+/// Ids of approvals of `process_code` created in `[from, to]` (what a listing should return).
+pub async fn ids_created_between(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+    process_code: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT process_instance_id FROM dingsync.approvals
+         WHERE corp_id = $1 AND process_code = $2 AND created_at BETWEEN $3 AND $4",
+    )
+    .bind(corp_id)
+    .bind(process_code)
+    .bind(from)
+    .bind(to)
+    .fetch_all(db)
+    .await
+}
+
+/// Where a snapshot came from (`approvals.snapshot_source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotSource {
+    Details,
+    Sweep,
+    Backfill,
+}
+
+impl SnapshotSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotSource::Details => "details",
+            SnapshotSource::Sweep => "sweep",
+            SnapshotSource::Backfill => "backfill",
+        }
+    }
+}
+
+/// The fields whose change is worth a notification: status, result, finished_at, form_values.
+type Outcome = (
+    String,
+    Option<String>,
+    Option<DateTime<Utc>>,
+    Option<serde_json::Value>,
+);
+
+/// Applies `snap` (requested at `requested_at`, DB clock) by the rule in the module docs, with
+/// its tasks, in one transaction; notifies `dingsync_approval_changed` when something changed.
+/// `process_code` fills a row that does not know it yet (a backfill knows what it listed).
+#[allow(clippy::too_many_arguments)]
+pub async fn apply_snapshot(
+    conn: &mut PgConnection,
+    corp_id: &str,
+    snap: &Snapshot,
+    requested_at: DateTime<Utc>,
+    source: SnapshotSource,
+    process_code: Option<&str>,
+    cadence: Cadence,
+) -> sqlx::Result<Applied> {
+    let mut tx = conn.begin().await?;
+    let before: Option<Outcome> = sqlx::query_as(
+        "SELECT status, result, finished_at, form_values FROM dingsync.approvals
+             WHERE corp_id = $1 AND process_instance_id = $2 FOR UPDATE",
+    )
+    .bind(corp_id)
+    .bind(&snap.process_instance_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let after: Option<Outcome> = sqlx::query_as(APPLY_APPROVAL)
+        .bind(corp_id)
+        .bind(&snap.process_instance_id)
+        .bind(process_code)
+        .bind(&snap.title)
+        .bind(&snap.business_id)
+        .bind(&snap.originator_userid)
+        .bind(&snap.originator_dept_id)
+        .bind(&snap.status)
+        .bind(&snap.result)
+        .bind(&snap.form_values)
+        .bind(&snap.operation_records)
+        .bind(snap.created_at)
+        .bind(snap.finished_at)
+        .bind(requested_at)
+        .bind(source.as_str())
+        .bind(cadence.min_s as f64)
+        .bind(cadence.max_s as f64)
+        .bind(f64::from(cadence.divisor))
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(after) = after else {
+        tx.rollback().await?;
+        return Ok(Applied::Stale);
+    };
+    let t = &snap.tasks;
+    let tasks_changed = sqlx::query(APPLY_TASKS)
+        .bind(corp_id)
+        .bind(&snap.process_instance_id)
+        .bind(t.iter().map(|t| t.task_id).collect::<Vec<_>>())
+        .bind(
+            t.iter()
+                .map(|t| t.activity_id.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(t.iter().map(|t| t.userid.as_deref()).collect::<Vec<_>>())
+        .bind(t.iter().map(|t| t.status.as_str()).collect::<Vec<_>>())
+        .bind(t.iter().map(|t| t.result.as_deref()).collect::<Vec<_>>())
+        .bind(t.iter().map(|t| t.remark.as_deref()).collect::<Vec<_>>())
+        .bind(t.iter().map(|t| t.created_at).collect::<Vec<_>>())
+        .bind(t.iter().map(|t| t.finished_at).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+        > 0;
+    let changed = before.as_ref() != Some(&after) || tasks_changed;
+    if changed {
+        sqlx::query("SELECT pg_notify('dingsync_approval_changed', $1)")
+            .bind(&snap.process_instance_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(Applied::Yes { changed })
+}
+
+/// `$1..$13` the snapshot, `$14` requested_at, `$15` source, `$16..$18` the sweep cadence.
+/// The `WHERE` of the update is the "an older snapshot never overrides a newer one" rule.
+const APPLY_APPROVAL: &str = "
+INSERT INTO dingsync.approvals AS a
+    (corp_id, process_instance_id, process_code, title, business_id, originator_userid,
+     originator_dept_id, status, result, form_values, operation_records, created_at, finished_at,
+     detail_synced_at, snapshot_at, snapshot_source, next_check_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, now(), $14, $15,
+        CASE WHEN $8 IN ('NEW', 'RUNNING') THEN clock_timestamp() + least(
+            make_interval(secs => $17), greatest(make_interval(secs => $16),
+            (clock_timestamp() - coalesce($12, clock_timestamp())) / $18)) END,
+        now())
+ON CONFLICT (corp_id, process_instance_id) DO UPDATE SET
+    process_code       = coalesce(a.process_code, excluded.process_code),
+    title              = coalesce(excluded.title, a.title),
+    business_id        = coalesce(excluded.business_id, a.business_id),
+    originator_userid  = coalesce(excluded.originator_userid, a.originator_userid),
+    originator_dept_id = coalesce(excluded.originator_dept_id, a.originator_dept_id),
+    form_values        = excluded.form_values,
+    operation_records  = excluded.operation_records,
+    created_at = CASE WHEN excluded.created_at IS NULL
+                        OR date_trunc('second', a.created_at) = excluded.created_at
+                      THEN coalesce(a.created_at, excluded.created_at) ELSE excluded.created_at END,
+    status      = CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(a.status)
+                       THEN excluded.status ELSE a.status END,
+    result      = CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(a.status)
+                       THEN excluded.result ELSE a.result END,
+    finished_at = CASE WHEN dingsync.status_rank(excluded.status) < dingsync.status_rank(a.status)
+                       THEN a.finished_at
+                       WHEN date_trunc('second', a.finished_at) = excluded.finished_at
+                       THEN a.finished_at ELSE excluded.finished_at END,
+    next_check_at = CASE WHEN (CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(a.status)
+                                    THEN excluded.status ELSE a.status END) IN ('NEW', 'RUNNING')
+                         THEN clock_timestamp() + least(make_interval(secs => $17),
+                              greatest(make_interval(secs => $16),
+                              (clock_timestamp() - coalesce(excluded.created_at, a.created_at, clock_timestamp())) / $18))
+                    END,
+    -- Cleared only when no event has arrived since the fetch was requested (an event arriving
+    -- mid-fetch keeps the mark, so it causes another fetch).
+    detail_wanted_at = CASE WHEN a.detail_wanted_at <= excluded.snapshot_at
+                             AND (a.last_event_at IS NULL OR a.last_event_at <= excluded.snapshot_at)
+                            THEN NULL ELSE a.detail_wanted_at END,
+    detail_synced_at = now(),
+    snapshot_at      = excluded.snapshot_at,
+    snapshot_source  = excluded.snapshot_source,
+    updated_at       = now()
+WHERE a.snapshot_at IS NULL OR a.snapshot_at < excluded.snapshot_at
+RETURNING status, result, finished_at, form_values
+";
+
+/// `$1` corp, `$2` instance, `$3..$10` the tasks. Same rank rule as approvals; a row is written
+/// only when something differs, so re-checking an unchanged approval writes no task rows.
+const APPLY_TASKS: &str = "
+INSERT INTO dingsync.approval_tasks AS t
+    (corp_id, task_id, process_instance_id, activity_id, userid, status, result, remark,
+     created_at, finished_at, updated_at)
+SELECT $1, id, $2, act, u, s, r, rm, ca, fa, now()
+FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+            $9::timestamptz[], $10::timestamptz[]) AS x(id, act, u, s, r, rm, ca, fa)
+ON CONFLICT (corp_id, task_id) DO UPDATE SET
+    process_instance_id = excluded.process_instance_id,
+    activity_id = coalesce(excluded.activity_id, t.activity_id),
+    userid      = coalesce(excluded.userid, t.userid),
+    created_at  = CASE WHEN excluded.created_at IS NULL
+                         OR date_trunc('second', t.created_at) = excluded.created_at
+                       THEN coalesce(t.created_at, excluded.created_at) ELSE excluded.created_at END,
+    status      = CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(t.status)
+                       THEN excluded.status ELSE t.status END,
+    result      = CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(t.status)
+                       THEN excluded.result ELSE t.result END,
+    finished_at = CASE WHEN dingsync.status_rank(excluded.status) < dingsync.status_rank(t.status)
+                       THEN t.finished_at
+                       WHEN date_trunc('second', t.finished_at) = excluded.finished_at
+                       THEN t.finished_at ELSE excluded.finished_at END,
+    remark      = coalesce(excluded.remark, t.remark),
+    updated_at  = now()
+WHERE (t.process_instance_id, t.activity_id, t.userid, t.status, t.result, t.remark,
+       date_trunc('second', t.created_at), date_trunc('second', t.finished_at))
+      IS DISTINCT FROM
+      (excluded.process_instance_id, coalesce(excluded.activity_id, t.activity_id),
+       coalesce(excluded.userid, t.userid),
+       CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(t.status)
+            THEN excluded.status ELSE t.status END,
+       CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(t.status)
+            THEN excluded.result ELSE t.result END,
+       coalesce(excluded.remark, t.remark),
+       coalesce(excluded.created_at, date_trunc('second', t.created_at)),
+       CASE WHEN dingsync.status_rank(excluded.status) < dingsync.status_rank(t.status)
+            THEN date_trunc('second', t.finished_at) ELSE excluded.finished_at END)
+";
