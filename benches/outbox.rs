@@ -4,7 +4,9 @@
 //! 1. Latency: rows inserted one at a time (`--latency-rows`, one every 20 ms) into an idle
 //!    daemon; INSERT-to-created per row from the database's own clock (`done_at - created_at`).
 //! 2. Throughput: `--rows` inserted in one statement, rate budget off, zero-latency emulator;
-//!    rows/s from the first insert to the last `created`.
+//!    rows/s from the first insert to the last `created`. Run twice: with the emulator pushing
+//!    each new approval's events back to the daemon (as DingTalk does), and with no callback
+//!    registered (the outbox alone).
 //! 3. Budget: `--budget-rows` rows with `dingtalk.qps = 20`; the busiest one-second window of
 //!    creates the emulator saw.
 //! 4. Lost responses: `--lost-rows` rows with 30% of create responses lost; counts the
@@ -182,26 +184,43 @@ async fn latency(n: u64) {
 
 /// Throughput, budget off.
 async fn throughput(n: u64) {
-    let run = Run::start(|_| {}).await;
-    let started = Instant::now();
-    run.insert(0, n).await;
-    run.wait_done(Duration::from_secs(600)).await;
-    let (created, span, in_flight): (i64, f64, f64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE state = 'created'),
-                extract(epoch FROM max(done_at) - min(created_at))::float8,
-                extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY done_at - sent_at))::float8 * 1000
-         FROM dingsync.outbox",
-    )
-    .fetch_one(&run.pool)
-    .await
-    .unwrap();
-    println!(
-        "throughput: {created} of {n} rows created in {span:.2} s (database clock) = {:.0} rows/s; claim to created p50 {in_flight:.1} ms; wall {:.2} s; emulator saw {} creates",
-        created as f64 / span,
-        started.elapsed().as_secs_f64(),
-        run.emulator().calls("topapi/processinstance/create")
-    );
-    run.stop().await;
+    for pushes in [true, false] {
+        let run = Run::start(|_| {}).await;
+        if !pushes {
+            // No callback registered: the emulator pushes nothing back, so only the outbox runs.
+            run.app
+                .client
+                .as_ref()
+                .unwrap()
+                .delete_callback()
+                .await
+                .unwrap();
+        }
+        let started = Instant::now();
+        run.insert(0, n).await;
+        run.wait_done(Duration::from_secs(600)).await;
+        let (created, span, in_flight): (i64, f64, f64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE state = 'created'),
+                    extract(epoch FROM max(done_at) - min(created_at))::float8,
+                    extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY done_at - sent_at))::float8 * 1000
+             FROM dingsync.outbox",
+        )
+        .fetch_one(&run.pool)
+        .await
+        .unwrap();
+        println!(
+            "throughput ({}): {created} of {n} rows created in {span:.2} s (database clock) = {:.0} rows/s; claim to created p50 {in_flight:.1} ms; wall {:.2} s; emulator saw {} creates",
+            if pushes {
+                "with the emulator's pushes of each new approval"
+            } else {
+                "no pushes"
+            },
+            created as f64 / span,
+            started.elapsed().as_secs_f64(),
+            run.emulator().calls("topapi/processinstance/create")
+        );
+        run.stop().await;
+    }
 }
 
 /// Rate budget at 20 QPS.
