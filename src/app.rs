@@ -21,6 +21,7 @@ use crate::{
     callback::{self, CallbackState, manage},
     config::{Config, Secret},
     crypto::{self, CallbackCrypto},
+    demo,
     dingtalk::{self, types::CallbackRegistration},
     emulator::{Emulator, EmulatorConfig},
     ingest::Ingest,
@@ -152,6 +153,12 @@ impl App {
                 callback = %url,
                 "embedded DingTalk emulator running; callback registered with it (dingtalk.api_base = \"emulator\")"
             );
+            // With simulated people, a simulated business app asks for approvals too.
+            if config.emulator.people_pace_ms > 0 {
+                let pace = Duration::from_millis(config.emulator.people_pace_ms);
+                let demo = demo::run(app.pool.clone(), pace, app.shutdown.clone());
+                app.workers.push(tokio::spawn(demo));
+            }
         }
         if let Some(ctx) = app.reconcile.clone() {
             let replica = scheduler::replica_name();

@@ -10,6 +10,7 @@ pub mod app;
 pub mod callback;
 pub mod config;
 pub mod crypto;
+pub mod demo;
 pub mod dingtalk;
 pub mod emulator;
 pub mod error;
