@@ -759,3 +759,24 @@ async fn a_stopped_daemon_leaves_no_row_sending_and_the_next_one_finishes_the_re
     pool.close().await;
     emu.stop().await;
 }
+
+#[tokio::test]
+async fn the_embedded_default_with_simulated_people_fills_the_outbox_and_the_approvals() {
+    let app = daemon(|c| c.emulator.people_pace_ms = 40).await;
+    eventually(
+        Duration::from_secs(20),
+        "demo outbox rows created and approvals decided",
+        || async {
+            let (created, decided): (i64, i64) = sqlx::query_as(
+                "SELECT (SELECT count(*) FROM dingsync.outbox WHERE state = 'created'),
+                        (SELECT count(*) FROM dingsync.approvals WHERE status <> 'RUNNING')",
+            )
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+            (created >= 2 && decided >= 1).then_some(())
+        },
+    )
+    .await;
+    app.stop().await;
+}
