@@ -801,6 +801,16 @@ mod tests {
     }
 
     #[test]
+    fn retention_days_and_schedule_come_from_the_environment_and_are_checked() {
+        let config = load(SHIPPED, &[("DINGSYNC_RETENTION_EVENTS_DAYS", "0")]).unwrap();
+        assert_eq!(config.retention.events_days, 0);
+        let err = load(SHIPPED, &[("DINGSYNC_SCHEDULER_RETENTION", "daily")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("scheduler.retention:"), "{err}");
+    }
+
+    #[test]
     fn secrets_print_as_stars() {
         let mut config = Config::default();
         config.callback.token = Secret::new("supersecrettoken");
