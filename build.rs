@@ -5,7 +5,9 @@ use std::{env, fs, path::Path};
 
 fn main() {
     println!("cargo:rerun-if-changed=migrations");
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    // Read at run time, not with env!(): a build script binary reused from another checkout
+    // (a copied target/ of a git worktree) would otherwise embed that checkout's migrations.
+    let dir = Path::new(&env::var("CARGO_MANIFEST_DIR").unwrap()).join("migrations");
     let mut files: Vec<String> = fs::read_dir(&dir)
         .expect("migrations/ exists")
         .map(|entry| {

@@ -231,7 +231,13 @@ async fn sweep_bench(args: &Args) {
     config.reconcile.sweep_min_interval_s = 3_600;
     let pool = store::connect_and_migrate(&config.database).await.unwrap();
     let client = dingtalk::Client::new(pool.clone(), &config.dingtalk, &emu.base_url()).unwrap();
-    let ctx = Context::new(pool.clone(), client, CORP, &config.reconcile);
+    let ctx = Context::new(
+        pool.clone(),
+        client,
+        CORP,
+        &config.reconcile,
+        &config.retention,
+    );
 
     let small = sweep_once(&ctx, &emu, args.approvals / 5, &pool).await;
     let large = sweep_once(&ctx, &emu, args.approvals, &pool).await;

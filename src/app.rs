@@ -126,6 +126,7 @@ impl App {
                 client.clone(),
                 &config.dingtalk.corp_id,
                 &config.reconcile,
+                &config.retention,
             )
         });
         let mut app = App {

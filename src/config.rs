@@ -27,6 +27,7 @@ pub struct Config {
     pub log: LogConfig,
     pub scheduler: SchedulerConfig,
     pub reconcile: ReconcileConfig,
+    pub retention: RetentionConfig,
 }
 
 /// When each reconcile job runs: cron strings with six fields, seconds first
@@ -38,6 +39,15 @@ pub struct SchedulerConfig {
     pub sweep: String,
     pub backfill: String,
     pub failed: String,
+    pub retention: String,
+}
+
+/// How long dingsync keeps what it may prune (the `retention` job, issue 6).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Days of raw `dingsync.events` to keep, by received_at; 0 keeps them forever.
+    pub events_days: u32,
 }
 
 /// How the reconcile jobs work (`src/reconcile/`).
@@ -201,6 +211,7 @@ impl Default for Config {
                 sweep: "0 * * * * *".into(),
                 backfill: "0 17 19 * * *".into(),
                 failed: "30 */2 * * * *".into(),
+                retention: "0 30 19 * * *".into(),
             },
             reconcile: ReconcileConfig {
                 process_codes: Vec::new(),
@@ -215,6 +226,7 @@ impl Default for Config {
                 backfill_window_days: 30,
                 backfill_overlap_s: 3_600,
             },
+            retention: RetentionConfig { events_days: 180 },
         }
     }
 }
@@ -238,7 +250,8 @@ default_from_config!(
     EmulatorSettings => emulator,
     LogConfig => log,
     SchedulerConfig => scheduler,
-    ReconcileConfig => reconcile
+    ReconcileConfig => reconcile,
+    RetentionConfig => retention
 );
 
 /// A configuration mistake, naming the key and the rule it breaks.
@@ -467,6 +480,7 @@ impl Config {
             ("scheduler.sweep", &s.sweep),
             ("scheduler.backfill", &s.backfill),
             ("scheduler.failed", &s.failed),
+            ("scheduler.retention", &s.retention),
         ] {
             crate::scheduler::parse_schedule(schedule).map_err(|e| invalid(key, e))?;
         }
@@ -758,7 +772,7 @@ mod tests {
     #[test]
     fn every_shipped_schedule_parses() {
         let s = load(SHIPPED, &[]).unwrap().scheduler;
-        for schedule in [&s.details, &s.sweep, &s.backfill, &s.failed] {
+        for schedule in [&s.details, &s.sweep, &s.backfill, &s.failed, &s.retention] {
             crate::scheduler::parse_schedule(schedule)
                 .unwrap_or_else(|e| panic!("{schedule}: {e}"));
         }
@@ -784,6 +798,16 @@ mod tests {
             err.starts_with("reconcile.backfill_window_days:") && err.contains("120"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn retention_days_and_schedule_come_from_the_environment_and_are_checked() {
+        let config = load(SHIPPED, &[("DINGSYNC_RETENTION_EVENTS_DAYS", "0")]).unwrap();
+        assert_eq!(config.retention.events_days, 0);
+        let err = load(SHIPPED, &[("DINGSYNC_SCHEDULER_RETENTION", "daily")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("scheduler.retention:"), "{err}");
     }
 
     #[test]

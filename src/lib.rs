@@ -18,6 +18,7 @@ pub mod event;
 pub mod ingest;
 pub mod outbox;
 pub mod reconcile;
+pub mod retention;
 pub mod scheduler;
 pub mod store;
 pub mod telemetry;

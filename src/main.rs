@@ -195,6 +195,7 @@ async fn reconcile_context(config: &Config) -> anyhow::Result<dingsync::reconcil
         client,
         &config.dingtalk.corp_id,
         &config.reconcile,
+        &config.retention,
     ))
 }
 

@@ -1,7 +1,7 @@
-//! When the reconcile jobs run (issue 5): cron definitions (`[scheduler]`, six-field strings,
-//! seconds first, UTC), the guard that runs each job on one replica at a time and each tick once,
-//! and the run log `dingsync.job_runs`. A tick only triggers work; what a job does lives in
-//! `reconcile`.
+//! When the reconcile jobs (issue 5) and the retention job (issue 6) run: cron definitions
+//! (`[scheduler]`, six-field strings, seconds first, UTC), the guard that runs each job on one
+//! replica at a time and each tick once, and the run log `dingsync.job_runs`. A tick only
+//! triggers work; what a job does lives in `reconcile` and `retention`.
 //!
 //! The guard, per run: (1) the job's session advisory lock on a dedicated connection, so two runs
 //! of one job never overlap, whichever replicas they are on; (2) a row in `job_runs` unique per
@@ -22,6 +22,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::SchedulerConfig,
     reconcile::{self, Context, Counts, backfill, failed},
+    retention,
     store::job_runs,
 };
 
@@ -35,10 +36,17 @@ pub enum Job {
     Sweep,
     Backfill,
     Failed,
+    Retention,
 }
 
 impl Job {
-    pub const ALL: [Job; 4] = [Job::Details, Job::Sweep, Job::Backfill, Job::Failed];
+    pub const ALL: [Job; 5] = [
+        Job::Details,
+        Job::Sweep,
+        Job::Backfill,
+        Job::Failed,
+        Job::Retention,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -46,6 +54,7 @@ impl Job {
             Job::Sweep => "sweep",
             Job::Backfill => "backfill",
             Job::Failed => "failed",
+            Job::Retention => "retention",
         }
     }
 
@@ -55,6 +64,7 @@ impl Job {
             Job::Sweep => &config.sweep,
             Job::Backfill => &config.backfill,
             Job::Failed => &config.failed,
+            Job::Retention => &config.retention,
         }
     }
 
@@ -64,6 +74,7 @@ impl Job {
             Job::Sweep => reconcile::sweep(ctx, shutdown).await,
             Job::Backfill => backfill::scheduled(ctx, shutdown).await,
             Job::Failed => failed::drain(ctx, shutdown).await,
+            Job::Retention => retention::prune_events(ctx, shutdown).await,
         }
     }
 }
@@ -146,7 +157,7 @@ pub async fn start(
     cron.start().await.context("starting the scheduler")?;
     tracing::info!(
         details = %config.details, sweep = %config.sweep, backfill = %config.backfill,
-        failed = %config.failed, "scheduler started (UTC cron, six fields)"
+        failed = %config.failed, retention = %config.retention, "scheduler started (UTC cron, six fields)"
     );
     Ok(Scheduler { cron, runs })
 }

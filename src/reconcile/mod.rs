@@ -21,7 +21,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::ReconcileConfig,
+    config::{ReconcileConfig, RetentionConfig},
     dingtalk::{self, Priority},
     store::approvals::{self, Applied, Cadence, SnapshotSource},
 };
@@ -38,15 +38,18 @@ struct Inner {
     client: dingtalk::Client,
     corp_id: String,
     config: ReconcileConfig,
+    retention: RetentionConfig,
 }
 
 impl Context {
-    /// `corp_id` is the organisation the client's app belongs to (`dingtalk.corp_id`).
+    /// `corp_id` is the organisation the client's app belongs to (`dingtalk.corp_id`). The
+    /// scheduler's `retention` job runs with this context too.
     pub fn new(
         pool: PgPool,
         client: dingtalk::Client,
         corp_id: &str,
         config: &ReconcileConfig,
+        retention: &RetentionConfig,
     ) -> Context {
         Context {
             inner: Arc::new(Inner {
@@ -54,6 +57,7 @@ impl Context {
                 client,
                 corp_id: corp_id.to_string(),
                 config: config.clone(),
+                retention: retention.clone(),
             }),
         }
     }
@@ -72,6 +76,10 @@ impl Context {
 
     pub fn config(&self) -> &ReconcileConfig {
         &self.inner.config
+    }
+
+    pub fn retention(&self) -> &RetentionConfig {
+        &self.inner.retention
     }
 
     fn cadence(&self) -> Cadence {

@@ -1,0 +1,134 @@
+//! The `retention` job (issue 6): deletes raw events older than `retention.events_days`, in
+//! batches, and nothing else.
+
+mod common;
+
+use common::{CORP_ID, TestApp};
+use dingsync::{
+    config::{Config, Secret},
+    retention::BATCH,
+    scheduler::{self, Job, Ran},
+};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+const DORMANT: &str = "0 0 0 1 1 *";
+const OTHER_CORP: &str = "dingothercorp0000001";
+
+/// A daemon whose scheduled jobs never fire by themselves, with a (never reached) DingTalk so
+/// that it has a job context.
+async fn spawn(events_days: u32) -> TestApp {
+    TestApp::spawn_with(|c: &mut Config| {
+        c.dingtalk.app_key = "retention-test".into();
+        c.dingtalk.app_secret = Secret::new("unused");
+        c.outbox.enabled = false;
+        for schedule in [
+            &mut c.scheduler.details,
+            &mut c.scheduler.sweep,
+            &mut c.scheduler.backfill,
+            &mut c.scheduler.failed,
+            &mut c.scheduler.retention,
+        ] {
+            *schedule = DORMANT.into();
+        }
+        c.retention.events_days = events_days;
+    })
+    .await
+}
+
+/// `n` events of `corp` received `days_ago` days ago.
+async fn events(pool: &PgPool, corp: &str, n: i32, days_ago: i32) {
+    sqlx::query(
+        "INSERT INTO dingsync.events
+             (corp_id, dedup_key, source, event_type, received_at, raw, payload)
+         SELECT $1, 'test:' || $3 || ':' || g, 'http_push', 'bpms_instance_change',
+                now() - make_interval(days => $3), '{}', '{}'
+         FROM generate_series(1, $2) g",
+    )
+    .bind(corp)
+    .bind(n)
+    .bind(days_ago)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Old rows of every other table the job must leave alone.
+async fn old_approval_rows(pool: &PgPool) {
+    sqlx::raw_sql(&format!(
+        "INSERT INTO dingsync.approvals (corp_id, process_instance_id, status, created_at, updated_at)
+         VALUES ('{CORP_ID}', 'old-1', 'COMPLETED', now() - interval '3 years', now() - interval '3 years');
+         INSERT INTO dingsync.approval_tasks (corp_id, task_id, process_instance_id, status, created_at, updated_at)
+         VALUES ('{CORP_ID}', 1, 'old-1', 'COMPLETED', now() - interval '3 years', now() - interval '3 years');
+         INSERT INTO dingsync.outbox (corp_id, idempotency_key, process_code, originator_user_id, form_values, created_at)
+         VALUES ('{CORP_ID}', 'old', 'PROC-A', 'u1', '[{{\"name\": \"a\", \"value\": \"b\"}}]', now() - interval '3 years');"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+async fn run_retention(app: &TestApp) -> Ran {
+    let ctx = app.app.as_ref().unwrap().reconcile.clone().unwrap();
+    scheduler::run_job_now(&ctx, Job::Retention, "test", &CancellationToken::new())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn retention_deletes_only_events_older_than_the_limit_in_batches() {
+    let app = spawn(30).await;
+    let pool = &app.pool;
+    events(pool, CORP_ID, BATCH as i32 + 2, 31).await;
+    events(pool, CORP_ID, 3, 29).await;
+    events(pool, OTHER_CORP, 4, 400).await; // another organisation's daemon prunes those
+    old_approval_rows(pool).await;
+
+    let Ran::Done {
+        id,
+        outcome,
+        counts,
+        error,
+    } = run_retention(&app).await
+    else {
+        panic!("the retention job did not run");
+    };
+    assert_eq!((outcome, error), ("ok", None));
+    assert_eq!(counts["deleted"], BATCH as u64 + 2);
+    assert_eq!(counts["batches"], 2);
+
+    let left =
+        |corp: &str| format!("SELECT count(*) FROM dingsync.events WHERE corp_id = '{corp}'");
+    assert_eq!(count(pool, &left(CORP_ID)).await, 3, "younger events stay");
+    assert_eq!(count(pool, &left(OTHER_CORP)).await, 4);
+    for table in ["approvals", "approval_tasks", "outbox"] {
+        let sql = format!("SELECT count(*) FROM dingsync.{table}");
+        assert_eq!(count(pool, &sql).await, 1, "{table} is never pruned");
+    }
+    let logged: serde_json::Value = sqlx::query_scalar(
+        "SELECT counts FROM dingsync.job_runs WHERE id = $1 AND job = 'retention' AND outcome = 'ok'",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(logged["deleted"], BATCH + 2);
+}
+
+#[tokio::test]
+async fn retention_of_zero_days_keeps_every_event() {
+    let app = spawn(0).await;
+    events(&app.pool, CORP_ID, 5, 4000).await;
+    let Ran::Done { counts, .. } = run_retention(&app).await else {
+        panic!("the retention job did not run");
+    };
+    assert_eq!(counts["deleted"], 0);
+    assert_eq!(
+        count(&app.pool, "SELECT count(*) FROM dingsync.events").await,
+        5
+    );
+}
