@@ -81,6 +81,18 @@ impl Tokens {
         }
     }
 
+    /// Until when the token shared in the database is valid, without calling DingTalk (for
+    /// `/readyz`); `None` when there is none.
+    pub async fn stored_expiry(&self) -> sqlx::Result<Option<DateTime<Utc>>> {
+        sqlx::query_scalar(
+            "SELECT expires_at FROM dingsync.access_tokens WHERE corp_id = $1 AND app_key = $2",
+        )
+        .bind(&self.corp_id)
+        .bind(&self.app_key)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
     /// DingTalk refused `token`: forget it here and in the database (unless another replica has
     /// already replaced it), so the next [`Tokens::get`] fetches a new one.
     pub async fn invalidate(&self, token: &str) {
