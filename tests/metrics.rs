@@ -90,23 +90,32 @@ async fn metrics_expose_every_series_with_plausible_values_after_real_traffic() 
     .fetch_one(&app.pool)
     .await
     .unwrap();
+    let refused_id: i64 = sqlx::query_scalar(
+        "SELECT dingsync.request_approval('metrics-2', 'PROC-EMU-MISSING', 'emp1',
+            '[{\"name\": \"Reason\", \"value\": \"metrics\"}]')",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
 
-    // The outbox row is created and the details job (every second here) has run.
+    // The outbox rows are done and the details job (every second here) has run.
     let page = eventually(
         Duration::from_secs(20),
-        "created row and a details run",
+        "both outbox rows done and a details run",
         || async {
             let page = scrape(&app).await;
-            let state: String =
-                sqlx::query_scalar("SELECT state FROM dingsync.outbox WHERE id = $1")
-                    .bind(id)
-                    .fetch_one(&app.pool)
-                    .await
-                    .unwrap();
+            let states: Vec<String> = sqlx::query_scalar(
+                "SELECT state FROM dingsync.outbox WHERE id IN ($1, $2) ORDER BY id",
+            )
+            .bind(id)
+            .bind(refused_id)
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
             let ran = page
                 .lines()
                 .any(|l| l.starts_with("dingsync_job_runs_total{job=\"details\""));
-            (state == "created" && ran).then_some(page)
+            (states == ["created", "failed"] && ran).then_some(page)
         },
     )
     .await;
@@ -137,6 +146,7 @@ async fn metrics_expose_every_series_with_plausible_values_after_real_traffic() 
     assert!(ack_sum < 60.0, "ack seconds sum {ack_sum}");
 
     at_least("dingsync_outbox_creates_total{outcome=\"created\"}", 1.0);
+    at_least("dingsync_outbox_creates_total{outcome=\"rejected\"}", 1.0);
     at_least("dingsync_outbox_create_seconds_count", 1.0);
     let create_sum = at_least("dingsync_outbox_create_seconds_sum", 0.0);
     assert!(create_sum < 120.0, "create seconds sum {create_sum}");
@@ -146,6 +156,14 @@ async fn metrics_expose_every_series_with_plausible_values_after_real_traffic() 
 
     at_least(
         "dingsync_dingtalk_calls_total{endpoint=\"/topapi/processinstance/create\",errcode=\"0\"}",
+        1.0,
+    );
+    // The unknown template is refused with DingTalk's errcode, not counted as a success.
+    at_least(
+        &format!(
+            "dingsync_dingtalk_calls_total{{endpoint=\"/topapi/processinstance/create\",errcode=\"{}\"}}",
+            dingsync::emulator::errcode::NOT_FOUND
+        ),
         1.0,
     );
     at_least("dingsync_rate_budget_wait_seconds_count", 1.0);
