@@ -158,6 +158,10 @@ async fn metrics_expose_every_series_with_plausible_values_after_real_traffic() 
         "dingsync_dingtalk_calls_total{endpoint=\"/topapi/processinstance/create\",errcode=\"0\"}",
         1.0,
     );
+    at_least(
+        "dingsync_dingtalk_calls_total{endpoint=\"/gettoken\",errcode=\"0\"}",
+        1.0,
+    );
     // The unknown template is refused with DingTalk's errcode, not counted as a success.
     at_least(
         &format!(

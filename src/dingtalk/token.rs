@@ -171,13 +171,16 @@ impl Tokens {
             ])
             .send()
             .await
+            .inspect_err(|_| crate::metrics::dingtalk_call("/gettoken", None))
             // without_url: the URL carries the app secret.
             .map_err(|e| Error::Transient(format!("gettoken: {}", e.without_url())))?;
         let status = response.status();
         let text = response
             .text()
             .await
+            .inspect_err(|_| crate::metrics::dingtalk_call("/gettoken", None))
             .map_err(|e| Error::Transient(format!("gettoken: {}", e.without_url())))?;
+        crate::metrics::dingtalk_call("/gettoken", Some((status.as_u16(), &text)));
         if status.as_u16() == 429 {
             return Err(Error::RateLimited { errcode: 429 });
         }
