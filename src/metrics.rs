@@ -102,8 +102,7 @@ fn slow_buckets() -> Histogram {
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
-    let mut registry = Registry::default();
-    let m = Metrics {
+    let mut m = Metrics {
         registry: Registry::default(),
         events: Family::default(),
         ack_seconds: fast_buckets(),
@@ -114,47 +113,47 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         job_runs: Family::default(),
         job_seconds: Family::new_with_constructor(slow_buckets),
     };
-    registry.register(
+    m.registry.register(
         "dingsync_events_received",
         "Callback pushes by event type and outcome (stored, duplicate, answered, refused_*, unavailable, failed)",
         m.events.clone(),
     );
-    registry.register(
+    m.registry.register(
         "dingsync_callback_ack_seconds",
         "Time from receiving a callback push to answering it",
         m.ack_seconds.clone(),
     );
-    registry.register(
+    m.registry.register(
         "dingsync_outbox_creates",
         "Outbox creates sent to DingTalk by outcome (created, rejected, not_sent, no_response)",
         m.outbox_creates.clone(),
     );
-    registry.register(
+    m.registry.register(
         "dingsync_outbox_create_seconds",
         "Time from an outbox row's INSERT until DingTalk created its approval",
         m.outbox_create_seconds.clone(),
     );
-    registry.register(
+    m.registry.register(
         "dingsync_dingtalk_calls",
         "DingTalk API exchanges by endpoint and errcode (0 success, http_<status>, transport)",
         m.dingtalk_calls.clone(),
     );
-    registry.register(
+    m.registry.register(
         "dingsync_rate_budget_wait_seconds",
         "Time a DingTalk call waited for a slot of the shared rate budget",
         m.budget_wait_seconds.clone(),
     );
-    registry.register(
+    m.registry.register(
         "dingsync_job_runs",
         "Scheduled job runs by job and outcome (ok, failed, cancelled)",
         m.job_runs.clone(),
     );
-    registry.register(
+    m.registry.register(
         "dingsync_job_duration_seconds",
         "Duration of scheduled job runs",
         m.job_seconds.clone(),
     );
-    Metrics { registry, ..m }
+    m
 });
 
 /// Event types DingTalk documents; anything else is counted as `other` to bound the label.
