@@ -416,8 +416,8 @@ async fn read_database(pool: &PgPool) -> sqlx::Result<(Vec<(&'static str, i64)>,
 }
 
 /// Ready when the database answers, the newest embedded migration is applied, and (with a
-/// DingTalk client) a valid access token is stored. Never calls DingTalk: the token comes from
-/// `dingsync.access_tokens`, which the client keeps fresh.
+/// DingTalk client) a valid access token is held: this process's cached one, else the one shared
+/// in `dingsync.access_tokens`. Never calls DingTalk; the client keeps the token fresh.
 async fn readyz(State(health): State<Health>) -> (StatusCode, String) {
     match not_ready(&health).await {
         None => (StatusCode::OK, "ready".into()),
@@ -446,8 +446,12 @@ async fn not_ready(health: &Health) -> Option<String> {
     let Some(client) = health.client.get() else {
         return Some("DingTalk client not started yet".into());
     };
+    let now = Utc::now();
+    if client.tokens().cached_expiry().is_some_and(|at| at > now) {
+        return None;
+    }
     match client.tokens().stored_expiry().await {
-        Ok(Some(expires_at)) if expires_at > Utc::now() => None,
+        Ok(Some(expires_at)) if expires_at > now => None,
         Ok(_) => Some("no valid DingTalk access token".into()),
         Err(e) => Some(db_error(e)),
     }

@@ -232,19 +232,33 @@ async fn readyz_fails_with_a_reason_while_the_database_is_unreachable_and_recove
 
 #[tokio::test]
 async fn readyz_requires_the_newest_migration_and_a_valid_dingtalk_token() {
-    let app = emulator_daemon().await;
+    // No scheduled job may fetch a token while the test has it refused.
+    let app = TestApp::spawn_with(|c| {
+        c.dingtalk.api_base = "emulator".into();
+        c.emulator.people_pace_ms = 0;
+        let yearly = "0 0 0 1 1 *".to_string();
+        c.scheduler.details = yearly.clone();
+        c.scheduler.sweep = yearly.clone();
+        c.scheduler.backfill = yearly.clone();
+        c.scheduler.failed = yearly;
+    })
+    .await;
     assert_eq!(readyz(&app).await, (200, "ready".into()));
 
-    sqlx::query("DELETE FROM dingsync.access_tokens")
-        .execute(&app.pool)
+    // DingTalk refuses the token: the client forgets it here and in the shared table.
+    let tokens = app.app.as_ref().unwrap().client.as_ref().unwrap().tokens();
+    let token: String = sqlx::query_scalar("SELECT access_token FROM dingsync.access_tokens")
+        .fetch_one(&app.pool)
         .await
         .unwrap();
-    // The cached token is still used for calls, but the probe reads the shared table only.
+    tokens.invalidate(&token).await;
     let (status, reason) = readyz(&app).await;
     assert_eq!(
         (status, reason.as_str()),
         (503, "not ready: no valid DingTalk access token")
     );
+    tokens.get().await.unwrap();
+    assert_eq!(readyz(&app).await, (200, "ready".into()));
 
     let newest: i32 = sqlx::query_scalar("SELECT max(version) FROM dingsync.schema_history")
         .fetch_one(&app.pool)

@@ -81,6 +81,16 @@ impl Tokens {
         }
     }
 
+    /// Until when the token this process holds is valid; `None` when it holds none or is fetching
+    /// one right now. No I/O (for `/readyz`).
+    pub fn cached_expiry(&self) -> Option<DateTime<Utc>> {
+        self.cached
+            .try_lock()
+            .ok()?
+            .as_ref()
+            .map(|(_, expires_at)| *expires_at)
+    }
+
     /// Until when the token shared in the database is valid, without calling DingTalk (for
     /// `/readyz`); `None` when there is none.
     pub async fn stored_expiry(&self) -> sqlx::Result<Option<DateTime<Utc>>> {
