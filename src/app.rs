@@ -8,7 +8,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use axum::{
     Router,
-    extract::{DefaultBodyLimit, State},
+    extract::DefaultBodyLimit,
     http::StatusCode,
     routing::{get, post},
 };
@@ -25,7 +25,7 @@ use crate::{
     dingtalk::{self, types::CallbackRegistration},
     emulator::{Emulator, EmulatorConfig},
     ingest::Ingest,
-    outbox, reconcile, scheduler, store,
+    metrics, outbox, reconcile, scheduler, store,
 };
 
 /// CorpId the embedded emulator's organisation uses (and events without a corpId fall back to
@@ -83,7 +83,12 @@ impl App {
             default_corp_id: config.dingtalk.corp_id.clone(),
             ingest,
         });
-        let router = router(state, pool.clone(), &config);
+        let health = metrics::Health::new(
+            pool.clone(),
+            config.uses_emulator()
+                || !(config.dingtalk.app_key.is_empty() || config.dingtalk.app_secret.is_empty()),
+        );
+        let router = router(state, health.clone(), &config);
         let server_stop = shutdown.clone();
         let task = tokio::spawn(async move {
             let served = axum::serve(listener, router)
@@ -107,6 +112,7 @@ impl App {
         };
         let mut workers = Vec::new();
         if let Some(client) = &client {
+            health.client_started(client);
             tokio::spawn(keep_token_fresh(client.clone(), shutdown.clone()));
             if config.outbox.enabled {
                 let worker = outbox::Worker::new(
@@ -278,40 +284,19 @@ async fn keep_token_fresh(client: dingtalk::Client, shutdown: CancellationToken)
     }
 }
 
-fn router(state: Arc<CallbackState>, pool: PgPool, config: &Config) -> Router {
+fn router(state: Arc<CallbackState>, health: metrics::Health, config: &Config) -> Router {
     let callback = Router::new()
         .route("/dingtalk/callback", post(callback::handle))
+        .layer(axum::middleware::from_fn(metrics::track_callback))
         .with_state(state);
-    let health = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .with_state(pool);
     callback
-        .merge(health)
+        .route("/healthz", get(|| async { "ok" }))
+        .merge(metrics::router(health))
         .layer(DefaultBodyLimit::max(config.server.body_limit_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             config.request_timeout(),
         ))
-}
-
-/// Ready when the database answers.
-async fn readyz(State(pool): State<PgPool>) -> (StatusCode, String) {
-    match sqlx::query("SELECT 1").execute(&pool).await {
-        Ok(_) => (StatusCode::OK, "ready".into()),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: database unreachable ({})", kind(&e)),
-        ),
-    }
-}
-
-fn kind(e: &sqlx::Error) -> &'static str {
-    if store::is_unavailable(e) {
-        "connection"
-    } else {
-        "query failed"
-    }
 }
 
 /// With the embedded emulator the callback secrets and app credentials may be left empty:

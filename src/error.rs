@@ -37,6 +37,7 @@ impl From<crypto::Error> for AppError {
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
+        let refused = crate::metrics::refused(&self);
         let status = match &self {
             AppError::BadRequest(_) | AppError::Undecryptable(_) | AppError::Malformed(_) => {
                 StatusCode::BAD_REQUEST
@@ -52,6 +53,11 @@ impl IntoResponse for AppError {
             }
             other => other.to_string(),
         };
-        (status, Json(json!({ "error": message }))).into_response()
+        (
+            status,
+            axum::Extension(refused),
+            Json(json!({ "error": message })),
+        )
+            .into_response()
     }
 }

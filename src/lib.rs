@@ -16,6 +16,7 @@ pub mod emulator;
 pub mod error;
 pub mod event;
 pub mod ingest;
+pub mod metrics;
 pub mod outbox;
 pub mod reconcile;
 pub mod retention;

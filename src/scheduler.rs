@@ -237,6 +237,7 @@ async fn run(
         Ok(counts) => ("ok", counts, None),
         Err(e) => ("failed", Counts::new(), Some(format!("{e:#}"))),
     };
+    crate::metrics::job_run(job.name(), outcome, started.elapsed());
     match &error {
         Some(e) => tracing::warn!(job = job.name(), run = id, error = %e, "job run failed"),
         None => {

@@ -22,6 +22,7 @@ use crate::{
     error::AppError,
     event::{self, Parsed, Source},
     ingest::{Ingest, IngestError},
+    metrics,
 };
 
 /// What the callback handler needs.
@@ -99,14 +100,22 @@ pub async fn handle(
         }
         Ok(Parsed::Handshake) => {
             tracing::info!("answered DingTalk's URL check");
-            Ok(success(&state.crypto, &opened.receiver_id))
+            Ok(metrics::acked(
+                success(&state.crypto, &opened.receiver_id),
+                "check_url",
+                None,
+            ))
         }
         Ok(Parsed::Event(event)) => {
             let (event_type, pid) = (event.event_type.clone(), event.process_instance_id.clone());
             match state.ingest.submit(*event).await {
                 Ok(stored) => {
                     tracing::debug!(event_type, process_instance_id = ?pid, ?stored, "event committed");
-                    Ok(success(&state.crypto, &opened.receiver_id))
+                    Ok(metrics::acked(
+                        success(&state.crypto, &opened.receiver_id),
+                        &event_type,
+                        Some(stored),
+                    ))
                 }
                 Err(IngestError::Unavailable | IngestError::ShuttingDown) => {
                     Err(AppError::Unavailable)

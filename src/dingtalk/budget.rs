@@ -77,6 +77,7 @@ impl Budget {
         let Some(spacing) = self.spacing else {
             return Ok(());
         };
+        let started = Instant::now();
         loop {
             // The database clock is the one clock all replicas share.
             let slot: Option<(f64,)> = sqlx::query_as(
@@ -101,6 +102,7 @@ impl Budget {
                     // of later slots: give the slot up and take a new one instead.
                     if Instant::now() - due <= LATE {
                         self.space_locally(spacing).await;
+                        crate::metrics::budget_waited(started.elapsed());
                         return Ok(());
                     }
                 }

@@ -326,14 +326,23 @@ impl Client {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = match request.send().await {
+        let sent = request.send().await;
+        if sent.is_err() {
+            crate::metrics::dingtalk_call(path, None);
+        }
+        let response = match sent {
             Ok(r) => r,
             // Never print the URL: it carries the access token.
             Err(e) if e.is_connect() => return Outcome::NotSent(e.without_url().to_string()),
             Err(e) => return Outcome::Uncertain(e.without_url().to_string()),
         };
         let status = response.status();
-        let text = match response.text().await {
+        let text = response.text().await;
+        crate::metrics::dingtalk_call(
+            path,
+            text.as_ref().ok().map(|t| (status.as_u16(), t.as_str())),
+        );
+        let text = match text {
             Ok(t) => t,
             Err(e) => return Outcome::Uncertain(e.without_url().to_string()),
         };

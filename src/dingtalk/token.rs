@@ -81,6 +81,28 @@ impl Tokens {
         }
     }
 
+    /// Until when the token this process holds is valid; `None` when it holds none or is fetching
+    /// one right now. No I/O (for `/readyz`).
+    pub fn cached_expiry(&self) -> Option<DateTime<Utc>> {
+        self.cached
+            .try_lock()
+            .ok()?
+            .as_ref()
+            .map(|(_, expires_at)| *expires_at)
+    }
+
+    /// Until when the token shared in the database is valid, without calling DingTalk (for
+    /// `/readyz`); `None` when there is none.
+    pub async fn stored_expiry(&self) -> sqlx::Result<Option<DateTime<Utc>>> {
+        sqlx::query_scalar(
+            "SELECT expires_at FROM dingsync.access_tokens WHERE corp_id = $1 AND app_key = $2",
+        )
+        .bind(&self.corp_id)
+        .bind(&self.app_key)
+        .fetch_optional(&self.pool)
+        .await
+    }
+
     /// DingTalk refused `token`: forget it here and in the database (unless another replica has
     /// already replaced it), so the next [`Tokens::get`] fetches a new one.
     pub async fn invalidate(&self, token: &str) {
@@ -159,13 +181,16 @@ impl Tokens {
             ])
             .send()
             .await
+            .inspect_err(|_| crate::metrics::dingtalk_call("/gettoken", None))
             // without_url: the URL carries the app secret.
             .map_err(|e| Error::Transient(format!("gettoken: {}", e.without_url())))?;
         let status = response.status();
         let text = response
             .text()
             .await
+            .inspect_err(|_| crate::metrics::dingtalk_call("/gettoken", None))
             .map_err(|e| Error::Transient(format!("gettoken: {}", e.without_url())))?;
+        crate::metrics::dingtalk_call("/gettoken", Some((status.as_u16(), &text)));
         if status.as_u16() == 429 {
             return Err(Error::RateLimited { errcode: 429 });
         }

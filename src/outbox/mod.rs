@@ -283,8 +283,9 @@ impl Worker {
         // Cut off at half the lease after the claim: by the time the lease expires, this send is
         // over (rule 3).
         let deadline = claimed_at + self.lease() / 2;
-        let sent = tokio::time::timeout_at(deadline, self.client.create_instance(&request));
-        match sent.await {
+        let sent = tokio::time::timeout_at(deadline, self.client.create_instance(&request)).await;
+        crate::metrics::outbox_create(&sent, row.created_at);
+        match sent {
             Ok(Ok(instance_id)) => {
                 if self.record_created(row.id, &instance_id).await? {
                     tracing::info!(outbox_id = row.id, process_instance_id = %instance_id, "outbox: approval created");

@@ -63,6 +63,31 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<usize> {
     Ok(applied)
 }
 
+/// Version of the newest embedded migration (`V7__name` → 7).
+pub fn newest_migration() -> i32 {
+    MIGRATIONS
+        .iter()
+        .filter_map(|(name, _)| {
+            name.trim_start_matches(['V', 'U'])
+                .split("__")
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Whether migration `version` is recorded in refinery's history (for `/readyz`).
+pub async fn migration_applied(pool: &PgPool, version: i32) -> sqlx::Result<bool> {
+    sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM {HISTORY_TABLE} WHERE version = $1)"
+    ))
+    .bind(version)
+    .fetch_one(pool)
+    .await
+}
+
 /// refinery's view of one sqlx connection.
 struct Driver(PgConnection);
 

@@ -20,7 +20,7 @@ use sqlx::{
 
 use crate::config::DatabaseConfig;
 
-pub use migrate::migrate;
+pub use migrate::{migrate, migration_applied, newest_migration};
 
 /// Creates the database named in the URL when it does not exist (through the `postgres`
 /// maintenance database on the same server), then opens the pool.
