@@ -93,6 +93,7 @@ pub struct ServerConfig {
     pub listen: String,
     pub body_limit_bytes: usize,
     pub request_timeout_ms: u64,
+    pub shutdown_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -166,6 +167,7 @@ impl Default for Config {
                 listen: "127.0.0.1:8080".into(),
                 body_limit_bytes: 64 * 1024,
                 request_timeout_ms: 10_000,
+                shutdown_timeout_ms: 30_000,
             },
             callback: CallbackConfig {
                 token: Secret::default(),
@@ -342,6 +344,12 @@ impl Config {
         }
         if self.server.request_timeout_ms == 0 {
             return Err(invalid("server.request_timeout_ms", "must be more than 0"));
+        }
+        if self.server.shutdown_timeout_ms < self.server.request_timeout_ms {
+            return Err(invalid(
+                "server.shutdown_timeout_ms",
+                "must be at least server.request_timeout_ms (callbacks in flight finish first)",
+            ));
         }
         if self.dingtalk.timeout_ms == 0 {
             return Err(invalid("dingtalk.timeout_ms", "must be more than 0"));
@@ -587,6 +595,12 @@ fn apply_env(
                     .parse()
                     .map_err(|_| invalid(&dotted, "must be a whole number"))?,
             ),
+            toml::Value::Float(_) => toml::Value::Float(
+                value
+                    .trim()
+                    .parse()
+                    .map_err(|_| invalid(&dotted, "must be a number such as 0.5"))?,
+            ),
             toml::Value::Boolean(_) => toml::Value::Boolean(
                 value
                     .trim()
@@ -698,12 +712,16 @@ mod tests {
                 ("DINGSYNC_DATABASE_MAX_CONNECTIONS", "32"),
                 ("DINGSYNC_CALLBACK_OWNER_KEY", "dingcorp, dingappkey"),
                 ("DINGSYNC_SERVER_LISTEN", "0.0.0.0:9000"),
+                ("DINGSYNC_EMULATOR_TIME_SCALE", "0.01"),
+                ("DINGSYNC_OUTBOX_ENABLED", "false"),
                 ("OTHER_VAR", "ignored"),
             ],
         )
         .unwrap();
         assert_eq!(config.database.url.expose(), "postgres://u@db:5432/x");
         assert_eq!(config.database.max_connections, 32);
+        assert_eq!(config.emulator.time_scale, 0.01);
+        assert!(!config.outbox.enabled);
         assert_eq!(config.callback.owner_key, vec!["dingcorp", "dingappkey"]);
         assert_eq!(config.server.listen, "0.0.0.0:9000");
     }
