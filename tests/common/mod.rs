@@ -245,6 +245,16 @@ pub struct Pusher {
 }
 
 impl Pusher {
+    /// DingTalk's side of pushes to any daemon, e.g. one running as a separate process.
+    pub fn new(base_url: &str, crypto: CallbackCrypto, owner_key: &str) -> Pusher {
+        Pusher {
+            http: reqwest::Client::new(),
+            base_url: base_url.to_string(),
+            crypto,
+            owner_key: owner_key.to_string(),
+        }
+    }
+
     /// Encrypts `message` as DingTalk would (random prefix, ms timestamp, 8-char nonce), posts it.
     pub async fn send(&self, message: &str) -> reqwest::Result<reqwest::Response> {
         let timestamp = chrono::Utc::now().timestamp_millis().to_string();
