@@ -140,6 +140,33 @@ async fn an_aes_key_other_than_the_registered_one_fails_without_printing_either(
 }
 
 #[tokio::test]
+async fn no_registration_fails_unless_the_owner_keys_suggest_a_console_subscription() {
+    let s = registered().await;
+    let pool = store::connect(&s.config.database).await.unwrap();
+    let client = Client::new(pool.clone(), &s.config.dingtalk, &s.emulator.base_url()).unwrap();
+    client.delete_callback().await.unwrap();
+    pool.close().await;
+    let report = doctor::run(&s.config).await;
+    let finding = report
+        .get("callback registration")
+        .expect("a registration finding");
+    assert_eq!(finding.status, Status::Fail, "{report}");
+    assert_eq!(finding.fix.as_deref(), Some("dingsync callback register"));
+    // Only the AppKey listed: the app probably subscribed in the console, invisible to the API.
+    let mut config = s.config.clone();
+    config.callback.owner_key = vec![emulator::DEFAULT_APP_KEY.into()];
+    let report = doctor::run(&config).await;
+    assert_eq!(
+        status(&report, "callback registration"),
+        Status::Warn,
+        "{report}"
+    );
+    assert_eq!(status(&report, "owner key"), Status::Ok, "{report}");
+    assert_eq!(report.exit_code(), 0, "{report}");
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn a_database_without_the_migrations_fails_with_dingsync_migrate() {
     install_crypto_provider();
     let db = TestDb::new();
