@@ -12,6 +12,7 @@ pub mod config;
 pub mod crypto;
 pub mod demo;
 pub mod dingtalk;
+pub mod doctor;
 pub mod emulator;
 pub mod error;
 pub mod event;

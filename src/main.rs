@@ -7,7 +7,7 @@ use dingsync::{
     app,
     callback::manage::{self, Action},
     config::Config,
-    outbox, store, telemetry,
+    doctor, outbox, store, telemetry,
 };
 
 /// mimalloc instead of the system allocator: request handling allocates many small short-lived
@@ -61,6 +61,9 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Check the configuration against PostgreSQL, the clocks and DingTalk (token, callback
+    /// crypto, owner key, registration); print one line per check; exit 1 on any FAIL.
+    Doctor,
     /// Compare the database with a fresh DingTalk listing of reconcile.process_codes; print
     /// missing, extra and disagreeing approvals; exit 1 when there are any.
     Drift {
@@ -107,12 +110,22 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
+        Err(e) if matches!(cli.command, Command::Doctor) => {
+            println!("{}", doctor::config_error(&e));
+            return ExitCode::from(2);
+        }
         Err(e) => {
             eprintln!("dingsync: configuration error: {e}");
             return ExitCode::from(2);
         }
     };
     telemetry::init(&config.log);
+    if let Command::Doctor = cli.command {
+        app::install_crypto_provider();
+        let report = doctor::run(&config).await;
+        print!("{report}");
+        return ExitCode::from(report.exit_code());
+    }
     if let Command::Drift {
         since,
         process_code,
@@ -140,7 +153,7 @@ async fn main() -> ExitCode {
             since,
             dry_run,
         } => backfill(&config, &process_code, &since, dry_run).await,
-        Command::Drift { .. } => unreachable!("handled above"),
+        Command::Drift { .. } | Command::Doctor => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

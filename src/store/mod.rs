@@ -27,6 +27,16 @@ pub use migrate::{migrate, migration_applied, newest_migration};
 pub async fn connect(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
     let options = PgConnectOptions::from_str(config.url.expose()).context("database.url")?;
     ensure_database(&options).await?;
+    open_with(config, options).await
+}
+
+/// Opens the pool without creating anything: for `dingsync doctor`, which only looks.
+pub async fn open(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
+    let options = PgConnectOptions::from_str(config.url.expose()).context("database.url")?;
+    open_with(config, options).await
+}
+
+async fn open_with(config: &DatabaseConfig, options: PgConnectOptions) -> anyhow::Result<PgPool> {
     // Reuse one plan per prepared statement. dingsync's statements are keyed lookups and
     // `unnest` batches with one good plan; PostgreSQL's default of re-planning them for each
     // parameter set (custom plans) cost more CPU than the callback batch itself.
@@ -78,6 +88,11 @@ async fn ensure_database(options: &PgConnectOptions) -> anyhow::Result<()> {
     }
     admin.close().await.ok();
     Ok(())
+}
+
+/// PostgreSQL's clock (`now()`, the start of the transaction; here a one-statement one).
+pub async fn server_time(pool: &PgPool) -> sqlx::Result<chrono::DateTime<chrono::Utc>> {
+    sqlx::query_scalar("SELECT now()").fetch_one(pool).await
 }
 
 /// Whether `e` is a database error with this SQLSTATE.
