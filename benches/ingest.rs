@@ -81,6 +81,20 @@ fn messages(n: usize) -> Vec<String> {
 
 struct Daemon(Child);
 
+/// A memory figure of a process from /proc (Linux), in KiB: `VmRSS` now, `VmHWM` its peak.
+fn memory(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .and_then(|kib| kib.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -142,6 +156,8 @@ async fn main() {
         assert!(Instant::now() < deadline, "dingsync did not become ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    let idle_rss = memory(daemon.0.id(), "VmRSS");
 
     // Encrypt everything up front: the clock measures dingsync, not the load generator's crypto.
     let cipher = CallbackCrypto::new(&token, &aes_key).unwrap();
@@ -223,6 +239,7 @@ async fn main() {
     .fetch_one(&mut conn)
     .await
     .unwrap();
+    let peak_rss = memory(daemon.0.id(), "VmHWM");
     drop(daemon);
 
     println!(
@@ -244,6 +261,11 @@ async fn main() {
         ms(*latencies.last().unwrap())
     );
     println!("  message size:  ~{avg_plain} bytes decrypted");
+    println!(
+        "  serve memory:  RSS {:.1} MiB idle, peak {:.1} MiB under this load",
+        idle_rss / 1024.0,
+        peak_rss / 1024.0
+    );
     println!(
         "  database:      {events} events, {approvals} approvals ({completed} completed/agree), {tasks} completed tasks"
     );
