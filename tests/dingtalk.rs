@@ -277,7 +277,13 @@ async fn wrong_app_secret_is_a_clear_rejection_without_the_secret() {
 
 #[tokio::test]
 async fn the_rate_budget_is_never_exceeded_at_the_emulator() {
-    let s = setup(|c| c.dingtalk.qps = 20).await;
+    // 50 calls queue for slots at once; with the whole suite running in parallel on a small
+    // machine a connection can take longer than the harness's 1 s to come free.
+    let s = setup(|c| {
+        c.dingtalk.qps = 20;
+        c.database.acquire_timeout_ms = 5_000;
+    })
+    .await;
     let id = s.client.create_instance(&expense()).await.unwrap();
     let calls: Vec<_> = (0..50).map(|_| s.client.get_instance(&id)).collect();
     for result in futures::future::join_all(calls).await {
