@@ -277,11 +277,14 @@ async fn wrong_app_secret_is_a_clear_rejection_without_the_secret() {
 
 #[tokio::test]
 async fn the_rate_budget_is_never_exceeded_at_the_emulator() {
-    // 50 calls queue for slots at once; with the whole suite running in parallel on a small
-    // machine a connection can take longer than the harness's 1 s to come free.
+    // 50 calls queue for slots at once. A small pool keeps this test from taking a large share
+    // of PostgreSQL's connections while the rest of the file runs in parallel (new connections
+    // are refused beyond max_connections and the pool would time out), and a connection may
+    // take longer than the harness's 1 s to come free.
     let s = setup(|c| {
         c.dingtalk.qps = 20;
-        c.database.acquire_timeout_ms = 5_000;
+        c.database.max_connections = 4;
+        c.database.acquire_timeout_ms = 10_000;
     })
     .await;
     let id = s.client.create_instance(&expense()).await.unwrap();

@@ -39,6 +39,8 @@ impl Priority {
 /// How late after its slot a call may still go. Slots are 1.05/qps apart, so a call up to this
 /// late still never makes qps + 1 calls in one second (with room left for network jitter).
 const LATE: Duration = Duration::from_millis(20);
+/// Slots a call gives up for lateness before it goes late anyway.
+const MAX_GIVE_UPS: u32 = 5;
 
 pub struct Budget {
     pool: PgPool,
@@ -78,7 +80,12 @@ impl Budget {
             return Ok(());
         };
         let started = Instant::now();
+        let mut given_up = 0;
         loop {
+            // Time the query only: waiting for a pooled connection happens before the slot is
+            // chosen and says nothing about when it is.
+            let mut conn = self.pool.acquire().await?;
+            let asked = Instant::now();
             // The database clock is the one clock all replicas share.
             let slot: Option<(f64,)> = sqlx::query_as(
                 "INSERT INTO dingsync.rate_budget AS b (corp_id, app_key, next_at)
@@ -92,19 +99,26 @@ impl Budget {
             .bind(&self.app_key)
             .bind(spacing)
             .bind(priority.horizon().as_secs_f64())
-            .fetch_optional(&self.pool)
+            .fetch_optional(&mut *conn)
             .await?;
+            drop(conn);
             match slot {
                 Some((wait,)) => {
-                    let due = Instant::now() + Duration::from_secs_f64(wait.max(0.0));
-                    tokio::time::sleep_until(due).await;
-                    // Woken too late (a busy machine), the call would land next to the calls
-                    // of later slots: give the slot up and take a new one instead.
-                    if Instant::now() - due <= LATE {
+                    let wait = Duration::from_secs_f64(wait.max(0.0));
+                    // The slot lies between `asked + wait` and `answered + wait`: never go
+                    // before the later bound, and measure lateness from the earlier one, so a
+                    // slow answer (a busy database or machine) counts as lateness too.
+                    let earliest = asked + wait;
+                    tokio::time::sleep_until(Instant::now() + wait).await;
+                    // Too late, the call would land next to the calls of later slots: give the
+                    // slot up and take a new one. After a few tries on a machine this busy,
+                    // go anyway rather than never.
+                    if Instant::now() - earliest <= LATE || given_up >= MAX_GIVE_UPS {
                         self.space_locally(spacing).await;
                         crate::metrics::budget_waited(started.elapsed());
                         return Ok(());
                     }
+                    given_up += 1;
                 }
                 // No slot within this priority's horizon: the budget is taken by more urgent work.
                 None => tokio::time::sleep(Duration::from_secs_f64(spacing)).await,
