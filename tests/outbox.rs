@@ -108,6 +108,34 @@ fn instances_with_reason(emu: &Handle, reason: &str) -> Vec<Instance> {
         .collect()
 }
 
+/// Requests `n` expense approvals keyed `<prefix>-1..n` (reason "<prefix> i"), in one statement.
+async fn request_many(pool: &PgPool, prefix: &str, n: i32) {
+    sqlx::query(
+        "SELECT dingsync.request_approval($1 || '-' || i, 'PROC-EMU-EXPENSE', 'emp1',
+            jsonb_build_array(jsonb_build_object('name', 'Reason', 'value', $1 || ' ' || i),
+                              jsonb_build_object('name', 'Amount', 'value', i)))
+         FROM generate_series(1, $2) AS i",
+    )
+    .bind(prefix)
+    .bind(n)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Waits until every outbox row is `created`.
+async fn wait_all_created(pool: &PgPool, within: Duration) {
+    eventually(within, "every outbox row created", || async {
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM dingsync.outbox WHERE state <> 'created'")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        (left == 0).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_outbox_row_becomes_one_approval_that_follows_dingtalk_to_completed() {
     let app = daemon(|_| {}).await;
@@ -350,24 +378,8 @@ async fn two_workers_on_one_table_create_every_row_exactly_once() {
     let first = App::start(against(&emu, &db)).await.unwrap();
     let second = App::start(against(&emu, &db)).await.unwrap();
     let pool = PgPool::connect(&db.url).await.unwrap();
-    sqlx::query(
-        "SELECT dingsync.request_approval('bulk-' || n, 'PROC-EMU-EXPENSE', 'emp1',
-            jsonb_build_array(jsonb_build_object('name', 'Reason', 'value', 'bulk ' || n),
-                              jsonb_build_object('name', 'Amount', 'value', n)))
-         FROM generate_series(1, 200) AS n",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
-    eventually(Duration::from_secs(30), "all 200 rows created", || async {
-        let left: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM dingsync.outbox WHERE state <> 'created'")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        (left == 0).then_some(())
-    })
-    .await;
+    request_many(&pool, "bulk", 200).await;
+    wait_all_created(&pool, Duration::from_secs(30)).await;
     let state = emu.state();
     assert_eq!(state.instances().len(), 200);
     assert_eq!(state.calls("topapi/processinstance/create"), 200);
@@ -705,15 +717,7 @@ async fn a_stopped_daemon_leaves_no_row_sending_and_the_next_one_finishes_the_re
     config.outbox.concurrency = 2;
     let first = App::start(config.clone()).await.unwrap();
     let pool = PgPool::connect(&db.url).await.unwrap();
-    sqlx::query(
-        "SELECT dingsync.request_approval('stop-' || n, 'PROC-EMU-EXPENSE', 'emp1',
-            jsonb_build_array(jsonb_build_object('name', 'Reason', 'value', 'stop ' || n),
-                              jsonb_build_object('name', 'Amount', 'value', n)))
-         FROM generate_series(1, 30) AS n",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    request_many(&pool, "stop", 30).await;
     eventually(Duration::from_secs(10), "a few rows created", || async {
         let created: i64 =
             sqlx::query_scalar("SELECT count(*) FROM dingsync.outbox WHERE state = 'created'")
@@ -744,15 +748,7 @@ async fn a_stopped_daemon_leaves_no_row_sending_and_the_next_one_finishes_the_re
 
     emu.state().reset_faults();
     let second = App::start(config).await.unwrap();
-    eventually(Duration::from_secs(15), "all 30 rows created", || async {
-        let left: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM dingsync.outbox WHERE state <> 'created'")
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-        (left == 0).then_some(())
-    })
-    .await;
+    wait_all_created(&pool, Duration::from_secs(15)).await;
     assert_eq!(emu.state().instances().len(), 30);
     assert_eq!(emu.state().calls("topapi/processinstance/create"), 30);
     second.stop().await.unwrap();
