@@ -242,6 +242,7 @@ async fn dingtalk_client(
                 seed: settings.effective_seed(),
                 people: (settings.people_pace_ms > 0)
                     .then(|| Duration::from_millis(settings.people_pace_ms)),
+                keep_events: false,
             },
             "127.0.0.1:0".parse().expect("literal address"),
         )

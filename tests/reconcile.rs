@@ -15,8 +15,8 @@ use dingsync::{
     config::{Config, Secret},
     dingtalk::types::CallbackRegistration,
     emulator::{
-        DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig, Faults, Instance,
-        PushFaults, StartInstance, TaskAction,
+        DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig, Faults, PushFaults,
+        StartInstance, TaskAction,
     },
     reconcile::{self, Context},
     scheduler::{self, Job, Ran},
@@ -101,106 +101,8 @@ fn start(code: &str, originator: &str, approvers: &[&str]) -> StartInstance {
     }
 }
 
-fn second(t: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
-    t.map(|t| t.duration_trunc(TimeDelta::seconds(1)).unwrap())
-}
-
-type ApprovalDb = (
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<DateTime<Utc>>,
-    Option<DateTime<Utc>>,
-    Option<serde_json::Value>,
-    Option<String>,
-);
-type TaskDb = (
-    i64,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<DateTime<Utc>>,
-    Option<String>,
-);
-
 /// job, tick_at, replica, outcome, error
 type RunRow = (String, DateTime<Utc>, String, String, Option<String>);
-
-/// Asserts that every emulator instance has a row equal to it, with all its tasks.
-async fn assert_rows_equal_the_emulator(pool: &sqlx::PgPool, instances: &[Instance]) {
-    for i in instances {
-        let id = &i.process_instance_id;
-        let row: ApprovalDb = sqlx::query_as(
-            "SELECT status, result, title, business_id, originator_userid, originator_dept_id,
-                    created_at, finished_at, form_values, process_code
-             FROM dingsync.approvals WHERE corp_id = $1 AND process_instance_id = $2",
-        )
-        .bind(CORP_ID)
-        .bind(id)
-        .fetch_optional(pool)
-        .await
-        .unwrap()
-        .unwrap_or_else(|| panic!("{id} is missing"));
-        let want: ApprovalDb = (
-            i.status.as_str().into(),
-            i.result.map(str::to_string),
-            Some(i.title.clone()),
-            Some(i.business_id.clone()),
-            Some(i.originator_userid.clone()),
-            Some(i.originator_dept_id.to_string()),
-            second(Some(i.create_time)),
-            second(i.finish_time),
-            Some(serde_json::to_value(&i.form_component_values).unwrap()),
-            Some(i.process_code.clone()),
-        );
-        let got = (
-            row.0,
-            row.1,
-            row.2,
-            row.3,
-            row.4,
-            row.5,
-            second(row.6),
-            second(row.7),
-            row.8,
-            row.9,
-        );
-        assert_eq!(got, want, "approval {id}");
-        let tasks: Vec<TaskDb> = sqlx::query_as(
-            "SELECT task_id, status, result, userid, finished_at, remark FROM dingsync.approval_tasks
-             WHERE corp_id = $1 AND process_instance_id = $2 ORDER BY task_id",
-        )
-        .bind(CORP_ID)
-        .bind(id)
-        .fetch_all(pool)
-        .await
-        .unwrap();
-        let mut want: Vec<TaskDb> = i
-            .tasks
-            .iter()
-            .map(|t| {
-                let ended = t.finish_time.is_some();
-                (
-                    t.taskid,
-                    t.status.as_str().into(),
-                    ended.then(|| t.result.as_str().into()),
-                    Some(t.userid.clone()),
-                    second(t.finish_time),
-                    t.remark.clone(),
-                )
-            })
-            .collect();
-        want.sort_by_key(|t| t.0);
-        let tasks: Vec<TaskDb> = tasks
-            .into_iter()
-            .map(|t| (t.0, t.1, t.2, t.3, second(t.4), t.5))
-            .collect();
-        assert_eq!(tasks, want, "tasks of {id}");
-    }
-}
 
 /// Moves approvals along as people would: each open task is agreed, refused, or its approval
 /// withdrawn, by its index; some approvals stay open.
@@ -281,7 +183,7 @@ async fn five_hundred_approvals_with_lost_duplicated_and_reordered_pushes_conver
         .unwrap();
     assert!(drift.is_clean(), "{drift}");
     assert_eq!(drift.listed, 500);
-    assert_rows_equal_the_emulator(&app.pool, &instances).await;
+    mirror::assert_rows_equal_the_emulator(&app.pool, CORP_ID, &instances).await;
     app.stop().await;
     emu.stop().await;
 }
@@ -336,7 +238,7 @@ async fn a_daemon_down_for_the_whole_retry_ladder_ends_correct_from_the_failed_l
     assert!(from_list >= 20, "{from_list} events from the failed list");
     run_now(&ctx, Job::Details).await;
     run_now(&ctx, Job::Sweep).await;
-    assert_rows_equal_the_emulator(&app.pool, &state.instances()).await;
+    mirror::assert_rows_equal_the_emulator(&app.pool, CORP_ID, &state.instances()).await;
     app.stop().await;
     emu.stop().await;
 }
@@ -404,7 +306,7 @@ async fn two_daemons_run_each_job_once_per_tick_and_a_failing_run_does_not_stop_
         );
         assert_eq!(
             *tick,
-            second(Some(*tick)).unwrap(),
+            tick.duration_trunc(TimeDelta::seconds(1)).unwrap(),
             "a tick is a cron second"
         );
     }
@@ -485,7 +387,7 @@ async fn an_interrupted_backfill_resumes_from_its_cursor_without_listing_finishe
         first_part + second_part <= full_run + 1,
         "{first_part} + {second_part} listids calls for a {full_run}-page backfill"
     );
-    assert_rows_equal_the_emulator(&app.pool, &state.instances()).await;
+    mirror::assert_rows_equal_the_emulator(&app.pool, CORP_ID, &state.instances()).await;
     app.stop().await;
     emu.stop().await;
 }

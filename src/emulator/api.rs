@@ -682,7 +682,16 @@ async fn delete_callback(State(shared): State<Arc<Shared>>) -> Response {
 
 /// `GET /call_back/get_call_back_failed_result` (API.md §3): ≤200 items, read-once, `has_more`.
 async fn failed_result(State(shared): State<Arc<Shared>>) -> Response {
-    let (list, has_more) = shared.world().take_failed(Instant::now());
+    let (list, has_more) = {
+        let mut world = shared.world();
+        let now = Instant::now();
+        let (list, has_more) = world.take_failed(now);
+        if shared.config.keep_events {
+            let handed_out = list.iter().map(|item| (now, item.clone()));
+            world.failed_handed_out.extend(handed_out);
+        }
+        (list, has_more)
+    };
     success(
         Family::Oapi,
         json!({"has_more": has_more, "failed_list": list}),

@@ -71,6 +71,10 @@ pub struct EmulatorConfig {
     pub seed: u64,
     /// `Some(pace)`: simulated people start an approval or act on a task every `pace`.
     pub people: Option<Duration>,
+    /// Keep every event handed to delivery and every failed-list item handed out, for tests
+    /// that prove nothing was lost ([`Handle::events_pushed`], [`Handle::failed_handed_out`]).
+    /// Memory grows with every event, so it is off in `serve` and `dingsync emulator`.
+    pub keep_events: bool,
 }
 
 impl std::fmt::Debug for EmulatorConfig {
@@ -82,6 +86,7 @@ impl std::fmt::Debug for EmulatorConfig {
             .field("time_scale", &self.time_scale)
             .field("seed", &self.seed)
             .field("people", &self.people)
+            .field("keep_events", &self.keep_events)
             .finish()
     }
 }
@@ -95,6 +100,7 @@ impl Default for EmulatorConfig {
             time_scale: 1.0,
             seed: 1,
             people: None,
+            keep_events: false,
         }
     }
 }

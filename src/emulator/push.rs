@@ -201,6 +201,12 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, events: Vec<Event>) {
                 world.log_push(record(id, PushOutcome::LostForever));
                 continue;
             }
+            if shared.config.keep_events {
+                world
+                    .events_pushed
+                    .push(serde_json::Value::Object(event.payload.clone()));
+            }
+            let rng = &mut world.fault_rng;
             let copies = if rng.random_bool(probability(faults.duplicate_rate)) {
                 2
             } else {

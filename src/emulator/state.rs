@@ -186,6 +186,10 @@ pub(crate) struct World {
     pub faults: Faults,
     pub push_log: VecDeque<PushRecord>,
     pub push_seq: u64,
+    /// With `keep_events`: every event handed to delivery, in order (the flat push JSON).
+    pub events_pushed: Vec<Value>,
+    /// With `keep_events`: every failed-list item handed out, with when.
+    pub failed_handed_out: Vec<(Instant, Value)>,
 }
 
 impl World {
@@ -205,6 +209,8 @@ impl World {
             faults: Faults::default(),
             push_log: VecDeque::new(),
             push_seq: 0,
+            events_pushed: Vec::new(),
+            failed_handed_out: Vec::new(),
         }
     }
 
@@ -787,6 +793,20 @@ impl Handle {
     /// Every push attempt and event outcome so far (the last 10 000).
     pub fn push_log(&self) -> Vec<PushRecord> {
         self.shared.world().push_log.iter().cloned().collect()
+    }
+
+    /// Every event DingTalk set out to deliver (subscribed, not lost forever), each once however
+    /// many copies or attempts it took, as the flat JSON it pushes. Empty unless the emulator
+    /// was started with `keep_events`.
+    pub fn events_pushed(&self) -> Vec<Value> {
+        self.shared.world().events_pushed.clone()
+    }
+
+    /// Every item `get_call_back_failed_result` handed out, with when. The list is read-once
+    /// (API.md §3), so an item a caller did not store before it died is gone from DingTalk.
+    /// Empty unless the emulator was started with `keep_events`.
+    pub fn failed_handed_out(&self) -> Vec<(Instant, Value)> {
+        self.shared.world().failed_handed_out.clone()
     }
 
     /// Deliveries still running (waiting for a retry or an answer).
