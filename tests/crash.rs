@@ -81,14 +81,8 @@ struct Daemon {
 
 impl Daemon {
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_dingsync"));
-        command
-            .args([
-                "--config",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
-            ])
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        let mut command = dingsync_command(args);
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
         command
     }
 

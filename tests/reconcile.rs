@@ -492,8 +492,7 @@ async fn an_event_arriving_during_a_detail_fetch_causes_another_fetch() {
 
 /// `dingsync` itself, configured through the environment for `emu` and the database at `url`.
 fn command(emu: &Emulator, url: &str, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_dingsync"))
-        .args(args)
+    dingsync_command(args)
         .env("DINGSYNC_DATABASE_URL", url)
         .env("DINGSYNC_DINGTALK_API_BASE", emu.base_url())
         .env("DINGSYNC_DINGTALK_APP_KEY", DEFAULT_APP_KEY)

@@ -27,12 +27,7 @@ async fn sigterm_during_a_callback_burst_loses_no_acknowledged_event_and_leaves_
         .unwrap()
         .port();
     let (token, aes_key) = (crypto::random_nonce(32), crypto::random_aes_key());
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_dingsync"))
-        .args([
-            "--config",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
-            "serve",
-        ])
+    let mut daemon = dingsync_command(&["serve"])
         .env("DINGSYNC_DATABASE_URL", &db.url)
         .env("DINGSYNC_SERVER_LISTEN", format!("127.0.0.1:{port}"))
         .env("DINGSYNC_CALLBACK_TOKEN", &token)

@@ -30,6 +30,25 @@ pub fn server_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
+/// The real `dingsync` binary with the repository's config.toml, for tests that run it as a
+/// child process. The test harness's own settings (`DINGSYNC_TEST_*`) are not the daemon's: the
+/// daemon refuses unknown `DINGSYNC_*` variables, so they are taken out of its environment.
+pub fn dingsync_command(args: &[&str]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_dingsync"));
+    command
+        .args([
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
+        ])
+        .args(args);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("DINGSYNC_TEST_") {
+            command.env_remove(key);
+        }
+    }
+    command
+}
+
 /// A database that exists for one test and is dropped afterwards.
 pub struct TestDb {
     pub name: String,
