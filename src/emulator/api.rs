@@ -687,7 +687,8 @@ async fn failed_result(State(shared): State<Arc<Shared>>) -> Response {
         let now = Instant::now();
         let (list, has_more) = world.take_failed(now);
         if shared.config.keep_events {
-            let handed_out = list.iter().map(|item| (now, item.clone()));
+            let at = chrono::Utc::now();
+            let handed_out = list.iter().map(|item| (at, item.clone()));
             world.failed_handed_out.extend(handed_out);
         }
         (list, has_more)

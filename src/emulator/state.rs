@@ -188,8 +188,9 @@ pub(crate) struct World {
     pub push_seq: u64,
     /// With `keep_events`: every event handed to delivery, in order (the flat push JSON).
     pub events_pushed: Vec<Value>,
-    /// With `keep_events`: every failed-list item handed out, with when.
-    pub failed_handed_out: Vec<(Instant, Value)>,
+    /// With `keep_events`: every failed-list item handed out, with when (wall clock, to compare
+    /// with times in the receiver's database).
+    pub failed_handed_out: Vec<(DateTime<Utc>, Value)>,
 }
 
 impl World {
@@ -805,7 +806,7 @@ impl Handle {
     /// Every item `get_call_back_failed_result` handed out, with when. The list is read-once
     /// (API.md §3), so an item a caller did not store before it died is gone from DingTalk.
     /// Empty unless the emulator was started with `keep_events`.
-    pub fn failed_handed_out(&self) -> Vec<(Instant, Value)> {
+    pub fn failed_handed_out(&self) -> Vec<(DateTime<Utc>, Value)> {
         self.shared.world().failed_handed_out.clone()
     }
 
