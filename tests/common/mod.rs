@@ -2,6 +2,7 @@
 //! real daemon on port 0, and a client that speaks DingTalk's side of the callback exchange.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod pgcluster;
 pub mod proxy;
 
 use std::{
