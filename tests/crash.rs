@@ -7,9 +7,11 @@
 //! - every outbox row is `created`, with exactly one instance in the emulator.
 //!
 //! The one window no receiver can close is DingTalk's own: the failed list is read-once (API.md
-//! §3, the stricter reading), so items handed out just before a kill, and not yet committed, are
-//! gone from DingTalk. The test tells those apart (the emulator records every hand-out), counts
-//! them, and still requires their approvals to end equal to DingTalk's (the sweep re-reads them).
+//! §3, the stricter reading), so items handed out to a `failed` job run that is then killed
+//! before it commits them are gone from DingTalk. The test tells those apart (the emulator
+//! records every hand-out, `dingsync.job_runs` every run), counts them, and still requires their
+//! approvals to end equal to DingTalk's: the sweep re-reads known approvals and backfill
+//! (listids) finds approvals whose every event was lost.
 //!
 //! The CI variant is short (hundreds of approvals, four kills); `DINGSYNC_TEST_LONG=1` runs the
 //! issue's full size: 10,000+ events, 1,000 outbox requests, ten kills.
@@ -24,6 +26,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use chrono::{DateTime, Utc};
 use common::*;
 use dingsync::{
     crypto,
@@ -283,7 +286,11 @@ async fn kill_9_again_and_again_loses_no_event_and_doubles_no_approval() {
         ("DINGSYNC_SCHEDULER_DETAILS", "* * * * * *".into()),
         ("DINGSYNC_SCHEDULER_SWEEP", "*/5 * * * * *".into()),
         ("DINGSYNC_SCHEDULER_FAILED", "*/2 * * * * *".into()),
-        ("DINGSYNC_SCHEDULER_BACKFILL", DORMANT.into()),
+        // As in production: backfill finds approvals whose every event was lost (possible only
+        // through the read-once failed list, see the module doc).
+        ("DINGSYNC_SCHEDULER_BACKFILL", "*/10 * * * * *".into()),
+        ("DINGSYNC_RECONCILE_PROCESS_CODES", TEMPLATE.into()),
+        ("DINGSYNC_RECONCILE_BACKFILL_DAYS", "1".into()),
         ("DINGSYNC_SCHEDULER_RETENTION", DORMANT.into()),
         ("DINGSYNC_RECONCILE_DETAIL_QUIET_MS", "0".into()),
         ("DINGSYNC_RECONCILE_SWEEP_MIN_INTERVAL_S", "2".into()),
@@ -318,7 +325,7 @@ async fn kill_9_again_and_again_loses_no_event_and_doubles_no_approval() {
         let up = Duration::from_millis(rng.random_range(1_000..2_500));
         tokio::time::sleep(up).await;
         daemon.kill();
-        kills.push(Instant::now());
+        kills.push(Utc::now());
         let down = Duration::from_millis(rng.random_range(200..1_000));
         tokio::time::sleep(down).await;
         daemon.start().await;
@@ -331,6 +338,8 @@ async fn kill_9_again_and_again_loses_no_event_and_doubles_no_approval() {
     let mut progress = Progress::default();
     let deadline = Instant::now() + scale.converge_within;
     let mut lost_in_failed_list: HashSet<String> = HashSet::new();
+    // Dedup keys of the events pushed so far, in push order (only new ones are parsed).
+    let mut pushed: Vec<String> = Vec::new();
     while Instant::now() < deadline {
         progress = Progress {
             outbox_not_created: sqlx::query_scalar(
@@ -343,14 +352,15 @@ async fn kill_9_again_and_again_loses_no_event_and_doubles_no_approval() {
             failed_list_pending: state.failed_pending(),
             ..Progress::default()
         };
+        let events = state.events_pushed();
+        pushed.extend(events[pushed.len()..].iter().map(dedup_key));
         let stored: HashSet<String> = stored_keys(&pool).await.into_iter().collect();
-        let missing: Vec<String> = state
-            .events_pushed()
+        let missing: HashSet<String> = pushed
             .iter()
-            .map(dedup_key)
-            .filter(|k| !stored.contains(k))
+            .filter(|k| !stored.contains(*k))
+            .cloned()
             .collect();
-        lost_in_failed_list = read_once_losses(&missing, state, &kills);
+        lost_in_failed_list = read_once_losses(&pool, &missing, state, &kills).await;
         progress.events_missing = missing.len() - lost_in_failed_list.len();
         progress.approval_differences =
             mirror::differences(&pool, CORP_ID, &state.instances()).await;
@@ -368,7 +378,8 @@ async fn kill_9_again_and_again_loses_no_event_and_doubles_no_approval() {
     let converged_in = restarted_at.elapsed();
 
     // Every event exactly once: nothing stored that DingTalk did not push, nothing twice.
-    let pushed: Vec<String> = state.events_pushed().iter().map(dedup_key).collect();
+    let events = state.events_pushed();
+    pushed.extend(events[pushed.len()..].iter().map(dedup_key));
     let distinct: HashSet<&String> = pushed.iter().collect();
     let stored = stored_keys(&pool).await;
     let stored_set: HashSet<&String> = stored.iter().collect();
@@ -448,21 +459,41 @@ async fn kill_9_again_and_again_loses_no_event_and_doubles_no_approval() {
     emu.stop().await;
 }
 
-/// The missing events that DingTalk's failed list handed out less than 2 s before a kill: read
-/// (and so removed from DingTalk) by a daemon that died before committing them.
-fn read_once_losses(missing: &[String], state: &Handle, kills: &[Instant]) -> HashSet<String> {
+/// The missing events that DingTalk's failed list handed out to a `failed` job run that never
+/// finished (its daemon was killed: `abandoned`) or failed: read, and so removed from DingTalk,
+/// by a daemon that could not commit them. Any other missing event is a loss.
+async fn read_once_losses(
+    pool: &PgPool,
+    missing: &HashSet<String>,
+    state: &Handle,
+    kills: &[DateTime<Utc>],
+) -> HashSet<String> {
     if missing.is_empty() {
         return HashSet::new();
     }
-    let missing: HashSet<&String> = missing.iter().collect();
+    let runs: Vec<(DateTime<Utc>, Option<DateTime<Utc>>, String)> = sqlx::query_as(
+        "SELECT started_at, finished_at, outcome FROM dingsync.job_runs
+         WHERE job = 'failed' AND outcome IN ('abandoned', 'failed')",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    // Each such run's lifetime: until its own end, or until the kill that abandoned it.
+    let windows: Vec<(DateTime<Utc>, DateTime<Utc>)> = runs
+        .into_iter()
+        .filter_map(|(started, finished, outcome)| {
+            let end = if outcome == "abandoned" {
+                kills.iter().copied().find(|k| *k >= started)
+            } else {
+                finished
+            };
+            end.map(|end| (started, end))
+        })
+        .collect();
     state
         .failed_handed_out()
         .into_iter()
-        .filter(|(at, _)| {
-            kills
-                .iter()
-                .any(|k| *k >= *at && *k - *at < Duration::from_secs(2))
-        })
+        .filter(|(at, _)| windows.iter().any(|(from, to)| from <= at && at <= to))
         .map(|(_, item)| failed::to_event(&item, CORP_ID).dedup_key)
         .filter(|k| missing.contains(k))
         .collect()
