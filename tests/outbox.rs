@@ -399,9 +399,15 @@ async fn two_workers_on_one_table_create_every_row_exactly_once() {
 /// Plays a worker that claimed `id` (lease 300 ms) and then died: after sending the create
 /// when `sent`, before it when not.
 async fn die_while_sending(pool: &PgPool, emu: &Emulator, id: i64, sent: bool) {
-    let claims = outbox_store::claim(pool, CORP_ID, 10, Duration::from_millis(300))
-        .await
-        .unwrap();
+    let claims = outbox_store::claim(
+        pool,
+        CORP_ID,
+        10,
+        Duration::from_millis(300),
+        Duration::from_millis(100),
+    )
+    .await
+    .unwrap();
     assert_eq!(claims.len(), 1);
     assert_eq!(claims[0].row.id, id);
     if sent {

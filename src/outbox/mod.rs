@@ -11,7 +11,8 @@
 //! 3. Every send for a claim ends (or is cut off) within half the lease, and a search starts only
 //!    after the lease has expired plus `lost_settle_ms`, so a search never races a create that is
 //!    still on its way. A worker that dies mid-send leaves its row `sending`; when the lease runs
-//!    out another worker (or the next start) takes it over as `unknown`.
+//!    out another worker (or the next start) takes it over as `unknown`, due `lost_settle_ms`
+//!    later like any unanswered create (the create may have left just before the worker died).
 //!
 //! Owns: the claim loop (LISTEN `dingsync_outbox` plus polling, for PgBouncer), sending, backoff,
 //! the lost-response search. Does not own: the SQL (`store::outbox`), the shapes DingTalk takes
@@ -118,12 +119,27 @@ impl Worker {
         loop {
             let free = held_max.saturating_sub(tasks.len());
             if due_now && free >= self.config.concurrency && !shutdown.is_cancelled() {
-                match store::claim(&self.pool, &self.corp_id, free as i64, self.lease()).await {
+                let claimed = store::claim(
+                    &self.pool,
+                    &self.corp_id,
+                    free as i64,
+                    self.lease(),
+                    self.settle(),
+                )
+                .await;
+                match claimed {
                     Ok(claims) => {
                         // A full batch: more may be due as soon as there is room.
                         due_now = claims.len() == free;
                         let claimed_at = Instant::now();
                         for claim in claims {
+                            if claim.work == Work::TakenOver {
+                                tracing::info!(
+                                    outbox_id = claim.row.id,
+                                    "outbox: took over a create whose worker stopped mid-send; searching DingTalk for it after outbox.lost_settle_ms"
+                                );
+                                continue;
+                            }
                             self.in_flight.lock().unwrap().insert(claim.row.id);
                             let (worker, permits) = (self.clone(), permits.clone());
                             tasks.spawn(async move {
@@ -259,7 +275,8 @@ impl Worker {
         let id = claim.row.id;
         let outcome = match claim.work {
             Work::Send => self.send(&claim.row, claimed_at).await,
-            Work::Search { rescued } => self.search(&claim.row, rescued).await,
+            Work::Search => self.search(&claim.row).await,
+            Work::TakenOver => Ok(()), // never spawned: see `run`
         };
         self.in_flight.lock().unwrap().remove(&id);
         if let Err(e) = outcome {
@@ -362,14 +379,8 @@ impl Worker {
 
     /// Resolves an `unknown` row: adopt the instance its create made, or, when DingTalk certainly
     /// holds none, send again. If DingTalk cannot be asked now the row stays `unknown`.
-    async fn search(&self, row: &OutboxRow, rescued: bool) -> anyhow::Result<()> {
+    async fn search(&self, row: &OutboxRow) -> anyhow::Result<()> {
         let (pool, corp) = (&self.pool, self.corp_id.as_str());
-        if rescued {
-            tracing::info!(
-                outbox_id = row.id,
-                "outbox: taking over a create whose worker stopped mid-send"
-            );
-        }
         let request = match request::create_request(row) {
             Ok(request) => request,
             Err(why) => {

@@ -46,9 +46,13 @@ pub struct Claim {
 pub enum Work {
     /// Send the create (the row was pending; it is now `sending`, `attempts` counts this send).
     Send,
-    /// Find out whether an unanswered create took effect (the row is `unknown`). `rescued`: it
-    /// was left `sending` by a worker whose claim expired (stopped or killed mid-send).
-    Search { rescued: bool },
+    /// Find out whether an unanswered create took effect (the row is `unknown`).
+    Search,
+    /// The row was left `sending` by a worker whose lease ran out (stopped or killed mid-send).
+    /// It is now `unknown` and due only after `lost_settle_ms`: its create may have left just
+    /// before the worker died and still be on its way through DingTalk's gateway, so the search
+    /// waits as it does after any unanswered create. Nothing to do now.
+    TakenOver,
 }
 
 const COLUMNS: &str = "o.corp_id, o.id, o.idempotency_key, o.process_code, o.originator_user_id, \
@@ -75,6 +79,7 @@ pub async fn claim(
     corp_id: &str,
     limit: i64,
     lease: Duration,
+    settle: Duration,
 ) -> sqlx::Result<Vec<Claim>> {
     let sql = format!(
         "WITH due AS (
@@ -92,7 +97,8 @@ pub async fn claim(
             last_error = CASE WHEN due.previous = 'sending'
                 THEN 'the worker sending this create stopped before it got an answer; searching DingTalk for the instance'
                 ELSE o.last_error END,
-            next_attempt_at = now() + make_interval(secs => $3),
+            next_attempt_at = now() + make_interval(secs =>
+                CASE WHEN due.previous = 'sending' THEN $4 ELSE $3 END),
             updated_at = now()
         FROM due
         WHERE o.corp_id = due.corp_id AND o.id = due.id
@@ -102,13 +108,14 @@ pub async fn claim(
         .bind(corp_id)
         .bind(limit)
         .bind(lease.as_secs_f64())
+        .bind(settle.as_secs_f64())
         .try_map(|row: sqlx::postgres::PgRow| {
             use sqlx::{FromRow, Row};
             let previous: String = row.try_get("previous")?;
             let work = match previous.as_str() {
                 "pending" => Work::Send,
-                "sending" => Work::Search { rescued: true },
-                _ => Work::Search { rescued: false },
+                "sending" => Work::TakenOver,
+                _ => Work::Search,
             };
             Ok(Claim {
                 row: OutboxRow::from_row(&row)?,
