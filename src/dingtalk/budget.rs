@@ -36,8 +36,9 @@ impl Priority {
     }
 }
 
-/// How late after its slot a call may still go. Slots are 1.05/qps apart, so a call up to this
-/// late still never makes qps + 1 calls in one second (with room left for network jitter).
+/// How late after its slot a call may still go. Slots are 1.1/qps apart (qps + 1 slots span
+/// 1.1 s), so a call up to this late still never makes qps + 1 calls in one second, with 80 ms
+/// left for what happens after the call leaves (network, DingTalk's own scheduling).
 const LATE: Duration = Duration::from_millis(20);
 /// Slots a call gives up for lateness before it goes late anyway.
 const MAX_GIVE_UPS: u32 = 5;
@@ -58,9 +59,10 @@ impl Budget {
             pool,
             corp_id: config.corp_id.clone(),
             app_key: config.app_key.clone(),
-            // 5% slack: a call leaves a little after its slot (timer and scheduling delays), and
-            // two calls must never land in one second as qps + 1.
-            spacing: (config.qps > 0).then(|| 1.05 / f64::from(config.qps)),
+            // 10% slack: a call leaves a little after its slot (timer and scheduling delays) and
+            // arrives after a varying delay, and qps + 1 calls must never land in one second at
+            // DingTalk. With 5% the faults test saw 21 arrivals in one second on a loaded machine.
+            spacing: (config.qps > 0).then(|| 1.1 / f64::from(config.qps)),
             next_local: Mutex::new(Instant::now()),
         }
     }
