@@ -270,6 +270,12 @@ impl Client {
                 .acquire(priority)
                 .await
                 .map_err(|e| Error::Transient(format!("rate budget: {e}")))?;
+            // The wait for a slot can take seconds (outbox work books up to 5 s ahead, live work
+            // up to a minute), and meanwhile another call may have found the token refused and
+            // replaced it: send the token held now, not the one held before the wait, or the
+            // call is refused for a token this process already knows is dead (and a second
+            // refusal after the one refresh allowed fails the call).
+            let token = inner.tokens.cached().unwrap_or(token);
             let outcome = self.attempt(&method, path, &token, body).await;
             let last = attempt >= inner.max_attempts;
             match outcome {

@@ -81,6 +81,17 @@ impl Tokens {
         }
     }
 
+    /// The token this process holds, if it is fresh, without I/O; `None` while it is being
+    /// fetched or when there is none.
+    pub fn cached(&self) -> Option<String> {
+        self.cached
+            .try_lock()
+            .ok()?
+            .as_ref()
+            .filter(|(_, expires_at)| fresh(*expires_at))
+            .map(|(token, _)| token.clone())
+    }
+
     /// Until when the token this process holds is valid; `None` when it holds none or is fetching
     /// one right now. No I/O (for `/readyz`).
     pub fn cached_expiry(&self) -> Option<DateTime<Utc>> {

@@ -394,7 +394,8 @@ impl Worker {
             Err(e) => {
                 let delay = self.search_backoff(row);
                 tracing::info!(outbox_id = row.id, error = %e, ?delay, "outbox: cannot search DingTalk now; the row stays unknown");
-                let why = format!("searching DingTalk for the instance failed ({e}); trying again");
+                let why =
+                    format!("searching DingTalk for the instance failed ({e:#}); trying again");
                 store::record_unknown(pool, corp, &[row.id], &why, delay).await?;
                 return Ok(());
             }
