@@ -1,16 +1,20 @@
 //! Callback ingest load benchmark (a program that reports figures, not a test).
 //!
-//! Starts `dingsync serve` as a child process on a fresh database, sends N distinct, properly
-//! encrypted events over keep-alive HTTP/1.1 at a fixed concurrency, and reports events/s and the
-//! p50/p99/max acknowledgement latency. It then checks that the rows in PostgreSQL equal the
-//! acknowledged events, and runs `pgbench` with a one-row INSERT per transaction at the same client
-//! count: the naive one-commit-per-event ceiling dingsync is compared with.
+//! Starts `dingsync serve` as a child process on a fresh database and then runs `--rounds`
+//! rounds, each of two halves: it sends N distinct, properly encrypted events over keep-alive
+//! HTTP/1.1 at a fixed concurrency and measures events/s and the p50/p99/max acknowledgement
+//! latency; then it runs `pgbench` with a one-row INSERT per transaction at the same client count
+//! (a fresh table each round): the naive one-commit-per-event ceiling dingsync is compared with.
+//! Every round sends new approvals (new process instance and task ids), so every round does the
+//! same work; alternating the halves spreads the noise of a shared machine over both. It prints
+//! each round's figures and ratio, the median ratio, whether the rows in PostgreSQL equal the
+//! acknowledged events (over all rounds), and `serve`'s memory.
 //!
 //! ```sh
-//! cargo bench --bench ingest -- [--events 40000] [--concurrency 64] [--seconds-pgbench 10]
+//! cargo bench --bench ingest -- [--events 40000] [--concurrency 64] [--seconds-pgbench 10] [--rounds 3]
 //! ```
-//! Needs the local PostgreSQL (or DINGSYNC_TEST_DATABASE_URL) and `pgbench` on PATH (skipped with a
-//! note when missing).
+//! Needs the local PostgreSQL (or DINGSYNC_TEST_DATABASE_URL) and `pgbench` on PATH (the
+//! comparison is skipped with a note when missing).
 
 use std::{
     process::{Child, Command, Stdio},
@@ -30,6 +34,7 @@ struct Args {
     events: usize,
     concurrency: usize,
     pgbench_seconds: u64,
+    rounds: usize,
 }
 
 fn args() -> Args {
@@ -37,6 +42,7 @@ fn args() -> Args {
         events: 40_000,
         concurrency: 64,
         pgbench_seconds: 10,
+        rounds: 3,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -50,6 +56,7 @@ fn args() -> Args {
             "--events" => a.events = value(),
             "--concurrency" => a.concurrency = value(),
             "--seconds-pgbench" => a.pgbench_seconds = value() as u64,
+            "--rounds" => a.rounds = value().max(1),
             _ => {} // cargo bench passes --bench
         }
         i += if argv[i].starts_with("--") && argv[i] != "--bench" {
@@ -61,17 +68,20 @@ fn args() -> Args {
     a
 }
 
-/// Four events per approval: instance start, task start, task finish, instance finish.
-fn messages(n: usize) -> Vec<String> {
+/// Four events per approval: instance start, task start, task finish, instance finish. Ids
+/// carry the round, so that each round's approvals and tasks are new (same work every round).
+fn messages(round: usize, n: usize) -> Vec<String> {
     let t0 = 1_764_300_000_000_i64;
+    let first_task = (round * n) as i64;
     (0..n)
         .map(|i| {
-            let (pid, step) = (format!("bench-{:08}-5d3a-4f7b-8e6c-0a1d2b3c4e5f", i / 4), i % 4);
+            let (pid, step) = (format!("b{round:04}-{:08}-5d3a-4f7b-8e6c-0a1d2b3c4e5f", i / 4), i % 4);
+            let task = first_task + i as i64;
             let url = format!("https://aflow.dingtalk.com/dingtalk/mobile/homepage.htm?corpid={CORP}&procInstId={pid}&dinghash=approval");
             match step {
                 0 => serde_json::json!({"EventType":"bpms_instance_change","processInstanceId":pid,"corpId":CORP,"createTime":t0,"title":"张三提交的请假申请","type":"start","staffId":"manager7421","url":url,"processCode":"PROC-7E1B3A52-4C9D-4F0E-B6A8-2D5C9E1F7A30","bizCategoryId":"","businessId":"202406111630000123456"}),
-                1 => serde_json::json!({"EventType":"bpms_task_change","processInstanceId":pid,"corpId":CORP,"createTime":t0,"title":"张三提交的请假申请","type":"start","staffId":"boss1","taskId":i,"processCode":"PROC-7E1B3A52-4C9D-4F0E-B6A8-2D5C9E1F7A30","bizCategoryId":"","businessId":"202406111630000123456"}),
-                2 => serde_json::json!({"EventType":"bpms_task_change","processInstanceId":pid,"corpId":CORP,"createTime":t0,"finishTime":t0+60_000,"title":"张三提交的请假申请","type":"finish","result":"agree","remark":"同意","staffId":"boss1","taskId":i-1,"processCode":"PROC-7E1B3A52-4C9D-4F0E-B6A8-2D5C9E1F7A30","bizCategoryId":"","businessId":"202406111630000123456"}),
+                1 => serde_json::json!({"EventType":"bpms_task_change","processInstanceId":pid,"corpId":CORP,"createTime":t0,"title":"张三提交的请假申请","type":"start","staffId":"boss1","taskId":task,"processCode":"PROC-7E1B3A52-4C9D-4F0E-B6A8-2D5C9E1F7A30","bizCategoryId":"","businessId":"202406111630000123456"}),
+                2 => serde_json::json!({"EventType":"bpms_task_change","processInstanceId":pid,"corpId":CORP,"createTime":t0,"finishTime":t0+60_000,"title":"张三提交的请假申请","type":"finish","result":"agree","remark":"同意","staffId":"boss1","taskId":task-1,"processCode":"PROC-7E1B3A52-4C9D-4F0E-B6A8-2D5C9E1F7A30","bizCategoryId":"","businessId":"202406111630000123456"}),
                 _ => serde_json::json!({"EventType":"bpms_instance_change","processInstanceId":pid,"corpId":CORP,"createTime":t0,"finishTime":t0+61_000,"title":"张三提交的请假申请","type":"finish","result":"agree","staffId":"manager7421","url":url,"processCode":"PROC-7E1B3A52-4C9D-4F0E-B6A8-2D5C9E1F7A30","bizCategoryId":"","businessId":"202406111630000123456"}),
             }
             .to_string()
@@ -120,6 +130,7 @@ async fn main() {
     let db_url = format!("{server}/{db_name}");
     let (token, aes_key) = (crypto::random_nonce(32), crypto::random_aes_key());
     let port = free_port();
+    let load_before = load_average();
 
     let daemon = Daemon(
         Command::new(env!("CARGO_BIN_EXE_dingsync"))
@@ -141,10 +152,7 @@ async fn main() {
             .expect("start dingsync serve"),
     );
     let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(args.concurrency)
-        .build()
-        .unwrap();
+    let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while http
         .get(format!("{base}/readyz"))
@@ -156,16 +164,128 @@ async fn main() {
         assert!(Instant::now() < deadline, "dingsync did not become ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-
     let idle_rss = memory(daemon.0.id(), "VmRSS");
 
-    // Encrypt everything up front: the clock measures dingsync, not the load generator's crypto.
+    println!(
+        "machine: {} cores, load average {load_before:.2} before the benchmark; PostgreSQL at {server}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+    println!(
+        "{} rounds: {} events at concurrency {}, then pgbench (one-row INSERT per transaction) for {} s at {} clients",
+        args.rounds, args.events, args.concurrency, args.pgbench_seconds, args.concurrency
+    );
+
     let cipher = CallbackCrypto::new(&token, &aes_key).unwrap();
-    let requests: Arc<Vec<Vec<u8>>> = Arc::new(
-        messages(args.events)
+    let mut conn = PgConnection::connect(&db_url).await.unwrap();
+    let (mut acked, mut failed) = (0usize, 0usize);
+    let mut ratios = Vec::new();
+    for round in 0..args.rounds {
+        let label = format!("round {}/{}", round + 1, args.rounds);
+        let requests = encrypt(&cipher, round, args.events, port);
+        // Both halves start right after a checkpoint, so neither pays for the other's dirty pages
+        // and a timed checkpoint is unlikely to land in one of them only.
+        checkpoint(&mut conn).await;
+        let sent = send(port, requests, args.concurrency).await;
+        acked += sent.latencies.len();
+        failed += sent.failed;
+        let rate = sent.latencies.len() as f64 / sent.elapsed.as_secs_f64();
+        println!(
+            "{label}: dingsync {rate:>6.0} events/s  ack p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms  ({} acked, {} failed, {:.2} s)",
+            ms(sent.percentile(0.50)),
+            ms(sent.percentile(0.99)),
+            ms(sent.percentile(1.0)),
+            sent.latencies.len(),
+            sent.failed,
+            sent.elapsed.as_secs_f64()
+        );
+        checkpoint(&mut conn).await;
+        let Some(tps) = pgbench(
+            &mut conn,
+            &server,
+            &db_name,
+            args.concurrency,
+            args.pgbench_seconds,
+        )
+        .await
+        else {
+            continue;
+        };
+        println!(
+            "{label}: pgbench  {tps:>6.0} tps       ratio dingsync events/s / pgbench tps: {:.2}",
+            rate / tps
+        );
+        ratios.push(rate / tps);
+    }
+
+    // Every acknowledged event must be in the database, exactly once.
+    let (events, approvals, completed, tasks): (i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM dingsync.events),
+                (SELECT count(*) FROM dingsync.approvals),
+                (SELECT count(*) FROM dingsync.approvals WHERE status = 'COMPLETED' AND result = 'agree'),
+                (SELECT count(*) FROM dingsync.approval_tasks WHERE status = 'COMPLETED')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let peak_rss = memory(daemon.0.id(), "VmHWM");
+    drop(daemon);
+    conn.close().await.ok();
+
+    if !ratios.is_empty() {
+        let listed: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "median ratio dingsync events/s / pgbench tps: {:.2}  (rounds: {})",
+            ratios[ratios.len() / 2],
+            listed.join(", ")
+        );
+    }
+    let avg_plain = messages(0, args.events.min(100))
+        .iter()
+        .map(String::len)
+        .sum::<usize>()
+        / args.events.min(100);
+    println!("message size: ~{avg_plain} bytes decrypted");
+    println!(
+        "serve memory: RSS {:.1} MiB idle, peak {:.1} MiB under this load",
+        idle_rss / 1024.0,
+        peak_rss / 1024.0
+    );
+    println!(
+        "database: {events} events, {approvals} approvals ({completed} completed/agree), {tasks} completed tasks"
+    );
+    let consistent = events as usize == acked
+        && failed == 0
+        && approvals as usize == args.rounds * args.events.div_ceil(4);
+    println!(
+        "rows == acknowledged events ({acked} over all rounds): {}",
+        if consistent { "yes" } else { "NO" }
+    );
+
+    let mut admin = PgConnection::connect(&format!("{server}/postgres"))
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"
+    ))
+    .execute(&mut admin)
+    .await
+    .ok();
+    if !consistent {
+        std::process::exit(1);
+    }
+}
+
+/// The whole HTTP request for each of a round's events, encrypted up front: the clock measures
+/// dingsync, not the load generator's crypto.
+fn encrypt(cipher: &CallbackCrypto, round: usize, events: usize, port: u16) -> Arc<Vec<Vec<u8>>> {
+    let ts = 1_764_300_000_000_i64.to_string();
+    Arc::new(
+        messages(round, events)
             .iter()
             .map(|m| {
-                let ts = (1_764_300_000_000_i64).to_string();
                 let nonce = crypto::random_nonce(8);
                 let sealed = cipher.seal(m, CORP, &ts, &nonce);
                 let body = serde_json::json!({ "encrypt": sealed.encrypt }).to_string();
@@ -180,23 +300,42 @@ async fn main() {
                 .into_bytes()
             })
             .collect(),
-    );
-    let avg_plain = messages(args.events.min(100))
-        .iter()
-        .map(String::len)
-        .sum::<usize>()
-        / args.events.min(100);
+    )
+}
 
-    // Warm the connection pool (keep-alive) before timing.
+/// One round's answers: the latency of each acknowledged event (sorted), how many were not
+/// acknowledged, and the wall time of the round.
+struct Sent {
+    latencies: Vec<Duration>,
+    failed: usize,
+    elapsed: Duration,
+}
+
+impl Sent {
+    fn percentile(&self, p: f64) -> Duration {
+        let last = self.latencies.len().saturating_sub(1);
+        self.latencies
+            .get(((self.latencies.len() as f64 * p) as usize).min(last))
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+/// Sends every request once, `concurrency` at a time, each connection kept alive.
+async fn send(port: u16, requests: Arc<Vec<Vec<u8>>>, concurrency: usize) -> Sent {
     let next = Arc::new(AtomicUsize::new(0));
+    // Connect first, so that the clock does not include the TCP handshakes.
+    let mut conns = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        conns.push(KeepAlive::connect(port).await);
+    }
     let started = Instant::now();
     let mut workers = Vec::new();
-    for _ in 0..args.concurrency {
+    for mut conn in conns {
         let (requests, next) = (requests.clone(), next.clone());
         workers.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut failed = 0usize;
-            let mut conn = KeepAlive::connect(port).await;
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 let Some(request) = requests.get(i) else {
@@ -215,95 +354,32 @@ async fn main() {
             (latencies, failed)
         }));
     }
-    let mut latencies = Vec::with_capacity(args.events);
-    let mut failed = 0;
+    let mut sent = Sent {
+        latencies: Vec::with_capacity(requests.len()),
+        failed: 0,
+        elapsed: Duration::ZERO,
+    };
     for w in workers {
         let (l, f) = w.await.unwrap();
-        latencies.extend(l);
-        failed += f;
+        sent.latencies.extend(l);
+        sent.failed += f;
     }
-    let elapsed = started.elapsed();
-    latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-    let acked = latencies.len();
-    let rate = acked as f64 / elapsed.as_secs_f64();
+    sent.elapsed = started.elapsed();
+    sent.latencies.sort();
+    sent
+}
 
-    // Every acknowledged event must be in the database, exactly once.
-    let mut conn = PgConnection::connect(&db_url).await.unwrap();
-    let (events, approvals, completed, tasks): (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM dingsync.events),
-                (SELECT count(*) FROM dingsync.approvals),
-                (SELECT count(*) FROM dingsync.approvals WHERE status = 'COMPLETED' AND result = 'agree'),
-                (SELECT count(*) FROM dingsync.approval_tasks WHERE status = 'COMPLETED')",
-    )
-    .fetch_one(&mut conn)
-    .await
-    .unwrap();
-    let peak_rss = memory(daemon.0.id(), "VmHWM");
-    drop(daemon);
+/// Flushes dirty pages now (needs a superuser; skipped otherwise).
+async fn checkpoint(conn: &mut PgConnection) {
+    sqlx::raw_sql("CHECKPOINT").execute(&mut *conn).await.ok();
+}
 
-    println!(
-        "machine: {} cores; PostgreSQL at {server}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
-    );
-    println!(
-        "dingsync ingest: {acked} events acknowledged ({failed} failed) in {:.2} s at concurrency {}",
-        elapsed.as_secs_f64(),
-        args.concurrency
-    );
-    println!("  events/s:      {rate:.0}");
-    println!(
-        "  ack latency:   p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        ms(pct(0.50)),
-        ms(pct(0.99)),
-        ms(*latencies.last().unwrap())
-    );
-    println!("  message size:  ~{avg_plain} bytes decrypted");
-    println!(
-        "  serve memory:  RSS {:.1} MiB idle, peak {:.1} MiB under this load",
-        idle_rss / 1024.0,
-        peak_rss / 1024.0
-    );
-    println!(
-        "  database:      {events} events, {approvals} approvals ({completed} completed/agree), {tasks} completed tasks"
-    );
-    let consistent =
-        events as usize == acked && failed == 0 && approvals as usize == args.events.div_ceil(4);
-    println!(
-        "  rows == acknowledged events: {}",
-        if consistent { "yes" } else { "NO" }
-    );
-
-    let ceiling = pgbench(
-        &mut conn,
-        &server,
-        &db_name,
-        args.concurrency,
-        args.pgbench_seconds,
-    )
-    .await;
-    conn.close().await.ok();
-    if let Some(tps) = ceiling {
-        println!(
-            "pgbench one-row INSERT per transaction, {} clients: {tps:.0} tps",
-            args.concurrency
-        );
-        println!("ratio dingsync events/s / pgbench tps: {:.2}", rate / tps);
-    }
-    let mut admin = PgConnection::connect(&format!("{server}/postgres"))
-        .await
-        .unwrap();
-    sqlx::raw_sql(&format!(
-        "DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"
-    ))
-    .execute(&mut admin)
-    .await
-    .ok();
-    if !consistent {
-        std::process::exit(1);
-    }
+/// The 1-minute load average (Linux), to tell a quiet machine from a busy one.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().and_then(|v| v.parse().ok()))
+        .unwrap_or(f64::NAN)
 }
 
 /// A minimal keep-alive HTTP/1.1 client, so that the load generator spends as little of the
@@ -374,8 +450,10 @@ async fn pgbench(
     clients: usize,
     seconds: u64,
 ) -> Option<f64> {
+    // A fresh table each round: every round inserts into the same empty start.
     sqlx::raw_sql(
-        "CREATE TABLE bench_naive (id bigserial PRIMARY KEY, dedup_key text NOT NULL UNIQUE,
+        "DROP TABLE IF EXISTS bench_naive;
+         CREATE TABLE bench_naive (id bigserial PRIMARY KEY, dedup_key text NOT NULL UNIQUE,
                                    raw text NOT NULL, payload jsonb NOT NULL,
                                    received_at timestamptz NOT NULL DEFAULT now())",
     )

@@ -121,6 +121,9 @@ async fn committer(
     max_batch: usize,
     shutdown: CancellationToken,
 ) {
+    // Redeliveries are rare, so batches are first written as all new; after one that was not,
+    // the next batch skips stored events from the start (see `store::batch`).
+    let mut expect = Expect::New;
     loop {
         let first = tokio::select! {
             job = rx.recv() => match job { Some(job) => job, None => break },
@@ -133,7 +136,7 @@ async fn committer(
                 Err(_) => break,
             }
         }
-        commit_batch(&pool, batch).await;
+        expect = commit_batch(&pool, batch, expect).await;
     }
     // Refuse what is still queued (the sender gets 503 and DingTalk retries); what was taken
     // has been committed and answered above, so nothing acknowledged is lost.
@@ -143,7 +146,8 @@ async fn committer(
     }
 }
 
-async fn commit_batch(pool: &PgPool, mut jobs: Vec<Job>) {
+/// Commits and answers one batch; returns what to expect of the next one.
+async fn commit_batch(pool: &PgPool, mut jobs: Vec<Job>, expect: Expect) -> Expect {
     // Group each approval's events (stable: they keep their arrival order) and keep one lock
     // order, should two transactions ever meet on a row (e.g. the per-event fallback below).
     jobs.sort_by(|a, b| {
@@ -151,11 +155,22 @@ async fn commit_batch(pool: &PgPool, mut jobs: Vec<Job>) {
             .cmp(&(&b.event.corp_id, &b.event.process_instance_id))
     });
     let events: Vec<&Event> = jobs.iter().map(|j| &j.event).collect();
-    match store_events(pool, &events).await {
-        Ok(new) => answer(jobs, &new),
+    match store_events(pool, &events, expect).await {
+        Ok(new) => {
+            let next = if new.count(events.len()) == events.len() {
+                Expect::New
+            } else {
+                Expect::Any
+            };
+            for job in jobs {
+                let _ = job.reply.send(Ok(new.of(&job.event)));
+            }
+            next
+        }
         Err(e) if jobs.len() == 1 => {
             let outcome = classify(&e, &jobs[0].event);
             let _ = jobs.pop().expect("one job").reply.send(Err(outcome));
+            expect
         }
         // The database is down or overloaded: retrying event by event would only make every
         // sender wait longer (each attempt waits for a connection). All get 503 now and
@@ -168,33 +183,57 @@ async fn commit_batch(pool: &PgPool, mut jobs: Vec<Job>) {
             for job in jobs {
                 let _ = job.reply.send(Err(IngestError::Unavailable));
             }
+            expect
         }
         Err(e) => {
             // Find out which events fail on their own, so that one bad event (or a lost
             // connection) does not fail its neighbours.
             tracing::debug!(error = %e, events = jobs.len(), "batch failed; committing its events one by one");
             for job in jobs {
-                let result = match store_events(pool, &[&job.event]).await {
-                    Ok(new) => Ok(stored(&job.event, &new)),
+                let result = match store_events(pool, &[&job.event], Expect::Any).await {
+                    Ok(new) => Ok(new.of(&job.event)),
                     Err(e) => Err(classify(&e, &job.event)),
                 };
                 let _ = job.reply.send(result);
             }
+            Expect::Any
         }
     }
 }
 
-fn answer(jobs: Vec<Job>, new: &HashSet<(String, String)>) {
-    for job in jobs {
-        let _ = job.reply.send(Ok(stored(&job.event, new)));
-    }
+/// What the caller expects of a batch's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Expect {
+    /// All new (no redeliveries): try the cheaper statement, fall back when one is stored.
+    New,
+    /// Some may be stored already (redeliveries, the failed-push list).
+    Any,
 }
 
-fn stored(event: &Event, new: &HashSet<(String, String)>) -> Stored {
-    if new.contains(&(event.corp_id.clone(), event.dedup_key.clone())) {
-        Stored::New
-    } else {
-        Stored::Duplicate
+/// Which events of a stored batch were new.
+pub(crate) enum New {
+    All,
+    /// The `(corp_id, dedup_key)` of the new ones.
+    Only(HashSet<(String, String)>),
+}
+
+impl New {
+    /// How many of the batch's `total` events were new.
+    pub(crate) fn count(&self, total: usize) -> usize {
+        match self {
+            New::All => total,
+            New::Only(keys) => keys.len(),
+        }
+    }
+
+    fn of(&self, event: &Event) -> Stored {
+        match self {
+            New::All => Stored::New,
+            New::Only(keys) if keys.contains(&(event.corp_id.clone(), event.dedup_key.clone())) => {
+                Stored::New
+            }
+            New::Only(_) => Stored::Duplicate,
+        }
     }
 }
 
@@ -209,11 +248,12 @@ fn classify(e: &sqlx::Error, event: &Event) -> IngestError {
 }
 
 /// One transaction: store the events that are new, apply their changes, notify, commit.
-/// Returns the keys of the events that were new.
+/// Returns which events were new.
 pub(crate) async fn store_events(
     pool: &PgPool,
     events: &[&Event],
-) -> sqlx::Result<HashSet<(String, String)>> {
+    expect: Expect,
+) -> sqlx::Result<New> {
     // A statement may touch a row once, and one row version per approval is cheaper than one
     // per event: fold each approval's (and task's) changes of this batch into one, in arrival
     // order, with the same monotonic rule the SQL applies against the stored row.
@@ -245,5 +285,15 @@ pub(crate) async fn store_events(
         }
     }
     let mut conn = pool.acquire().await?;
-    store::batch::write(&mut conn, events, &changes).await
+    if expect == Expect::New {
+        match store::batch::write_new(&mut conn, events, &changes).await {
+            Ok(()) => return Ok(New::All),
+            // Nothing was written: write the batch again, skipping what is stored.
+            Err(e) if store::batch::is_not_new(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    store::batch::write(&mut conn, events, &changes)
+        .await
+        .map(New::Only)
 }

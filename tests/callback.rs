@@ -428,6 +428,49 @@ async fn concurrent_callbacks_are_all_stored_and_applied() {
     app.stop().await;
 }
 
+/// Batches are first written as if all their events were new; redeliveries mixed into a burst of
+/// new events make that fail, and the batch is written again skipping them: each event is stored
+/// once and every new one is applied.
+#[tokio::test]
+async fn redeliveries_mixed_into_a_burst_are_stored_once_and_the_rest_applied() {
+    let app = TestApp::spawn_with(|c| c.ingest.max_batch = 16).await;
+    let start = |i: usize| instance_event(&format!("pid-m{i}"), "start", None, T0, None);
+    for i in 0..40 {
+        app.push_ok(&start(i)).await;
+    }
+    let mut handles = Vec::new();
+    for i in 0..80 {
+        let message = if i % 2 == 0 {
+            start(i / 2)
+        } else {
+            instance_event(
+                &format!("pid-m{}", i / 2),
+                "finish",
+                Some("agree"),
+                T0,
+                Some(T0 + 1),
+            )
+        };
+        let pusher = app.pusher();
+        handles.push(tokio::spawn(async move {
+            let r = pusher.send(&message).await.unwrap();
+            assert_success(&pusher.crypto, &pusher.owner_key, r).await;
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    assert_eq!(app.counts().await, (80, 40, 0));
+    let done: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM dingsync.approvals WHERE status = 'COMPLETED' AND result = 'agree'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(done, 40);
+    app.stop().await;
+}
+
 /// The database goes away mid-traffic: callbacks get 503 (never `success` without a commit), the
 /// daemon keeps running, and once the database is back the redelivered event is stored once.
 #[tokio::test]

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Context, Counts};
 use crate::{
     event::{self, Event, Parsed, Source},
-    ingest,
+    ingest::{self, Expect},
 };
 
 pub async fn drain(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Result<Counts> {
@@ -31,7 +31,7 @@ pub async fn drain(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Resul
             .map(|item| to_event(item, ctx.corp_id()))
             .collect();
         let refs: Vec<&Event> = events.iter().collect();
-        let new = match ingest::store_events(ctx.pool(), &refs).await {
+        let new = match ingest::store_events(ctx.pool(), &refs, Expect::Any).await {
             Ok(new) => new,
             Err(e) => {
                 tracing::error!(error = %e, items = events.len(), "applying failed-list items failed; storing them unapplied");
@@ -45,11 +45,11 @@ pub async fn drain(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Resul
                     })
                     .collect();
                 let refs: Vec<&Event> = bare.iter().collect();
-                ingest::store_events(ctx.pool(), &refs).await?
+                ingest::store_events(ctx.pool(), &refs, Expect::Any).await?
             }
         };
         *counts.entry("items").or_default() += events.len() as u64;
-        *counts.entry("new").or_default() += new.len() as u64;
+        *counts.entry("new").or_default() += new.count(events.len()) as u64;
         if !page.has_more || shutdown.is_cancelled() {
             return Ok(counts);
         }
