@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 declare -A ARGS=(
   [crypto]=""
-  [ingest]="--events 60000 --concurrency 64 --seconds-pgbench 10"
+  [ingest]="--events 60000 --concurrency 64 --seconds-pgbench 10 --rounds 3"
   [client]="--calls 20000 --concurrency 32 --seconds 30"
   [outbox]="--latency-rows 300 --rows 5000 --budget-rows 200 --lost-rows 1000 --concurrency 32"
   [sweep]="--approvals 10000 --qps 200 --converge 1000"
