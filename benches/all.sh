@@ -28,11 +28,11 @@ log="target/bench-all-$(date -u +%Y%m%dT%H%M%SZ).log"
   echo "memory:     $(free -g | awk '/^Mem:/ {print $2}') GiB"
   echo "postgres:   $(psql -h 127.0.0.1 -U postgres -Atc 'SHOW server_version' 2>/dev/null || echo '?'), fsync $(psql -h 127.0.0.1 -U postgres -Atc 'SHOW fsync' 2>/dev/null), synchronous_commit $(psql -h 127.0.0.1 -U postgres -Atc 'SHOW synchronous_commit' 2>/dev/null)"
   echo "rustc:      $(rustc --version)"
-  echo "load:       $(cut -d' ' -f1-3 /proc/loadavg) (1, 5, 15 min) before the first benchmark"
 } | tee "$log"
 
 # Build first, so that no benchmark shares the cores with the compiler.
 cargo bench --no-run 2>&1 | tail -n 1
+echo "load:       $(cut -d' ' -f1-3 /proc/loadavg) (1, 5, 15 min) after the build" | tee -a "$log"
 
 for bench in "${ORDER[@]}"; do
   [ -n "${ARGS[$bench]+x}" ] || { echo "unknown benchmark: $bench" >&2; exit 2; }
