@@ -5,9 +5,16 @@
 //!
 //! Priorities: live sync may queue for slots far ahead; outbox creates only a little; bulk work
 //! (backfill) only takes a slot that is free now. So a backfill can never push live sync or the
-//! outbox back, and the app is never throttled by DingTalk.
+//! outbox back.
+//!
+//! Should DingTalk's real limit be lower than `dingtalk.qps`, its "too many calls" answer pauses
+//! the whole app for a second ([`Budget::throttled`]), every replica included, so that the app
+//! settles at what DingTalk takes instead of keeping DingTalk's window full with refused calls.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
 
 use tokio::{sync::Mutex, time::Instant};
 
@@ -51,7 +58,17 @@ pub struct Budget {
     spacing: Option<f64>,
     /// Earliest time this process may make its next call.
     next_local: Mutex<Instant>,
+    /// Bumped when DingTalk says the app calls too often ([`Budget::throttled`]): a call that
+    /// took its slot before that takes a new one, behind the pause.
+    throttles: AtomicU64,
+    /// When this process last paused the app: at most one pause per [`PAUSE_COOLDOWN`].
+    last_pause: std::sync::Mutex<Option<Instant>>,
 }
+
+/// Least time from one pause to the next. DingTalk may also refuse calls for reasons of its own
+/// (other quotas, a busy gateway) while the app is well within its window; pausing again at each
+/// such refusal would stop the app for good, so at least two thirds of the time stay open.
+const PAUSE_COOLDOWN: Duration = Duration::from_secs(3);
 
 impl Budget {
     pub fn new(pool: PgPool, config: &DingTalkConfig) -> Budget {
@@ -64,7 +81,43 @@ impl Budget {
             // DingTalk. With 5% the faults test saw 21 arrivals in one second on a loaded machine.
             spacing: (config.qps > 0).then(|| 1.1 / f64::from(config.qps)),
             next_local: Mutex::new(Instant::now()),
+            throttles: AtomicU64::new(0),
+            last_pause: std::sync::Mutex::new(None),
         }
+    }
+
+    /// DingTalk answered "call frequency over limit" (88/90002, 90002, HTTP 429): its own counter
+    /// is full, and its real limit may be below `dingtalk.qps` (the numbers are [UNCONFIRMED],
+    /// API.md §7). DingTalk counts the calls it refuses too, so if every call only backed off on
+    /// its own, the others would keep its window full and nothing would get through. Instead the
+    /// whole app goes quiet: no replica's next slot is earlier than `pause` from now, and this
+    /// process's calls already holding a slot take a new one behind the pause. Refusals during
+    /// [`PAUSE_COOLDOWN`] after a pause do not start another one.
+    pub async fn throttled(&self, pause: Duration) -> sqlx::Result<()> {
+        if self.spacing.is_none() {
+            return Ok(());
+        }
+        {
+            let mut last = self.last_pause.lock().unwrap();
+            let now = Instant::now();
+            if last.is_some_and(|at| now - at < PAUSE_COOLDOWN) {
+                return Ok(());
+            }
+            *last = Some(now);
+        }
+        self.throttles.fetch_add(1, Ordering::SeqCst);
+        sqlx::query(
+            "INSERT INTO dingsync.rate_budget AS b (corp_id, app_key, next_at)
+             VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
+             ON CONFLICT (corp_id, app_key) DO UPDATE
+             SET next_at = greatest(b.next_at, clock_timestamp() + make_interval(secs => $3))",
+        )
+        .bind(&self.corp_id)
+        .bind(&self.app_key)
+        .bind(pause.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// The database hands out slots, but the answer reaches each caller after a varying delay, so
@@ -84,6 +137,7 @@ impl Budget {
         let started = Instant::now();
         let mut given_up = 0;
         loop {
+            let throttles = self.throttles.load(Ordering::SeqCst);
             // Time the query only: waiting for a pooled connection happens before the slot is
             // chosen and says nothing about when it is.
             let mut conn = self.pool.acquire().await?;
@@ -112,6 +166,11 @@ impl Budget {
                     // slow answer (a busy database or machine) counts as lateness too.
                     let earliest = asked + wait;
                     tokio::time::sleep_until(Instant::now() + wait).await;
+                    // DingTalk refused a call while this one waited: its slot lies inside the
+                    // pause (or right behind it, with every other waiting call). Take a new one.
+                    if self.throttles.load(Ordering::SeqCst) != throttles {
+                        continue;
+                    }
                     // Too late, the call would land next to the calls of later slots: give the
                     // slot up and take a new one. After a few tries on a machine this busy,
                     // go anyway rather than never.

@@ -290,6 +290,10 @@ impl Client {
                     attempt -= 1; // a refresh is not one of the retries
                 }
                 Outcome::RetryRate(errcode) => {
+                    // One second: DingTalk counts calls per second (API.md §7).
+                    if let Err(e) = inner.budget.throttled(Duration::from_secs(1)).await {
+                        tracing::warn!(error = %e, "could not pause the shared rate budget");
+                    }
                     if last {
                         return Err(Error::RateLimited { errcode });
                     }
