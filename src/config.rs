@@ -48,6 +48,9 @@ pub struct SchedulerConfig {
 pub struct RetentionConfig {
     /// Days of raw `dingsync.events` to keep, by received_at; 0 keeps them forever.
     pub events_days: u32,
+    /// Days of the scheduler's run log `dingsync.job_runs` to keep, by started_at; 0 keeps it
+    /// forever. A job every few seconds writes tens of thousands of rows a day.
+    pub job_runs_days: u32,
 }
 
 /// How the reconcile jobs work (`src/reconcile/`).
@@ -228,7 +231,10 @@ impl Default for Config {
                 backfill_window_days: 30,
                 backfill_overlap_s: 3_600,
             },
-            retention: RetentionConfig { events_days: 180 },
+            retention: RetentionConfig {
+                events_days: 180,
+                job_runs_days: 30,
+            },
         }
     }
 }

@@ -1,13 +1,17 @@
 //! The `retention` job (issue 6): deletes raw `dingsync.events` older than
-//! `retention.events_days` for this replica's organisation. Events are only hints kept for
-//! operators; approvals, approval_tasks and outbox rows are never deleted here.
+//! `retention.events_days` and the scheduler's run log `dingsync.job_runs` older than
+//! `retention.job_runs_days`, for this replica's organisation. Events are only hints kept for
+//! operators, and old runs only history; approvals, approval_tasks and outbox rows are never
+//! deleted here.
 //!
 //! Deletes go in batches of [`BATCH`] rows, each its own short statement: no long transaction,
 //! and the dead rows of one batch can be reclaimed while the next runs. Autovacuum reclaims the
-//! space for new events (the table does not shrink on disk, nor does it need to: it stays at
-//! about `events_days` of traffic).
+//! space for new rows (the tables do not shrink on disk, nor do they need to: they stay at about
+//! their retention's worth of traffic).
 
-use chrono::TimeDelta;
+use std::future::Future;
+
+use chrono::{DateTime, TimeDelta, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -18,25 +22,51 @@ use crate::{
 /// Rows per DELETE statement.
 pub const BATCH: i64 = 10_000;
 
-/// Deletes the events older than the configured number of days, batch by batch, stopping between
-/// batches on shutdown. Counts: `deleted` rows and `batches` statements.
-pub async fn prune_events(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Result<Counts> {
-    let mut counts = Counts::from([("deleted", 0), ("batches", 0)]);
-    let days = ctx.retention().events_days;
-    if days == 0 {
-        return Ok(counts); // keep forever
+/// Deletes the events, then the job runs, older than their configured number of days, batch by
+/// batch, stopping between batches on shutdown. Counts: events `deleted` and `batches`
+/// statements, and `job_runs_deleted`.
+pub async fn prune(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Result<Counts> {
+    let mut counts = Counts::from([("deleted", 0), ("batches", 0), ("job_runs_deleted", 0)]);
+    let retention = ctx.retention();
+    // One cutoff for the whole run (the database's clock, which stamped the rows), so the run
+    // ends even while new rows arrive.
+    let now = store::approvals::clock(ctx.pool()).await?;
+    let (pool, corp) = (ctx.pool(), ctx.corp_id());
+    if retention.events_days > 0 {
+        let before = now - TimeDelta::days(i64::from(retention.events_days));
+        let (deleted, batches) = in_batches(shutdown, || {
+            store::events::delete_received_before(pool, corp, before, BATCH)
+        })
+        .await?;
+        counts.insert("deleted", deleted);
+        counts.insert("batches", batches);
     }
-    // One cutoff for the whole run (the database's clock, which stamped received_at), so the run
-    // ends even while new events arrive.
-    let before = store::approvals::clock(ctx.pool()).await? - TimeDelta::days(i64::from(days));
+    if retention.job_runs_days > 0 {
+        let before: DateTime<Utc> = now - TimeDelta::days(i64::from(retention.job_runs_days));
+        let (deleted, _) = in_batches(shutdown, || {
+            store::job_runs::delete_started_before(pool, corp, before, BATCH)
+        })
+        .await?;
+        counts.insert("job_runs_deleted", deleted);
+    }
+    Ok(counts)
+}
+
+/// Runs `delete` (one batch of at most [`BATCH`] rows) until a batch comes back short or the
+/// daemon stops; returns the rows deleted and the statements run.
+async fn in_batches<F, Fut>(shutdown: &CancellationToken, mut delete: F) -> sqlx::Result<(u64, u64)>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = sqlx::Result<u64>>,
+{
+    let (mut deleted, mut batches) = (0, 0);
     while !shutdown.is_cancelled() {
-        let deleted =
-            store::events::delete_received_before(ctx.pool(), ctx.corp_id(), before, BATCH).await?;
-        *counts.entry("batches").or_default() += 1;
-        *counts.entry("deleted").or_default() += deleted;
-        if deleted < BATCH as u64 {
+        let n = delete().await?;
+        batches += 1;
+        deleted += n;
+        if n < BATCH as u64 {
             break;
         }
     }
-    Ok(counts)
+    Ok((deleted, batches))
 }

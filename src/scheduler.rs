@@ -74,7 +74,7 @@ impl Job {
             Job::Sweep => reconcile::sweep(ctx, shutdown).await,
             Job::Backfill => backfill::scheduled(ctx, shutdown).await,
             Job::Failed => failed::drain(ctx, shutdown).await,
-            Job::Retention => retention::prune_events(ctx, shutdown).await,
+            Job::Retention => retention::prune(ctx, shutdown).await,
         }
     }
 }

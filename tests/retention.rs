@@ -1,5 +1,5 @@
-//! The `retention` job (issue 6): deletes raw events older than `retention.events_days`, in
-//! batches, and nothing else.
+//! The `retention` job (issue 6): deletes raw events older than `retention.events_days` and job
+//! runs older than `retention.job_runs_days`, in batches, and nothing else.
 
 mod common;
 
@@ -18,6 +18,10 @@ const OTHER_CORP: &str = "dingothercorp0000001";
 /// A daemon whose scheduled jobs never fire by themselves, with a (never reached) DingTalk so
 /// that it has a job context.
 async fn spawn(events_days: u32) -> TestApp {
+    spawn_keeping(events_days, 30).await
+}
+
+async fn spawn_keeping(events_days: u32, job_runs_days: u32) -> TestApp {
     TestApp::spawn_with(|c: &mut Config| {
         c.dingtalk.app_key = "retention-test".into();
         c.dingtalk.app_secret = Secret::new("unused");
@@ -32,6 +36,7 @@ async fn spawn(events_days: u32) -> TestApp {
             *schedule = DORMANT.into();
         }
         c.retention.events_days = events_days;
+        c.retention.job_runs_days = job_runs_days;
     })
     .await
 }
@@ -131,4 +136,47 @@ async fn retention_of_zero_days_keeps_every_event() {
         count(&app.pool, "SELECT count(*) FROM dingsync.events").await,
         5
     );
+}
+
+/// `n` finished runs of `job` for `corp`, started `days_ago` days ago (one tick a second).
+async fn job_runs(pool: &PgPool, corp: &str, job: &str, n: i32, days_ago: i32) {
+    sqlx::query(
+        "INSERT INTO dingsync.job_runs (corp_id, job, tick_at, replica, started_at, finished_at, outcome)
+         SELECT $1, $2, date_trunc('second', now()) - make_interval(days => $4, secs => g),
+                'old-replica', now() - make_interval(days => $4, secs => g),
+                now() - make_interval(days => $4, secs => g), 'ok'
+         FROM generate_series(1, $3) g",
+    )
+    .bind(corp)
+    .bind(job)
+    .bind(n)
+    .bind(days_ago)
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn retention_deletes_job_runs_older_than_their_limit_and_keeps_the_rest() {
+    let app = spawn_keeping(180, 30).await;
+    let pool = &app.pool;
+    job_runs(pool, CORP_ID, "details", BATCH as i32 + 5, 31).await;
+    job_runs(pool, CORP_ID, "sweep", 7, 29).await;
+    job_runs(pool, OTHER_CORP, "details", 4, 400).await;
+    let Ran::Done { counts, .. } = run_retention(&app).await else {
+        panic!("the retention job did not run");
+    };
+    assert_eq!(counts["job_runs_deleted"], BATCH as u64 + 5);
+    let left =
+        |corp: &str| format!("SELECT count(*) FROM dingsync.job_runs WHERE corp_id = '{corp}'");
+    // The 7 younger runs and this run of the retention job itself.
+    assert_eq!(count(pool, &left(CORP_ID)).await, 8);
+    assert_eq!(count(pool, &left(OTHER_CORP)).await, 4);
+
+    let keep = spawn_keeping(180, 0).await;
+    job_runs(&keep.pool, CORP_ID, "details", 3, 4000).await;
+    let Ran::Done { counts, .. } = run_retention(&keep).await else {
+        panic!("the retention job did not run");
+    };
+    assert_eq!(counts["job_runs_deleted"], 0, "0 days keeps every run");
 }
