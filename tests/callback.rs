@@ -395,9 +395,8 @@ async fn concurrent_callbacks_are_all_stored_and_applied() {
         c.ingest.committers = 2;
     })
     .await;
-    let mut handles = Vec::new();
-    for i in 0..300 {
-        let message = if i % 3 == 0 {
+    let messages = (0..300).map(|i| {
+        if i % 3 == 0 {
             task_event(&format!("pid-c{}", i / 3), i, "start", None, T0, None)
         } else {
             instance_event(
@@ -407,7 +406,18 @@ async fn concurrent_callbacks_are_all_stored_and_applied() {
                 T0,
                 Some(T0 + 1),
             )
-        };
+        }
+    });
+    push_all_at_once(&app, messages).await;
+    assert_eq!(app.counts().await, (300, 100, 100));
+    assert_eq!(completed_agree(&app).await, 100);
+    app.stop().await;
+}
+
+/// Pushes every message concurrently and asserts each got a valid encrypted `success`.
+async fn push_all_at_once(app: &TestApp, messages: impl Iterator<Item = String>) {
+    let mut handles = Vec::new();
+    for message in messages {
         let pusher = app.pusher();
         handles.push(tokio::spawn(async move {
             let r = pusher.send(&message).await.unwrap();
@@ -417,15 +427,15 @@ async fn concurrent_callbacks_are_all_stored_and_applied() {
     for h in handles {
         h.await.unwrap();
     }
-    assert_eq!(app.counts().await, (300, 100, 100));
-    let done: i64 = sqlx::query_scalar(
+}
+
+async fn completed_agree(app: &TestApp) -> i64 {
+    sqlx::query_scalar(
         "SELECT count(*) FROM dingsync.approvals WHERE status = 'COMPLETED' AND result = 'agree'",
     )
     .fetch_one(&app.pool)
     .await
-    .unwrap();
-    assert_eq!(done, 100);
-    app.stop().await;
+    .unwrap()
 }
 
 /// Batches are first written as if all their events were new; redeliveries mixed into a burst of
@@ -438,9 +448,8 @@ async fn redeliveries_mixed_into_a_burst_are_stored_once_and_the_rest_applied() 
     for i in 0..40 {
         app.push_ok(&start(i)).await;
     }
-    let mut handles = Vec::new();
-    for i in 0..80 {
-        let message = if i % 2 == 0 {
+    let messages = (0..80).map(|i| {
+        if i % 2 == 0 {
             start(i / 2)
         } else {
             instance_event(
@@ -450,24 +459,11 @@ async fn redeliveries_mixed_into_a_burst_are_stored_once_and_the_rest_applied() 
                 T0,
                 Some(T0 + 1),
             )
-        };
-        let pusher = app.pusher();
-        handles.push(tokio::spawn(async move {
-            let r = pusher.send(&message).await.unwrap();
-            assert_success(&pusher.crypto, &pusher.owner_key, r).await;
-        }));
-    }
-    for h in handles {
-        h.await.unwrap();
-    }
+        }
+    });
+    push_all_at_once(&app, messages).await;
     assert_eq!(app.counts().await, (80, 40, 0));
-    let done: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM dingsync.approvals WHERE status = 'COMPLETED' AND result = 'agree'",
-    )
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
-    assert_eq!(done, 40);
+    assert_eq!(completed_agree(&app).await, 40);
     app.stop().await;
 }
 
