@@ -13,6 +13,8 @@
 //! The cursor (window and page) is committed to `dingsync.sync_state` after every page, so an
 //! interrupted run resumes where it stopped instead of listing finished windows again.
 
+use std::collections::HashSet;
+
 use anyhow::{Context as _, bail};
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
@@ -100,6 +102,9 @@ pub async fn run(
         .transpose()
         .context("reading the backfill cursor")?;
     let mut report = Report::default();
+    // Ids already counted missing in this run: consecutive windows overlap, and a dry run, which
+    // fetches nothing, would otherwise count an approval in an overlap twice.
+    let mut counted: HashSet<String> = HashSet::new();
     let since_ms = since.timestamp_millis();
     let mut cursor = Cursor {
         since_ms,
@@ -162,7 +167,11 @@ pub async fn run(
                 continue;
             }
             let known = approvals::known(ctx.pool(), corp, &page.list).await?;
-            let missing: Vec<&String> = page.list.iter().filter(|id| !known.contains(id)).collect();
+            let missing: Vec<&String> = page
+                .list
+                .iter()
+                .filter(|id| !known.contains(*id) && counted.insert(id.to_string()))
+                .collect();
             report.missing += missing.len() as u64;
             if !dry_run {
                 for id in missing {
