@@ -212,3 +212,42 @@ async fn a_missing_database_fails_and_is_not_created() {
     assert!(!exists, "doctor created {}", db.name);
     server.close().await;
 }
+
+#[tokio::test]
+async fn a_wrong_app_secret_or_a_missing_ip_whitelist_fails_the_token_with_its_fix() {
+    let s = registered().await;
+    let mut config = s.config.clone();
+    let wrong = "not-the-emulator-secret-0001";
+    config.dingtalk.app_secret = Secret::new(wrong);
+    let report = doctor::run(&config).await;
+    let finding = report.get("token").expect("a token finding");
+    assert_eq!(finding.status, Status::Fail, "{report}");
+    assert_eq!(
+        finding.fix.as_deref(),
+        Some("check dingtalk.app_key and dingtalk.app_secret (errcode 40096: wrong key or secret)")
+    );
+    assert!(!report.to_string().contains(wrong), "{report}");
+    assert_eq!(report.exit_code(), 1);
+
+    // DingTalk refuses a token to a machine outside the app's IP whitelist (errcode 60020).
+    s.emulator.state().inject(
+        "gettoken",
+        emulator::InjectedError::Custom {
+            errcode: 60020,
+            sub_code: None,
+            errmsg: "访问ip不在白名单之中".into(),
+        },
+        1,
+    );
+    let report = doctor::run(&s.config).await;
+    let finding = report.get("token").expect("a token finding");
+    assert_eq!(finding.status, Status::Fail, "{report}");
+    assert!(
+        finding
+            .fix
+            .as_deref()
+            .is_some_and(|fix| fix.contains("IP whitelist")),
+        "{finding}"
+    );
+    s.stop().await;
+}

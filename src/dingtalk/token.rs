@@ -81,6 +81,14 @@ impl Tokens {
         }
     }
 
+    /// Asks DingTalk for a token with the configured credentials, whatever is cached or stored
+    /// (for `dingsync doctor`: a token shared in the database says nothing about whether the
+    /// configured secret is still right). While a token is valid, DingTalk answers with the same
+    /// one (API.md §1.1), so this changes nothing for running replicas.
+    pub async fn check_credentials(&self) -> Result<(), Error> {
+        self.fetch().await.map(|_| ())
+    }
+
     /// The token this process holds, if it is fresh, without I/O; `None` while it is being
     /// fetched or when there is none.
     pub fn cached(&self) -> Option<String> {
