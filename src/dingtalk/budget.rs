@@ -105,7 +105,6 @@ impl Budget {
             }
             *last = Some(now);
         }
-        self.throttles.fetch_add(1, Ordering::SeqCst);
         sqlx::query(
             "INSERT INTO dingsync.rate_budget AS b (corp_id, app_key, next_at)
              VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
@@ -117,6 +116,9 @@ impl Budget {
         .bind(pause.as_secs_f64())
         .execute(&self.pool)
         .await?;
+        // After the pause is in the database, so that the calls sent back for a new slot get
+        // one behind it.
+        self.throttles.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
