@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     reconcile::{Context, Counts},
-    store,
+    store::{self, prune::Aged},
 };
 
 /// Rows per DELETE statement.
@@ -35,7 +35,7 @@ pub async fn prune(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Resul
     if retention.events_days > 0 {
         let before = now - TimeDelta::days(i64::from(retention.events_days));
         let (deleted, batches) = in_batches(shutdown, || {
-            store::events::delete_received_before(pool, corp, before, BATCH)
+            store::prune::older_than(pool, Aged::Events, corp, before, BATCH)
         })
         .await?;
         counts.insert("deleted", deleted);
@@ -44,7 +44,7 @@ pub async fn prune(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Resul
     if retention.job_runs_days > 0 {
         let before: DateTime<Utc> = now - TimeDelta::days(i64::from(retention.job_runs_days));
         let (deleted, _) = in_batches(shutdown, || {
-            store::job_runs::delete_started_before(pool, corp, before, BATCH)
+            store::prune::older_than(pool, Aged::JobRuns, corp, before, BATCH)
         })
         .await?;
         counts.insert("job_runs_deleted", deleted);

@@ -4,29 +4,6 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgExecutor};
 
-/// Deletes at most `limit` runs of `corp_id` started before `before`; returns how many. One
-/// short statement per batch; the BRIN index on started_at finds the old rows.
-pub async fn delete_started_before(
-    db: impl PgExecutor<'_>,
-    corp_id: &str,
-    before: DateTime<Utc>,
-    limit: i64,
-) -> sqlx::Result<u64> {
-    let done = sqlx::query(
-        "DELETE FROM dingsync.job_runs
-         WHERE corp_id = $1 AND id IN (
-             SELECT id FROM dingsync.job_runs
-             WHERE corp_id = $1 AND started_at < $2
-             LIMIT $3)",
-    )
-    .bind(corp_id)
-    .bind(before)
-    .bind(limit)
-    .execute(db)
-    .await?;
-    Ok(done.rows_affected())
-}
-
 /// Takes the job's session-level advisory lock on `conn` without waiting. The lock lives as long
 /// as the session: the caller unlocks, or closes the connection (never returns it to the pool
 /// locked).

@@ -4,10 +4,10 @@
 
 pub mod approvals;
 pub mod batch;
-pub mod events;
 pub mod job_runs;
 mod migrate;
 pub mod outbox;
+pub mod prune;
 pub mod sync_state;
 
 use std::{str::FromStr, time::Duration};
