@@ -134,10 +134,12 @@ impl Ingest {
             .await
             .map_err(|_| IngestError::ShuttingDown)?;
         let result = answer.await.unwrap_or(Err(IngestError::ShuttingDown));
-        match result {
-            Ok(_) => self.database.down.store(false, Ordering::Release),
-            Err(IngestError::Unavailable) => self.database.down.store(true, Ordering::Release),
-            Err(_) => {}
+        // Written only when it changes: every callback passes here, and a store on every one
+        // would bounce the flag's cache line between cores for nothing.
+        let down = matches!(result, Err(IngestError::Unavailable));
+        let known = result.is_ok() || down;
+        if known && self.database.down.load(Ordering::Acquire) != down {
+            self.database.down.store(down, Ordering::Release);
         }
         result
     }
