@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use rand::Rng;
 use sqlx::PgPool;
+
+use crate::store;
 use tokio_util::sync::CancellationToken;
 
 /// One request every this many people-paces (10 s at the default 2 s pace).
@@ -37,16 +39,17 @@ pub async fn run(pool: PgPool, pace: Duration, shutdown: CancellationToken) {
             )
         };
         let key = format!("demo-{}-{n}", chrono::Utc::now().timestamp_millis());
-        let requested = sqlx::query_scalar::<_, i64>(
-            "SELECT dingsync.request_approval($1, 'PROC-EMU-EXPENSE', $2,
-                jsonb_build_array(jsonb_build_object('name', 'Reason', 'value', $3::text),
-                                  jsonb_build_object('name', 'Amount', 'value', $4::int)))",
+        let form_values = serde_json::json!([
+            {"name": "Reason", "value": reason},
+            {"name": "Amount", "value": amount},
+        ]);
+        let requested = store::outbox::request_approval(
+            &pool,
+            &key,
+            "PROC-EMU-EXPENSE",
+            originator,
+            &form_values,
         )
-        .bind(&key)
-        .bind(originator)
-        .bind(reason)
-        .bind(amount)
-        .fetch_one(&pool)
         .await;
         match requested {
             Ok(id) => tracing::info!(

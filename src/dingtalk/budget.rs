@@ -20,7 +20,7 @@ use tokio::{sync::Mutex, time::Instant};
 
 use sqlx::PgPool;
 
-use crate::config::DingTalkConfig;
+use crate::{config::DingTalkConfig, store};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Priority {
@@ -105,17 +105,7 @@ impl Budget {
             }
             *last = Some(now);
         }
-        sqlx::query(
-            "INSERT INTO dingsync.rate_budget AS b (corp_id, app_key, next_at)
-             VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
-             ON CONFLICT (corp_id, app_key) DO UPDATE
-             SET next_at = greatest(b.next_at, clock_timestamp() + make_interval(secs => $3))",
-        )
-        .bind(&self.corp_id)
-        .bind(&self.app_key)
-        .bind(pause.as_secs_f64())
-        .execute(&self.pool)
-        .await?;
+        store::rate_budget::pause(&self.pool, &self.corp_id, &self.app_key, pause).await?;
         // After the pause is in the database, so that the calls sent back for a new slot get
         // one behind it.
         self.throttles.fetch_add(1, Ordering::SeqCst);
@@ -145,23 +135,17 @@ impl Budget {
             let mut conn = self.pool.acquire().await?;
             let asked = Instant::now();
             // The database clock is the one clock all replicas share.
-            let slot: Option<(f64,)> = sqlx::query_as(
-                "INSERT INTO dingsync.rate_budget AS b (corp_id, app_key, next_at)
-                 VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
-                 ON CONFLICT (corp_id, app_key) DO UPDATE
-                 SET next_at = greatest(b.next_at, clock_timestamp()) + make_interval(secs => $3)
-                 WHERE greatest(b.next_at, clock_timestamp()) <= clock_timestamp() + make_interval(secs => $4)
-                 RETURNING extract(epoch FROM (next_at - make_interval(secs => $3)) - clock_timestamp())::float8",
+            let slot = store::rate_budget::take_slot(
+                &mut *conn,
+                &self.corp_id,
+                &self.app_key,
+                spacing,
+                priority.horizon(),
             )
-            .bind(&self.corp_id)
-            .bind(&self.app_key)
-            .bind(spacing)
-            .bind(priority.horizon().as_secs_f64())
-            .fetch_optional(&mut *conn)
             .await?;
             drop(conn);
             match slot {
-                Some((wait,)) => {
+                Some(wait) => {
                     let wait = Duration::from_secs_f64(wait.max(0.0));
                     // The slot lies between `asked + wait` and `answered + wait`: never go
                     // before the later bound, and measure lateness from the earlier one, so a

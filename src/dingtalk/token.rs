@@ -14,7 +14,10 @@ use sqlx::{Connection, PgPool};
 use tokio::sync::Mutex;
 
 use super::{Classified, Error, classify};
-use crate::config::{DingTalkConfig, Secret};
+use crate::{
+    config::{DingTalkConfig, Secret},
+    store,
+};
 
 /// Renew a token this long before DingTalk says it expires.
 pub const RENEW_AHEAD: Duration = Duration::from_secs(10 * 60);
@@ -113,13 +116,7 @@ impl Tokens {
     /// Until when the token shared in the database is valid, without calling DingTalk (for
     /// `/readyz`); `None` when there is none.
     pub async fn stored_expiry(&self) -> sqlx::Result<Option<DateTime<Utc>>> {
-        sqlx::query_scalar(
-            "SELECT expires_at FROM dingsync.access_tokens WHERE corp_id = $1 AND app_key = $2",
-        )
-        .bind(&self.corp_id)
-        .bind(&self.app_key)
-        .fetch_optional(&self.pool)
-        .await
+        store::tokens::expiry(&self.pool, &self.corp_id, &self.app_key).await
     }
 
     /// DingTalk refused `token`: forget it here and in the database (unless another replica has
@@ -129,14 +126,7 @@ impl Tokens {
         if cached.as_ref().is_some_and(|(t, _)| t == token) {
             *cached = None;
         }
-        let deleted = sqlx::query(
-            "DELETE FROM dingsync.access_tokens WHERE corp_id = $1 AND app_key = $2 AND access_token = $3",
-        )
-        .bind(&self.corp_id)
-        .bind(&self.app_key)
-        .bind(token)
-        .execute(&self.pool)
-        .await;
+        let deleted = store::tokens::delete(&self.pool, &self.corp_id, &self.app_key, token).await;
         if let Err(e) = deleted {
             tracing::warn!(error = %e, "could not drop the refused access token");
         }
@@ -147,40 +137,21 @@ impl Tokens {
         let db = |e: sqlx::Error| Error::Transient(format!("database: {e}"));
         let mut conn = self.pool.acquire().await.map_err(db)?;
         let mut tx = conn.begin().await.map_err(db)?;
-        // Replicas needing a token queue here; the first fetches, the others find its token.
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('dingsync.access_token:' || $1 || ':' || $2, 0))")
-            .bind(&self.corp_id)
-            .bind(&self.app_key)
-            .execute(&mut *tx)
+        store::tokens::lock(&mut tx, &self.corp_id, &self.app_key)
             .await
             .map_err(db)?;
-        let stored: Option<(String, DateTime<Utc>)> = sqlx::query_as(
-            "SELECT access_token, expires_at FROM dingsync.access_tokens WHERE corp_id = $1 AND app_key = $2",
-        )
-        .bind(&self.corp_id)
-        .bind(&self.app_key)
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?;
+        let stored = store::tokens::read(&mut *tx, &self.corp_id, &self.app_key)
+            .await
+            .map_err(db)?;
         if let Some((token, expires_at)) = stored
             && fresh(expires_at)
         {
             return Ok((token, expires_at));
         }
         let (token, expires_at) = self.fetch().await?;
-        sqlx::query(
-            "INSERT INTO dingsync.access_tokens (corp_id, app_key, access_token, expires_at, fetched_at)
-             VALUES ($1, $2, $3, $4, now())
-             ON CONFLICT (corp_id, app_key) DO UPDATE
-             SET access_token = excluded.access_token, expires_at = excluded.expires_at, fetched_at = now()",
-        )
-        .bind(&self.corp_id)
-        .bind(&self.app_key)
-        .bind(&token)
-        .bind(expires_at)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
+        store::tokens::save(&mut *tx, &self.corp_id, &self.app_key, &token, expires_at)
+            .await
+            .map_err(db)?;
         tx.commit().await.map_err(db)?;
         tracing::info!(app_key = %self.app_key, %expires_at, "fetched a DingTalk access token");
         Ok((token, expires_at))
@@ -200,16 +171,16 @@ impl Tokens {
             ])
             .send()
             .await
-            .inspect_err(|_| crate::metrics::dingtalk_call("/gettoken", None))
+            .inspect_err(|_| super::count_call("/gettoken", None))
             // without_url: the URL carries the app secret.
             .map_err(|e| Error::Transient(format!("gettoken: {}", e.without_url())))?;
         let status = response.status();
         let text = response
             .text()
             .await
-            .inspect_err(|_| crate::metrics::dingtalk_call("/gettoken", None))
+            .inspect_err(|_| super::count_call("/gettoken", None))
             .map_err(|e| Error::Transient(format!("gettoken: {}", e.without_url())))?;
-        crate::metrics::dingtalk_call("/gettoken", Some((status.as_u16(), &text)));
+        super::count_call("/gettoken", Some((status.as_u16(), &text)));
         if status.as_u16() == 429 {
             return Err(Error::RateLimited { errcode: 429 });
         }

@@ -8,7 +8,10 @@ pub mod job_runs;
 mod migrate;
 pub mod outbox;
 pub mod prune;
+pub mod rate_budget;
+pub mod scrape;
 pub mod sync_state;
+pub mod tokens;
 
 use std::{str::FromStr, time::Duration};
 
@@ -48,6 +51,12 @@ async fn open_with(config: &DatabaseConfig, options: PgConnectOptions) -> anyhow
         .await
         .context("connecting to PostgreSQL (database.url)")?;
     Ok(pool)
+}
+
+/// Whether the database answers a trivial query (a job checks it before it consumes anything
+/// from DingTalk that it could not store).
+pub async fn ping(db: impl sqlx::PgExecutor<'_>) -> sqlx::Result<()> {
+    sqlx::query("SELECT 1").execute(db).await.map(drop)
 }
 
 /// Connects, creates the database if needed and applies the migrations: what `serve` and

@@ -381,3 +381,21 @@ pub async fn cancel(pool: &PgPool, id: i64) -> sqlx::Result<Option<String>> {
 fn is_constraint(e: &sqlx::Error, name: &str) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.constraint() == Some(name))
 }
+
+/// Asks for an approval the way a business app does, through `dingsync.request_approval` (the
+/// demo app uses it, so the demo exercises the same path as real apps). Returns the row id.
+pub async fn request_approval(
+    db: impl PgExecutor<'_>,
+    idempotency_key: &str,
+    process_code: &str,
+    originator_user_id: &str,
+    form_values: &serde_json::Value,
+) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT dingsync.request_approval($1, $2, $3, $4)")
+        .bind(idempotency_key)
+        .bind(process_code)
+        .bind(originator_user_id)
+        .bind(form_values)
+        .fetch_one(db)
+        .await
+}
