@@ -35,9 +35,29 @@ impl From<crypto::Error> for AppError {
     }
 }
 
+/// Why a push was refused, marked on the error reply for the callback's metrics.
+#[derive(Clone, Copy, Debug)]
+pub struct Refused(pub &'static str);
+
+impl AppError {
+    /// The outcome label a refusal is counted under.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            AppError::BadRequest(_) | AppError::Malformed(_) => "refused_malformed",
+            AppError::BadSignature => "refused_signature",
+            AppError::Undecryptable(crypto::Error::ReceiverIdMismatch { .. }) => {
+                "refused_owner_key"
+            }
+            AppError::Undecryptable(_) => "refused_decrypt",
+            AppError::Unavailable => "unavailable",
+            AppError::Internal => "failed",
+        }
+    }
+}
+
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        let refused = crate::metrics::refused(&self);
+        let refused = Refused(self.outcome());
         let status = match &self {
             AppError::BadRequest(_) | AppError::Undecryptable(_) | AppError::Malformed(_) => {
                 StatusCode::BAD_REQUEST

@@ -4,26 +4,28 @@
 //!
 //! Owns the HTTP exchange only; what an event means is `event`, storing it is `ingest`.
 
-pub mod manage;
-
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use axum::{
     Json,
     body::Bytes,
-    extract::{Query, State},
+    extract::{Query, Request, State},
     http::StatusCode,
+    middleware::Next,
     response::{IntoResponse, Response},
 };
 use serde::{Deserialize, Serialize};
 
 use crate::{
     crypto::{self, CallbackCrypto},
-    error::AppError,
+    error::{AppError, Refused},
     event::{self, Parsed, Source},
-    ingest::{Ingest, IngestError},
+    ingest::{Ingest, IngestError, Stored},
     metrics,
 };
+
+/// The events dingsync subscribes to.
+pub const TAGS: [&str; 2] = ["bpms_instance_change", "bpms_task_change"];
 
 /// What the callback handler needs.
 pub struct CallbackState {
@@ -100,7 +102,7 @@ pub async fn handle(
         }
         Ok(Parsed::Handshake) => {
             tracing::info!("answered DingTalk's URL check");
-            Ok(metrics::acked(
+            Ok(acked(
                 success(&state.crypto, &opened.receiver_id),
                 "check_url",
                 None,
@@ -111,7 +113,7 @@ pub async fn handle(
             match state.ingest.submit(*event).await {
                 Ok(stored) => {
                     tracing::debug!(event_type, process_instance_id = ?pid, ?stored, "event committed");
-                    Ok(metrics::acked(
+                    Ok(acked(
                         success(&state.crypto, &opened.receiver_id),
                         &event_type,
                         Some(stored),
@@ -138,4 +140,57 @@ fn success(crypto: &CallbackCrypto, receiver_id: &str) -> Response {
         encrypt: sealed.encrypt,
     };
     (StatusCode::OK, Json(reply)).into_response()
+}
+
+/// Event types DingTalk documents; anything else is counted as `other` to bound the label.
+fn event_type_label(event_type: &str) -> &'static str {
+    match event_type {
+        "bpms_instance_change" => "bpms_instance_change",
+        "bpms_task_change" => "bpms_task_change",
+        "check_url" => "check_url",
+        _ => "other",
+    }
+}
+
+/// What the handler learned about a push it answered with `success`; read by [`track`] from the
+/// response.
+#[derive(Clone, Copy)]
+struct Acked {
+    event_type: &'static str,
+    outcome: &'static str,
+}
+
+/// Marks a `success` reply with the event's type and whether it was new.
+fn acked(mut response: Response, event_type: &str, stored: Option<Stored>) -> Response {
+    let outcome = match stored {
+        Some(Stored::New) => "stored",
+        Some(Stored::Duplicate) => "duplicate",
+        None => "answered",
+    };
+    response.extensions_mut().insert(Acked {
+        event_type: event_type_label(event_type),
+        outcome,
+    });
+    response
+}
+
+/// Middleware on `POST /dingtalk/callback`: counts each push by type and outcome and times the
+/// answer.
+pub async fn track(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let (event_type, outcome) = match (
+        response.extensions().get::<Acked>(),
+        response.extensions().get::<Refused>(),
+    ) {
+        (Some(acked), _) => (acked.event_type, acked.outcome),
+        (None, Some(Refused(outcome))) => ("unknown", *outcome),
+        // Refused before the handler ran (body over the limit, bad query).
+        (None, None) if response.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ("unknown", "refused_too_large")
+        }
+        (None, None) => ("unknown", "refused_malformed"),
+    };
+    metrics::callback_answered(event_type, outcome, started.elapsed());
+    response
 }

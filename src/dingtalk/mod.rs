@@ -338,7 +338,7 @@ impl Client {
         }
         let sent = request.send().await;
         if sent.is_err() {
-            crate::metrics::dingtalk_call(path, None);
+            count_call(path, None);
         }
         let response = match sent {
             Ok(r) => r,
@@ -348,7 +348,7 @@ impl Client {
         };
         let status = response.status();
         let text = response.text().await;
-        crate::metrics::dingtalk_call(
+        count_call(
             path,
             text.as_ref().ok().map(|t| (status.as_u16(), t.as_str())),
         );
@@ -428,4 +428,27 @@ fn classify(text: &str) -> Result<(), Classified> {
 async fn sleep_with_jitter(base: Duration) {
     let jitter = rand::rng().random_range(0.0..0.5);
     tokio::time::sleep(base.mul_f64(1.0 + jitter)).await;
+}
+
+/// Counts one HTTP exchange with DingTalk at `endpoint`. `answer` is `None` when no HTTP answer
+/// was read (transport failure); otherwise the status and body, whose `errcode` is the label
+/// (`http_<status>` when the status is not 2xx or the body carries none).
+pub(crate) fn count_call(endpoint: &str, answer: Option<(u16, &str)>) {
+    #[derive(serde::Deserialize)]
+    struct Errcode {
+        errcode: Option<i64>,
+    }
+    let errcode = match answer {
+        None => "transport".to_string(),
+        Some((status, body)) if (200..300).contains(&status) => {
+            match serde_json::from_str::<Errcode>(body) {
+                Ok(Errcode {
+                    errcode: Some(code),
+                }) => code.to_string(),
+                _ => format!("http_{status}"),
+            }
+        }
+        Some((status, _)) => format!("http_{status}"),
+    };
+    crate::metrics::dingtalk_call(endpoint, errcode);
 }

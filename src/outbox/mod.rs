@@ -18,7 +18,6 @@
 //! the lost-response search. Does not own: the SQL (`store::outbox`), the shapes DingTalk takes
 //! (`request`), the operator commands (`manage`).
 
-pub mod manage;
 pub mod request;
 
 use std::{
@@ -28,7 +27,7 @@ use std::{
 };
 
 use anyhow::Context;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use rand::Rng;
 use sqlx::{PgPool, postgres::PgListener};
 use tokio::{
@@ -301,7 +300,7 @@ impl Worker {
         // over (rule 3).
         let deadline = claimed_at + self.lease() / 2;
         let sent = tokio::time::timeout_at(deadline, self.client.create_instance(&request)).await;
-        crate::metrics::outbox_create(&sent, row.created_at);
+        count_create(&sent, row.created_at);
         match sent {
             Ok(Ok(instance_id)) => {
                 if self.record_created(row.id, &instance_id).await? {
@@ -517,4 +516,23 @@ async fn recv(listener: &mut Option<PgListener>) -> sqlx::Result<()> {
         Some(l) => l.try_recv().await.map(|_| ()),
         None => std::future::pending().await,
     }
+}
+
+/// Counts one create by what the worker does next, and its INSERT-to-created latency.
+fn count_create<E>(sent: &Result<Result<String, dingtalk::Error>, E>, inserted_at: DateTime<Utc>) {
+    let outcome = match sent {
+        Ok(Ok(_)) => "created",
+        Ok(Err(dingtalk::Error::Rejected { .. })) => "rejected",
+        Ok(Err(
+            dingtalk::Error::Transient(_)
+            | dingtalk::Error::RateLimited { .. }
+            | dingtalk::Error::InvalidToken { .. },
+        )) => "not_sent",
+        Ok(Err(dingtalk::Error::NoResponse(_) | dingtalk::Error::Protocol(_))) | Err(_) => {
+            "no_response"
+        }
+    };
+    let latency =
+        matches!(sent, Ok(Ok(_))).then(|| (Utc::now() - inserted_at).to_std().unwrap_or_default());
+    crate::metrics::outbox_create(outcome, latency);
 }
