@@ -26,7 +26,7 @@ use std::{
 
 use dingsync::{
     app::App,
-    callback::manage::TAGS,
+    callback::TAGS,
     config::{Config, Secret},
     crypto,
     dingtalk::{self, types::CallbackRegistration},
@@ -34,7 +34,7 @@ use dingsync::{
         DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig, Faults, PushFaults,
         StartInstance, TaskAction,
     },
-    reconcile::Context,
+    jobs::Context,
     scheduler::{self, Job, Ran},
     store,
 };

@@ -4,6 +4,7 @@
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, str::FromStr, time::Duration};
 
+use croner::{Cron, parser::CronParser};
 use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgConnectOptions;
 
@@ -496,7 +497,7 @@ impl Config {
             ("scheduler.failed", &s.failed),
             ("scheduler.retention", &s.retention),
         ] {
-            crate::scheduler::parse_schedule(schedule).map_err(|e| invalid(key, e))?;
+            parse_schedule(schedule).map_err(|e| invalid(key, e))?;
         }
         let r = &self.reconcile;
         if r.process_codes.iter().any(|c| c.trim().is_empty()) {
@@ -684,6 +685,19 @@ impl fmt::Display for Secret {
     }
 }
 
+/// Parses a schedule as tokio-cron-scheduler does: six fields `sec min hour day-of-month month
+/// day-of-week`, seconds required.
+pub fn parse_schedule(schedule: &str) -> Result<Cron, String> {
+    CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(schedule)
+        .map_err(|e| {
+            format!("{schedule:?} is not a cron schedule with six fields (sec min hour day-of-month month day-of-week): {e}")
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -797,8 +811,7 @@ mod tests {
     fn every_shipped_schedule_parses() {
         let s = load(SHIPPED, &[]).unwrap().scheduler;
         for schedule in [&s.details, &s.sweep, &s.backfill, &s.failed, &s.retention] {
-            crate::scheduler::parse_schedule(schedule)
-                .unwrap_or_else(|e| panic!("{schedule}: {e}"));
+            parse_schedule(schedule).unwrap_or_else(|e| panic!("{schedule}: {e}"));
         }
     }
 

@@ -15,7 +15,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    reconcile::{Context, Counts},
+    jobs::{Context, Counts},
     store::{self, prune::Aged},
 };
 

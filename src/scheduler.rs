@@ -14,14 +14,14 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use chrono::{DateTime, SubsecRound, Utc};
-use croner::{Cron, parser::CronParser};
 use serde_json::json;
 use tokio_cron_scheduler::{Job as CronJob, JobScheduler};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    config::SchedulerConfig,
-    reconcile::{self, Context, Counts, backfill, failed},
+    config::{self, SchedulerConfig},
+    jobs::{Context, Counts},
+    reconcile::{self, backfill, failed},
     retention,
     store::job_runs,
 };
@@ -79,19 +79,6 @@ impl Job {
     }
 }
 
-/// Parses a schedule as tokio-cron-scheduler does: six fields `sec min hour day-of-month month
-/// day-of-week`, seconds required.
-pub fn parse_schedule(schedule: &str) -> Result<Cron, String> {
-    CronParser::builder()
-        .seconds(croner::parser::Seconds::Required)
-        .dom_and_dow(true)
-        .build()
-        .parse(schedule)
-        .map_err(|e| {
-            format!("{schedule:?} is not a cron schedule with six fields (sec min hour day-of-month month day-of-week): {e}")
-        })
-}
-
 /// What became of one run.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Ran {
@@ -128,7 +115,7 @@ pub async fn start(
     let runs = TaskTracker::new();
     for job in Job::ALL {
         let schedule = job.schedule(config).to_string();
-        let parsed = parse_schedule(&schedule).map_err(anyhow::Error::msg)?;
+        let parsed = config::parse_schedule(&schedule).map_err(anyhow::Error::msg)?;
         let (ctx, runs, shutdown, replica) = (
             ctx.clone(),
             runs.clone(),

@@ -78,7 +78,7 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
 }
 
 async fn run_retention(app: &TestApp) -> Ran {
-    let ctx = app.app.as_ref().unwrap().reconcile.clone().unwrap();
+    let ctx = app.app.as_ref().unwrap().jobs.clone().unwrap();
     scheduler::run_job_now(&ctx, Job::Retention, "test", &CancellationToken::new())
         .await
         .unwrap()

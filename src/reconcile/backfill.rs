@@ -20,7 +20,8 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::{Context, Counts, fetch_and_apply};
+use super::fetch_and_apply;
+use crate::jobs::{Context, Counts};
 use crate::{
     dingtalk::{Priority, types::ListIds},
     store::{

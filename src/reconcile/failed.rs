@@ -13,16 +13,17 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use super::{Context, Counts};
 use crate::{
     event::{self, Event, Parsed, Source},
     ingest::{self, Expect},
+    jobs::{Context, Counts},
+    store,
 };
 
 pub async fn drain(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Result<Counts> {
     let mut counts = Counts::new();
     loop {
-        sqlx::query("SELECT 1").execute(ctx.pool()).await?;
+        store::ping(ctx.pool()).await?;
         let page = ctx.client().failed_callbacks().await?;
         *counts.entry("calls").or_default() += 1;
         let events: Vec<Event> = page

@@ -10,90 +10,30 @@
 //! a snapshot is applied by the monotonic rule of `store::approvals`. SQL lives in `store`.
 
 pub mod backfill;
-pub mod drift;
 pub mod failed;
 pub mod snapshot;
 
-use std::{collections::BTreeMap, future::Future, sync::Arc};
+use std::future::Future;
 
-use sqlx::PgPool;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::{ReconcileConfig, RetentionConfig},
+    config::ReconcileConfig,
     dingtalk::{self, Priority},
+    jobs::{Context, Counts},
     store::approvals::{self, Applied, Cadence, SnapshotSource},
 };
 use snapshot::Snapshot;
 
-/// Everything a job needs; cheap to clone.
-#[derive(Clone)]
-pub struct Context {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    pool: PgPool,
-    client: dingtalk::Client,
-    corp_id: String,
-    config: ReconcileConfig,
-    retention: RetentionConfig,
-}
-
-impl Context {
-    /// `corp_id` is the organisation the client's app belongs to (`dingtalk.corp_id`). The
-    /// scheduler's `retention` job runs with this context too.
-    pub fn new(
-        pool: PgPool,
-        client: dingtalk::Client,
-        corp_id: &str,
-        config: &ReconcileConfig,
-        retention: &RetentionConfig,
-    ) -> Context {
-        Context {
-            inner: Arc::new(Inner {
-                pool,
-                client,
-                corp_id: corp_id.to_string(),
-                config: config.clone(),
-                retention: retention.clone(),
-            }),
-        }
-    }
-
-    pub fn pool(&self) -> &PgPool {
-        &self.inner.pool
-    }
-
-    pub fn client(&self) -> &dingtalk::Client {
-        &self.inner.client
-    }
-
-    pub fn corp_id(&self) -> &str {
-        &self.inner.corp_id
-    }
-
-    pub fn config(&self) -> &ReconcileConfig {
-        &self.inner.config
-    }
-
-    pub fn retention(&self) -> &RetentionConfig {
-        &self.inner.retention
-    }
-
-    fn cadence(&self) -> Cadence {
-        let c = &self.inner.config;
-        Cadence {
-            min_s: c.sweep_min_interval_s,
-            max_s: c.sweep_max_interval_s,
-            divisor: c.sweep_age_divisor,
-        }
+/// How often the sweep re-checks an open approval, from `[reconcile]`.
+fn cadence(config: &ReconcileConfig) -> Cadence {
+    Cadence {
+        min_s: config.sweep_min_interval_s,
+        max_s: config.sweep_max_interval_s,
+        divisor: config.sweep_age_divisor,
     }
 }
-
-/// What a run did, by name (stored as `job_runs.counts`).
-pub type Counts = BTreeMap<&'static str, u64>;
 
 /// What one fetch-and-apply came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,7 +109,7 @@ pub async fn fetch_and_apply(
         requested_at,
         source,
         process_code,
-        ctx.cadence(),
+        cadence(ctx.config()),
     )
     .await?;
     Ok(match applied {
