@@ -18,14 +18,15 @@ use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::{
-    callback::{self, CallbackState, manage},
+    callback::{self, CallbackState},
     config::{Config, Secret},
     crypto::{self, CallbackCrypto},
     demo,
     dingtalk::{self, types::CallbackRegistration},
     emulator::{Emulator, EmulatorConfig},
+    health,
     ingest::Ingest,
-    metrics, outbox, reconcile, scheduler, store,
+    jobs, outbox, scheduler, store,
 };
 
 /// CorpId the embedded emulator's organisation uses (and events without a corpId fall back to
@@ -44,8 +45,8 @@ pub struct App {
     pub emulator: Option<Emulator>,
     /// The DingTalk client; `None` without credentials (then `serve` only serves callbacks).
     pub client: Option<dingtalk::Client>,
-    /// The reconcile jobs' context (with a DingTalk client), e.g. for `scheduler::run_job_now`.
-    pub reconcile: Option<reconcile::Context>,
+    /// The scheduled jobs' context (with a DingTalk client), e.g. for `scheduler::run_job_now`.
+    pub jobs: Option<jobs::Context>,
     scheduler: Option<scheduler::Scheduler>,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
@@ -83,7 +84,7 @@ impl App {
             default_corp_id: config.dingtalk.corp_id.clone(),
             ingest,
         });
-        let health = metrics::Health::new(
+        let health = health::Health::new(
             pool.clone(),
             config.uses_emulator()
                 || !(config.dingtalk.app_key.is_empty() || config.dingtalk.app_secret.is_empty()),
@@ -126,8 +127,8 @@ impl App {
         } else if config.outbox.enabled {
             tracing::warn!("no DingTalk client: dingsync.outbox rows are not sent by this replica");
         }
-        let reconcile = client.as_ref().map(|client| {
-            reconcile::Context::new(
+        let jobs = client.as_ref().map(|client| {
+            jobs::Context::new(
                 pool.clone(),
                 client.clone(),
                 &config.dingtalk.corp_id,
@@ -143,7 +144,7 @@ impl App {
             workers,
             emulator,
             client,
-            reconcile,
+            jobs,
             scheduler: None,
         };
         if let (Some(emulator), Some(client)) = (&app.emulator, &app.client) {
@@ -167,7 +168,7 @@ impl App {
                 app.workers.push(tokio::spawn(demo));
             }
         }
-        if let Some(ctx) = app.reconcile.clone() {
+        if let Some(ctx) = app.jobs.clone() {
             let replica = scheduler::replica_name();
             match scheduler::start(ctx, &config.scheduler, &replica, app.shutdown.clone()).await {
                 Ok(running) => app.scheduler = Some(running),
@@ -268,7 +269,7 @@ async fn register_with_emulator(
     url: &str,
 ) -> anyhow::Result<()> {
     let registration = CallbackRegistration {
-        call_back_tag: manage::TAGS.iter().map(|t| t.to_string()).collect(),
+        call_back_tag: callback::TAGS.iter().map(|t| t.to_string()).collect(),
         token: config.callback.token.expose().to_string(),
         aes_key: config.callback.aes_key.expose().to_string(),
         url: url.to_string(),
@@ -297,14 +298,14 @@ async fn keep_token_fresh(client: dingtalk::Client, shutdown: CancellationToken)
     }
 }
 
-fn router(state: Arc<CallbackState>, health: metrics::Health, config: &Config) -> Router {
+fn router(state: Arc<CallbackState>, health: health::Health, config: &Config) -> Router {
     let callback = Router::new()
         .route("/dingtalk/callback", post(callback::handle))
-        .layer(axum::middleware::from_fn(metrics::track_callback))
+        .layer(axum::middleware::from_fn(callback::track))
         .with_state(state);
     callback
         .route("/healthz", get(|| async { "ok" }))
-        .merge(metrics::router(health))
+        .merge(health::router(health))
         .layer(DefaultBodyLimit::max(config.server.body_limit_bytes))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,

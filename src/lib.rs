@@ -8,15 +8,17 @@
 
 pub mod app;
 pub mod callback;
+pub mod cli;
 pub mod config;
 pub mod crypto;
 pub mod demo;
 pub mod dingtalk;
-pub mod doctor;
 pub mod emulator;
 pub mod error;
 pub mod event;
+pub mod health;
 pub mod ingest;
+pub mod jobs;
 pub mod metrics;
 pub mod outbox;
 pub mod reconcile;

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::{CORP_ID, TestApp, TestDb, install_crypto_provider, test_config};
 use dingsync::{
-    callback::manage::{self, Action},
+    cli::callback::{self as manage, Action},
     config::{Config, Secret},
     dingtalk::{
         Client, Error, Priority,

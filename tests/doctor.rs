@@ -6,11 +6,13 @@ mod common;
 
 use common::{CORP_ID, TestApp, TestDb, install_crypto_provider, test_config};
 use dingsync::{
-    callback::manage::{self, Action},
+    cli::{
+        callback::{self as manage, Action},
+        doctor::{self, Report, Status},
+    },
     config::{Config, Secret},
     crypto,
     dingtalk::Client,
-    doctor::{self, Report, Status},
     emulator::{self, Emulator, EmulatorConfig},
     store,
 };

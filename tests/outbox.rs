@@ -8,10 +8,11 @@ use std::time::Duration;
 use common::*;
 use dingsync::{
     app::App,
+    cli::outbox as manage,
     config::Config,
     dingtalk,
     emulator::{Emulator, EmulatorConfig, Handle, InjectedError, Instance, TaskAction},
-    outbox::{manage, request},
+    outbox::request,
     store::{self, outbox as outbox_store},
 };
 use serde_json::json;

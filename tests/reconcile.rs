@@ -11,14 +11,15 @@ use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use common::*;
 use dingsync::{
     app::App,
-    callback::manage::TAGS,
+    callback::TAGS,
     config::{Config, Secret},
     dingtalk::types::CallbackRegistration,
     emulator::{
         DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig, Faults, PushFaults,
         StartInstance, TaskAction,
     },
-    reconcile::{self, Context},
+    jobs::{Context, Counts},
+    reconcile,
     scheduler::{self, Job, Ran},
 };
 use serde_json::json;
@@ -75,10 +76,10 @@ async fn register(app: &App, config_token: &str, config_key: &str) {
 }
 
 fn ctx(app: &TestApp) -> Context {
-    app.app.as_ref().unwrap().reconcile.clone().unwrap()
+    app.app.as_ref().unwrap().jobs.clone().unwrap()
 }
 
-async fn run_now(ctx: &Context, job: Job) -> reconcile::Counts {
+async fn run_now(ctx: &Context, job: Job) -> Counts {
     match scheduler::run_job_now(ctx, job, "test", &CancellationToken::new())
         .await
         .unwrap()
@@ -178,7 +179,7 @@ async fn five_hundred_approvals_with_lost_duplicated_and_reordered_pushes_conver
     run_now(&ctx, Job::Sweep).await;
 
     let codes: Vec<String> = CODES.iter().map(|c| c.to_string()).collect();
-    let drift = reconcile::drift::run(&ctx, &codes, Utc::now() - TimeDelta::hours(1))
+    let drift = dingsync::cli::drift::run(&ctx, &codes, Utc::now() - TimeDelta::hours(1))
         .await
         .unwrap();
     assert!(drift.is_clean(), "{drift}");

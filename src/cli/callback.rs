@@ -3,15 +3,17 @@
 //! with an encrypted `check_url` before it accepts a registration, so `serve` must already be
 //! reachable there.
 
+use std::process::ExitCode;
+
 use anyhow::{Context, bail};
 
+use super::CallbackCommand;
 use crate::{
+    callback::TAGS,
     config::Config,
     dingtalk::{self, Client, types::CallbackRegistration},
+    store,
 };
-
-/// The events dingsync subscribes to.
-pub const TAGS: [&str; 2] = ["bpms_instance_change", "bpms_task_change"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -123,4 +125,18 @@ pub async fn client(config: &Config, pool: sqlx::PgPool) -> anyhow::Result<Clien
     require_credentials(config)?;
     Client::new(pool, &config.dingtalk, &config.dingtalk.api_base)
         .context("building the DingTalk client")
+}
+
+pub async fn command(config: &Config, command: CallbackCommand) -> anyhow::Result<ExitCode> {
+    let action = match command {
+        CallbackCommand::Register => Action::Register,
+        CallbackCommand::Show => Action::Show,
+        CallbackCommand::Update => Action::Update,
+        CallbackCommand::Delete => Action::Delete,
+    };
+    crate::app::install_crypto_provider();
+    let pool = store::connect_and_migrate(&config.database).await?;
+    let client = client(config, pool).await?;
+    println!("{}", run(&client, config, action).await?);
+    Ok(ExitCode::SUCCESS)
 }

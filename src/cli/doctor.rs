@@ -8,7 +8,7 @@
 //! registers nothing (only an access token may be fetched and shared, as any command would).
 //! Secrets never appear in a finding: at most their first 4 characters and their length.
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::{fmt, process::ExitCode, str::FromStr, time::Duration};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::{PgPool, postgres::PgConnectOptions};
@@ -132,6 +132,14 @@ pub fn config_error(e: &ConfigError) -> Finding {
 }
 
 /// Runs every check against `config`.
+/// `dingsync doctor`: prints one line per check; exit 1 on any FAIL.
+pub async fn command(config: &Config) -> ExitCode {
+    crate::app::install_crypto_provider();
+    let report = run(config).await;
+    print!("{report}");
+    ExitCode::from(report.exit_code())
+}
+
 pub async fn run(config: &Config) -> Report {
     let mut findings = vec![Finding::new(Status::Ok, "config", "loaded and valid")];
     let (database, pool) = database(config).await;

@@ -4,17 +4,52 @@
 //! disagreeing with DingTalk (status, result, times to the second, title, form values, tasks).
 //! Read-only: it changes nothing.
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap},
+    process::ExitCode,
+};
 
 use anyhow::Context as _;
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use serde_json::json;
 
-use super::{Context, backfill, snapshot::Snapshot};
+use crate::config::Config;
+use crate::jobs::Context;
+use crate::reconcile::{backfill, snapshot::Snapshot};
 use crate::{
     dingtalk::{Priority, types::ListIds},
     store::approvals::{self, Stored},
 };
+
+/// `dingsync drift`: exit 0 when the database agrees with DingTalk, 1 when it does not, 2 when
+/// the comparison could not be made.
+pub async fn command(config: &Config, since: &str, codes: &[String]) -> ExitCode {
+    match report(config, since, codes).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("dingsync: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Prints the drift report; `Ok(true)` when there is none.
+async fn report(config: &Config, since: &str, codes: &[String]) -> anyhow::Result<bool> {
+    let period = parse_period(since)?;
+    let codes = if codes.is_empty() {
+        config.reconcile.process_codes.clone()
+    } else {
+        codes.to_vec()
+    };
+    if codes.is_empty() {
+        anyhow::bail!("no process code: set reconcile.process_codes or pass --process-code");
+    }
+    let ctx = super::jobs_context(config).await?;
+    let report = run(&ctx, &codes, chrono::Utc::now() - period).await?;
+    println!("{report}");
+    Ok(report.is_clean())
+}
 
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Report {

@@ -3,12 +3,19 @@
 //! that certainly created nothing (`failed`, `cancelled`), `cancel` stops one that has not been
 //! sent or failed. Rows in flight (`sending`, `unknown`) are left to the worker.
 
-use std::fmt::Write;
+use std::{fmt::Write, process::ExitCode};
 
 use anyhow::bail;
 use sqlx::PgPool;
 
-use crate::store::outbox::{self as store, OutboxRow};
+use super::OutboxCommand;
+use crate::{
+    config::Config,
+    store::{
+        self as db,
+        outbox::{self as store, OutboxRow},
+    },
+};
 
 pub const STATES: [&str; 6] = [
     "pending",
@@ -88,4 +95,16 @@ pub async fn cancel(pool: &PgPool, id: i64) -> anyhow::Result<String> {
             bail!("outbox row {id} is {state}: only pending or failed rows can be cancelled")
         }
     }
+}
+
+pub async fn command(config: &Config, command: OutboxCommand) -> anyhow::Result<ExitCode> {
+    let pool = db::connect_and_migrate(&config.database).await?;
+    let output = match command {
+        OutboxCommand::List { state, limit } => list(&pool, state.as_deref(), limit).await,
+        OutboxCommand::Retry { id } => retry(&pool, id).await,
+        OutboxCommand::Cancel { id } => cancel(&pool, id).await,
+    };
+    pool.close().await;
+    println!("{}", output?);
+    Ok(ExitCode::SUCCESS)
 }
