@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::jobs::Context;
 use crate::reconcile::{backfill, snapshot::Snapshot};
 use crate::{
-    dingtalk::{Priority, types::ListIds},
+    dingtalk::{Priority, listing::ID_CAP},
     store::approvals::{self, Stored},
 };
 
@@ -163,35 +163,25 @@ async fn list_all(
     let mut start = since;
     while start < until {
         let end = (start + backfill::MAX_WINDOW).min(until);
-        let mut cursor = 0;
-        loop {
-            let page = ctx
-                .client()
-                .list_instance_ids(
-                    &ListIds {
-                        process_code: process_code.to_string(),
-                        start_time: start.timestamp_millis(),
-                        end_time: Some(end.timestamp_millis()),
-                        size: 20,
-                        cursor,
-                        userid_list: None,
-                    },
-                    Priority::Bulk,
-                )
-                .await
-                .with_context(|| format!("listids {process_code}"))?;
-            let reached = cursor + page.list.len() as u64;
-            ids.extend(page.list);
-            match page.next_cursor {
-                Some(next) => cursor = next,
-                None if reached >= backfill::ID_CAP => anyhow::bail!(
-                    "more than {} approvals of {process_code} between {} and {}: listids cannot list them all; use a shorter --since",
-                    backfill::ID_CAP,
-                    start.to_rfc3339(),
-                    end.to_rfc3339()
-                ),
-                None => break,
-            }
+        let mut listing = ctx.client().list_ids(
+            process_code,
+            (start.timestamp_millis(), end.timestamp_millis()),
+            None,
+            Priority::Bulk,
+        );
+        while let Some(page) = listing
+            .next_page()
+            .await
+            .with_context(|| format!("listids {process_code}"))?
+        {
+            ids.extend(page);
+        }
+        if listing.capped() {
+            anyhow::bail!(
+                "more than {ID_CAP} approvals of {process_code} between {} and {}: listids cannot list them all; use a shorter --since",
+                start.to_rfc3339(),
+                end.to_rfc3339()
+            );
         }
         start = end + TimeDelta::milliseconds(1);
     }

@@ -12,6 +12,7 @@
 //! `Family` in `send`; callers only see typed methods and [`Error`].
 
 mod budget;
+pub mod listing;
 mod token;
 pub mod types;
 

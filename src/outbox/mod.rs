@@ -39,16 +39,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::OutboxConfig,
-    dingtalk::{self, Priority, types::ListIds},
+    dingtalk::{self, Priority},
     store::outbox::{self as store, Claim, OutboxRow, Work},
 };
 
 /// listids filters by DingTalk's create time (API.md §2.4) and our times come from PostgreSQL's
 /// clock: the search window is widened by this much on each side for the two clocks to disagree.
 const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
-/// `listids` page size: the doc says at most 20, the Java SDK 10 [UNCONFIRMED]; 10 is accepted by
-/// both readings.
-const LIST_PAGE: u32 = 10;
 /// How long a stopping worker waits for creates in flight before it abandons them (as `unknown`).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -427,28 +424,14 @@ impl Worker {
             .and_then(|lease| sent_at.checked_add_signed(lease + CLOCK_SKEW))
             .map_or(now, |t| t.min(now));
         let mut ids = Vec::new();
-        let mut cursor = 0;
-        loop {
-            let page = self
-                .client
-                .list_instance_ids(
-                    &ListIds {
-                        process_code: row.process_code.clone(),
-                        start_time: since.timestamp_millis(),
-                        end_time: Some(until.timestamp_millis()),
-                        size: LIST_PAGE,
-                        cursor,
-                        userid_list: Some(row.originator_user_id.clone()),
-                    },
-                    Priority::Outbox,
-                )
-                .await
-                .context("listids")?;
-            ids.extend(page.list);
-            match page.next_cursor {
-                Some(next) if next > cursor => cursor = next,
-                _ => break,
-            }
+        let mut listing = self.client.list_ids(
+            &row.process_code,
+            (since.timestamp_millis(), until.timestamp_millis()),
+            Some(&row.originator_user_id),
+            Priority::Outbox,
+        );
+        while let Some(page) = listing.next_page().await.context("listids")? {
+            ids.extend(page);
         }
         let owned: HashSet<String> = store::owned_instances(&self.pool, &self.corp_id, &ids)
             .await?

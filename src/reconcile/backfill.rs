@@ -23,7 +23,10 @@ use tokio_util::sync::CancellationToken;
 use super::fetch_and_apply;
 use crate::jobs::{Context, Counts};
 use crate::{
-    dingtalk::{Priority, types::ListIds},
+    dingtalk::{
+        Priority,
+        listing::{ID_CAP, IdListing},
+    },
     store::{
         approvals::{self, SnapshotSource},
         sync_state,
@@ -34,10 +37,6 @@ use crate::{
 pub const MAX_WINDOW: Duration = Duration::days(120);
 /// How far back a window may start (API.md §2.4).
 pub const MAX_AGE: Duration = Duration::days(365);
-/// Most ids one query reaches (API.md §2.4).
-pub const ID_CAP: u64 = 10_000;
-/// `listids` page size.
-const PAGE: u32 = 20;
 /// Margin kept from the 365-day limit: the run takes time, and our clock and DingTalk's differ.
 const AGE_MARGIN: Duration = Duration::hours(1);
 /// A window is halved at most down to this when it hits the id cap.
@@ -123,33 +122,25 @@ pub async fn run(
     loop {
         report.windows += 1;
         // Pages of this window, from `page_cursor`.
+        let mut listing = window_listing(ctx, process_code, start, end).resume_at(page_cursor);
         loop {
             if shutdown.is_cancelled() {
                 return Ok(report);
             }
-            let request = ListIds {
-                process_code: process_code.to_string(),
-                start_time: start.timestamp_millis(),
-                end_time: Some(end.timestamp_millis()),
-                size: PAGE,
-                cursor: page_cursor,
-                userid_list: None,
+            let at = listing.cursor();
+            let Some(page) = listing.next_page().await.with_context(|| {
+                format!(
+                    "listids {process_code} {} .. {} at cursor {at}",
+                    start.to_rfc3339(),
+                    end.to_rfc3339()
+                )
+            })?
+            else {
+                break;
             };
-            let page = ctx
-                .client()
-                .list_instance_ids(&request, Priority::Bulk)
-                .await
-                .with_context(|| {
-                    format!(
-                        "listids {process_code} {} .. {} at cursor {page_cursor}",
-                        start.to_rfc3339(),
-                        end.to_rfc3339()
-                    )
-                })?;
             report.pages += 1;
-            report.ids += page.list.len() as u64;
-            let reached = page_cursor + page.list.len() as u64;
-            if page.next_cursor.is_none() && reached >= ID_CAP {
+            report.ids += page.len() as u64;
+            if listing.capped() {
                 // DingTalk stops at 10 000 ids: there may be more. List a shorter window.
                 let half = (end - start) / 2;
                 if half < MIN_WINDOW {
@@ -164,12 +155,11 @@ pub async fn run(
                     "listids window hit the 10000-id cap; halving it"
                 );
                 end = start + half;
-                page_cursor = 0;
+                listing = window_listing(ctx, process_code, start, end);
                 continue;
             }
-            let known = approvals::known(ctx.pool(), corp, &page.list).await?;
+            let known = approvals::known(ctx.pool(), corp, &page).await?;
             let missing: Vec<&String> = page
-                .list
                 .iter()
                 .filter(|id| !known.contains(*id) && counted.insert(id.to_string()))
                 .collect();
@@ -187,15 +177,14 @@ pub async fn run(
                     report.fetched += 1;
                 }
             }
-            match page.next_cursor {
-                Some(next) => page_cursor = next,
-                None => break,
+            if listing.finished() {
+                break;
             }
             if !dry_run {
                 cursor.window = Some((
                     start.timestamp_millis(),
                     end.timestamp_millis(),
-                    page_cursor,
+                    listing.cursor(),
                 ));
                 save(ctx, process_code, &cursor).await?;
             }
@@ -217,6 +206,21 @@ pub async fn run(
         save(ctx, process_code, &cursor).await?;
     }
     Ok(report)
+}
+
+/// The listing of one backfill window, at bulk priority.
+fn window_listing<'a>(
+    ctx: &'a Context,
+    process_code: &str,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> IdListing<'a> {
+    ctx.client().list_ids(
+        process_code,
+        (start.timestamp_millis(), end.timestamp_millis()),
+        None,
+        Priority::Bulk,
+    )
 }
 
 /// The scheduled job: every configured process_code, continuing where the last run ended (or
