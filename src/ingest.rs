@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    batching,
     config::IngestConfig,
     event::Event,
     store::{self, batch::Changes},
@@ -170,17 +171,13 @@ async fn committer(
     // the next batch skips stored events from the start (see `store::batch`).
     let mut expect = Expect::New;
     loop {
-        let first = tokio::select! {
-            job = rx.recv() => match job { Some(job) => job, None => break },
+        let batch = tokio::select! {
+            batch = batching::next_batch(&mut rx, max_batch) => match batch {
+                Some(batch) => batch,
+                None => break,
+            },
             _ = shutdown.cancelled() => break,
         };
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
         expect = commit_batch(&pool, batch, expect).await;
     }
     // Refuse what is still queued (the sender gets 503 and DingTalk retries); what was taken

@@ -7,6 +7,7 @@
 //! read once at start-up.
 
 pub mod app;
+mod batching;
 pub mod callback;
 pub mod cli;
 pub mod config;

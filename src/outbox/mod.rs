@@ -38,6 +38,7 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    batching,
     config::OutboxConfig,
     dingtalk::{self, Priority},
     store::outbox::{self as store, Claim, OutboxRow, Work},
@@ -464,14 +465,7 @@ impl Worker {
 /// transactions that NOTIFY, so one commit per create would cap the outbox at the disk's flush
 /// rate. A batch that fails is retried row by row, so one bad row cannot hold back the others.
 async fn record_loop(pool: PgPool, corp_id: String, mut rx: mpsc::Receiver<Created>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < RECORD_BATCH {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
+    while let Some(batch) = batching::next_batch(&mut rx, RECORD_BATCH).await {
         let pairs: Vec<(i64, String)> = batch
             .iter()
             .map(|(id, pid, _)| (*id, pid.clone()))
