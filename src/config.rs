@@ -43,7 +43,7 @@ pub struct SchedulerConfig {
     pub retention: String,
 }
 
-/// How long dingsync keeps what it may prune (the `retention` job, issue 6).
+/// How long dingsync keeps what it may prune (the `retention` job).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
@@ -487,7 +487,7 @@ impl Config {
         Ok(())
     }
 
-    /// The `[scheduler]` and `[reconcile]` rules (issue 5), naming the key that breaks one.
+    /// The `[scheduler]` and `[reconcile]` rules, naming the key that breaks one.
     fn validate_reconcile(&self) -> Result<(), ConfigError> {
         let s = &self.scheduler;
         for (key, schedule) in [

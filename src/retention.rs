@@ -1,4 +1,4 @@
-//! The `retention` job (issue 6): deletes raw `dingsync.events` older than
+//! The `retention` job: deletes raw `dingsync.events` older than
 //! `retention.events_days` and the scheduler's run log `dingsync.job_runs` older than
 //! `retention.job_runs_days`, for this replica's organisation. Events are only hints kept for
 //! operators, and old runs only history; approvals, approval_tasks and outbox rows are never

@@ -1,4 +1,4 @@
-//! When the reconcile jobs (issue 5) and the retention job (issue 6) run: cron definitions
+//! When the reconcile jobs and the retention job run: cron definitions
 //! (`[scheduler]`, six-field strings, seconds first, UTC), the guard that runs each job on one
 //! replica at a time and each tick once, and the run log `dingsync.job_runs`. A tick only
 //! triggers work; what a job does lives in `reconcile` and `retention`.

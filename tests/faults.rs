@@ -1,4 +1,4 @@
-//! DingTalk misbehaving in every way at once (issue 7, item 3): gateway 5xx, DingTalk's own rate
+//! DingTalk misbehaving in every way at once: gateway 5xx, DingTalk's own rate
 //! limiter, injected rate-limit and token errors, the access token revoked every second or two,
 //! and create answers lost after the instance was made, all while two replicas share one outbox,
 //! one token and one rate budget, and the reconcile jobs read alongside. Against the emulator

@@ -1,6 +1,6 @@
 //! PostgreSQL really stopped (a private cluster, `pg_ctl stop -m immediate`) for 30 s while the
 //! real `dingsync serve` process takes a continuous stream of callbacks and is creating outbox
-//! approvals in DingTalk (the emulator). Proves issue 7 item 2: every callback answered during
+//! approvals in DingTalk (the emulator). Proves that every callback answered during
 //! the outage is a 503 (never `success` without a commit, never a dropped connection), `/readyz`
 //! says 503, the process never exits, it recovers by itself once PostgreSQL is back, and nothing
 //! is lost or doubled: every acknowledged event is stored, every event (re-sent as DingTalk

@@ -1,4 +1,4 @@
-//! Migration V8 (issue 6): the reporting views give the right figures for hand-inserted rows, and
+//! Migration V8: the reporting views give the right figures for hand-inserted rows, and
 //! the least-privilege roles allow what they promise and nothing more.
 
 mod common;

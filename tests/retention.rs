@@ -1,4 +1,4 @@
-//! The `retention` job (issue 6): deletes raw events older than `retention.events_days` and job
+//! The `retention` job: deletes raw events older than `retention.events_days` and job
 //! runs older than `retention.job_runs_days`, in batches, and nothing else.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Reconciliation (issue 5): events are hints, DingTalk's API is the truth. Owns what the
+//! Reconciliation: events are hints, DingTalk's API is the truth. Owns what the
 //! scheduled jobs do (the scheduler only decides when, `scheduler.rs`):
 //! - `details`: `processinstance/get` for approvals an event marked, coalesced per burst;
 //! - `sweep`: re-check approvals still NEW/RUNNING, young often and old rarely;
