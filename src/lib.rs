@@ -9,7 +9,6 @@
 pub mod app;
 pub mod callback;
 pub mod config;
-pub mod crypto;
 pub mod demo;
 pub mod dingtalk;
 pub mod doctor;
@@ -24,3 +23,7 @@ pub mod retention;
 pub mod scheduler;
 pub mod store;
 pub mod telemetry;
+
+/// The callback crypto lives in its own crate so that the DingTalk emulator can share it without
+/// depending on the daemon; `dingsync::crypto` keeps naming it for the daemon, tests and fuzzing.
+pub use dingsync_crypto as crypto;
