@@ -12,7 +12,6 @@ pub mod config;
 pub mod demo;
 pub mod dingtalk;
 pub mod doctor;
-pub mod emulator;
 pub mod error;
 pub mod event;
 pub mod ingest;

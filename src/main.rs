@@ -289,7 +289,7 @@ async fn emulator(config: &Config, listen: Option<std::net::SocketAddr>) -> anyh
         stop.cancel();
     });
     let settings = &config.emulator;
-    let mut emulator_config = dingsync::emulator::EmulatorConfig {
+    let mut emulator_config = dingsync_emulator::EmulatorConfig {
         time_scale: settings.time_scale,
         seed: settings.effective_seed(),
         people: (settings.people_pace_ms > 0)
@@ -307,5 +307,5 @@ async fn emulator(config: &Config, listen: Option<std::net::SocketAddr>) -> anyh
         "DingTalk emulator on http://{listen} (corp_id {}, app_key {}); Ctrl-C stops it",
         emulator_config.corp_id, emulator_config.app_key
     );
-    dingsync::emulator::serve(emulator_config, listen, shutdown).await
+    dingsync_emulator::serve(emulator_config, listen, shutdown).await
 }

@@ -11,9 +11,9 @@ use dingsync::{
     crypto,
     dingtalk::Client,
     doctor::{self, Report, Status},
-    emulator::{self, Emulator, EmulatorConfig},
     store,
 };
+use dingsync_emulator::{self as emulator, Emulator, EmulatorConfig};
 
 /// A daemon, a standalone emulator holding a registration of the daemon's URL (made through
 /// `register_call_back`, so DingTalk checked the URL) and the configuration that matches both.

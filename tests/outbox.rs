@@ -10,10 +10,10 @@ use dingsync::{
     app::App,
     config::Config,
     dingtalk,
-    emulator::{Emulator, EmulatorConfig, Handle, InjectedError, Instance, TaskAction},
     outbox::{manage, request},
     store::{self, outbox as outbox_store},
 };
+use dingsync_emulator::{Emulator, EmulatorConfig, Handle, InjectedError, Instance, TaskAction};
 use serde_json::json;
 use sqlx::PgPool;
 

@@ -47,7 +47,7 @@ pub use state::{
     StartInstance, TOKEN_EXPIRES_IN, TaskAction,
 };
 
-/// CorpId of the emulated organisation by default (same as `app::EMULATOR_CORP_ID`).
+/// CorpId of the emulated organisation by default (same as `dingsync::app::EMULATOR_CORP_ID`).
 pub const DEFAULT_CORP_ID: &str = "dingemulatorcorp0000";
 /// AppKey `gettoken` accepts by default.
 pub const DEFAULT_APP_KEY: &str = "dingemulatorappkey00";
