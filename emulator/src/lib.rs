@@ -1,7 +1,7 @@
 //! A faithful local DingTalk, used by the tests, the benchmarks and the embedded default
-//! (`dingtalk.api_base = "emulator"`). It behaves as `/work/shared/dingtalk/API.md` says DingTalk
-//! behaves, not as the daemon would like; where API.md marks something [UNCONFIRMED] it takes
-//! the stricter reading and says so where it does.
+//! (`dingtalk.api_base = "emulator"`). It behaves as `API.md` says DingTalk behaves, not as the
+//! daemon would like; where API.md marks something [UNCONFIRMED] it takes the stricter reading
+//! and says so where it does.
 //!
 //! What it serves (one axum server):
 //! - DingTalk's old API (`api`): `gettoken`, `topapi/processinstance/{create,get,listids}`,
