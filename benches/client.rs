@@ -24,9 +24,9 @@ use dingsync::{
         Client,
         types::{CreateInstance, FormValue},
     },
-    emulator::{DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig},
     store,
 };
+use dingsync_emulator::{DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig};
 use sqlx::{Connection, PgConnection};
 
 fn arg(name: &str, default: u64) -> u64 {
@@ -54,7 +54,7 @@ async fn main() {
         .unwrap();
     let mut config = Config::default();
     config.database.url = Secret::new(format!("{server}/{db_name}"));
-    config.dingtalk.corp_id = dingsync::emulator::DEFAULT_CORP_ID.into();
+    config.dingtalk.corp_id = dingsync_emulator::DEFAULT_CORP_ID.into();
     config.dingtalk.app_key = DEFAULT_APP_KEY.into();
     config.dingtalk.app_secret = Secret::new(DEFAULT_APP_SECRET);
     config.dingtalk.qps = 0;

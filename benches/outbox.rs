@@ -28,8 +28,8 @@ use dingsync::{
     app::App,
     config::{Config, Secret},
     crypto,
-    emulator::Handle,
 };
+use dingsync_emulator::Handle;
 use sqlx::{Connection, PgConnection, PgPool};
 
 fn arg(name: &str, default: u64) -> u64 {

@@ -30,13 +30,13 @@ use dingsync::{
     config::{Config, Secret},
     crypto,
     dingtalk::{self, types::CallbackRegistration},
-    emulator::{
-        DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig, Faults, PushFaults,
-        StartInstance, TaskAction,
-    },
     jobs::Context,
     scheduler::{self, Job, Ran},
     store,
+};
+use dingsync_emulator::{
+    DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig, Faults, PushFaults,
+    StartInstance, TaskAction,
 };
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;

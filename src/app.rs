@@ -12,6 +12,7 @@ use axum::{
     http::StatusCode,
     routing::{get, post},
 };
+use dingsync_emulator::{Emulator, EmulatorConfig};
 use sqlx::PgPool;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
@@ -23,7 +24,6 @@ use crate::{
     crypto::{self, CallbackCrypto},
     demo,
     dingtalk::{self, types::CallbackRegistration},
-    emulator::{Emulator, EmulatorConfig},
     health,
     ingest::Ingest,
     jobs, outbox, scheduler, store,

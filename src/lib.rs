@@ -11,10 +11,8 @@ mod batching;
 pub mod callback;
 pub mod cli;
 pub mod config;
-pub mod crypto;
 mod demo;
 pub mod dingtalk;
-pub mod emulator;
 mod error;
 pub mod event;
 mod health;
@@ -27,3 +25,7 @@ pub mod retention;
 pub mod scheduler;
 pub mod store;
 mod telemetry;
+
+/// The callback crypto lives in its own crate so that the DingTalk emulator can share it without
+/// depending on the daemon; `dingsync::crypto` keeps naming it for the daemon, tests and fuzzing.
+pub use dingsync_crypto as crypto;

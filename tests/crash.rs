@@ -30,12 +30,12 @@ use chrono::{DateTime, Utc};
 use common::*;
 use dingsync::{
     crypto,
-    emulator::{
-        DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig, Faults, Handle, PushFaults,
-        StartInstance, TaskAction,
-    },
     event::{self, Parsed, Source},
     reconcile::failed,
+};
+use dingsync_emulator::{
+    DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig, Faults, Handle, PushFaults,
+    StartInstance, TaskAction,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use sqlx::PgPool;

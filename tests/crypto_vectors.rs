@@ -1,5 +1,5 @@
-//! The shared DingTalk callback crypto vectors (`tests/data/crypto-vectors.json`, a verbatim copy
-//! of `/work/shared/dingtalk/crypto-vectors.json`), run against `dingsync::crypto`.
+//! DingTalk's published callback crypto vectors, kept verbatim in `tests/data/crypto-vectors.json`,
+//! run against `dingsync::crypto`.
 //!
 //! Positive vectors were produced by dingtalk-sdk 1.3.8 and cross-checked with two other
 //! libraries; negative vectors each carry one defect and name the error kind a strict receiver

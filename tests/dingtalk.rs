@@ -13,9 +13,9 @@ use dingsync::{
         Client, Error, Priority,
         types::{CreateInstance, FormValue, ListIds},
     },
-    emulator::{Emulator, EmulatorConfig, InjectedError, TaskAction},
     store,
 };
+use dingsync_emulator::{Emulator, EmulatorConfig, InjectedError, TaskAction};
 
 struct Setup {
     emulator: Emulator,
@@ -38,8 +38,8 @@ async fn setup(adjust: impl FnOnce(&mut Config)) -> Setup {
     .unwrap();
     let db = TestDb::new();
     let mut config = test_config(&db.url);
-    config.dingtalk.app_key = dingsync::emulator::DEFAULT_APP_KEY.into();
-    config.dingtalk.app_secret = Secret::new(dingsync::emulator::DEFAULT_APP_SECRET);
+    config.dingtalk.app_key = dingsync_emulator::DEFAULT_APP_KEY.into();
+    config.dingtalk.app_secret = Secret::new(dingsync_emulator::DEFAULT_APP_SECRET);
     config.dingtalk.timeout_ms = 1_000;
     config.dingtalk.qps = 0;
     adjust(&mut config);

@@ -13,9 +13,9 @@ use dingsync::{
     config::{Config, Secret},
     crypto,
     dingtalk::Client,
-    emulator::{self, Emulator, EmulatorConfig},
     store,
 };
+use dingsync_emulator::{self as emulator, Emulator, EmulatorConfig};
 
 /// A daemon, a standalone emulator holding a registration of the daemon's URL (made through
 /// `register_call_back`, so DingTalk checked the URL) and the configuration that matches both.

@@ -19,12 +19,10 @@ use axum::{
     routing::post,
 };
 use common::*;
-use dingsync::{
-    crypto::{self, CallbackCrypto},
-    emulator::{
-        Emulator, EmulatorConfig, Faults, InjectedError, PushFaults, PushOutcome, StartInstance,
-        TaskAction,
-    },
+use dingsync::crypto::{self, CallbackCrypto};
+use dingsync_emulator::{
+    Emulator, EmulatorConfig, Faults, InjectedError, PushFaults, PushOutcome, StartInstance,
+    TaskAction,
 };
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;

@@ -20,10 +20,9 @@ use common::*;
 use dingsync::{
     app::App,
     config::{Config, Secret},
-    emulator::{
-        DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig, Handle, InjectedError,
-        Person,
-    },
+};
+use dingsync_emulator::{
+    DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig, Handle, InjectedError, Person,
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;

@@ -166,7 +166,7 @@ async fn metrics_expose_every_series_with_plausible_values_after_real_traffic() 
     at_least(
         &format!(
             "dingsync_dingtalk_calls_total{{endpoint=\"/topapi/processinstance/create\",errcode=\"{}\"}}",
-            dingsync::emulator::errcode::NOT_FOUND
+            dingsync_emulator::errcode::NOT_FOUND
         ),
         1.0,
     );

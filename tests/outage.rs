@@ -25,8 +25,8 @@ use common::{pgcluster::PgCluster, *};
 use dingsync::{
     callback::EncryptedReply,
     crypto::{self, CallbackCrypto},
-    emulator::{DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig},
 };
+use dingsync_emulator::{DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig};
 use futures::StreamExt;
 use sqlx::PgPool;
 

@@ -11,10 +11,10 @@ use dingsync::{
     cli::outbox as manage,
     config::Config,
     dingtalk,
-    emulator::{Emulator, EmulatorConfig, Handle, InjectedError, Instance, TaskAction},
     outbox::request,
     store::{self, outbox as outbox_store},
 };
+use dingsync_emulator::{Emulator, EmulatorConfig, Handle, InjectedError, Instance, TaskAction};
 use serde_json::json;
 use sqlx::PgPool;
 

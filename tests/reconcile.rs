@@ -14,13 +14,13 @@ use dingsync::{
     callback::TAGS,
     config::{Config, Secret},
     dingtalk::types::CallbackRegistration,
-    emulator::{
-        DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig, Faults, PushFaults,
-        StartInstance, TaskAction,
-    },
     jobs::{Context, Counts},
     reconcile,
     scheduler::{self, Job, Ran},
+};
+use dingsync_emulator::{
+    DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig, Faults, PushFaults,
+    StartInstance, TaskAction,
 };
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -250,7 +250,7 @@ async fn two_daemons_run_each_job_once_per_tick_and_a_failing_run_does_not_stop_
     // The first failed-list call fails: that run is recorded failed, the next ticks run on.
     emu.state().inject(
         "call_back/get_call_back_failed_result",
-        dingsync::emulator::InjectedError::Custom {
+        dingsync_emulator::InjectedError::Custom {
             errcode: 40035,
             sub_code: None,
             errmsg: "不合法的参数".into(),

@@ -22,7 +22,7 @@ pub async fn command(
         stop.cancel();
     });
     let settings = &config.emulator;
-    let mut emulator_config = crate::emulator::EmulatorConfig {
+    let mut emulator_config = dingsync_emulator::EmulatorConfig {
         time_scale: settings.time_scale,
         seed: settings.effective_seed(),
         people: (settings.people_pace_ms > 0)
@@ -40,6 +40,6 @@ pub async fn command(
         "DingTalk emulator on http://{listen} (corp_id {}, app_key {}); Ctrl-C stops it",
         emulator_config.corp_id, emulator_config.app_key
     );
-    crate::emulator::serve(emulator_config, listen, shutdown).await?;
+    dingsync_emulator::serve(emulator_config, listen, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }

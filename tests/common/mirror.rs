@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
-use dingsync::emulator::Instance;
+use dingsync_emulator::Instance;
 use sqlx::PgPool;
 
 type ApprovalRow = (

@@ -8,7 +8,7 @@
 //! is a pure function of its inputs plus, for [`CallbackCrypto::encrypt`], [`random_nonce`] and
 //! [`random_aes_key`], the thread-local CSPRNG. Nothing here panics on untrusted input.
 //!
-//! The format follows the DingTalk callback crypto section of `/work/shared/dingtalk/API.md` (§4)
+//! The format follows the DingTalk callback crypto section of `API.md` (§4)
 //! and <https://open.dingtalk.com/document/development/http-callback-overview>:
 //!
 //! - key: `base64(aes_key + "=")`, 32 bytes; IV: the first 16 key bytes, for every message;

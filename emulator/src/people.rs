@@ -9,9 +9,9 @@ use std::time::Duration;
 use rand::Rng;
 
 use super::{
+    handle::{Handle, StartInstance, TaskAction},
     model::ActionType,
     model::NodeSpec,
-    state::{Handle, StartInstance, TaskAction},
 };
 
 /// Above this many open instances people only work through their tasks.

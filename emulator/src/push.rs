@@ -28,7 +28,7 @@ use super::{
     model::Event,
     state::{PushOutcome, PushRecord, Registration, Shared},
 };
-use crate::crypto::{self, CallbackCrypto};
+use dingsync_crypto::{self as crypto, CallbackCrypto};
 
 /// DingTalk's answer deadline, real time whatever `time_scale` says (API.md §4.7).
 pub const DEADLINE: Duration = Duration::from_millis(1_500);

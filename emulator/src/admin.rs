@@ -17,8 +17,9 @@ use serde_json::json;
 
 use super::{
     faults::{Faults, InjectedError},
+    handle::{Handle, StartInstance, TaskAction},
     model::{Person, Template},
-    state::{AdminError, Handle, StartInstance, TaskAction},
+    state::AdminError,
 };
 
 pub(crate) fn router(handle: Handle) -> Router {

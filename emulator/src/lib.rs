@@ -1,7 +1,7 @@
 //! A faithful local DingTalk, used by the tests, the benchmarks and the embedded default
-//! (`dingtalk.api_base = "emulator"`). It behaves as `/work/shared/dingtalk/API.md` says DingTalk
-//! behaves, not as the daemon would like; where API.md marks something [UNCONFIRMED] it takes
-//! the stricter reading and says so where it does.
+//! (`dingtalk.api_base = "emulator"`). It behaves as `API.md` says DingTalk behaves, not as the
+//! daemon would like; where API.md marks something [UNCONFIRMED] it takes the stricter reading
+//! and says so where it does.
 //!
 //! What it serves (one axum server):
 //! - DingTalk's old API (`api`): `gettoken`, `topapi/processinstance/{create,get,listids}`,
@@ -13,12 +13,14 @@
 //! - optionally simulated people who keep approvals moving (`people`).
 //!
 //! Files: `model` (organisation, templates, instances, approval rules, event payloads), `state`
-//! (memory, tokens, failed list, call log, [`Handle`]), `faults` (knobs), `api`, `push`, `admin`,
-//! `people`. This file owns configuration, start and stop.
+//! (memory, tokens, failed list, call log), `handle` ([`Handle`]: acting on it from Rust),
+//! `faults` (knobs), `api`, `push`, `admin`, `people`. This file owns configuration, start and
+//! stop.
 
 mod admin;
 mod api;
 mod faults;
+mod handle;
 mod model;
 mod people;
 mod push;
@@ -36,18 +38,16 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 pub use faults::{Faults, InjectedError, Injection, PushFaults};
+pub use handle::{Handle, OpenTask, StartInstance, TaskAction};
 pub use model::{
     ActionType, CcPosition, Control, DEFAULT_APPROVER, FormEntry, FormInput, Instance,
     InstanceStatus, NodeSpec, Person, Record, Rejection, Task, TaskResult, TaskStatus, Template,
     errcode,
 };
 pub use push::DEADLINE as PUSH_DEADLINE;
-pub use state::{
-    AdminError, FAILED_PAGE, Handle, OpenTask, PushOutcome, PushRecord, Registration,
-    StartInstance, TOKEN_EXPIRES_IN, TaskAction,
-};
+pub use state::{AdminError, FAILED_PAGE, PushOutcome, PushRecord, Registration, TOKEN_EXPIRES_IN};
 
-/// CorpId of the emulated organisation by default (same as `app::EMULATOR_CORP_ID`).
+/// CorpId of the emulated organisation by default (same as `dingsync::app::EMULATOR_CORP_ID`).
 pub const DEFAULT_CORP_ID: &str = "dingemulatorcorp0000";
 /// AppKey `gettoken` accepts by default.
 pub const DEFAULT_APP_KEY: &str = "dingemulatorappkey00";

@@ -33,7 +33,7 @@ use super::{
     push,
     state::{Registration, Shared, TOKEN_EXPIRES_IN, TokenProblem},
 };
-use crate::crypto::CallbackCrypto;
+use dingsync_crypto::CallbackCrypto;
 
 /// How long a create whose response is "lost" holds the connection (real time): far longer than
 /// any client waits; the emulator's shutdown ends it sooner.
@@ -723,7 +723,7 @@ pub(crate) async fn fallback(req: Request) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::emulator::model::errcode;
+    use crate::model::errcode;
 
     fn parse(v: Value) -> Result<StartRequest, Rejection> {
         parse_create(v.as_object().unwrap())
