@@ -85,7 +85,7 @@ impl Snapshot {
             if !TASK_STATUSES.contains(&t.task_status.as_str()) {
                 return Err(Unreadable::TaskStatus(t.task_status.clone()));
             }
-            let ended = crate::event::status_rank(Some(&t.task_status)) == 2;
+            let ended = crate::event::is_terminal(&t.task_status);
             let finished_at = t.finish_time.as_deref().and_then(beijing);
             tasks.push(SnapshotTask {
                 task_id,
