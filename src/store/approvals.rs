@@ -6,10 +6,11 @@
 //! - A snapshot is DingTalk's truth as of the moment it was requested (`snapshot_at`). One
 //!   requested earlier than the snapshot already applied is ignored entirely: an older snapshot
 //!   never overrides a newer one.
-//! - The status never moves to a lower `dingsync.status_rank`. At the same or a higher rank the
-//!   snapshot's status wins, with its result and finish time: so a snapshot corrects a terminal
-//!   state that events got wrong (first-terminal-wins), but an event that moved the row further
-//!   than a snapshot requested before it is kept (the next fetch confirms it).
+//! - The status never moves to a lower rank (`dingsync.status_wins` with ties winning). At the
+//!   same or a higher rank the snapshot's status wins, with its result and finish time: so a
+//!   snapshot corrects a terminal state that events got wrong (first-terminal-wins), but an event
+//!   that moved the row further than a snapshot requested before it is kept (the next fetch
+//!   confirms it).
 //! - Descriptive fields (title, business id, originator, department, form values, operation
 //!   records) are replaced by the snapshot's; `process_code`, `url` and `outbox_id` are never
 //!   touched (the snapshot has no process_code or url; outbox_id belongs to the outbox).
@@ -342,15 +343,15 @@ ON CONFLICT (corp_id, process_instance_id) DO UPDATE SET
     created_at = CASE WHEN excluded.created_at IS NULL
                         OR date_trunc('second', a.created_at) = excluded.created_at
                       THEN coalesce(a.created_at, excluded.created_at) ELSE excluded.created_at END,
-    status      = CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(a.status)
+    status      = CASE WHEN dingsync.status_wins(excluded.status, a.status, true)
                        THEN excluded.status ELSE a.status END,
-    result      = CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(a.status)
+    result      = CASE WHEN dingsync.status_wins(excluded.status, a.status, true)
                        THEN excluded.result ELSE a.result END,
-    finished_at = CASE WHEN dingsync.status_rank(excluded.status) < dingsync.status_rank(a.status)
+    finished_at = CASE WHEN NOT dingsync.status_wins(excluded.status, a.status, true)
                        THEN a.finished_at
                        WHEN date_trunc('second', a.finished_at) = excluded.finished_at
                        THEN a.finished_at ELSE excluded.finished_at END,
-    next_check_at = CASE WHEN (CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(a.status)
+    next_check_at = CASE WHEN (CASE WHEN dingsync.status_wins(excluded.status, a.status, true)
                                     THEN excluded.status ELSE a.status END) IN ('NEW', 'RUNNING')
                          THEN clock_timestamp() + least(make_interval(secs => $17),
                               greatest(make_interval(secs => $16),
@@ -369,7 +370,7 @@ WHERE a.snapshot_at IS NULL OR a.snapshot_at < excluded.snapshot_at
 RETURNING status, result, finished_at, form_values
 ";
 
-/// `$1` corp, `$2` instance, `$3..$10` the tasks. Same rank rule as approvals; a row is written
+/// `$1` corp, `$2` instance, `$3..$10` the tasks. Same status rule as approvals; a row is written
 /// only when something differs, so re-checking an unchanged approval writes no task rows.
 const APPLY_TASKS: &str = "
 INSERT INTO dingsync.approval_tasks AS t
@@ -385,11 +386,11 @@ ON CONFLICT (corp_id, task_id) DO UPDATE SET
     created_at  = CASE WHEN excluded.created_at IS NULL
                          OR date_trunc('second', t.created_at) = excluded.created_at
                        THEN coalesce(t.created_at, excluded.created_at) ELSE excluded.created_at END,
-    status      = CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(t.status)
+    status      = CASE WHEN dingsync.status_wins(excluded.status, t.status, true)
                        THEN excluded.status ELSE t.status END,
-    result      = CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(t.status)
+    result      = CASE WHEN dingsync.status_wins(excluded.status, t.status, true)
                        THEN excluded.result ELSE t.result END,
-    finished_at = CASE WHEN dingsync.status_rank(excluded.status) < dingsync.status_rank(t.status)
+    finished_at = CASE WHEN NOT dingsync.status_wins(excluded.status, t.status, true)
                        THEN t.finished_at
                        WHEN date_trunc('second', t.finished_at) = excluded.finished_at
                        THEN t.finished_at ELSE excluded.finished_at END,
@@ -400,12 +401,12 @@ WHERE (t.process_instance_id, t.activity_id, t.userid, t.status, t.result, t.rem
       IS DISTINCT FROM
       (excluded.process_instance_id, coalesce(excluded.activity_id, t.activity_id),
        coalesce(excluded.userid, t.userid),
-       CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(t.status)
+       CASE WHEN dingsync.status_wins(excluded.status, t.status, true)
             THEN excluded.status ELSE t.status END,
-       CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(t.status)
+       CASE WHEN dingsync.status_wins(excluded.status, t.status, true)
             THEN excluded.result ELSE t.result END,
        coalesce(excluded.remark, t.remark),
        coalesce(excluded.created_at, date_trunc('second', t.created_at)),
-       CASE WHEN dingsync.status_rank(excluded.status) < dingsync.status_rank(t.status)
-            THEN date_trunc('second', t.finished_at) ELSE excluded.finished_at END)
+       CASE WHEN dingsync.status_wins(excluded.status, t.status, true)
+            THEN excluded.finished_at ELSE date_trunc('second', t.finished_at) END)
 ";

@@ -152,7 +152,8 @@ impl<'a> Columns<'a> {
 
 /// `$1..$9` events, `$10..$20` approval changes, `$21..$22` approvals only marked, `$23..$32`
 /// task changes. A status (with its result, finish time and, for tasks, remark) changes only when
-/// it raises `dingsync.status_rank`; descriptive fields fill in what is still unknown.
+/// `dingsync.status_wins` says so, a tie keeping the stored one (the first terminal state seen
+/// wins); descriptive fields fill in what is still unknown.
 macro_rules! batch_sql {
     ($on_conflict:literal, $select:literal) => {
         concat!(
@@ -184,11 +185,11 @@ ap AS (
         originator_userid = coalesce(a.originator_userid, excluded.originator_userid),
         url               = coalesce(a.url, excluded.url),
         created_at        = coalesce(a.created_at, excluded.created_at),
-        status      = CASE WHEN dingsync.status_rank(excluded.status) > dingsync.status_rank(a.status)
+        status      = CASE WHEN dingsync.status_wins(excluded.status, a.status, false)
                            THEN excluded.status ELSE a.status END,
-        result      = CASE WHEN dingsync.status_rank(excluded.status) > dingsync.status_rank(a.status)
+        result      = CASE WHEN dingsync.status_wins(excluded.status, a.status, false)
                            THEN excluded.result ELSE a.result END,
-        finished_at = CASE WHEN dingsync.status_rank(excluded.status) > dingsync.status_rank(a.status)
+        finished_at = CASE WHEN dingsync.status_wins(excluded.status, a.status, false)
                            THEN coalesce(excluded.finished_at, a.finished_at) ELSE a.finished_at END,
         last_event_at    = now(),
         detail_wanted_at = coalesce(a.detail_wanted_at, now()),
@@ -218,13 +219,13 @@ tk AS (
         activity_id = coalesce(t.activity_id, excluded.activity_id),
         userid      = coalesce(t.userid, excluded.userid),
         created_at  = coalesce(t.created_at, excluded.created_at),
-        status      = CASE WHEN dingsync.status_rank(excluded.status) > dingsync.status_rank(t.status)
+        status      = CASE WHEN dingsync.status_wins(excluded.status, t.status, false)
                            THEN excluded.status ELSE t.status END,
-        result      = CASE WHEN dingsync.status_rank(excluded.status) > dingsync.status_rank(t.status)
+        result      = CASE WHEN dingsync.status_wins(excluded.status, t.status, false)
                            THEN excluded.result ELSE t.result END,
-        remark      = CASE WHEN dingsync.status_rank(excluded.status) > dingsync.status_rank(t.status)
+        remark      = CASE WHEN dingsync.status_wins(excluded.status, t.status, false)
                            THEN coalesce(excluded.remark, t.remark) ELSE coalesce(t.remark, excluded.remark) END,
-        finished_at = CASE WHEN dingsync.status_rank(excluded.status) > dingsync.status_rank(t.status)
+        finished_at = CASE WHEN dingsync.status_wins(excluded.status, t.status, false)
                            THEN coalesce(excluded.finished_at, t.finished_at) ELSE t.finished_at END,
         last_event_at = now(),
         updated_at    = now()

@@ -176,7 +176,7 @@ pub async fn record_created_batch(
                 process_code       = coalesce(a.process_code, excluded.process_code),
                 originator_userid  = coalesce(a.originator_userid, excluded.originator_userid),
                 originator_dept_id = coalesce(a.originator_dept_id, excluded.originator_dept_id),
-                status = CASE WHEN dingsync.status_rank(excluded.status) > dingsync.status_rank(a.status)
+                status = CASE WHEN dingsync.status_wins(excluded.status, a.status, false)
                               THEN excluded.status ELSE a.status END,
                 detail_wanted_at   = coalesce(a.detail_wanted_at, now()),
                 updated_at         = now()
