@@ -22,5 +22,6 @@ pub mod outbox;
 pub mod reconcile;
 pub mod retention;
 pub mod scheduler;
+pub mod snapshot;
 pub mod store;
 pub mod telemetry;

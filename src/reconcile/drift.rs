@@ -10,9 +10,10 @@ use anyhow::Context as _;
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use serde_json::json;
 
-use super::{Context, backfill, snapshot::Snapshot};
+use super::{Context, backfill};
 use crate::{
     dingtalk::{Priority, types::ListIds},
+    snapshot::Snapshot,
     store::approvals::{self, Stored},
 };
 

@@ -23,9 +23,9 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::{ReconcileConfig, RetentionConfig},
     dingtalk::{self, Priority},
+    snapshot::Snapshot,
     store::approvals::{self, Applied, Cadence, SnapshotSource},
 };
-use snapshot::Snapshot;
 
 /// Everything a job needs; cheap to clone.
 #[derive(Clone)]

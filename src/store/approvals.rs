@@ -20,7 +20,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::{Acquire, PgConnection, PgExecutor, Row};
 
-use crate::reconcile::snapshot::Snapshot;
+use crate::snapshot::Snapshot;
 
 /// An approval waiting for its detail fetch.
 #[derive(Debug, Clone)]
