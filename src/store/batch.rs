@@ -1,24 +1,25 @@
-//! One batch of events and everything they change, written by a single statement: the events go
-//! into `dingsync.events` (new ones only), their folded changes into `approvals` and
-//! `approval_tasks` (monotonically), and listeners are notified. One statement is one round trip
-//! and, outside an explicit transaction, one atomic commit: all of it is stored or none of it.
+//! Storing one batch of events (callbacks, the failed-push list) and everything they change, by a
+//! single statement: the events go into `dingsync.events` (new ones only), their folded changes
+//! into `approvals` and `approval_tasks` (monotonically), and listeners are notified. One
+//! statement is one round trip and, outside an explicit transaction, one atomic commit: all of it
+//! is stored or none of it. Batching and the group commit are `ingest`'s.
 //!
 //! Changes are applied only for approvals that have at least one *new* event in the batch, so a
 //! batch of redeliveries changes nothing. A redelivered event that shares a batch with a new event
 //! of the same approval is folded in too, which is harmless: applying a change twice is a no-op
 //! under the monotonic rules.
 //!
-//! Two forms of the statement: [`write`] skips the events that are stored already (`ON CONFLICT DO
-//! NOTHING`), [`write_new`] expects every event to be new and fails with a unique violation on
+//! Two forms of the statement: one skips the events that are stored already (`ON CONFLICT DO
+//! NOTHING`), the other expects every event to be new and fails with a unique violation on
 //! `events_dedup_key_unique` (storing nothing) when one is not. `ON CONFLICT` makes PostgreSQL
 //! look each key up before inserting it (a second descent of the dedup index) and insert it
 //! speculatively (a lock and an extra WAL record per row): about a tenth of the backend's CPU
-//! per event, spent for the rare redelivery. The caller tries [`write_new`] when it expects no
-//! redeliveries and falls back to [`write`].
+//! per event, spent for the rare redelivery. [`store_events`] tries the second form when the
+//! caller expects no redeliveries ([`Expect::New`]) and falls back to the first.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, hash_map::Entry};
 
-use sqlx::{PgConnection, Postgres, postgres::PgArguments, query::Query};
+use sqlx::{Acquire, PgConnection, Postgres, postgres::PgArguments, query::Query};
 
 use crate::event::{ApprovalChange, Event, TaskChange};
 
@@ -28,8 +29,92 @@ pub struct Changes<'a> {
     pub tasks: Vec<(&'a str, TaskChange)>,
 }
 
+/// What the caller expects of a batch's events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// All new (no redeliveries): try the cheaper statement, fall back when one is stored.
+    New,
+    /// Some may be stored already (redeliveries, the failed-push list).
+    Any,
+}
+
+/// Which events of a stored batch were new.
+#[derive(Debug)]
+pub enum New {
+    All,
+    /// The `(corp_id, dedup_key)` of the new ones.
+    Only(HashSet<(String, String)>),
+}
+
+impl New {
+    /// How many of the batch's `total` events were new.
+    pub fn count(&self, total: usize) -> usize {
+        match self {
+            New::All => total,
+            New::Only(keys) => keys.len(),
+        }
+    }
+
+    /// Whether `event` (of the batch) was new, rather than stored before.
+    pub fn contains(&self, event: &Event) -> bool {
+        match self {
+            New::All => true,
+            New::Only(keys) => keys.contains(&(event.corp_id.clone(), event.dedup_key.clone())),
+        }
+    }
+}
+
+/// Stores the events that are new, applies their changes and notifies, in one statement (one
+/// transaction unless `db` is inside one already). Returns which events were new.
+pub async fn store_events<'c>(
+    db: impl Acquire<'c, Database = Postgres>,
+    events: &[&Event],
+    expect: Expect,
+) -> sqlx::Result<New> {
+    // A statement may touch a row once, and one row version per approval is cheaper than one
+    // per event: fold each approval's (and task's) changes of this batch into one, in arrival
+    // order, with the same monotonic rule the SQL applies against the stored row.
+    let mut changes = Changes {
+        approvals: Vec::new(),
+        tasks: Vec::new(),
+    };
+    let mut approval_at: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut task_at: HashMap<(&str, i64), usize> = HashMap::new();
+    for e in events {
+        let corp = e.corp_id.as_str();
+        if let Some(change) = &e.approval {
+            match approval_at.entry((corp, change.process_instance_id.as_str())) {
+                Entry::Occupied(at) => changes.approvals[*at.get()].1.merge(change),
+                Entry::Vacant(at) => {
+                    at.insert(changes.approvals.len());
+                    changes.approvals.push((corp, change.clone()));
+                }
+            }
+        }
+        if let Some(change) = &e.task {
+            match task_at.entry((corp, change.task_id)) {
+                Entry::Occupied(at) => changes.tasks[*at.get()].1.merge(change),
+                Entry::Vacant(at) => {
+                    at.insert(changes.tasks.len());
+                    changes.tasks.push((corp, change.clone()));
+                }
+            }
+        }
+    }
+    let mut conn = db.acquire().await?;
+    if expect == Expect::New {
+        match write_new(&mut conn, events, &changes).await {
+            Ok(()) => return Ok(New::All),
+            // Nothing was written: write the batch again, skipping what is stored.
+            Err(e) if is_not_new(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    write(&mut conn, events, &changes).await.map(New::Only)
+}
+
 /// Writes the batch; returns the `(corp_id, dedup_key)` of the events that were new.
-pub async fn write(
+async fn write(
     conn: &mut PgConnection,
     events: &[&Event],
     changes: &Changes<'_>,
@@ -48,7 +133,7 @@ pub async fn write(
 
 /// Writes a batch whose events are all new. When one is stored already (or is in the batch
 /// twice) it fails with [`is_not_new`] and writes nothing.
-pub async fn write_new(
+async fn write_new(
     conn: &mut PgConnection,
     events: &[&Event],
     changes: &Changes<'_>,
@@ -61,7 +146,7 @@ pub async fn write_new(
 }
 
 /// Whether `e` is [`write_new`] refusing an event that is not new.
-pub fn is_not_new(e: &sqlx::Error) -> bool {
+fn is_not_new(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db)
         if db.code().as_deref() == Some("23505")
             && db.constraint() == Some("events_dedup_key_unique"))
