@@ -1,6 +1,7 @@
 //! What a decrypted DingTalk event means for our tables. Pure: turns the event JSON into an
-//! [`Event`] (what to store) with the approval and task changes it implies. Applying them to the
-//! database is `ingest`'s job; the HTTP exchange is `callback`'s.
+//! [`Event`] (what to store) with the approval and task changes it implies, and owns the Rust
+//! side of the forward-only status rule ([`status_wins`]) by which changes are folded. Applying
+//! them to the database is `store`'s job (through `ingest`); the HTTP exchange is `callback`'s.
 //!
 //! Field names and meanings: `dingtalk/API.md` §5 (payloads). Envelope fields (`corpId`,
 //! `CorpId`, `EventTime`, `eventId`) are all optional.
