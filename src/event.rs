@@ -1,6 +1,7 @@
 //! What a decrypted DingTalk event means for our tables. Pure: turns the event JSON into an
-//! [`Event`] (what to store) with the approval and task changes it implies. Applying them to the
-//! database is `ingest`'s job; the HTTP exchange is `callback`'s.
+//! [`Event`] (what to store) with the approval and task changes it implies, and owns the Rust
+//! side of the forward-only status rule ([`status_wins`]) by which changes are folded. Applying
+//! them to the database is `store`'s job (through `ingest`); the HTTP exchange is `callback`'s.
 //!
 //! Field names and meanings: `dingtalk/API.md` §5 (payloads). Envelope fields (`corpId`,
 //! `CorpId`, `EventTime`, `eventId`) are all optional.
@@ -98,23 +99,48 @@ pub struct TaskChange {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
-/// How far along a status is; mirrors `dingsync.status_rank` (migration V3). `None` (a change
-/// that only marks the row) never advances anything.
-pub fn status_rank(status: Option<&str>) -> i32 {
+/// The forward-only rule: whether a status `new` replaces the stored (or earlier folded) `old`.
+/// Mirrors `dingsync.status_wins` (migration V9), which the SQL writers use; a test checks the
+/// two agree. `new` must rank higher (NEW < RUNNING/PAUSED < COMPLETED/TERMINATED/CANCELED), or
+/// the same when `ties_win`: events pass false (the first terminal state seen wins), snapshots
+/// true (DingTalk's truth takes a tie). `None` is no status: a change without one never wins,
+/// and any status wins over none.
+pub fn status_wins(new: Option<&str>, old: Option<&str>, ties_win: bool) -> bool {
+    match (new, old) {
+        (None, _) => false,
+        (Some(_), None) => true,
+        (Some(new), Some(old)) => match rank(new).cmp(&rank(old)) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Equal => ties_win,
+            std::cmp::Ordering::Less => false,
+        },
+    }
+}
+
+/// Whether a status is final (the top rank): nothing moves it further, only a snapshot's tie.
+pub fn is_terminal(status: &str) -> bool {
+    rank(status) == TERMINAL
+}
+
+const TERMINAL: u8 = 2;
+
+/// How far along a status is; `dingsync.status_rank`. A status dingsync does not know ranks as
+/// terminal, as in SQL: it is never moved back to an open state by a late event.
+fn rank(status: &str) -> u8 {
     match status {
-        None => -1,
-        Some("NEW") => 0,
-        Some("RUNNING" | "PAUSED") => 1,
-        Some(_) => 2,
+        "NEW" => 0,
+        "RUNNING" | "PAUSED" => 1,
+        _ => TERMINAL,
     }
 }
 
 impl ApprovalChange {
     /// Folds a later change of the same approval into this one, by the rule the SQL upsert
     /// applies to the stored row: the status (with its result and finish time) moves only to a
-    /// higher rank; descriptive fields keep the first value known.
+    /// higher rank ([`status_wins`], a tie keeps the first); descriptive fields keep the first
+    /// value known.
     pub fn merge(&mut self, later: &ApprovalChange) {
-        if status_rank(later.status) > status_rank(self.status) {
+        if status_wins(later.status, self.status, false) {
             self.status = later.status;
             self.result = later.result;
             self.finished_at = later.finished_at.or(self.finished_at);
@@ -131,7 +157,7 @@ impl ApprovalChange {
 impl TaskChange {
     /// Folds a later change of the same task into this one (same rule as `approval_tasks`).
     pub fn merge(&mut self, later: &TaskChange) {
-        if status_rank(Some(later.status)) > status_rank(Some(self.status)) {
+        if status_wins(Some(later.status), Some(self.status), false) {
             self.status = later.status;
             self.result = later.result;
             self.remark = later.remark.clone().or(self.remark.take());
@@ -449,6 +475,83 @@ mod tests {
             );
             assert_eq!(merged.userid.as_deref(), Some("a"));
         }
+    }
+
+    #[test]
+    fn a_status_wins_only_by_moving_forward_and_a_tie_only_when_ties_win() {
+        for ties_win in [false, true] {
+            assert!(status_wins(Some("RUNNING"), Some("NEW"), ties_win));
+            assert!(status_wins(Some("COMPLETED"), Some("PAUSED"), ties_win));
+            assert!(!status_wins(Some("RUNNING"), Some("TERMINATED"), ties_win));
+            assert!(!status_wins(Some("NEW"), Some("RUNNING"), ties_win));
+            assert_eq!(
+                status_wins(Some("TERMINATED"), Some("COMPLETED"), ties_win),
+                ties_win
+            );
+            assert_eq!(
+                status_wins(Some("PAUSED"), Some("RUNNING"), ties_win),
+                ties_win
+            );
+        }
+    }
+
+    #[test]
+    fn no_status_never_wins_and_any_status_wins_over_none() {
+        for ties_win in [false, true] {
+            assert!(!status_wins(None, Some("NEW"), ties_win));
+            assert!(!status_wins(None, None, ties_win));
+            assert!(status_wins(Some("NEW"), None, ties_win));
+            assert!(status_wins(Some("SOMETHING_NEW"), None, ties_win));
+        }
+    }
+
+    #[test]
+    fn an_unknown_status_ranks_as_terminal() {
+        assert!(is_terminal("SOMETHING_NEW"));
+        assert!(is_terminal("CANCELED") && is_terminal("COMPLETED") && is_terminal("TERMINATED"));
+        assert!(!is_terminal("NEW") && !is_terminal("RUNNING") && !is_terminal("PAUSED"));
+        assert!(!status_wins(Some("RUNNING"), Some("SOMETHING_NEW"), true));
+    }
+
+    #[test]
+    fn merging_approval_changes_keeps_the_first_terminal_state() {
+        let e = |raw| event(raw).approval.unwrap();
+        let finish = e(
+            r#"{"EventType":"bpms_instance_change","processInstanceId":"p","type":"finish","result":"agree","finishTime":9000}"#,
+        );
+        let terminate = e(
+            r#"{"EventType":"bpms_instance_change","processInstanceId":"p","type":"terminate","finishTime":8000}"#,
+        );
+        let mut merged = finish.clone();
+        merged.merge(&terminate);
+        assert_eq!(
+            (merged.status, merged.result),
+            (Some("COMPLETED"), Some("agree"))
+        );
+        let mut merged = terminate.clone();
+        merged.merge(&finish);
+        assert_eq!((merged.status, merged.result), (Some("TERMINATED"), None));
+        assert_eq!(merged.finished_at.unwrap().timestamp_millis(), 8000);
+    }
+
+    #[test]
+    fn a_change_without_status_marks_but_never_moves_a_merged_approval() {
+        let start =
+            event(r#"{"EventType":"bpms_instance_change","processInstanceId":"p","type":"start"}"#)
+                .approval
+                .unwrap();
+        let delete = event(
+            r#"{"EventType":"bpms_instance_change","processInstanceId":"p","type":"delete"}"#,
+        )
+        .approval
+        .unwrap();
+        assert_eq!(delete.status, None);
+        let mut merged = start.clone();
+        merged.merge(&delete);
+        assert_eq!(merged.status, Some("RUNNING"));
+        let mut merged = delete.clone();
+        merged.merge(&start);
+        assert_eq!(merged.status, Some("RUNNING"));
     }
 
     #[test]

@@ -5,11 +5,11 @@
 //! then acknowledges a whole batch, which is how dingsync acks more events per second than
 //! one-commit-per-event could.
 //!
-//! Owns: batching, the transaction, and the per-event fallback when a batch fails. The SQL itself
-//! is in `store`.
+//! Owns: batching, the transaction, the per-event fallback when a batch fails, and what a failure
+//! means for the sender. Storing a batch (folding its changes, the statement) is
+//! `store::batch::store_events`.
 
 use std::{
-    collections::{HashMap, HashSet, hash_map::Entry},
     hash::{Hash, Hasher},
     sync::{
         Arc,
@@ -25,7 +25,10 @@ use crate::{
     batching,
     config::IngestConfig,
     event::Event,
-    store::{self, batch::Changes},
+    store::{
+        self,
+        batch::{Expect, New, store_events},
+    },
 };
 
 /// Why an event was not stored.
@@ -205,7 +208,7 @@ async fn commit_batch(pool: &PgPool, mut jobs: Vec<Job>, expect: Expect) -> Expe
                 Expect::Any
             };
             for job in jobs {
-                let _ = job.reply.send(Ok(new.of(&job.event)));
+                let _ = job.reply.send(Ok(stored(&new, &job.event)));
             }
             next
         }
@@ -233,7 +236,7 @@ async fn commit_batch(pool: &PgPool, mut jobs: Vec<Job>, expect: Expect) -> Expe
             tracing::debug!(error = %e, events = jobs.len(), "batch failed; committing its events one by one");
             for job in jobs {
                 let result = match store_events(pool, &[&job.event], Expect::Any).await {
-                    Ok(new) => Ok(new.of(&job.event)),
+                    Ok(new) => Ok(stored(&new, &job.event)),
                     Err(e) => Err(classify(&e, &job.event)),
                 };
                 let _ = job.reply.send(result);
@@ -243,39 +246,12 @@ async fn commit_batch(pool: &PgPool, mut jobs: Vec<Job>, expect: Expect) -> Expe
     }
 }
 
-/// What the caller expects of a batch's events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Expect {
-    /// All new (no redeliveries): try the cheaper statement, fall back when one is stored.
-    New,
-    /// Some may be stored already (redeliveries, the failed-push list).
-    Any,
-}
-
-/// Which events of a stored batch were new.
-pub(crate) enum New {
-    All,
-    /// The `(corp_id, dedup_key)` of the new ones.
-    Only(HashSet<(String, String)>),
-}
-
-impl New {
-    /// How many of the batch's `total` events were new.
-    pub(crate) fn count(&self, total: usize) -> usize {
-        match self {
-            New::All => total,
-            New::Only(keys) => keys.len(),
-        }
-    }
-
-    fn of(&self, event: &Event) -> Stored {
-        match self {
-            New::All => Stored::New,
-            New::Only(keys) if keys.contains(&(event.corp_id.clone(), event.dedup_key.clone())) => {
-                Stored::New
-            }
-            New::Only(_) => Stored::Duplicate,
-        }
+/// The answer for one event of a stored batch.
+fn stored(new: &New, event: &Event) -> Stored {
+    if new.contains(event) {
+        Stored::New
+    } else {
+        Stored::Duplicate
     }
 }
 
@@ -287,55 +263,4 @@ fn classify(e: &sqlx::Error, event: &Event) -> IngestError {
         tracing::error!(error = %e, event_type = %event.event_type, process_instance_id = ?event.process_instance_id, "storing event failed");
         IngestError::Failed
     }
-}
-
-/// One transaction: store the events that are new, apply their changes, notify, commit.
-/// Returns which events were new.
-pub(crate) async fn store_events(
-    pool: &PgPool,
-    events: &[&Event],
-    expect: Expect,
-) -> sqlx::Result<New> {
-    // A statement may touch a row once, and one row version per approval is cheaper than one
-    // per event: fold each approval's (and task's) changes of this batch into one, in arrival
-    // order, with the same monotonic rule the SQL applies against the stored row.
-    let mut changes = Changes {
-        approvals: Vec::new(),
-        tasks: Vec::new(),
-    };
-    let mut approval_at: HashMap<(&str, &str), usize> = HashMap::new();
-    let mut task_at: HashMap<(&str, i64), usize> = HashMap::new();
-    for e in events {
-        let corp = e.corp_id.as_str();
-        if let Some(change) = &e.approval {
-            match approval_at.entry((corp, change.process_instance_id.as_str())) {
-                Entry::Occupied(at) => changes.approvals[*at.get()].1.merge(change),
-                Entry::Vacant(at) => {
-                    at.insert(changes.approvals.len());
-                    changes.approvals.push((corp, change.clone()));
-                }
-            }
-        }
-        if let Some(change) = &e.task {
-            match task_at.entry((corp, change.task_id)) {
-                Entry::Occupied(at) => changes.tasks[*at.get()].1.merge(change),
-                Entry::Vacant(at) => {
-                    at.insert(changes.tasks.len());
-                    changes.tasks.push((corp, change.clone()));
-                }
-            }
-        }
-    }
-    let mut conn = pool.acquire().await?;
-    if expect == Expect::New {
-        match store::batch::write_new(&mut conn, events, &changes).await {
-            Ok(()) => return Ok(New::All),
-            // Nothing was written: write the batch again, skipping what is stored.
-            Err(e) if store::batch::is_not_new(&e) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    store::batch::write(&mut conn, events, &changes)
-        .await
-        .map(New::Only)
 }

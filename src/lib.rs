@@ -23,6 +23,7 @@ pub mod outbox;
 pub mod reconcile;
 pub mod retention;
 pub mod scheduler;
+pub mod snapshot;
 pub mod store;
 mod telemetry;
 

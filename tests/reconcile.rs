@@ -573,7 +573,7 @@ async fn drift_reports_missing_approvals_and_exits_non_zero_until_a_backfill_rep
 #[tokio::test]
 async fn a_snapshot_corrects_a_terminal_state_but_never_an_older_one_a_newer_and_keeps_outbox_id() {
     use dingsync::{
-        reconcile::snapshot::Snapshot,
+        snapshot::Snapshot,
         store::approvals::{Applied, Cadence, SnapshotSource, apply_snapshot},
     };
     let db = TestDb::new();

@@ -13,11 +13,12 @@ use anyhow::Context as _;
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use serde_json::json;
 
-use crate::config::Config;
-use crate::jobs::Context;
-use crate::reconcile::{backfill, snapshot::Snapshot};
 use crate::{
+    config::Config,
     dingtalk::{Priority, listing::ID_CAP},
+    jobs::Context,
+    reconcile::backfill,
+    snapshot::Snapshot,
     store::approvals::{self, Stored},
 };
 

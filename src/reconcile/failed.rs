@@ -15,9 +15,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     event::{self, Event, Parsed, Source},
-    ingest::{self, Expect},
     jobs::{Context, Counts},
-    store,
+    store::{
+        self,
+        batch::{Expect, store_events},
+    },
 };
 
 pub async fn drain(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Result<Counts> {
@@ -32,7 +34,7 @@ pub async fn drain(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Resul
             .map(|item| to_event(item, ctx.corp_id()))
             .collect();
         let refs: Vec<&Event> = events.iter().collect();
-        let new = match ingest::store_events(ctx.pool(), &refs, Expect::Any).await {
+        let new = match store_events(ctx.pool(), &refs, Expect::Any).await {
             Ok(new) => new,
             Err(e) => {
                 tracing::error!(error = %e, items = events.len(), "applying failed-list items failed; storing them unapplied");
@@ -46,7 +48,7 @@ pub async fn drain(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Resul
                     })
                     .collect();
                 let refs: Vec<&Event> = bare.iter().collect();
-                ingest::store_events(ctx.pool(), &refs, Expect::Any).await?
+                store_events(ctx.pool(), &refs, Expect::Any).await?
             }
         };
         *counts.entry("items").or_default() += events.len() as u64;

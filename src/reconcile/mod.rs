@@ -22,9 +22,9 @@ use crate::{
     config::ReconcileConfig,
     dingtalk::{self, Priority},
     jobs::{Context, Counts},
+    snapshot::Snapshot,
     store::approvals::{self, Applied, Cadence, SnapshotSource},
 };
-use snapshot::Snapshot;
 
 /// How often the sweep re-checks an open approval, from `[reconcile]`.
 fn cadence(config: &ReconcileConfig) -> Cadence {

@@ -1,45 +1,15 @@
 //! What a `processinstance/get` answer (API.md §2.3) means for our tables: a pure translation of
-//! [`ProcessInstance`] into a [`Snapshot`] with UTC times and the words the tables use. Applying
-//! it is `store::approvals::apply_snapshot`'s job.
+//! [`ProcessInstance`] into a [`Snapshot`] with UTC times and the words the tables use. The
+//! snapshot's types are in `crate::snapshot` (so that `store` needs nothing from `reconcile`);
+//! applying it is `store::approvals::apply_snapshot`'s job.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use serde_json::Value;
 
-use crate::dingtalk::types::ProcessInstance;
-
-/// DingTalk's full state of one approval, as of `requested_at`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Snapshot {
-    pub process_instance_id: String,
-    pub status: String,
-    /// `agree`/`refuse` for COMPLETED; `None` otherwise (the table's CHECK allows no other).
-    pub result: Option<String>,
-    pub title: Option<String>,
-    pub business_id: Option<String>,
-    pub originator_userid: Option<String>,
-    pub originator_dept_id: Option<String>,
-    pub created_at: Option<DateTime<Utc>>,
-    pub finished_at: Option<DateTime<Utc>>,
-    pub form_values: Value,
-    pub operation_records: Value,
-    pub tasks: Vec<SnapshotTask>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct SnapshotTask {
-    pub task_id: i64,
-    pub activity_id: Option<String>,
-    pub userid: Option<String>,
-    pub status: String,
-    /// AGREE/REFUSE/REDIRECTED/NONE once the task has ended; `None` while pending, as events
-    /// leave it, so that events and snapshots agree.
-    pub result: Option<String>,
-    /// The approver's comment: from the operation record of this approver at the task's finish
-    /// time (tasks carry no remark in §2.3); `None` keeps what an event said.
-    pub remark: Option<String>,
-    pub created_at: Option<DateTime<Utc>>,
-    pub finished_at: Option<DateTime<Utc>>,
-}
+use crate::{
+    dingtalk::types::ProcessInstance,
+    snapshot::{Snapshot, SnapshotTask},
+};
 
 /// Why an answer cannot be applied.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -85,7 +55,7 @@ impl Snapshot {
             if !TASK_STATUSES.contains(&t.task_status.as_str()) {
                 return Err(Unreadable::TaskStatus(t.task_status.clone()));
             }
-            let ended = crate::event::status_rank(Some(&t.task_status)) == 2;
+            let ended = crate::event::is_terminal(&t.task_status);
             let finished_at = t.finish_time.as_deref().and_then(beijing);
             tasks.push(SnapshotTask {
                 task_id,

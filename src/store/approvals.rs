@@ -1,25 +1,57 @@
-//! Reconcile's SQL on `dingsync.approvals` and `dingsync.approval_tasks`: the detail-fetch and
-//! sweep queues, applying a `processinstance/get` snapshot, and the reads of backfill and drift.
-//! (Event ingest writes the same tables in `batch`.)
+//! `dingsync.approvals` and `dingsync.approval_tasks`: every write to them, and the reads of
+//! reconcile (the detail-fetch and sweep queues, backfill, drift). Not the events themselves
+//! (`store::batch`) nor the outbox rows (`store::outbox`).
+//!
+//! Three sources fold into the same rows, each through one entry point here:
+//! - **a batch of events** (pushes, the failed-push list): [`Changes::fold`], then the CTEs of
+//!   `event_changes_sql!` with `bind_event_changes`, which `store::batch` splices in. A tie keeps the stored row, so the
+//!   first terminal state seen wins: events are hints that arrive late, twice and out of order,
+//!   and a second terminal event at the same rank is no more right than the first (the detail
+//!   fetch that every event asks for settles it). Descriptive fields fill in what is unknown.
+//! - **a DingTalk snapshot** (`processinstance/get`): [`apply_snapshot`]. A tie takes DingTalk's:
+//!   the snapshot is the truth as of its request, so it corrects a terminal state that events
+//!   got wrong; it still never lowers a rank (an event may have moved the row further since the
+//!   snapshot was requested; the next fetch confirms it). Details below.
+//! - **an outbox link** (dingsync created the approval): the CTE of `outbox_link_sql!`, which
+//!   `store::outbox` splices in. It only
+//!   fills in and raises: the approval is at least RUNNING, and what events or a snapshot already
+//!   said is never overwritten (the create's answer knows nothing newer than "it exists").
+//!
+//! All three decide the status by `dingsync.status_wins` (migration V9; the same rule as
+//! `event::status_wins`, which folds a batch before it is written), with the tie as its
+//! parameter; result, finish time, remark and next check follow the same answer.
+//!
+//! Why fragments: the event batch and the outbox link each write several tables in ONE statement
+//! (one round trip, one commit; the event batch is the ingest hot path). Splitting out the
+//! approval writes would cost a round trip per batch, so this module owns them as SQL fragments
+//! (CTEs, spliced in with `concat!` at compile time) that `store::batch` and `store::outbox`
+//! compose with the CTE of their own table. The statements stay single `&'static str`s with the
+//! same plans, and the SQL that writes these two tables exists only in this file.
 //!
 //! The snapshot rule (applies to approvals and tasks alike):
 //! - A snapshot is DingTalk's truth as of the moment it was requested (`snapshot_at`). One
 //!   requested earlier than the snapshot already applied is ignored entirely: an older snapshot
 //!   never overrides a newer one.
-//! - The status never moves to a lower `dingsync.status_rank`. At the same or a higher rank the
-//!   snapshot's status wins, with its result and finish time: so a snapshot corrects a terminal
-//!   state that events got wrong (first-terminal-wins), but an event that moved the row further
-//!   than a snapshot requested before it is kept (the next fetch confirms it).
+//! - The status never moves to a lower rank (`dingsync.status_wins` with ties winning). At the
+//!   same or a higher rank the snapshot's status wins, with its result and finish time: so a
+//!   snapshot corrects a terminal state that events got wrong (first-terminal-wins), but an event
+//!   that moved the row further than a snapshot requested before it is kept (the next fetch
+//!   confirms it).
 //! - Descriptive fields (title, business id, originator, department, form values, operation
 //!   records) are replaced by the snapshot's; `process_code`, `url` and `outbox_id` are never
 //!   touched (the snapshot has no process_code or url; outbox_id belongs to the outbox).
 //! - Times: the snapshot has whole seconds (Beijing-time strings), events have milliseconds. A
 //!   stored time in the same second as the snapshot's is kept, so events and snapshots agree.
 
-use chrono::{DateTime, Utc};
-use sqlx::{Acquire, PgConnection, PgExecutor, Row};
+use std::collections::{HashMap, hash_map::Entry};
 
-use crate::reconcile::snapshot::Snapshot;
+use chrono::{DateTime, Utc};
+use sqlx::{Acquire, PgConnection, PgExecutor, Postgres, Row, postgres::PgArguments, query::Query};
+
+use crate::{
+    event::{ApprovalChange, Event, TaskChange},
+    snapshot::Snapshot,
+};
 
 /// An approval waiting for its detail fetch.
 #[derive(Debug, Clone)]
@@ -342,15 +374,15 @@ ON CONFLICT (corp_id, process_instance_id) DO UPDATE SET
     created_at = CASE WHEN excluded.created_at IS NULL
                         OR date_trunc('second', a.created_at) = excluded.created_at
                       THEN coalesce(a.created_at, excluded.created_at) ELSE excluded.created_at END,
-    status      = CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(a.status)
+    status      = CASE WHEN dingsync.status_wins(excluded.status, a.status, true)
                        THEN excluded.status ELSE a.status END,
-    result      = CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(a.status)
+    result      = CASE WHEN dingsync.status_wins(excluded.status, a.status, true)
                        THEN excluded.result ELSE a.result END,
-    finished_at = CASE WHEN dingsync.status_rank(excluded.status) < dingsync.status_rank(a.status)
+    finished_at = CASE WHEN NOT dingsync.status_wins(excluded.status, a.status, true)
                        THEN a.finished_at
                        WHEN date_trunc('second', a.finished_at) = excluded.finished_at
                        THEN a.finished_at ELSE excluded.finished_at END,
-    next_check_at = CASE WHEN (CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(a.status)
+    next_check_at = CASE WHEN (CASE WHEN dingsync.status_wins(excluded.status, a.status, true)
                                     THEN excluded.status ELSE a.status END) IN ('NEW', 'RUNNING')
                          THEN clock_timestamp() + least(make_interval(secs => $17),
                               greatest(make_interval(secs => $16),
@@ -369,7 +401,7 @@ WHERE a.snapshot_at IS NULL OR a.snapshot_at < excluded.snapshot_at
 RETURNING status, result, finished_at, form_values
 ";
 
-/// `$1` corp, `$2` instance, `$3..$10` the tasks. Same rank rule as approvals; a row is written
+/// `$1` corp, `$2` instance, `$3..$10` the tasks. Same status rule as approvals; a row is written
 /// only when something differs, so re-checking an unchanged approval writes no task rows.
 const APPLY_TASKS: &str = "
 INSERT INTO dingsync.approval_tasks AS t
@@ -385,11 +417,11 @@ ON CONFLICT (corp_id, task_id) DO UPDATE SET
     created_at  = CASE WHEN excluded.created_at IS NULL
                          OR date_trunc('second', t.created_at) = excluded.created_at
                        THEN coalesce(t.created_at, excluded.created_at) ELSE excluded.created_at END,
-    status      = CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(t.status)
+    status      = CASE WHEN dingsync.status_wins(excluded.status, t.status, true)
                        THEN excluded.status ELSE t.status END,
-    result      = CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(t.status)
+    result      = CASE WHEN dingsync.status_wins(excluded.status, t.status, true)
                        THEN excluded.result ELSE t.result END,
-    finished_at = CASE WHEN dingsync.status_rank(excluded.status) < dingsync.status_rank(t.status)
+    finished_at = CASE WHEN NOT dingsync.status_wins(excluded.status, t.status, true)
                        THEN t.finished_at
                        WHEN date_trunc('second', t.finished_at) = excluded.finished_at
                        THEN t.finished_at ELSE excluded.finished_at END,
@@ -400,12 +432,293 @@ WHERE (t.process_instance_id, t.activity_id, t.userid, t.status, t.result, t.rem
       IS DISTINCT FROM
       (excluded.process_instance_id, coalesce(excluded.activity_id, t.activity_id),
        coalesce(excluded.userid, t.userid),
-       CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(t.status)
+       CASE WHEN dingsync.status_wins(excluded.status, t.status, true)
             THEN excluded.status ELSE t.status END,
-       CASE WHEN dingsync.status_rank(excluded.status) >= dingsync.status_rank(t.status)
+       CASE WHEN dingsync.status_wins(excluded.status, t.status, true)
             THEN excluded.result ELSE t.result END,
        coalesce(excluded.remark, t.remark),
        coalesce(excluded.created_at, date_trunc('second', t.created_at)),
-       CASE WHEN dingsync.status_rank(excluded.status) < dingsync.status_rank(t.status)
-            THEN date_trunc('second', t.finished_at) ELSE excluded.finished_at END)
+       CASE WHEN dingsync.status_wins(excluded.status, t.status, true)
+            THEN excluded.finished_at ELSE date_trunc('second', t.finished_at) END)
 ";
+
+// ---- A batch of events -------------------------------------------------------------------
+
+/// The folded changes of a batch of events: at most one per approval and one per task.
+pub struct Changes<'a> {
+    approvals: Vec<(&'a str, ApprovalChange)>,
+    tasks: Vec<(&'a str, TaskChange)>,
+}
+
+impl<'a> Changes<'a> {
+    /// Folds each approval's (and task's) changes of `events` into one, in arrival order, with
+    /// the rule the SQL applies against the stored row (`ApprovalChange::merge`). A statement may
+    /// touch a row once, and one row version per approval is cheaper than one per event.
+    pub fn fold(events: &[&'a Event]) -> Changes<'a> {
+        let mut changes = Changes {
+            approvals: Vec::new(),
+            tasks: Vec::new(),
+        };
+        let mut approval_at: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut task_at: HashMap<(&str, i64), usize> = HashMap::new();
+        for e in events {
+            let corp = e.corp_id.as_str();
+            if let Some(change) = &e.approval {
+                match approval_at.entry((corp, change.process_instance_id.as_str())) {
+                    Entry::Occupied(at) => changes.approvals[*at.get()].1.merge(change),
+                    Entry::Vacant(at) => {
+                        at.insert(changes.approvals.len());
+                        changes.approvals.push((corp, change.clone()));
+                    }
+                }
+            }
+            if let Some(change) = &e.task {
+                match task_at.entry((corp, change.task_id)) {
+                    Entry::Occupied(at) => changes.tasks[*at.get()].1.merge(change),
+                    Entry::Vacant(at) => {
+                        at.insert(changes.tasks.len());
+                        changes.tasks.push((corp, change.clone()));
+                    }
+                }
+            }
+        }
+        changes
+    }
+}
+
+/// What a batch of events does to approvals and tasks, as the CTEs `ap`, `touched` and `tk` of
+/// the batch statement (`store::batch`). They follow the CTE `ev` (the batch's events that are
+/// new, with `corp_id` and `process_instance_id`) and apply changes only to approvals that have
+/// a new event. Parameters `$10..$32` (`bind_event_changes`, after the events' nine):
+/// `$10..$20` approval changes, `$21..$22` approvals only marked (an event without a status),
+/// `$23..$32` task changes. A status (with its result, finish time and, for tasks, remark)
+/// changes only when `dingsync.status_wins` says so, a tie keeping the stored one; descriptive
+/// fields fill in what is still unknown. `ap` and `touched` return the `process_instance_id` of
+/// each approval they changed, for the notification.
+macro_rules! event_changes_sql {
+    () => {
+        "ap AS (
+    INSERT INTO dingsync.approvals AS a
+        (corp_id, process_instance_id, process_code, title, business_id, originator_userid,
+         status, result, url, created_at, finished_at, last_event_at, detail_wanted_at, updated_at)
+    SELECT c, p, pc, t, b, o, s, r, u, ca, fa, now(), now(), now()
+    FROM unnest($10::text[], $11::text[], $12::text[], $13::text[], $14::text[], $15::text[],
+                $16::text[], $17::text[], $18::text[], $19::timestamptz[], $20::timestamptz[])
+         AS x(c, p, pc, t, b, o, s, r, u, ca, fa)
+    WHERE EXISTS (SELECT 1 FROM ev WHERE ev.corp_id = x.c AND ev.process_instance_id = x.p)
+    ON CONFLICT (corp_id, process_instance_id) DO UPDATE SET
+        process_code      = coalesce(a.process_code, excluded.process_code),
+        title             = coalesce(a.title, excluded.title),
+        business_id       = coalesce(a.business_id, excluded.business_id),
+        originator_userid = coalesce(a.originator_userid, excluded.originator_userid),
+        url               = coalesce(a.url, excluded.url),
+        created_at        = coalesce(a.created_at, excluded.created_at),
+        status      = CASE WHEN dingsync.status_wins(excluded.status, a.status, false)
+                           THEN excluded.status ELSE a.status END,
+        result      = CASE WHEN dingsync.status_wins(excluded.status, a.status, false)
+                           THEN excluded.result ELSE a.result END,
+        finished_at = CASE WHEN dingsync.status_wins(excluded.status, a.status, false)
+                           THEN coalesce(excluded.finished_at, a.finished_at) ELSE a.finished_at END,
+        last_event_at    = now(),
+        detail_wanted_at = coalesce(a.detail_wanted_at, now()),
+        updated_at       = now()
+    RETURNING a.process_instance_id
+),
+touched AS (
+    UPDATE dingsync.approvals a
+    SET last_event_at = now(),
+        detail_wanted_at = coalesce(a.detail_wanted_at, now()),
+        updated_at = now()
+    FROM unnest($21::text[], $22::text[]) AS x(c, p)
+    WHERE a.corp_id = x.c AND a.process_instance_id = x.p
+      AND EXISTS (SELECT 1 FROM ev WHERE ev.corp_id = x.c AND ev.process_instance_id = x.p)
+    RETURNING a.process_instance_id
+),
+tk AS (
+    INSERT INTO dingsync.approval_tasks AS t
+        (corp_id, task_id, process_instance_id, activity_id, userid, status, result, remark,
+         created_at, finished_at, last_event_at, updated_at)
+    SELECT c, id, p, act, u, s, r, rm, ca, fa, now(), now()
+    FROM unnest($23::text[], $24::bigint[], $25::text[], $26::text[], $27::text[], $28::text[],
+                $29::text[], $30::text[], $31::timestamptz[], $32::timestamptz[])
+         AS x(c, id, p, act, u, s, r, rm, ca, fa)
+    WHERE EXISTS (SELECT 1 FROM ev WHERE ev.corp_id = x.c AND ev.process_instance_id = x.p)
+    ON CONFLICT (corp_id, task_id) DO UPDATE SET
+        activity_id = coalesce(t.activity_id, excluded.activity_id),
+        userid      = coalesce(t.userid, excluded.userid),
+        created_at  = coalesce(t.created_at, excluded.created_at),
+        status      = CASE WHEN dingsync.status_wins(excluded.status, t.status, false)
+                           THEN excluded.status ELSE t.status END,
+        result      = CASE WHEN dingsync.status_wins(excluded.status, t.status, false)
+                           THEN excluded.result ELSE t.result END,
+        remark      = CASE WHEN dingsync.status_wins(excluded.status, t.status, false)
+                           THEN coalesce(excluded.remark, t.remark) ELSE coalesce(t.remark, excluded.remark) END,
+        finished_at = CASE WHEN dingsync.status_wins(excluded.status, t.status, false)
+                           THEN coalesce(excluded.finished_at, t.finished_at) ELSE t.finished_at END,
+        last_event_at = now(),
+        updated_at    = now()
+    RETURNING 1
+)"
+    };
+}
+pub(super) use event_changes_sql;
+
+/// Binds the parameters of `event_changes_sql!` (`$10..$32`) after the events' `$1..$9`.
+pub(super) fn bind_event_changes<'a>(
+    query: Query<'a, Postgres, PgArguments>,
+    changes: &'a Changes<'a>,
+) -> Query<'a, Postgres, PgArguments> {
+    // A change without a status only marks its approval (`touched`): the upsert would need a
+    // status for a row it creates.
+    let (with_status, touch): (Vec<_>, Vec<_>) = changes
+        .approvals
+        .iter()
+        .partition(|(_, a)| a.status.is_some());
+    let ap = ApprovalColumns::from(&with_status);
+    let touch_corp: Vec<&str> = touch.iter().map(|(c, _)| *c).collect();
+    let touch_pid: Vec<&str> = touch
+        .iter()
+        .map(|(_, a)| a.process_instance_id.as_str())
+        .collect();
+    let tk = TaskColumns::from(&changes.tasks);
+    query
+        .bind(ap.corp)
+        .bind(ap.pid)
+        .bind(ap.code)
+        .bind(ap.title)
+        .bind(ap.business)
+        .bind(ap.originator)
+        .bind(ap.status)
+        .bind(ap.result)
+        .bind(ap.url)
+        .bind(ap.created)
+        .bind(ap.finished)
+        .bind(touch_corp)
+        .bind(touch_pid)
+        .bind(tk.corp)
+        .bind(tk.task)
+        .bind(tk.pid)
+        .bind(tk.activity)
+        .bind(tk.user)
+        .bind(tk.status)
+        .bind(tk.result)
+        .bind(tk.remark)
+        .bind(tk.created)
+        .bind(tk.finished)
+}
+
+type Time = Option<chrono::DateTime<chrono::Utc>>;
+
+struct ApprovalColumns<'a> {
+    corp: Vec<&'a str>,
+    pid: Vec<&'a str>,
+    code: Vec<Option<&'a str>>,
+    title: Vec<Option<&'a str>>,
+    business: Vec<Option<&'a str>>,
+    originator: Vec<Option<&'a str>>,
+    status: Vec<Option<&'static str>>,
+    result: Vec<Option<&'static str>>,
+    url: Vec<Option<&'a str>>,
+    created: Vec<Time>,
+    finished: Vec<Time>,
+}
+
+impl<'a> ApprovalColumns<'a> {
+    fn from(changes: &[&'a (&'a str, ApprovalChange)]) -> Self {
+        ApprovalColumns {
+            corp: changes.iter().map(|(c, _)| *c).collect(),
+            pid: changes
+                .iter()
+                .map(|(_, a)| a.process_instance_id.as_str())
+                .collect(),
+            code: changes
+                .iter()
+                .map(|(_, a)| a.process_code.as_deref())
+                .collect(),
+            title: changes.iter().map(|(_, a)| a.title.as_deref()).collect(),
+            business: changes
+                .iter()
+                .map(|(_, a)| a.business_id.as_deref())
+                .collect(),
+            originator: changes
+                .iter()
+                .map(|(_, a)| a.originator_userid.as_deref())
+                .collect(),
+            status: changes.iter().map(|(_, a)| a.status).collect(),
+            result: changes.iter().map(|(_, a)| a.result).collect(),
+            url: changes.iter().map(|(_, a)| a.url.as_deref()).collect(),
+            created: changes.iter().map(|(_, a)| a.created_at).collect(),
+            finished: changes.iter().map(|(_, a)| a.finished_at).collect(),
+        }
+    }
+}
+
+struct TaskColumns<'a> {
+    corp: Vec<&'a str>,
+    task: Vec<i64>,
+    pid: Vec<&'a str>,
+    activity: Vec<Option<&'a str>>,
+    user: Vec<Option<&'a str>>,
+    status: Vec<&'static str>,
+    result: Vec<Option<&'static str>>,
+    remark: Vec<Option<&'a str>>,
+    created: Vec<Time>,
+    finished: Vec<Time>,
+}
+
+impl<'a> TaskColumns<'a> {
+    fn from(changes: &'a [(&'a str, TaskChange)]) -> Self {
+        TaskColumns {
+            corp: changes.iter().map(|(c, _)| *c).collect(),
+            task: changes.iter().map(|(_, t)| t.task_id).collect(),
+            pid: changes
+                .iter()
+                .map(|(_, t)| t.process_instance_id.as_str())
+                .collect(),
+            activity: changes
+                .iter()
+                .map(|(_, t)| t.activity_id.as_deref())
+                .collect(),
+            user: changes.iter().map(|(_, t)| t.userid.as_deref()).collect(),
+            status: changes.iter().map(|(_, t)| t.status).collect(),
+            result: changes.iter().map(|(_, t)| t.result).collect(),
+            remark: changes.iter().map(|(_, t)| t.remark.as_deref()).collect(),
+            created: changes.iter().map(|(_, t)| t.created_at).collect(),
+            finished: changes.iter().map(|(_, t)| t.finished_at).collect(),
+        }
+    }
+}
+
+// ---- An outbox link ----------------------------------------------------------------------
+
+/// What the outbox's "created" does to approvals, as the CTE `ap` of `store::outbox`'s statement:
+/// follows a CTE `o` of the outbox rows just marked created (`corp_id`, `id`,
+/// `process_instance_id`, `process_code`, `originator_user_id`, `dept_id`) and links or inserts
+/// each one's approval; returns `process_instance_id` and `outbox_id` of each. No parameters.
+macro_rules! outbox_link_sql {
+    () => {
+        "ap AS (
+    -- The instance is running in DingTalk; events and the detail fetch fill in the rest
+    -- (detail_wanted_at asks for it). Never moves an approval backwards.
+    INSERT INTO dingsync.approvals AS a
+        (corp_id, process_instance_id, process_code, originator_userid,
+         originator_dept_id, status, outbox_id, detail_wanted_at, updated_at)
+    SELECT corp_id, process_instance_id, process_code, originator_user_id,
+           dept_id::text, 'RUNNING', id, now(), now()
+    FROM o
+    -- The lock order of the callback ingest (store::batch), so the two never deadlock.
+    ORDER BY corp_id, process_instance_id
+    ON CONFLICT (corp_id, process_instance_id) DO UPDATE SET
+        outbox_id          = excluded.outbox_id,
+        process_code       = coalesce(a.process_code, excluded.process_code),
+        originator_userid  = coalesce(a.originator_userid, excluded.originator_userid),
+        originator_dept_id = coalesce(a.originator_dept_id, excluded.originator_dept_id),
+        status = CASE WHEN dingsync.status_wins(excluded.status, a.status, false)
+                      THEN excluded.status ELSE a.status END,
+        detail_wanted_at   = coalesce(a.detail_wanted_at, now()),
+        updated_at         = now()
+    RETURNING a.process_instance_id, a.outbox_id
+)"
+    };
+}
+pub(super) use outbox_link_sql;

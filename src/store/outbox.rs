@@ -139,18 +139,18 @@ pub async fn next_due(pool: &PgPool, corp_id: &str) -> sqlx::Result<Option<DateT
 }
 
 /// The approvals exist in DingTalk: marks each row `(id, process_instance_id)` `created` and links
-/// (or inserts) its approval row, all in one statement: one commit for the whole batch, since
-/// commits that NOTIFY are serialised by PostgreSQL. A row is changed only while `sending` or
+/// (or inserts) its approval row (`store::approvals::outbox_link_sql!`), all in one statement: one
+/// commit for the whole batch, since commits that NOTIFY are serialised by PostgreSQL. A row is changed only while `sending` or
 /// `unknown`; returns the ids that were. Fails as a whole if an instance is already owned by
 /// another outbox row (`outbox_instance_unique`): see [`record_created`].
 pub async fn record_created_batch(
-    pool: &PgPool,
+    db: impl PgExecutor<'_>,
     corp_id: &str,
     created: &[(i64, String)],
 ) -> sqlx::Result<Vec<i64>> {
     let ids: Vec<i64> = created.iter().map(|(id, _)| *id).collect();
     let pids: Vec<&str> = created.iter().map(|(_, pid)| pid.as_str()).collect();
-    sqlx::query_scalar(
+    sqlx::query_scalar(concat!(
         "WITH o AS (
             UPDATE dingsync.outbox o SET
                 state = 'created', process_instance_id = x.pid, last_error = NULL,
@@ -160,34 +160,15 @@ pub async fn record_created_batch(
             RETURNING o.corp_id, o.id, o.process_instance_id, o.process_code,
                       o.originator_user_id, o.dept_id
         ),
-        ap AS (
-            -- The instance is running in DingTalk; events and the detail fetch fill in the rest
-            -- (detail_wanted_at asks for it). Never moves an approval backwards.
-            INSERT INTO dingsync.approvals AS a
-                (corp_id, process_instance_id, process_code, originator_userid,
-                 originator_dept_id, status, outbox_id, detail_wanted_at, updated_at)
-            SELECT corp_id, process_instance_id, process_code, originator_user_id,
-                   dept_id::text, 'RUNNING', id, now(), now()
-            FROM o
-            -- The lock order of the callback ingest (store::batch), so the two never deadlock.
-            ORDER BY corp_id, process_instance_id
-            ON CONFLICT (corp_id, process_instance_id) DO UPDATE SET
-                outbox_id          = excluded.outbox_id,
-                process_code       = coalesce(a.process_code, excluded.process_code),
-                originator_userid  = coalesce(a.originator_userid, excluded.originator_userid),
-                originator_dept_id = coalesce(a.originator_dept_id, excluded.originator_dept_id),
-                status = CASE WHEN dingsync.status_rank(excluded.status) > dingsync.status_rank(a.status)
-                              THEN excluded.status ELSE a.status END,
-                detail_wanted_at   = coalesce(a.detail_wanted_at, now()),
-                updated_at         = now()
-            RETURNING a.process_instance_id, a.outbox_id
-        )
+        ",
+        super::approvals::outbox_link_sql!(),
+        "
         SELECT outbox_id FROM ap WHERE pg_notify('dingsync_approval_changed', process_instance_id) IS NOT NULL",
-    )
+    ))
     .bind(corp_id)
     .bind(ids)
     .bind(pids)
-    .fetch_all(pool)
+    .fetch_all(db)
     .await
 }
 
