@@ -16,7 +16,7 @@ const NONCE: &str = "QwErTy12";
 const RUN_FOR: Duration = Duration::from_secs(3);
 const TARGET_OPEN_PER_SEC: f64 = 100_000.0;
 
-/// A flat HTTP-push `bpms_instance_change` (API.md §5.2) with the 2026 envelope fields.
+/// A flat HTTP-push `bpms_instance_change` (docs/dingtalk.md §5.2) with the 2026 envelope fields.
 fn event() -> String {
     let event = concat!(
         r#"{"EventType":"bpms_instance_change","#,

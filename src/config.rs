@@ -530,7 +530,7 @@ impl Config {
         if r.sweep_age_divisor == 0 {
             return Err(invalid("reconcile.sweep_age_divisor", "must be at least 1"));
         }
-        // DingTalk's listids limits (API.md §2.4): a window spans at most 120 days and starts
+        // DingTalk's listids limits (docs/dingtalk.md §2.4): a window spans at most 120 days and starts
         // within the last 365 days.
         if !(1..=120).contains(&r.backfill_window_days) {
             return Err(invalid(

@@ -3,7 +3,7 @@
 //! side of the forward-only status rule ([`status_wins`]) by which changes are folded. Applying
 //! them to the database is `store`'s job (through `ingest`); the HTTP exchange is `callback`'s.
 //!
-//! Field names and meanings: `dingtalk/API.md` §5 (payloads). Envelope fields (`corpId`,
+//! Field names and meanings: `docs/dingtalk.md` §5 (payloads). Envelope fields (`corpId`,
 //! `CorpId`, `EventTime`, `eventId`) are all optional.
 
 use chrono::{DateTime, Utc};

@@ -1,10 +1,12 @@
 //! dingsync keeps PostgreSQL in step with DingTalk approvals. The binary (`main.rs`) only parses
-//! arguments; everything runs from here so that the tests start the same code as production.
+//! the command line and calls `cli::run`; everything runs from here, so the tests start the same
+//! code as production.
 //!
-//! Flow: `callback` (HTTP) → `crypto` (verify, decrypt) → `event` (what it means) → `ingest`
-//! (group commit) → `store` (SQL). The other way, `outbox` turns `dingsync.outbox` rows into
-//! DingTalk approvals through `dingtalk` (the API client). `app` wires them together; `config` is
-//! read once at start-up.
+//! Three flows, each one way: push (`callback` → `crypto`, `event` → `ingest` → `store`),
+//! reconcile (`scheduler` → `reconcile`/`retention` → `dingtalk` → `store`) and outbox
+//! (`outbox` → `dingtalk` → `store`). `app` wires them for `serve`. The module map, what each
+//! module owns and must not import, and where each rule lives: `docs/ARCHITECTURE.md` (checked by
+//! `tests/architecture.rs`). Only what the binary and the tests use is public.
 
 pub mod app;
 mod batching;

@@ -415,3 +415,78 @@ fn all_sql_lives_in_the_store() {
         }
     }
 }
+
+#[test]
+fn each_module_imports_nothing_docs_architecture_forbids_it() {
+    let graph = imports(&modules());
+    // The "must not import" column of docs/ARCHITECTURE.md's module map.
+    let forbidden: &[(&str, &[&str])] = &[
+        ("app", &["cli"]),
+        ("scheduler", &["app", "cli"]),
+        ("callback", &["outbox", "reconcile", "dingtalk"]),
+        ("error", &["outbox", "reconcile", "dingtalk"]),
+        ("health", &["callback", "ingest", "outbox", "reconcile"]),
+        ("outbox", &["callback", "ingest", "reconcile"]),
+        ("reconcile", &["callback", "ingest", "outbox", "scheduler"]),
+        ("retention", &["callback", "ingest", "outbox", "scheduler"]),
+        ("jobs", &["reconcile", "retention"]),
+        ("ingest", &["callback", "dingtalk"]),
+        (
+            "dingtalk",
+            &[
+                "callback",
+                "ingest",
+                "outbox",
+                "reconcile",
+                "retention",
+                "scheduler",
+                "jobs",
+            ],
+        ),
+        (
+            "demo",
+            &["callback", "ingest", "outbox", "reconcile", "dingtalk"],
+        ),
+        ("batching", &["store", "config", "metrics"]),
+        (
+            "config",
+            &[
+                "callback",
+                "ingest",
+                "outbox",
+                "reconcile",
+                "scheduler",
+                "store",
+                "dingtalk",
+            ],
+        ),
+        (
+            "telemetry",
+            &[
+                "callback",
+                "ingest",
+                "outbox",
+                "reconcile",
+                "scheduler",
+                "store",
+                "dingtalk",
+            ],
+        ),
+    ];
+    for (module_name, not) in forbidden {
+        for (m, targets) in &graph {
+            if m.first().map(String::as_str) != Some(*module_name) {
+                continue;
+            }
+            for t in targets {
+                let top = t.first().map(String::as_str).unwrap_or("crate");
+                assert!(
+                    !not.contains(&top),
+                    "{} imports {}, which docs/ARCHITECTURE.md forbids",
+                    name(m),
+                    name(t)
+                );
+            }
+        }
+    }
+}

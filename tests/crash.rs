@@ -6,7 +6,7 @@
 //! - every approval row (and its tasks) equals the emulator's instance;
 //! - every outbox row is `created`, with exactly one instance in the emulator.
 //!
-//! The one window no receiver can close is DingTalk's own: the failed list is read-once (API.md
+//! The one window no receiver can close is DingTalk's own: the failed list is read-once (docs/dingtalk.md
 //! §3, the stricter reading), so items handed out to a `failed` job run that is then killed
 //! before it commits them are gone from DingTalk. The test tells those apart (the emulator
 //! records every hand-out, `dingsync.job_runs` every run), counts them, and still requires their

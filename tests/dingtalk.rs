@@ -515,7 +515,7 @@ async fn fixed_answers(gettoken: serde_json::Value, api: serde_json::Value) -> S
 async fn an_answer_without_errcode_is_never_taken_for_success() {
     let s = setup(|c| c.dingtalk.max_attempts = 1).await;
     let token = serde_json::json!({"errcode": 0, "access_token": "t0", "expires_in": 7200});
-    // The gateway's flood-ban page (API.md §7).
+    // The gateway's flood-ban page (docs/dingtalk.md §7).
     let ban = serde_json::json!({"status": 1111, "wait": 5, "source": "x5", "punish": "deny"});
     let base = fixed_answers(token.clone(), ban).await;
     let pool = store::connect(&s.config.database).await.unwrap();

@@ -725,7 +725,7 @@ async fn register_against_a_daemon_with_a_wrong_key_fails_and_with_the_right_one
 }
 
 /// A daemon configured for `emu`'s organisation: owner key = the emulator's CorpId (callbacks
-/// registered with register_call_back, API.md §4.5). Its DingTalk base URL points at `emu`
+/// registered with register_call_back, docs/dingtalk.md §4.5). Its DingTalk base URL points at `emu`
 /// without credentials, so it serves callbacks only and registers nothing by itself.
 async fn daemon_for(emu: &Emulator) -> TestApp {
     let corp = emu.state().corp_id().to_string();

@@ -431,7 +431,7 @@ async fn five_xx_rate_limits_token_revocations_and_lost_creates_at_once_double_n
     emu.stop().await;
 }
 
-/// DingTalk's real limits are not published (API.md §7): an app configured with
+/// DingTalk's real limits are not published (docs/dingtalk.md §7): an app configured with
 /// `dingtalk.qps = 20` may meet a DingTalk that allows fewer, all the time. DingTalk's counter
 /// counts refused calls too, so calls that each only back off on their own would keep its window
 /// full and nothing would get through; the shared budget pauses the whole app instead, and the

@@ -600,7 +600,7 @@ async fn invalid_form_values_are_refused_with_a_message_naming_the_item() {
         "nothing refused was stored"
     );
 
-    // Every encoding of API.md §2.2 is accepted.
+    // Every encoding of docs/dingtalk.md §2.2 is accepted.
     let id: i64 = sqlx::query_scalar(
         "SELECT dingsync.request_approval('all-shapes', 'PROC-1', 'emp1', $1,
             approvers => '[\"manager1\", {\"action\": \"OR\", \"user_ids\": [\"fin1\", \"boss1\"]}]',

@@ -8,7 +8,7 @@
 //! is a pure function of its inputs plus, for [`CallbackCrypto::encrypt`], [`random_nonce`] and
 //! [`random_aes_key`], the thread-local CSPRNG. Nothing here panics on untrusted input.
 //!
-//! The format follows the DingTalk callback crypto section of `API.md` (§4)
+//! The format follows the DingTalk callback crypto section of `docs/dingtalk.md` (§4)
 //! and <https://open.dingtalk.com/document/development/http-callback-overview>:
 //!
 //! - key: `base64(aes_key + "=")`, 32 bytes; IV: the first 16 key bytes, for every message;
@@ -42,14 +42,14 @@ const AES_KEY_CHARS: usize = 43;
 const PREFIX_LEN: usize = 16;
 /// Prefix plus the 4-byte length field.
 const HEADER_LEN: usize = PREFIX_LEN + 4;
-/// DingTalk pads to 32 bytes, not to the AES block size (API.md §4.3).
+/// DingTalk pads to 32 bytes, not to the AES block size (docs/dingtalk.md §4.3).
 const PAD_BLOCK: usize = 32;
 /// Lower-case hex of a SHA-1 digest.
 const SIGNATURE_HEX_LEN: usize = 40;
 
 /// Decodes the AES key. The 43rd character carries 2 bits that are not part of the key and are
 /// usually non-zero; the strict engine rejects ~3/4 of real keys with `InvalidLastSymbol`, while
-/// DingTalk's Java/Python/PHP libraries ignore those bits, so we do too (API.md §4.1).
+/// DingTalk's Java/Python/PHP libraries ignore those bits, so we do too (docs/dingtalk.md §4.1).
 const KEY_ENGINE: GeneralPurpose = GeneralPurpose::new(
     &alphabet::STANDARD,
     GeneralPurposeConfig::new()
@@ -178,7 +178,7 @@ impl CallbackCrypto {
     }
 
     /// Lower-case hex SHA-1 over `token`, `timestamp`, `nonce` and `encrypt`, sorted in byte
-    /// order and concatenated without separator (API.md §4.4).
+    /// order and concatenated without separator (docs/dingtalk.md §4.4).
     #[must_use]
     pub fn signature(&self, timestamp: &str, nonce: &str, encrypt: &str) -> String {
         hex::encode(self.digest(timestamp, nonce, encrypt))
@@ -297,7 +297,7 @@ impl CallbackCrypto {
 
     /// Encrypts `message` for `receiver_id` with a given 16-byte prefix; deterministic, so the
     /// test vectors can be reproduced byte for byte. Pads to 32 as every official library does
-    /// (not to 16 like DingTalk's own Rust sample, API.md §4.3). Base64 has no line breaks.
+    /// (not to 16 like DingTalk's own Rust sample, docs/dingtalk.md §4.3). Base64 has no line breaks.
     ///
     /// # Panics
     /// If `message` is 4 GiB or longer, which the frame's u32 length field cannot express.
@@ -354,7 +354,7 @@ impl CallbackCrypto {
     }
 }
 
-/// A random nonce of `len` alphanumeric characters (16 is accepted everywhere, API.md §4.7).
+/// A random nonce of `len` alphanumeric characters (16 is accepted everywhere, docs/dingtalk.md §4.7).
 #[must_use]
 pub fn random_nonce(len: usize) -> String {
     rand::rng()

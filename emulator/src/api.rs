@@ -1,4 +1,4 @@
-//! DingTalk's HTTP API as the daemon sees it: `gettoken` (API.md §1.1), the old topapi approval
+//! DingTalk's HTTP API as the daemon sees it: `gettoken` (docs/dingtalk.md §1.1), the old topapi approval
 //! calls (§2.1, §2.3, §2.4) and callback management (§3), with DingTalk's exact shapes: errors
 //! are HTTP 200 with a non-zero `errcode`; topapi wraps gateway errors in errcode 88 with a
 //! `sub_code` (§1.3, §7).
@@ -38,18 +38,18 @@ use dingsync_crypto::CallbackCrypto;
 /// How long a create whose response is "lost" holds the connection (real time): far longer than
 /// any client waits; the emulator's shutdown ends it sooner.
 const LOST_RESPONSE_HOLD: std::time::Duration = std::time::Duration::from_secs(300);
-/// `listids` window and age limits (API.md §2.4).
+/// `listids` window and age limits (docs/dingtalk.md §2.4).
 const LISTIDS_MAX_WINDOW_MS: i64 = 120 * 24 * 3600 * 1000;
 const LISTIDS_MAX_AGE_MS: i64 = 365 * 24 * 3600 * 1000;
 /// `listids` `size`: the doc says at most 20, the Java SDK comment 10 [UNCONFIRMED]; 20 is
-/// accepted, more is an error, as the brief's stricter reading.
+/// accepted, more is an error, the stricter reading.
 const LISTIDS_MAX_SIZE: i64 = 20;
-/// `userid_list` holds at most 10 userids (API.md §2.4).
+/// `userid_list` holds at most 10 userids (docs/dingtalk.md §2.4).
 const LISTIDS_MAX_USERS: usize = 10;
 /// Largest request body the emulated API reads (DingTalk's limits are not documented; a create
 /// with 150 values of 65535 characters is about 10 MiB).
 const MAX_BODY: usize = 16 * 1024 * 1024;
-/// Callback tags per registration (API.md §3).
+/// Callback tags per registration (docs/dingtalk.md §3).
 const MAX_TAGS: usize = 20;
 
 /// The DingTalk API routes, behind the gate.
@@ -68,7 +68,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Which error style an endpoint has (API.md §1.3, §7).
+/// Which error style an endpoint has (docs/dingtalk.md §1.3, §7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Family {
     /// `topapi/...`: gateway errors wrapped in errcode 88 + `sub_code`; a `request_id`.
@@ -102,7 +102,7 @@ fn request_id() -> String {
         .collect()
 }
 
-/// HTTP 200 and DingTalk's JSON: errors are never HTTP errors here (API.md §7).
+/// HTTP 200 and DingTalk's JSON: errors are never HTTP errors here (docs/dingtalk.md §7).
 fn ok_json(family: Family, mut body: Map<String, Value>) -> Response {
     if family == Family::Top {
         body.insert("request_id".into(), request_id().into());
@@ -120,7 +120,7 @@ fn success(family: Family, fields: Value) -> Response {
     ok_json(family, body)
 }
 
-/// A topapi gateway error: errcode 88 and the real reason in `sub_code` (API.md §1.3).
+/// A topapi gateway error: errcode 88 and the real reason in `sub_code` (docs/dingtalk.md §1.3).
 fn top_wrapped(sub_code: &str, sub_msg: &str) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert("errcode".into(), 88.into());
@@ -144,7 +144,7 @@ fn failure(family: Family, f: Failure) -> Response {
     const BAD_TOKEN: &str = "不合法的access_token";
     const RATE: &str = "接口调用过于频繁，请稍后重试";
     let body = match (family, f) {
-        // An empty token: sub_code 40000 on topapi (probe log, API.md §1.3).
+        // An empty token: sub_code 40000 on topapi (probe log, docs/dingtalk.md §1.3).
         (Family::Top, Failure::Token(TokenProblem::Missing)) => {
             top_wrapped("40000", "缺少参数 access_token")
         }
@@ -152,12 +152,12 @@ fn failure(family: Family, f: Failure) -> Response {
         | (Family::Top, Failure::Injected(InjectedError::TokenInvalid)) => {
             top_wrapped("40014", BAD_TOKEN)
         }
-        // Classic oapi endpoints answer 40014 directly (API.md §1.3).
+        // Classic oapi endpoints answer 40014 directly (docs/dingtalk.md §1.3).
         (Family::Oapi, Failure::Token(_))
         | (Family::Oapi, Failure::Injected(InjectedError::TokenInvalid)) => plain(40014, BAD_TOKEN),
         (Family::Top, Failure::Injected(InjectedError::RateLimit)) => top_wrapped("90002", RATE),
         (Family::Oapi, Failure::Injected(InjectedError::RateLimit)) => plain(90002, RATE),
-        // Gateway / remote timeout (API.md §7, PEDIA retry.md).
+        // Gateway / remote timeout (docs/dingtalk.md §7, PEDIA retry.md).
         (_, Failure::Injected(InjectedError::GatewayTimeout)) => {
             let mut m = plain(15, "Remote service error");
             m.insert(
@@ -193,7 +193,7 @@ fn rejected(family: Family, r: Rejection) -> Response {
 
 /// Receives the whole request, then handles it on a task of its own: DingTalk finishes a request
 /// it has received even when the caller hangs up, so a create whose caller timed out may still
-/// take effect (API.md §7: "after a timeout, look for the instance"). Without this, a dropped
+/// take effect (docs/dingtalk.md §7: "after a timeout, look for the instance"). Without this, a dropped
 /// connection would cancel the handler and make lost answers look harmless.
 async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
     let (parts, body) = req.into_parts();
@@ -247,7 +247,7 @@ async fn admit(shared: Arc<Shared>, req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
-/// `GET /gettoken?appkey=&appsecret=` (API.md §1.1).
+/// `GET /gettoken?appkey=&appsecret=` (docs/dingtalk.md §1.1).
 async fn gettoken(
     State(shared): State<Arc<Shared>>,
     Query(query): Query<HashMap<String, String>>,
@@ -305,7 +305,7 @@ fn optional_str<'a>(m: &'a Map<String, Value>, key: &str) -> Result<Option<&'a s
     }
 }
 
-/// A JSON integer (`dept_id` is a Number, API.md §2.1). A string is refused: the stricter reading.
+/// A JSON integer (`dept_id` is a Number, docs/dingtalk.md §2.1). A string is refused: the stricter reading.
 fn optional_int(m: &Map<String, Value>, key: &str) -> Result<Option<i64>, Rejection> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -329,7 +329,7 @@ fn user_list(text: &str, key: &str) -> Result<Vec<String>, Rejection> {
     Ok(users)
 }
 
-/// The body of `topapi/processinstance/create` (API.md §2.1) as a [`StartRequest`].
+/// The body of `topapi/processinstance/create` (docs/dingtalk.md §2.1) as a [`StartRequest`].
 fn parse_create(m: &Map<String, Value>) -> Result<StartRequest, Rejection> {
     let process_code = required_str(m, "process_code")?.to_string();
     let originator_userid = required_str(m, "originator_user_id")?.to_string();
@@ -347,7 +347,7 @@ fn parse_create(m: &Map<String, Value>) -> Result<StartRequest, Rejection> {
             })?,
         ),
     };
-    // approvers_v2 wins over approvers (API.md §2.1).
+    // approvers_v2 wins over approvers (docs/dingtalk.md §2.1).
     let nodes = match (nodes, optional_str(m, "approvers")?) {
         (Some(nodes), _) => Some(nodes),
         (None, Some(text)) if !text.trim().is_empty() => Some(
@@ -377,7 +377,7 @@ fn parse_create(m: &Map<String, Value>) -> Result<StartRequest, Rejection> {
         }
     };
 
-    // Values are always strings (API.md §2.2): a number or an object is refused.
+    // Values are always strings (docs/dingtalk.md §2.2): a number or an object is refused.
     let values = match m.get("form_component_values") {
         Some(Value::Array(values)) => values,
         None | Some(Value::Null) => {
@@ -422,7 +422,7 @@ fn parse_create(m: &Map<String, Value>) -> Result<StartRequest, Rejection> {
     })
 }
 
-/// `POST /topapi/processinstance/create` (API.md §2.1).
+/// `POST /topapi/processinstance/create` (docs/dingtalk.md §2.1).
 async fn create(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let request = match body_object(&body).and_then(|m| parse_create(&m)) {
         Ok(r) => r,
@@ -455,7 +455,7 @@ async fn create(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     tracing::debug!(process_instance_id = %id, "emulator: approval created through the API");
     push::dispatch(&shared, events);
     if lose_response {
-        // Committed, but the answer never comes (API.md emulator list item 3): hold the
+        // Committed, but the answer never comes (docs/dingtalk.md §9, item 3): hold the
         // connection until the client gives up or the emulator stops.
         tracing::debug!(process_instance_id = %id, "emulator: fault: create response lost");
         tokio::select! {
@@ -467,7 +467,7 @@ async fn create(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     success(Family::Top, json!({ "process_instance_id": id }))
 }
 
-/// `POST /topapi/processinstance/get` (API.md §2.3).
+/// `POST /topapi/processinstance/get` (docs/dingtalk.md §2.3).
 async fn get_instance(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let id = match body_object(&body)
         .and_then(|m| required_str(&m, "process_instance_id").map(str::to_string))
@@ -485,7 +485,7 @@ async fn get_instance(State(shared): State<Arc<Shared>>, body: Bytes) -> Respons
     }
 }
 
-/// `POST /topapi/processinstance/listids` (API.md §2.4).
+/// `POST /topapi/processinstance/listids` (docs/dingtalk.md §2.4).
 async fn listids(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let page = body_object(&body).and_then(|m| {
         let process_code = required_str(&m, "process_code")?.to_string();
@@ -533,7 +533,7 @@ async fn listids(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     match page {
         Ok((list, next)) => {
             let mut result = json!({ "list": list });
-            // Absent on the last page (API.md §2.4).
+            // Absent on the last page (docs/dingtalk.md §2.4).
             if let Some(next) = next {
                 result["next_cursor"] = next.into();
             }
@@ -543,7 +543,7 @@ async fn listids(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     }
 }
 
-/// Body of register/update (API.md §3), validated: tags, token, AES key, URL.
+/// Body of register/update (docs/dingtalk.md §3), validated: tags, token, AES key, URL.
 fn parse_registration(body: &Bytes) -> Result<Registration, Rejection> {
     let m = body_object(body)?;
     let tags: Vec<String> = match m.get("call_back_tag") {
@@ -561,7 +561,7 @@ fn parse_registration(body: &Bytes) -> Result<Registration, Rejection> {
         )));
     }
     let token = required_str(&m, "token")?.to_string();
-    // The console allows 3–32 alphanumerics, the register API ≥6 and <64 characters (API.md §3,
+    // The console allows 3–32 alphanumerics, the register API ≥6 and <64 characters (docs/dingtalk.md §3,
     // third-party summary): we require what satisfies both, 6–32 alphanumerics.
     if !(6..=32).contains(&token.len()) || !token.bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(Rejection::param("token 须为 6 到 32 位字母或数字"));
@@ -598,7 +598,7 @@ fn callback_missing() -> Rejection {
 }
 
 /// What register and update do after their own checks: the `check_url` handshake, which must be
-/// answered with the encrypted `success` (API.md §3), else 71009.
+/// answered with the encrypted `success` (docs/dingtalk.md §3), else 71009.
 async fn handshake(shared: &Shared, registration: &Registration) -> Result<(), Rejection> {
     push::check_url(shared, registration).await.map_err(|reason| {
         tracing::info!(url = %registration.url, reason = %reason, "emulator: check_url failed; callback refused (71009)");
@@ -609,7 +609,7 @@ async fn handshake(shared: &Shared, registration: &Registration) -> Result<(), R
     })
 }
 
-/// `POST /call_back/register_call_back` (API.md §3): 71006 when one exists, 71009 when the URL
+/// `POST /call_back/register_call_back` (docs/dingtalk.md §3): 71006 when one exists, 71009 when the URL
 /// does not answer the check.
 async fn register(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let registration = match parse_registration(&body) {
@@ -633,7 +633,7 @@ async fn register(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     success(Family::Oapi, json!({}))
 }
 
-/// `POST /call_back/update_call_back` (API.md §3): re-validates the URL; 71007 when none exists.
+/// `POST /call_back/update_call_back` (docs/dingtalk.md §3): re-validates the URL; 71007 when none exists.
 async fn update(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     let registration = match parse_registration(&body) {
         Ok(r) => r,
@@ -656,7 +656,7 @@ async fn update(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
     success(Family::Oapi, json!({}))
 }
 
-/// `GET /call_back/get_call_back` (API.md §3).
+/// `GET /call_back/get_call_back` (docs/dingtalk.md §3).
 async fn get_callback(State(shared): State<Arc<Shared>>) -> Response {
     let registration = shared.world().callback.clone();
     match registration {
@@ -668,7 +668,7 @@ async fn get_callback(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-/// `GET /call_back/delete_call_back` (API.md §3).
+/// `GET /call_back/delete_call_back` (docs/dingtalk.md §3).
 async fn delete_callback(State(shared): State<Arc<Shared>>) -> Response {
     let removed = shared.world().callback.take();
     match removed {
@@ -680,7 +680,7 @@ async fn delete_callback(State(shared): State<Arc<Shared>>) -> Response {
     }
 }
 
-/// `GET /call_back/get_call_back_failed_result` (API.md §3): ≤200 items, read-once, `has_more`.
+/// `GET /call_back/get_call_back_failed_result` (docs/dingtalk.md §3): ≤200 items, read-once, `has_more`.
 async fn failed_result(State(shared): State<Arc<Shared>>) -> Response {
     let (list, has_more) = {
         let mut world = shared.world();
@@ -699,7 +699,7 @@ async fn failed_result(State(shared): State<Arc<Shared>>) -> Response {
     )
 }
 
-/// Unknown paths: topapi answers errcode 22 "Invalid method" (probe, API.md §7); others 404.
+/// Unknown paths: topapi answers errcode 22 "Invalid method" (probe, docs/dingtalk.md §7); others 404.
 pub(crate) async fn fallback(req: Request) -> Response {
     let path = req.uri().path().trim_start_matches('/');
     if path.starts_with("topapi/") {

@@ -14,21 +14,21 @@ use serde::{Deserialize, Serialize};
 #[serde(default, deny_unknown_fields)]
 pub struct Faults {
     /// Added to every DingTalk API call (not to admin calls) before it is answered. DingTalk's
-    /// gateway gives up after 3 s (API.md §7), so more than 3000 makes a "slow DingTalk".
+    /// gateway gives up after 3 s (docs/dingtalk.md §7), so more than 3000 makes a "slow DingTalk".
     pub latency_ms: u64,
     /// Probability (0..=1) that an API call is answered with an HTTP 502 from the gateway instead
     /// of DingTalk's JSON.
     pub http_5xx_rate: f64,
     /// Per-endpoint limit of calls per trailing second (`"topapi/processinstance/get"` → 20);
     /// `"*"` limits every endpoint separately. Calls over the limit get errcode 88 / sub_code
-    /// 90002 (topapi) or 90002 (oapi), API.md §7. Rejected calls count too: DingTalk's counter
+    /// 90002 (topapi) or 90002 (oapi), docs/dingtalk.md §7. Rejected calls count too: DingTalk's counter
     /// sees every request. Empty = no limit (the default: real numbers are [UNCONFIRMED]).
     pub rate_limit_qps: BTreeMap<String, u32>,
     /// Errors queued for the next calls of an endpoint.
     pub inject: Vec<Injection>,
     /// The next N `processinstance/create` calls create the instance (it exists, its events are
     /// pushed) but the HTTP response is never sent: the request hangs until the client gives up
-    /// (API.md "What a faithful local emulator must reproduce", item 3: timeout after committing).
+    /// (docs/dingtalk.md §9, item 3: timeout after committing).
     pub lose_create_response: u32,
     /// Probability (0..=1) that a `processinstance/create` is committed but its response lost,
     /// as with `lose_create_response` (for load runs with a share of lost answers).
@@ -45,15 +45,15 @@ pub struct PushFaults {
     /// the attempt as failed, so the retry ladder (10 s, 30 s, failed list) applies.
     pub drop_rate: f64,
     /// Per attempt: the receiver gets the push and answers, but the answer is lost. DingTalk
-    /// counts a failure and retries, so the receiver sees the event again (API.md §6).
+    /// counts a failure and retries, so the receiver sees the event again (docs/dingtalk.md §6).
     pub lose_reply_rate: f64,
     /// Per event: DingTalk loses the event entirely: no push, no retry, not in the failed list.
     /// Only `listids` reconciliation can find what it was about.
     pub drop_forever_rate: f64,
-    /// Per event: the event is delivered twice (two independent deliveries, API.md §6).
+    /// Per event: the event is delivered twice (two independent deliveries, docs/dingtalk.md §6).
     pub duplicate_rate: f64,
     /// Per event: the first attempt is held back by a random delay up to `reorder_max_ms`, so
-    /// that later events overtake it (no ordering guarantee, API.md §6).
+    /// that later events overtake it (no ordering guarantee, docs/dingtalk.md §6).
     pub reorder_rate: f64,
     /// Upper bound of the reorder delay; 0 means 500 ms.
     pub reorder_max_ms: u64,
@@ -73,7 +73,7 @@ pub struct Injection {
 
 /// An error DingTalk can answer with. Rendered in the shape of the endpoint's family: topapi
 /// wraps gateway errors in errcode 88 with a `sub_code`, classic oapi endpoints use the code itself
-/// (API.md §1.3, §7).
+/// (docs/dingtalk.md §1.3, §7).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum InjectedError {

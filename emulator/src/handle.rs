@@ -38,7 +38,7 @@ pub struct StartInstance {
     /// Approvers in sequence, one per node. Default: the template's flow.
     #[serde(default)]
     pub approvers: Option<Vec<String>>,
-    /// Nodes as in `approvers_v2` (API.md §2.1); wins over `approvers`.
+    /// Nodes as in `approvers_v2` (docs/dingtalk.md §2.1); wins over `approvers`.
     #[serde(default)]
     pub approvers_v2: Option<Vec<NodeSpec>>,
     #[serde(default)]
@@ -81,7 +81,7 @@ pub struct Handle {
 }
 
 impl Handle {
-    /// The CorpId: the owner key of every push and `check_url` (register_call_back, API.md §4.5).
+    /// The CorpId: the owner key of every push and `check_url` (register_call_back, docs/dingtalk.md §4.5).
     pub fn corp_id(&self) -> &str {
         &self.shared.config.corp_id
     }
@@ -354,7 +354,7 @@ impl Handle {
     }
 
     /// Every item `get_call_back_failed_result` handed out, with when. The list is read-once
-    /// (API.md §3), so an item a caller did not store before it died is gone from DingTalk.
+    /// (docs/dingtalk.md §3), so an item a caller did not store before it died is gone from DingTalk.
     /// Empty unless the emulator was started with `keep_events`.
     pub fn failed_handed_out(&self) -> Vec<(DateTime<Utc>, Value)> {
         self.shared.world().failed_handed_out.clone()

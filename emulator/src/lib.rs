@@ -1,6 +1,6 @@
 //! A faithful local DingTalk, used by the tests, the benchmarks and the embedded default
-//! (`dingtalk.api_base = "emulator"`). It behaves as `API.md` says DingTalk behaves, not as the
-//! daemon would like; where API.md marks something [UNCONFIRMED] it takes the stricter reading
+//! (`dingtalk.api_base = "emulator"`). It behaves as the repository's `docs/dingtalk.md` says DingTalk behaves, not as the
+//! daemon would like; where those notes mark something unconfirmed it takes the stricter reading
 //! and says so where it does.
 //!
 //! What it serves (one axum server):
@@ -58,7 +58,7 @@ pub const DEFAULT_APP_SECRET: &str = "emulator-app-secret";
 #[derive(Clone)]
 pub struct EmulatorConfig {
     /// The organisation's CorpId: in pushes (`corpId`) and the owner key of every push and
-    /// `check_url`, since the callback is registered with `register_call_back` (API.md §4.5).
+    /// `check_url`, since the callback is registered with `register_call_back` (docs/dingtalk.md §4.5).
     pub corp_id: String,
     /// Credentials `gettoken` accepts; anything else gets 40096.
     pub app_key: String,

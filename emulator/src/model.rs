@@ -1,10 +1,10 @@
 //! The emulated organisation and its approvals: people and departments, approval templates with
 //! their forms, approval instances with their tasks and operation records, and the rules that move
 //! an instance along (start, agree, refuse, redirect, terminate). Every change returns the events
-//! DingTalk would push for it, already in the flat HTTP-push shape of API.md §5.2/§5.3.
+//! DingTalk would push for it, already in the flat HTTP-push shape of docs/dingtalk.md §5.2/§5.3.
 //!
-//! Owns: validation of what a create carries (API.md §2.1/§2.2), the approval flow, the
-//! `processinstance/get` view (API.md §2.3) and the event payloads. Pure: no I/O, no clock (the
+//! Owns: validation of what a create carries (docs/dingtalk.md §2.1/§2.2), the approval flow, the
+//! `processinstance/get` view (docs/dingtalk.md §2.3) and the event payloads. Pure: no I/O, no clock (the
 //! caller passes `now`), randomness only through [`Ids`] (seeded). Does not own: HTTP, tokens,
 //! pushes, faults.
 
@@ -18,21 +18,21 @@ use sha2::{Digest, Sha256};
 
 /// Error codes the emulator answers with for business and parameter errors. DingTalk publishes
 /// no table for the old approval API, so these are the documented or measured generic codes
-/// (API.md §7); the exact numbers for each case are [UNCONFIRMED]. A client must treat any
+/// (docs/dingtalk.md §7); the exact numbers for each case are [UNCONFIRMED]. A client must treat any
 /// non-zero errcode it does not know as a permanent rejection, which is what these exercise.
 pub mod errcode {
-    /// Missing or invalid parameter (probe log, API.md §7).
+    /// Missing or invalid parameter (probe log, docs/dingtalk.md §7).
     pub const PARAM: i64 = 40035;
-    /// Generic "not found": user, department, template, instance (measured by HSSDK, API.md §7).
+    /// Generic "not found": user, department, template, instance (measured by HSSDK, docs/dingtalk.md §7).
     pub const NOT_FOUND: i64 = 60121;
 }
 
-/// Most form values a create may carry: the doc says 200, the Java SDK checks 150 (API.md §2.1);
+/// Most form values a create may carry: the doc says 200, the Java SDK checks 150 (docs/dingtalk.md §2.1);
 /// the stricter one.
 pub const MAX_FORM_VALUES: usize = 150;
-/// Most approver nodes, approvers, cc users (API.md §2.1).
+/// Most approver nodes, approvers, cc users (docs/dingtalk.md §2.1).
 pub const MAX_APPROVERS: usize = 20;
-/// Longest form value (v1.0 limit, API.md §2.6; assumed for the old API too).
+/// Longest form value (v1.0 limit, docs/dingtalk.md §2.6; assumed for the old API too).
 pub const MAX_VALUE_CHARS: usize = 65_535;
 
 /// DingTalk's answer to a request it will not carry out: `errcode` and `errmsg`.
@@ -72,7 +72,7 @@ pub enum ActError {
     Invalid(String),
 }
 
-/// Beijing time (UTC+8), the zone of every time string of the old API (API.md §2.3).
+/// Beijing time (UTC+8), the zone of every time string of the old API (docs/dingtalk.md §2.3).
 pub fn beijing_offset() -> FixedOffset {
     FixedOffset::east_opt(8 * 3600).expect("UTC+8 is a valid offset")
 }
@@ -101,13 +101,13 @@ pub struct Template {
     pub name: String,
     pub controls: Vec<Control>,
     /// The template's configured flow: one approver per node, in sequence. Used when a create
-    /// names no approvers (API.md §2.1).
+    /// names no approvers (docs/dingtalk.md §2.1).
     #[serde(default)]
     pub default_approvers: Vec<String>,
 }
 
 /// One form control. For `DDDateRangeField` the label is the JSON text of both labels, which is
-/// what a create must send as `name` (API.md §2.2, stricter reading).
+/// what a create must send as `name` (docs/dingtalk.md §2.2, stricter reading).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Control {
@@ -304,7 +304,7 @@ pub struct Ids {
 impl Ids {
     pub fn new(seed: u64) -> Ids {
         let mut rng = StdRng::seed_from_u64(seed);
-        // 11-digit task ids like DingTalk's `61920249919` (API.md §5.3).
+        // 11-digit task ids like DingTalk's `61920249919` (docs/dingtalk.md §5.3).
         let next_task = 60_000_000_000 + rng.random_range(0..9_000_000_000_i64);
         let next_business = rng.random_range(0..1_000);
         Ids {
@@ -333,7 +333,7 @@ impl Ids {
         id
     }
 
-    /// Approval serial number: Beijing `yyyyMMddHHmm` + 6 digits (API.md §2.3 sample).
+    /// Approval serial number: Beijing `yyyyMMddHHmm` + 6 digits (docs/dingtalk.md §2.3 sample).
     pub fn business_id(&mut self, now: DateTime<Utc>) -> String {
         self.next_business = (self.next_business + 1) % 1_000_000;
         format!(
@@ -440,7 +440,7 @@ impl TaskResult {
     }
 }
 
-/// How the approvers of one node decide (`task_action_type`, API.md §2.1): `AND` everyone must
+/// How the approvers of one node decide (`task_action_type`, docs/dingtalk.md §2.1): `AND` everyone must
 /// agree, `OR` the first answer decides, `NONE` a single approver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -632,7 +632,7 @@ impl Instance {
             if spec.user_ids.is_empty() || spec.user_ids.len() > MAX_APPROVERS {
                 return Err(Rejection::param("审批节点的 user_ids 须为 1-20 个"));
             }
-            // `NONE` is a single-approver node (API.md §2.1); stricter reading: more is an error.
+            // `NONE` is a single-approver node (docs/dingtalk.md §2.1); stricter reading: more is an error.
             if spec.task_action_type == ActionType::None && spec.user_ids.len() != 1 {
                 return Err(Rejection::param(
                     "task_action_type NONE 的节点只能有一个审批人",
@@ -642,7 +642,7 @@ impl Instance {
                 org.person(u)?;
             }
         }
-        // cc_list is only effective together with approvers (API.md §2.1): ignored otherwise.
+        // cc_list is only effective together with approvers (docs/dingtalk.md §2.1): ignored otherwise.
         let cc = if explicit { req.cc } else { Vec::new() };
         if cc.len() > MAX_APPROVERS {
             return Err(Rejection::param("cc_list 最多 20 人"));
@@ -777,7 +777,7 @@ impl Instance {
                     ActionType::Or | ActionType::None => true,
                 };
                 if decided {
-                    // In an OR node the others' tasks are no longer needed (API.md §5.3 `cancel`).
+                    // In an OR node the others' tasks are no longer needed (docs/dingtalk.md §5.3 `cancel`).
                     self.cancel_open_tasks(corp_id, now, &mut events);
                     if node + 1 < self.nodes.len() {
                         self.current_node = node + 1;
@@ -900,7 +900,7 @@ impl Instance {
         });
     }
 
-    /// `bpms_instance_change` in the legacy flat HTTP-push shape (API.md §5.2): ms times,
+    /// `bpms_instance_change` in the legacy flat HTTP-push shape (docs/dingtalk.md §5.2): ms times,
     /// lower-case `corpId`, no `eventId`.
     fn instance_event(&self, corp_id: &str, kind: &str, now: DateTime<Utc>) -> Event {
         let mut p = Map::new();
@@ -936,7 +936,7 @@ impl Instance {
         }
     }
 
-    /// `bpms_task_change` (API.md §5.3): `taskId` a number, `staffId` the approver. `activityId`
+    /// `bpms_task_change` (docs/dingtalk.md §5.3): `taskId` a number, `staffId` the approver. `activityId`
     /// is left out: it is not in the 2026 field table [UNCONFIRMED], so a client must not need it.
     fn task_event(&self, corp_id: &str, index: usize, kind: &str, result: Option<&str>) -> Event {
         let task = &self.tasks[index];
@@ -977,7 +977,7 @@ impl Instance {
         }
     }
 
-    /// `process_instance` of `topapi/processinstance/get`, exactly as API.md §2.3 shows it:
+    /// `process_instance` of `topapi/processinstance/get`, exactly as docs/dingtalk.md §2.3 shows it:
     /// Beijing-time strings, `originator_dept_id` and `taskid` as strings, `finish_time` absent
     /// while open, `result` empty while running or when terminated.
     pub fn get_view(&self) -> Value {
@@ -1044,8 +1044,8 @@ impl Instance {
     }
 }
 
-/// Checks the form values of a create against the template (API.md §2.1/§2.2) and turns them
-/// into what `processinstance/get` reads back (API.md §2.3 "Read-back form values").
+/// Checks the form values of a create against the template (docs/dingtalk.md §2.1/§2.2) and turns them
+/// into what `processinstance/get` reads back (docs/dingtalk.md §2.3 "Read-back form values").
 fn validate_form(
     org: &Org,
     template: &Template,
@@ -1167,7 +1167,7 @@ fn read_back(
                 .collect();
             read = Value::Array(rows).to_string();
         }
-        // An empty multi-line text reads back as the literal "null" (API.md §2.3).
+        // An empty multi-line text reads back as the literal "null" (docs/dingtalk.md §2.3).
         "TextareaField" if empty => read = "null".into(),
         _ => {}
     }

@@ -2,14 +2,14 @@
 //! and the push of every event to the registered URL, with DingTalk's retry ladder and its
 //! failed-push list.
 //!
-//! A push (API.md §4.7, §6): encrypt and sign the flat event JSON with the registered token and
-//! AES key for the **CorpId** (register_call_back is enterprise-level, API.md §4.5), POST it with
+//! A push (docs/dingtalk.md §4.7, §6): encrypt and sign the flat event JSON with the registered token and
+//! AES key for the **CorpId** (register_call_back is enterprise-level, docs/dingtalk.md §4.5), POST it with
 //! query `signature`, 13-digit ms `timestamp`, 8-char `nonce` and body `{"encrypt"}`, and accept
 //! only HTTP 200 with a reply whose `msg_signature` verifies and whose `encrypt` opens to
 //! `success` for the same token, key and CorpId, within 1500 ms. Anything else fails the attempt:
 //! retry after 10 s, then after 30 s (× `time_scale`), then park the event in the failed list.
 //! Every event is delivered by its own task, so deliveries of different events run concurrently
-//! and may overtake each other (no ordering guarantee, API.md §6).
+//! and may overtake each other (no ordering guarantee, docs/dingtalk.md §6).
 //!
 //! Owns: sealing, posting, checking replies, the retry ladder, push faults. Does not own: what
 //! events say (`model`), the failed list's storage (`state`).
@@ -30,14 +30,14 @@ use super::{
 };
 use dingsync_crypto::{self as crypto, CallbackCrypto};
 
-/// DingTalk's answer deadline, real time whatever `time_scale` says (API.md §4.7).
+/// DingTalk's answer deadline, real time whatever `time_scale` says (docs/dingtalk.md §4.7).
 pub const DEADLINE: Duration = Duration::from_millis(1_500);
-/// Retry ladder in DingTalk seconds: after the first failure 10 s, after the second 30 s (API.md §6).
+/// Retry ladder in DingTalk seconds: after the first failure 10 s, after the second 30 s (docs/dingtalk.md §6).
 const RETRY_AFTER_SECS: [f64; 2] = [10.0, 30.0];
 /// Default upper bound of the reorder delay.
 const REORDER_MAX_DEFAULT_MS: u64 = 500;
 
-/// The reply DingTalk requires, field names exact, every field a string (API.md §4.7). Anything
+/// The reply DingTalk requires, field names exact, every field a string (docs/dingtalk.md §4.7). Anything
 /// that does not deserialize into this (a number `timeStamp`, a plain `success`) is a failure.
 #[derive(Deserialize)]
 struct Reply {
@@ -67,7 +67,7 @@ pub(crate) async fn post_sealed(
     owner_key: &str,
     message: &str,
 ) -> Result<(), String> {
-    // 13-digit ms timestamp and 8-char nonce, as DingTalk sends in practice (API.md §4.7).
+    // 13-digit ms timestamp and 8-char nonce, as DingTalk sends in practice (docs/dingtalk.md §4.7).
     let timestamp = Utc::now().timestamp_millis().to_string();
     let nonce = crypto::random_nonce(8);
     let sealed = crypto.seal(message, owner_key, &timestamp, &nonce);
@@ -115,7 +115,7 @@ fn describe(e: &reqwest::Error) -> String {
     }
 }
 
-/// The `check_url` handshake (API.md §3, §5.1): an encrypted `{"EventType":"check_url"}` to the
+/// The `check_url` handshake (docs/dingtalk.md §3, §5.1): an encrypted `{"EventType":"check_url"}` to the
 /// URL being registered, with the token and key being registered; it must answer `success`.
 pub(crate) async fn check_url(shared: &Shared, registration: &Registration) -> Result<(), String> {
     let crypto = CallbackCrypto::new(&registration.token, &registration.aes_key)

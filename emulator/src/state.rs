@@ -2,8 +2,8 @@
 //! callback, the failed-push list, the call log and the fault knobs, all behind one mutex (never
 //! held across an `.await`). [`Handle`](crate::Handle) (`handle`) is the Rust face of it.
 //!
-//! Owns: token issue/renewal/expiry (API.md §1.1), the failed list's read-once semantics
-//! (API.md §3), `listids` filtering and paging (API.md §2.4), call counting and rate limiting.
+//! Owns: token issue/renewal/expiry (docs/dingtalk.md §1.1), the failed list's read-once semantics
+//! (docs/dingtalk.md §3), `listids` filtering and paging (docs/dingtalk.md §2.4), call counting and rate limiting.
 //! Does not own: HTTP shapes (`api`), delivering pushes (`push`), the approval rules (`model`),
 //! acting on it from Rust (`handle`). It uses only `model` and `faults`, so that `push` and
 //! `handle` can build on it without a cycle.
@@ -26,24 +26,24 @@ use super::{
     model::{ActError, Action, Ctx, Event, Ids, Instance, Org, Rejection},
 };
 
-/// `expires_in` DingTalk reports for an access token, in seconds (API.md §1.1).
+/// `expires_in` DingTalk reports for an access token, in seconds (docs/dingtalk.md §1.1).
 pub const TOKEN_EXPIRES_IN: u64 = 7_200;
 /// Calls per endpoint whose arrival times are kept (for rate checks in tests).
 const CALL_TIMES_KEPT: usize = 100_000;
 /// Push records kept for inspection.
 const PUSH_LOG_KEPT: usize = 10_000;
-/// Most items one `get_call_back_failed_result` returns (API.md §3).
+/// Most items one `get_call_back_failed_result` returns (docs/dingtalk.md §3).
 pub const FAILED_PAGE: usize = 200;
-/// Failed pushes are readable 3–5 minutes after the last retry failed (API.md §6, 2026 doc).
+/// Failed pushes are readable 3–5 minutes after the last retry failed (docs/dingtalk.md §6, 2026 doc).
 const FAILED_VISIBLE_AFTER_SECS: std::ops::RangeInclusive<f64> = 180.0..=300.0;
-/// Failed pushes are kept one week (API.md §6, older doc).
+/// Failed pushes are kept one week (docs/dingtalk.md §6, older doc).
 const FAILED_KEPT_SECS: f64 = 7.0 * 24.0 * 3600.0;
 
 /// What [`Handle`] and every part of the emulator share.
 pub(crate) struct Shared {
     pub config: EmulatorConfig,
     pub world: Mutex<World>,
-    /// Client for pushes and `check_url`: DingTalk's 1500 ms deadline (API.md §4.7), no proxy,
+    /// Client for pushes and `check_url`: DingTalk's 1500 ms deadline (docs/dingtalk.md §4.7), no proxy,
     /// no redirects.
     pub push_http: reqwest::Client,
     pub shutdown: CancellationToken,
@@ -62,7 +62,7 @@ impl Shared {
     }
 }
 
-/// The registered callback (API.md §3). `Debug` hides the secrets.
+/// The registered callback (docs/dingtalk.md §3). `Debug` hides the secrets.
 #[derive(Clone, PartialEq, Eq, Serialize)]
 pub struct Registration {
     pub call_back_tag: Vec<String>,
@@ -246,13 +246,13 @@ impl World {
         match &self.token {
             Some(t) if t.value == given && now < t.expires_at => Ok(()),
             // Unknown, revoked or expired: DingTalk answers all three as "不合法的access_token"
-            // (API.md §1.3).
+            // (docs/dingtalk.md §1.3).
             _ => Err(TokenProblem::Invalid),
         }
     }
 
     /// `gettoken`: the same token while it is valid, its validity extended; a new one otherwise
-    /// (API.md §1.1).
+    /// (docs/dingtalk.md §1.1).
     pub fn issue_token(&mut self, now: Instant, ttl: Duration) -> String {
         match &mut self.token {
             Some(t) if now < t.expires_at => {
@@ -280,7 +280,7 @@ impl World {
             .insert(instance.process_instance_id.clone(), instance);
     }
 
-    /// `listids` (API.md §2.4): instances of `process_code` created in `[start, end]` (ms),
+    /// `listids` (docs/dingtalk.md §2.4): instances of `process_code` created in `[start, end]` (ms),
     /// optionally only by `userids`, ordered by create time, `size` from `cursor`. The second
     /// value is the next cursor, `None` on the last page. At most `MAX_REACHABLE` ids per query.
     pub fn list_ids(
@@ -317,7 +317,7 @@ impl World {
         (page, next)
     }
 
-    /// Puts an event whose retries all failed into the failed list (API.md §3, §6).
+    /// Puts an event whose retries all failed into the failed list (docs/dingtalk.md §3, §6).
     pub fn park(&mut self, event: &Event, corp_id: &str, now: Instant, shared_scale: f64) {
         let delay = self.fault_rng.random_range(FAILED_VISIBLE_AFTER_SECS) * shared_scale;
         let visible_at = now + Duration::from_secs_f64(delay.max(0.0));
@@ -338,7 +338,7 @@ impl World {
     }
 
     /// `get_call_back_failed_result`: up to 200 readable items, removed as they are returned
-    /// (there is no cursor, so the list is read-once; API.md §3 [UNCONFIRMED: inferred]).
+    /// (there is no cursor, so the list is read-once; docs/dingtalk.md §3 [UNCONFIRMED: inferred]).
     pub fn take_failed(&mut self, now: Instant) -> (Vec<Value>, bool) {
         self.failed.retain(|f| now < f.expires_at);
         let mut taken = Vec::new();

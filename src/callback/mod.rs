@@ -1,6 +1,6 @@
 //! `POST /dingtalk/callback`: verify → decrypt → check the owner key → store (group commit) →
 //! reply with the encrypted `success`. No commit, no `success`: when anything fails DingTalk gets
-//! an error status and retries (API.md §4.7, §6).
+//! an error status and retries (docs/dingtalk.md §4.7, §6).
 //!
 //! Owns the HTTP exchange only; what an event means is `event`, storing it is `ingest`.
 
@@ -36,7 +36,7 @@ pub struct CallbackState {
 }
 
 /// Query of a push. Current docs say `signature`/`timestamp`, older ones `msg_signature`/`timeStamp`:
-/// accept both (API.md §4.7).
+/// accept both (docs/dingtalk.md §4.7).
 #[derive(Debug, Deserialize)]
 pub struct PushQuery {
     signature: Option<String>,

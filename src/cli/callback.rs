@@ -1,5 +1,5 @@
 //! `dingsync callback register|show|update|delete`: the callback registration at DingTalk
-//! (API.md §3), made with the configured token, AES key and public URL. DingTalk checks the URL
+//! (docs/dingtalk.md §3), made with the configured token, AES key and public URL. DingTalk checks the URL
 //! with an encrypted `check_url` before it accepts a registration, so `serve` must already be
 //! reachable there.
 
@@ -86,7 +86,7 @@ fn registration(config: &Config) -> anyhow::Result<CallbackRegistration> {
     })
 }
 
-/// DingTalk's callback errcodes (API.md §3, §7) with what to do about them.
+/// DingTalk's callback errcodes (docs/dingtalk.md §3, §7) with what to do about them.
 fn explain(e: dingtalk::Error, url: &str) -> anyhow::Error {
     let hint = match &e {
         dingtalk::Error::Rejected { errcode: 71006, .. } => {

@@ -418,7 +418,7 @@ fn crypto_round_trip(config: &Config) -> Finding {
     }
 }
 
-/// CorpId for a `register_call_back` registration, AppKey for a console subscription (API.md
+/// CorpId for a `register_call_back` registration, AppKey for a console subscription (docs/dingtalk.md
 /// §4.5): the commonest reason DingTalk's pushes are refused.
 fn owner_key(config: &Config, registered_through_api: bool) -> Finding {
     const CHECK: &str = "owner key";

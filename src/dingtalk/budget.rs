@@ -1,6 +1,6 @@
 //! The app's request budget, shared by every replica (`dingsync.rate_budget`): calls are given
 //! slots 1/qps apart (GCRA), taken in one row update, so no one-second window ever holds more than
-//! `dingtalk.qps` calls whichever replica makes them (API.md §7: 20 per app per API is the
+//! `dingtalk.qps` calls whichever replica makes them (docs/dingtalk.md §7: 20 per app per API is the
 //! commonly quoted limit; we apply it to the app as a whole, the stricter reading).
 //!
 //! Priorities: live sync may queue for slots far ahead; outbox creates only a little; bulk work
@@ -88,7 +88,7 @@ impl Budget {
 
     /// DingTalk answered "call frequency over limit" (88/90002, 90002, HTTP 429): its own counter
     /// is full, and its real limit may be below `dingtalk.qps` (the numbers are [UNCONFIRMED],
-    /// API.md §7). DingTalk counts the calls it refuses too, so if every call only backed off on
+    /// docs/dingtalk.md §7). DingTalk counts the calls it refuses too, so if every call only backed off on
     /// its own, the others would keep its window full and nothing would get through. Instead the
     /// whole app goes quiet: no replica's next slot is earlier than `pause` from now, and this
     /// process's calls already holding a slot take a new one behind the pause. Refusals during

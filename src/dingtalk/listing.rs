@@ -1,4 +1,4 @@
-//! The one paginator of `topapi/processinstance/listids` (API.md §2.4): the instance ids of one
+//! The one paginator of `topapi/processinstance/listids` (docs/dingtalk.md §2.4): the instance ids of one
 //! template created in a window, optionally only one originator's, page by page. The outbox's
 //! lost-answer search, the backfill job and the drift report all list through it.
 //!
@@ -12,7 +12,7 @@ use super::{Client, Error, Priority, types::ListIds};
 /// Ids asked for per page.
 pub const PAGE: u32 = 20;
 /// Most ids one listing reaches: past them DingTalk ends the listing without saying there are
-/// more (API.md §2.4).
+/// more (docs/dingtalk.md §2.4).
 pub const ID_CAP: u64 = 10_000;
 
 /// A listing in progress; [`IdListing::next_page`] fetches the next page.

@@ -1,4 +1,4 @@
-//! DingTalk API client (the old oapi/topapi family, API.md §1–§3): typed requests and responses,
+//! DingTalk API client (the old oapi/topapi family, docs/dingtalk.md §1–§3): typed requests and responses,
 //! one shared access token (`token`), one shared request budget (`budget`), and errors classified
 //! so that callers can act on them. Every outbound feature talks to DingTalk through [`Client`].
 //!
@@ -111,7 +111,7 @@ impl Client {
         &self.inner.tokens
     }
 
-    /// `topapi/processinstance/create` (API.md §2.1). Not idempotent: never repeated after it may
+    /// `topapi/processinstance/create` (docs/dingtalk.md §2.1). Not idempotent: never repeated after it may
     /// have reached DingTalk.
     pub async fn create_instance(&self, request: &CreateInstance) -> Result<String, Error> {
         let r: CreateInstanceResponse = self
@@ -126,7 +126,7 @@ impl Client {
         Ok(r.process_instance_id)
     }
 
-    /// `topapi/processinstance/get` (API.md §2.3), as live work.
+    /// `topapi/processinstance/get` (docs/dingtalk.md §2.3), as live work.
     pub async fn get_instance(&self, process_instance_id: &str) -> Result<ProcessInstance, Error> {
         self.get_instance_at(process_instance_id, Priority::Live)
             .await
@@ -151,7 +151,7 @@ impl Client {
         Ok(r.process_instance)
     }
 
-    /// `topapi/processinstance/listids` (API.md §2.4): one page.
+    /// `topapi/processinstance/listids` (docs/dingtalk.md §2.4): one page.
     pub async fn list_instance_ids(
         &self,
         request: &ListIds,
@@ -169,7 +169,7 @@ impl Client {
         Ok(r.result)
     }
 
-    /// `call_back/register_call_back` (API.md §3). DingTalk first sends `check_url` to the URL.
+    /// `call_back/register_call_back` (docs/dingtalk.md §3). DingTalk first sends `check_url` to the URL.
     pub async fn register_callback(&self, request: &CallbackRegistration) -> Result<(), Error> {
         let _: Value = self
             .call(
@@ -291,7 +291,7 @@ impl Client {
                     attempt -= 1; // a refresh is not one of the retries
                 }
                 Outcome::RetryRate(errcode) => {
-                    // One second: DingTalk counts calls per second (API.md §7).
+                    // One second: DingTalk counts calls per second (docs/dingtalk.md §7).
                     if let Err(e) = inner.budget.throttled(Duration::from_secs(1)).await {
                         tracing::warn!(error = %e, "could not pause the shared rate budget");
                     }
@@ -384,12 +384,12 @@ enum Classified {
 }
 
 /// Reads `errcode` / `sub_code` of a topapi/oapi answer (HTTP 200 with errcode ≠ 0 on error;
-/// API.md §1.3, §7).
+/// docs/dingtalk.md §1.3, §7).
 fn classify(text: &str) -> Result<(), Classified> {
     let value: Value = serde_json::from_str(text)
         .map_err(|e| Classified::Gateway(format!("answer is not JSON ({e})")))?;
     // Every oapi/topapi answer carries errcode; one without it is not DingTalk's API speaking
-    // (e.g. the gateway's flood-ban page `{"status":1111,"wait":5,"punish":"deny"}`, API.md §7),
+    // (e.g. the gateway's flood-ban page `{"status":1111,"wait":5,"punish":"deny"}`, docs/dingtalk.md §7),
     // so it must not be read as success.
     let Some(errcode) = value.get("errcode").and_then(Value::as_i64) else {
         if value.get("punish").is_some() {
@@ -418,7 +418,7 @@ fn classify(text: &str) -> Result<(), Classified> {
         }
         (90002 | 90019, _) | (88, Some("90002" | "90019")) => Err(Classified::Rate(errcode)),
         // -1: system busy; 15: gateway/remote timeout; 88 without a sub_code: gateway timeout
-        // (API.md §7).
+        // (docs/dingtalk.md §7).
         (-1 | 15, _) | (88, None | Some("")) => {
             Err(Classified::Gateway(format!("errcode {errcode}: {errmsg}")))
         }

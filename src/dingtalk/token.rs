@@ -1,4 +1,4 @@
-//! The access token, shared by every replica through `dingsync.access_tokens` (API.md §1.1).
+//! The access token, shared by every replica through `dingsync.access_tokens` (docs/dingtalk.md §1.1).
 //!
 //! In a process, callers share a cached copy; when it must be fetched, one task fetches while the
 //! others wait (a local mutex), and across processes one replica fetches while the others wait (a
@@ -87,7 +87,7 @@ impl Tokens {
     /// Asks DingTalk for a token with the configured credentials, whatever is cached or stored
     /// (for `dingsync doctor`: a token shared in the database says nothing about whether the
     /// configured secret is still right). While a token is valid, DingTalk answers with the same
-    /// one (API.md §1.1), so this changes nothing for running replicas.
+    /// one (docs/dingtalk.md §1.1), so this changes nothing for running replicas.
     pub async fn check_credentials(&self) -> Result<(), Error> {
         self.fetch().await.map(|_| ())
     }
@@ -157,7 +157,7 @@ impl Tokens {
         Ok((token, expires_at))
     }
 
-    /// `GET /gettoken` (API.md §1.1). Not retried here ([`super::Client`] retries a call whose
+    /// `GET /gettoken` (docs/dingtalk.md §1.1). Not retried here ([`super::Client`] retries a call whose
     /// token fetch failed transiently); an answer with a business errcode (bad credentials) is
     /// final. Busy, gateway and rate-limit answers are not: they say nothing about the credentials.
     async fn fetch(&self) -> Result<(String, DateTime<Utc>), Error> {

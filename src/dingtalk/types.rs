@@ -1,8 +1,8 @@
-//! Requests and responses of the oapi/topapi calls, with DingTalk's field names (API.md §2–§3).
+//! Requests and responses of the oapi/topapi calls, with DingTalk's field names (docs/dingtalk.md §2–§3).
 
 use serde::{Deserialize, Serialize};
 
-/// `topapi/processinstance/create` body (API.md §2.1).
+/// `topapi/processinstance/create` body (docs/dingtalk.md §2.1).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct CreateInstance {
     pub process_code: String,
@@ -28,7 +28,7 @@ pub struct ApproverNode {
     pub user_ids: Vec<String>,
 }
 
-/// One form value: `value` is always a string (API.md §2.2).
+/// One form value: `value` is always a string (docs/dingtalk.md §2.2).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct FormValue {
     pub name: String,
@@ -47,7 +47,7 @@ pub(super) struct GetInstanceResponse {
     pub process_instance: ProcessInstance,
 }
 
-/// `processinstance/get` → `process_instance` (API.md §2.3). Times are Beijing-time strings.
+/// `processinstance/get` → `process_instance` (docs/dingtalk.md §2.3). Times are Beijing-time strings.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ProcessInstance {
     #[serde(default)]
@@ -75,7 +75,7 @@ pub struct ProcessInstance {
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct InstanceTask {
-    /// A string here, a number in events (API.md §2.3).
+    /// A string here, a number in events (docs/dingtalk.md §2.3).
     pub taskid: String,
     #[serde(default)]
     pub userid: Option<String>,
@@ -90,7 +90,7 @@ pub struct InstanceTask {
     pub activity_id: Option<String>,
 }
 
-/// `processinstance/listids` body (API.md §2.4): times in epoch ms, `size` ≤ 20.
+/// `processinstance/listids` body (docs/dingtalk.md §2.4): times in epoch ms, `size` ≤ 20.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ListIds {
     pub process_code: String,
@@ -117,7 +117,7 @@ pub struct IdPage {
     pub next_cursor: Option<u64>,
 }
 
-/// Body of register/update, and the answer of get_call_back (API.md §3).
+/// Body of register/update, and the answer of get_call_back (docs/dingtalk.md §3).
 #[derive(Clone, Serialize, Deserialize, PartialEq)]
 pub struct CallbackRegistration {
     pub call_back_tag: Vec<String>,

@@ -1,6 +1,6 @@
 //! The outbox worker: turns `dingsync.outbox` rows into DingTalk approvals, each exactly once.
 //!
-//! DingTalk's create API has no idempotency key (API.md §2.1, §7), so exactly-once rests on three
+//! DingTalk's create API has no idempotency key (docs/dingtalk.md §2.1, §7), so exactly-once rests on three
 //! rules:
 //! 1. A row is claimed (`FOR UPDATE SKIP LOCKED`, a short transaction, a lease) before its create
 //!    is sent, so two workers never send the same row; the create runs outside any transaction.
@@ -44,7 +44,7 @@ use crate::{
     store::outbox::{self as store, Claim, OutboxRow, Work},
 };
 
-/// listids filters by DingTalk's create time (API.md §2.4) and our times come from PostgreSQL's
+/// listids filters by DingTalk's create time (docs/dingtalk.md §2.4) and our times come from PostgreSQL's
 /// clock: the search window is widened by this much on each side for the two clocks to disagree.
 const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
 /// How long a stopping worker waits for creates in flight before it abandons them (as `unknown`).

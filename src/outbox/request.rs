@@ -1,4 +1,4 @@
-//! An outbox row as the `processinstance/create` request DingTalk takes (API.md §2.1, §2.2), and
+//! An outbox row as the `processinstance/create` request DingTalk takes (docs/dingtalk.md §2.1, §2.2), and
 //! the test of whether an instance found later is the one a row asked for.
 //!
 //! The outbox stores form values as JSON for the app's convenience (numbers, arrays, tables);
@@ -37,7 +37,7 @@ pub fn form_values(values: &Value) -> Result<Vec<FormValue>, String> {
         .map(|(i, item)| {
             let name = match item.get("name") {
                 Some(Value::String(s)) => s.clone(),
-                // A date range names both its labels: JSON text of the pair (API.md §2.2).
+                // A date range names both its labels: JSON text of the pair (docs/dingtalk.md §2.2).
                 Some(v @ Value::Array(_)) => v.to_string(),
                 _ => return Err(format!("form_values[{i}].name is not text")),
             };
@@ -126,7 +126,7 @@ fn approver_nodes(approvers: &Value) -> Result<Vec<ApproverNode>, String> {
         .collect()
 }
 
-/// Controls whose value reads back from `processinstance/get` exactly as it was sent (API.md
+/// Controls whose value reads back from `processinstance/get` exactly as it was sent (docs/dingtalk.md
 /// §2.3). Others are rewritten by DingTalk (people become names, tables gain row metadata,
 /// attachments gain numeric sizes), so they cannot be compared.
 const VERBATIM: &[&str] = &[

@@ -1,5 +1,5 @@
 //! The `backfill` job and `dingsync backfill`: finds approvals no event announced by listing
-//! instance ids per process_code (`processinstance/listids`, API.md §2.4), and fetches those the
+//! instance ids per process_code (`processinstance/listids`, docs/dingtalk.md §2.4), and fetches those the
 //! database does not have.
 //!
 //! DingTalk's limits, checked here before any request so that an operator gets a clear message
@@ -7,7 +7,7 @@
 //! and reaches at most 10 000 ids (a window that hits the cap is halved and listed again).
 //! Windows overlap by `reconcile.backfill_overlap_s`, so an instance created at a window's edge
 //! (or with a clock skew between us and DingTalk) is not missed. `size` is 20: the doc's maximum
-//! (the Java SDK comment says 10, API.md marks it [UNCONFIRMED]; the emulator takes 20 like the
+//! (the Java SDK comment says 10, docs/dingtalk.md §2.4 marks it unconfirmed; the emulator takes 20 like the
 //! doc, so a DingTalk refusing 20 would show up as a clear errcode, never as missed ids).
 //!
 //! The cursor (window and page) is committed to `dingsync.sync_state` after every page, so an
@@ -33,9 +33,9 @@ use crate::{
     },
 };
 
-/// Longest window DingTalk accepts (API.md §2.4).
+/// Longest window DingTalk accepts (docs/dingtalk.md §2.4).
 pub const MAX_WINDOW: Duration = Duration::days(120);
-/// How far back a window may start (API.md §2.4).
+/// How far back a window may start (docs/dingtalk.md §2.4).
 pub const MAX_AGE: Duration = Duration::days(365);
 /// Margin kept from the 365-day limit: the run takes time, and our clock and DingTalk's differ.
 const AGE_MARGIN: Duration = Duration::hours(1);
@@ -72,7 +72,7 @@ pub fn check_since(since: DateTime<Utc>, now: DateTime<Utc>) -> anyhow::Result<(
     }
     if since < now - MAX_AGE + AGE_MARGIN {
         bail!(
-            "--since {} is too far back: DingTalk's listids only lists instances created in the last 365 days (API.md §2.4); use a date after {}",
+            "--since {} is too far back: DingTalk's listids only lists instances created in the last 365 days (docs/dingtalk.md §2.4); use a date after {}",
             since.date_naive(),
             (now - MAX_AGE + AGE_MARGIN + Duration::days(1)).date_naive()
         );
@@ -145,7 +145,7 @@ pub async fn run(
                 let half = (end - start) / 2;
                 if half < MIN_WINDOW {
                     bail!(
-                        "more than {ID_CAP} approvals of {process_code} were created between {} and {}: listids cannot list them (API.md §2.4)",
+                        "more than {ID_CAP} approvals of {process_code} were created between {} and {}: listids cannot list them (docs/dingtalk.md §2.4)",
                         start.to_rfc3339(),
                         end.to_rfc3339()
                     );

@@ -1,5 +1,5 @@
-//! The `failed` job: drains `call_back/get_call_back_failed_result` (API.md §3), the list of
-//! pushes DingTalk gave up on. The list is read-once (no cursor: what it returns is gone, API.md
+//! The `failed` job: drains `call_back/get_call_back_failed_result` (docs/dingtalk.md §3), the list of
+//! pushes DingTalk gave up on. The list is read-once (no cursor: what it returns is gone, docs/dingtalk.md
 //! §3 [UNCONFIRMED: inferred], we take that stricter reading), so:
 //! - only the job's leader calls it (the scheduler's advisory lock), and never twice at once;
 //! - the database is checked before each call, so a known-down database loses nothing;

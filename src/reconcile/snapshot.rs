@@ -1,4 +1,4 @@
-//! What a `processinstance/get` answer (API.md §2.3) means for our tables: a pure translation of
+//! What a `processinstance/get` answer (docs/dingtalk.md §2.3) means for our tables: a pure translation of
 //! [`ProcessInstance`] into a [`Snapshot`] with UTC times and the words the tables use. The
 //! snapshot's types are in `crate::snapshot` (so that `store` needs nothing from `reconcile`);
 //! applying it is `store::approvals::apply_snapshot`'s job.
@@ -115,7 +115,7 @@ fn non_empty(v: &Option<String>) -> Option<String> {
 }
 
 /// The old API's times: `"yyyy-MM-dd HH:mm:ss"` in Beijing time, UTC+8 all year (China has no
-/// daylight saving), API.md §2.3. Anything else reads as unknown rather than as a wrong time.
+/// daylight saving), docs/dingtalk.md §2.3. Anything else reads as unknown rather than as a wrong time.
 pub fn beijing(text: &str) -> Option<DateTime<Utc>> {
     let local = NaiveDateTime::parse_from_str(text.trim(), "%Y-%m-%d %H:%M:%S").ok()?;
     Some((local - chrono::Duration::hours(8)).and_utc())

@@ -336,7 +336,7 @@ pub async fn assert_success(crypto: &CallbackCrypto, owner_key: &str, response: 
     assert_eq!(opened.message, "success");
 }
 
-/// An instance event as DingTalk's HTTP push sends it (API.md §5.2).
+/// An instance event as DingTalk's HTTP push sends it (docs/dingtalk.md §5.2).
 pub fn instance_event(
     pid: &str,
     kind: &str,
@@ -359,7 +359,7 @@ pub fn instance_event(
     v.to_string()
 }
 
-/// A task event (API.md §5.3).
+/// A task event (docs/dingtalk.md §5.3).
 pub fn task_event(
     pid: &str,
     task_id: i64,
