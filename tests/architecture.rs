@@ -329,6 +329,23 @@ fn cycles(graph: &BTreeMap<Vec<String>, BTreeSet<Vec<String>>>) -> Vec<Vec<Strin
     t.found
 }
 
+/// Every import of a module under the top-level module `top`: (importer, imported top-level
+/// module, imported module).
+fn imports_under<'a>(
+    graph: &'a BTreeMap<Vec<String>, BTreeSet<Vec<String>>>,
+    top: &'a str,
+) -> impl Iterator<Item = (String, &'a str, String)> + 'a {
+    graph
+        .iter()
+        .filter(move |(m, _)| m.first().map(String::as_str) == Some(top))
+        .flat_map(|(m, targets)| {
+            targets.iter().map(move |t| {
+                let target_top = t.first().map(String::as_str).unwrap_or("crate");
+                (name(m), target_top, name(t))
+            })
+        })
+}
+
 fn module(path: &str) -> Vec<String> {
     path.split("::").map(str::to_string).collect()
 }
@@ -385,18 +402,11 @@ fn leaves_import_nothing_of_the_daemon_above_them() {
     }
     // The store sits below every flow: it may know the configuration and the data it writes
     // (events and snapshots).
-    for (m, targets) in &graph {
-        if m.first().map(String::as_str) == Some("store") {
-            for t in targets {
-                let top = t.first().map(String::as_str).unwrap_or("crate");
-                assert!(
-                    matches!(top, "store" | "config" | "event" | "snapshot"),
-                    "{} imports {}: the store must not depend on the flows above it",
-                    name(m),
-                    name(t)
-                );
-            }
-        }
+    for (m, top, t) in imports_under(&graph, "store") {
+        assert!(
+            matches!(top, "store" | "config" | "event" | "snapshot"),
+            "{m} imports {t}: the store must not depend on the flows above it"
+        );
     }
 }
 
@@ -474,19 +484,11 @@ fn each_module_imports_nothing_docs_architecture_forbids_it() {
         ),
     ];
     for (module_name, not) in forbidden {
-        for (m, targets) in &graph {
-            if m.first().map(String::as_str) != Some(*module_name) {
-                continue;
-            }
-            for t in targets {
-                let top = t.first().map(String::as_str).unwrap_or("crate");
-                assert!(
-                    !not.contains(&top),
-                    "{} imports {}, which docs/ARCHITECTURE.md forbids",
-                    name(m),
-                    name(t)
-                );
-            }
+        for (m, top, t) in imports_under(&graph, module_name) {
+            assert!(
+                !not.contains(&top),
+                "{m} imports {t}, which docs/ARCHITECTURE.md forbids"
+            );
         }
     }
 }
