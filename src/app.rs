@@ -209,7 +209,18 @@ pub fn install_crypto_provider() {
 /// `dingsync serve`: run until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let bound = Duration::from_millis(config.server.shutdown_timeout_ms);
+    let generated_admin_token = config.emulator.admin_token.is_empty();
     let app = App::start(config).await?;
+    if let Some(emulator) = &app.emulator
+        && generated_admin_token
+    {
+        // Once, on stdout rather than in the log: the one secret ever shown, by design (it was
+        // made for this run, and without it nobody can use the admin API).
+        println!(
+            "embedded DingTalk emulator: admin API token for this run: {}",
+            emulator.admin_usage()
+        );
+    }
     shutdown_signal().await;
     tracing::info!(
         bound_ms = bound.as_millis() as u64,
@@ -244,6 +255,8 @@ async fn dingtalk_client(
                 people: (settings.people_pace_ms > 0)
                     .then(|| Duration::from_millis(settings.people_pace_ms)),
                 keep_events: false,
+                admin_token: (!settings.admin_token.is_empty())
+                    .then(|| settings.admin_token.expose().to_string()),
             },
             "127.0.0.1:0".parse().expect("literal address"),
         )

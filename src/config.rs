@@ -81,6 +81,8 @@ pub struct EmulatorSettings {
     pub people_pace_ms: u64,
     pub time_scale: f64,
     pub seed: u64,
+    /// Bearer token of the emulator's admin API; empty: a random one per run, printed once.
+    pub admin_token: Secret,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -207,6 +209,7 @@ impl Default for Config {
                 people_pace_ms: 2_000,
                 time_scale: 1.0,
                 seed: 0,
+                admin_token: Secret::default(),
             },
             log: LogConfig {
                 format: LogFormat::Text,
@@ -376,6 +379,16 @@ impl Config {
                 format!("must be an address like 127.0.0.1:9090 ({e})"),
             )
         })?;
+        let admin_token = self.emulator.admin_token.expose();
+        // It travels in an Authorization header; shorter ones are guessable.
+        let admin_token_ok = (16..=256).contains(&admin_token.len())
+            && admin_token.bytes().all(|b| b.is_ascii_graphic());
+        if !admin_token.is_empty() && !admin_token_ok {
+            return Err(invalid(
+                "emulator.admin_token",
+                "must be 16 to 256 visible ASCII characters without spaces (or empty: a random one per run)",
+            ));
+        }
         let url = &self.callback.public_url;
         if !(url.is_empty() || url.starts_with("https://") || url.starts_with("http://")) {
             return Err(invalid(
@@ -805,6 +818,23 @@ mod tests {
         assert!(err.starts_with("dingtalk.corp_id:"), "{err}");
         env.push(("DINGSYNC_DINGTALK_CORP_ID", "dingcorp"));
         load(SHIPPED, &env).unwrap();
+    }
+
+    #[test]
+    fn the_admin_token_comes_from_the_environment_is_checked_and_prints_as_stars() {
+        let token = "0123456789abcdef0123";
+        let config = load(SHIPPED, &[("DINGSYNC_EMULATOR_ADMIN_TOKEN", token)]).unwrap();
+        assert_eq!(config.emulator.admin_token.expose(), token);
+        assert!(!format!("{config:?}").contains(token));
+        for bad in ["short", "has a space in it ok?"] {
+            let err = load(SHIPPED, &[("DINGSYNC_EMULATOR_ADMIN_TOKEN", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("emulator.admin_token:") && !err.contains(bad),
+                "{err}"
+            );
+        }
     }
 
     #[test]

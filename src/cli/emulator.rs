@@ -4,6 +4,8 @@
 
 use std::process::ExitCode;
 
+use dingsync_emulator::{Emulator, EmulatorConfig};
+
 use crate::config::Config;
 
 pub async fn command(
@@ -22,11 +24,13 @@ pub async fn command(
         stop.cancel();
     });
     let settings = &config.emulator;
-    let mut emulator_config = dingsync_emulator::EmulatorConfig {
+    let mut emulator_config = EmulatorConfig {
         time_scale: settings.time_scale,
         seed: settings.effective_seed(),
         people: (settings.people_pace_ms > 0)
             .then(|| std::time::Duration::from_millis(settings.people_pace_ms)),
+        admin_token: (!settings.admin_token.is_empty())
+            .then(|| settings.admin_token.expose().to_string()),
         ..Default::default()
     };
     if !config.dingtalk.corp_id.is_empty() {
@@ -36,10 +40,22 @@ pub async fn command(
         emulator_config.app_key = config.dingtalk.app_key.clone();
         emulator_config.app_secret = config.dingtalk.app_secret.expose().to_string();
     }
-    println!(
-        "DingTalk emulator on http://{listen} (corp_id {}, app_key {}); Ctrl-C stops it",
-        emulator_config.corp_id, emulator_config.app_key
+    let (corp_id, app_key) = (
+        emulator_config.corp_id.clone(),
+        emulator_config.app_key.clone(),
     );
-    dingsync_emulator::serve(emulator_config, listen, shutdown).await?;
+    let emulator = Emulator::start(emulator_config, listen).await?;
+    println!(
+        "DingTalk emulator on {} (corp_id {corp_id}, app_key {app_key}); Ctrl-C stops it",
+        emulator.base_url()
+    );
+    if settings.admin_token.is_empty() {
+        // Once, by design: the token was made for this run and is useless without being shown.
+        println!("admin API token for this run: {}", emulator.admin_usage());
+    } else {
+        println!("admin API: send Authorization: Bearer <emulator.admin_token>");
+    }
+    shutdown.cancelled().await;
+    emulator.stop().await;
     Ok(ExitCode::SUCCESS)
 }
