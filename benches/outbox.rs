@@ -59,6 +59,7 @@ impl Run {
         let mut config = Config::default();
         config.database.url = Secret::new(format!("{}/{db_name}", server()));
         config.server.listen = "127.0.0.1:0".into();
+        config.dingtalk.api_base = dingsync::config::EMULATOR.into();
         config.dingtalk.qps = 0;
         config.emulator.people_pace_ms = 0;
         config.outbox.concurrency = arg("--concurrency", 16) as usize;

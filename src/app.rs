@@ -29,11 +29,11 @@ use crate::{
     jobs, outbox, scheduler, store,
 };
 
-/// CorpId the embedded emulator's organisation uses (and events without a corpId fall back to
-/// when no `dingtalk.corp_id` is configured in emulator mode).
+/// CorpId the embedded emulator's organisation uses (and events without a corpId fall back to):
+/// with `dingtalk.api_base = "emulator"`, `dingtalk.corp_id` must be empty.
 pub const EMULATOR_CORP_ID: &str = "dingemulatorcorp0000";
 
-/// AppKey of the embedded emulator's app (when `dingtalk.app_key` is empty).
+/// AppKey of the embedded emulator's app (`dingtalk.app_key` must be empty with the emulator).
 pub const EMULATOR_APP_KEY: &str = "dingemulatorappkey00";
 
 /// A running daemon.
@@ -209,7 +209,18 @@ pub fn install_crypto_provider() {
 /// `dingsync serve`: run until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let bound = Duration::from_millis(config.server.shutdown_timeout_ms);
+    let generated_admin_token = config.emulator.admin_token.is_empty();
     let app = App::start(config).await?;
+    if let Some(emulator) = &app.emulator
+        && generated_admin_token
+    {
+        // Once, on stdout rather than in the log: the one secret ever shown, by design (it was
+        // made for this run, and without it nobody can use the admin API).
+        println!(
+            "embedded DingTalk emulator: admin API token for this run: {}",
+            emulator.admin_usage()
+        );
+    }
     shutdown_signal().await;
     tracing::info!(
         bound_ms = bound.as_millis() as u64,
@@ -244,6 +255,8 @@ async fn dingtalk_client(
                 people: (settings.people_pace_ms > 0)
                     .then(|| Duration::from_millis(settings.people_pace_ms)),
                 keep_events: false,
+                admin_token: (!settings.admin_token.is_empty())
+                    .then(|| settings.admin_token.expose().to_string()),
             },
             "127.0.0.1:0".parse().expect("literal address"),
         )
@@ -313,34 +326,25 @@ fn router(state: Arc<CallbackState>, health: health::Health, config: &Config) ->
         ))
 }
 
-/// With the embedded emulator the callback secrets and app credentials may be left empty:
-/// generate them for this run (the daemon registers them with its own emulator). Against a real DingTalk validation has
-/// already required them.
+/// With the embedded emulator the organisation, callback secrets and app credentials are the
+/// emulator's own, generated for this run (the daemon registers them with its own emulator).
+/// Validation has refused any of them configured (they would be a real organisation's); they are
+/// overwritten all the same, so that no configured secret can reach the emulator even on a path
+/// that skipped validation. Against a real DingTalk validation has required them.
 fn resolve_emulator_defaults(config: &mut Config) {
     if !config.uses_emulator() {
         return;
     }
-    if config.dingtalk.corp_id.is_empty() {
-        config.dingtalk.corp_id = EMULATOR_CORP_ID.into();
-    }
-    if config.callback.token.is_empty() {
-        config.callback.token = Secret::new(crypto::random_nonce(32));
-    }
-    if config.callback.aes_key.is_empty() {
-        config.callback.aes_key = Secret::new(crypto::random_aes_key());
-    }
-    if config.callback.owner_key.is_empty() {
-        config.callback.owner_key = vec![config.dingtalk.corp_id.clone()];
-    }
-    if config.dingtalk.app_key.is_empty() {
-        config.dingtalk.app_key = EMULATOR_APP_KEY.into();
-    }
-    if config.dingtalk.app_secret.is_empty() {
-        config.dingtalk.app_secret = Secret::new(crypto::random_nonce(40));
-    }
+    config.dingtalk.corp_id = EMULATOR_CORP_ID.into();
+    config.dingtalk.app_key = EMULATOR_APP_KEY.into();
+    config.dingtalk.app_secret = Secret::new(crypto::random_nonce(40));
+    config.callback.token = Secret::new(crypto::random_nonce(32));
+    config.callback.aes_key = Secret::new(crypto::random_aes_key());
+    config.callback.owner_key = vec![EMULATOR_CORP_ID.into()];
+    config.callback.public_url = String::new();
     tracing::info!(
         corp_id = %config.dingtalk.corp_id,
-        "dingtalk.api_base = \"emulator\": callback token and AES key generated for this run where empty"
+        "dingtalk.api_base = \"emulator\": the emulator's organisation, callback token, AES key and app credentials generated for this run"
     );
 }
 

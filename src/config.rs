@@ -12,6 +12,8 @@ use crate::crypto::CallbackCrypto;
 
 /// The value of `dingtalk.api_base` that selects the in-process emulator.
 pub const EMULATOR: &str = "emulator";
+/// DingTalk's address, for the messages that tell an operator what to set.
+const DINGTALK_API: &str = "https://oapi.dingtalk.com";
 /// Prefix of environment overrides: `DINGSYNC_DATABASE_URL` sets `[database] url`.
 const ENV_PREFIX: &str = "DINGSYNC_";
 
@@ -81,6 +83,8 @@ pub struct EmulatorSettings {
     pub people_pace_ms: u64,
     pub time_scale: f64,
     pub seed: u64,
+    /// Bearer token of the emulator's admin API; empty: a random one per run, printed once.
+    pub admin_token: Secret,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -180,7 +184,9 @@ impl Default for Config {
                 owner_key: Vec::new(),
             },
             dingtalk: DingTalkConfig {
-                api_base: EMULATOR.into(),
+                // No default: the emulator runs only when a configuration asks for it by name
+                // (the shipped config.toml does), never because a key was left out.
+                api_base: String::new(),
                 app_key: String::new(),
                 app_secret: Secret::default(),
                 corp_id: String::new(),
@@ -207,6 +213,7 @@ impl Default for Config {
                 people_pace_ms: 2_000,
                 time_scale: 1.0,
                 seed: 0,
+                admin_token: Secret::default(),
             },
             log: LogConfig {
                 format: LogFormat::Text,
@@ -376,6 +383,16 @@ impl Config {
                 format!("must be an address like 127.0.0.1:9090 ({e})"),
             )
         })?;
+        let admin_token = self.emulator.admin_token.expose();
+        // It travels in an Authorization header; shorter ones are guessable.
+        let admin_token_ok = (16..=256).contains(&admin_token.len())
+            && admin_token.bytes().all(|b| b.is_ascii_graphic());
+        if !admin_token.is_empty() && !admin_token_ok {
+            return Err(invalid(
+                "emulator.admin_token",
+                "must be 16 to 256 visible ASCII characters without spaces (or empty: a random one per run)",
+            ));
+        }
         let url = &self.callback.public_url;
         if !(url.is_empty() || url.starts_with("https://") || url.starts_with("http://")) {
             return Err(invalid(
@@ -395,16 +412,8 @@ impl Config {
             ));
         }
         self.validate_outbox()?;
+        self.validate_api_base()?;
         let emulator = self.uses_emulator();
-        if !emulator {
-            let base = &self.dingtalk.api_base;
-            if !(base.starts_with("https://") || base.starts_with("http://")) {
-                return Err(invalid(
-                    "dingtalk.api_base",
-                    "must be \"emulator\" or an http(s) URL such as https://oapi.dingtalk.com",
-                ));
-            }
-        }
         // With the embedded emulator empty callback secrets are generated at start-up; against a
         // real DingTalk they must be the ones registered there.
         let token = self.callback.token.expose();
@@ -447,6 +456,67 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// `dingtalk.api_base` must be stated, and the embedded emulator never runs with a real
+    /// organisation's keys: it would register that organisation's callback secrets with a
+    /// stand-in, hand out its CorpId, and let simulated people and the demo app write approvals
+    /// into the database as if they came from that organisation. The check names keys, never
+    /// values.
+    fn validate_api_base(&self) -> Result<(), ConfigError> {
+        let base = &self.dingtalk.api_base;
+        let real = self.real_organisation_keys();
+        let keys = real.join(", ");
+        let verb = if real.len() == 1 { "is" } else { "are" };
+        if base.is_empty() {
+            let message = if real.is_empty() {
+                format!(
+                    "not set: set it to DingTalk's address ({DINGTALK_API}), or to \"{EMULATOR}\" to run the local stand-in"
+                )
+            } else {
+                format!(
+                    "not set, and {keys} {verb} set: set dingtalk.api_base to DingTalk's address ({DINGTALK_API}); the emulator never runs with a real organisation's secrets"
+                )
+            };
+            return Err(invalid("dingtalk.api_base", message));
+        }
+        if base == EMULATOR {
+            if !real.is_empty() {
+                return Err(invalid(
+                    "dingtalk.api_base",
+                    format!(
+                        "is \"{EMULATOR}\" but {keys} {verb} set: the emulator never runs with a real organisation's secrets; set dingtalk.api_base to DingTalk's address ({DINGTALK_API}) or remove {keys}"
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        if !(base.starts_with("https://") || base.starts_with("http://")) {
+            return Err(invalid(
+                "dingtalk.api_base",
+                format!("must be \"{EMULATOR}\" or an http(s) URL such as {DINGTALK_API}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The keys set that only make sense against a real organisation: its app's credentials, its
+    /// CorpId, and the callback as registered at DingTalk (secrets, owner keys, public URL). With
+    /// the embedded emulator all of them are generated or implied for the run.
+    pub fn real_organisation_keys(&self) -> Vec<&'static str> {
+        let (d, c) = (&self.dingtalk, &self.callback);
+        [
+            ("dingtalk.app_key", !d.app_key.is_empty()),
+            ("dingtalk.app_secret", !d.app_secret.is_empty()),
+            ("dingtalk.corp_id", !d.corp_id.is_empty()),
+            ("callback.token", !c.token.is_empty()),
+            ("callback.aes_key", !c.aes_key.is_empty()),
+            ("callback.owner_key", !c.owner_key.is_empty()),
+            ("callback.public_url", !c.public_url.is_empty()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
     }
 
     fn validate_outbox(&self) -> Result<(), ConfigError> {
@@ -712,10 +782,21 @@ mod tests {
         )
     }
 
+    /// The shipped config.toml without its `api_base` line.
+    fn without_api_base() -> String {
+        let line = "api_base = \"emulator\"\n";
+        assert!(SHIPPED.contains(line));
+        SHIPPED.replace(line, "")
+    }
+
     #[test]
     fn shipped_config_toml_is_valid_and_equals_the_defaults() {
         let config = load(SHIPPED, &[]).unwrap();
-        let defaults = Config::default();
+        assert_eq!(config.dingtalk.api_base, EMULATOR);
+        // api_base alone has no default: the shipped file names the emulator itself.
+        let mut defaults = Config::default();
+        assert_eq!(defaults.dingtalk.api_base, "");
+        defaults.dingtalk.api_base = EMULATOR.into();
         assert_eq!(
             toml::Table::try_from(&config).unwrap(),
             toml::Table::try_from(&defaults).unwrap(),
@@ -730,7 +811,7 @@ mod tests {
             &[
                 ("DINGSYNC_DATABASE_URL", "postgres://u@db:5432/x"),
                 ("DINGSYNC_DATABASE_MAX_CONNECTIONS", "32"),
-                ("DINGSYNC_CALLBACK_OWNER_KEY", "dingcorp, dingappkey"),
+                ("DINGSYNC_RECONCILE_PROCESS_CODES", "PROC-A, PROC-B"),
                 ("DINGSYNC_SERVER_LISTEN", "0.0.0.0:9000"),
                 ("DINGSYNC_EMULATOR_TIME_SCALE", "0.01"),
                 ("DINGSYNC_OUTBOX_ENABLED", "false"),
@@ -742,7 +823,7 @@ mod tests {
         assert_eq!(config.database.max_connections, 32);
         assert_eq!(config.emulator.time_scale, 0.01);
         assert!(!config.outbox.enabled);
-        assert_eq!(config.callback.owner_key, vec!["dingcorp", "dingappkey"]);
+        assert_eq!(config.reconcile.process_codes, vec!["PROC-A", "PROC-B"]);
         assert_eq!(config.server.listen, "0.0.0.0:9000");
     }
 
@@ -767,9 +848,16 @@ mod tests {
 
     #[test]
     fn bad_aes_key_names_the_key_and_the_rule() {
-        let err = load(SHIPPED, &[("DINGSYNC_CALLBACK_AES_KEY", "tooshort")])
-            .unwrap_err()
-            .to_string();
+        let err = load(
+            SHIPPED,
+            &[
+                ("DINGSYNC_DINGTALK_API_BASE", "https://oapi.dingtalk.com"),
+                ("DINGSYNC_CALLBACK_TOKEN", "tok123"),
+                ("DINGSYNC_CALLBACK_AES_KEY", "tooshort"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
             err.starts_with("callback.aes_key:") && err.contains("43"),
             "{err}"
@@ -805,6 +893,116 @@ mod tests {
         assert!(err.starts_with("dingtalk.corp_id:"), "{err}");
         env.push(("DINGSYNC_DINGTALK_CORP_ID", "dingcorp"));
         load(SHIPPED, &env).unwrap();
+    }
+
+    /// Each key that only makes sense against a real organisation, with a value that must never
+    /// appear in a message.
+    const REAL_KEYS: [(&str, &str, &str); 7] = [
+        (
+            "DINGSYNC_DINGTALK_APP_KEY",
+            "dingtalk.app_key",
+            "dingrealappkey777",
+        ),
+        (
+            "DINGSYNC_DINGTALK_APP_SECRET",
+            "dingtalk.app_secret",
+            "RealAppSecretValue777",
+        ),
+        (
+            "DINGSYNC_DINGTALK_CORP_ID",
+            "dingtalk.corp_id",
+            "dingrealcorp777",
+        ),
+        (
+            "DINGSYNC_CALLBACK_TOKEN",
+            "callback.token",
+            "RealCallbackToken777",
+        ),
+        (
+            "DINGSYNC_CALLBACK_AES_KEY",
+            "callback.aes_key",
+            "RealAesKey777RealAesKey777RealAesKey7770000",
+        ),
+        (
+            "DINGSYNC_CALLBACK_OWNER_KEY",
+            "callback.owner_key",
+            "dingrealowner777",
+        ),
+        (
+            "DINGSYNC_CALLBACK_PUBLIC_URL",
+            "callback.public_url",
+            "https://real777.example.com/dingtalk/callback",
+        ),
+    ];
+
+    #[test]
+    fn the_emulator_with_any_real_organisation_key_is_refused_naming_the_key_not_its_value() {
+        for (env, key, value) in REAL_KEYS {
+            let err = load(SHIPPED, &[(env, value)]).unwrap_err().to_string();
+            assert!(
+                err.starts_with("dingtalk.api_base: is \"emulator\" but ")
+                    && err.contains(&format!("{key} is set"))
+                    && err.contains("https://oapi.dingtalk.com")
+                    && err.contains(&format!("remove {key}")),
+                "{err}"
+            );
+            assert!(!err.contains(value), "the value of {key} leaked: {err}");
+        }
+        let all: Vec<(&str, &str)> = REAL_KEYS.iter().map(|(e, _, v)| (*e, *v)).collect();
+        let err = load(SHIPPED, &all).unwrap_err().to_string();
+        for (_, key, value) in REAL_KEYS {
+            assert!(err.contains(key) && !err.contains(value), "{err}");
+        }
+        assert!(err.contains(" are set"), "{err}");
+    }
+
+    #[test]
+    fn a_config_without_api_base_is_refused_and_with_secrets_is_pointed_at_dingtalk() {
+        let text = without_api_base();
+        let err = load(&text, &[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("dingtalk.api_base: not set: ")
+                && err.contains("https://oapi.dingtalk.com")
+                && err.contains("\"emulator\""),
+            "{err}"
+        );
+        let secrets = [
+            ("DINGSYNC_CALLBACK_TOKEN", "RealCallbackToken777"),
+            ("DINGSYNC_CALLBACK_OWNER_KEY", "dingrealcorp777"),
+        ];
+        let err = load(&text, &secrets).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "dingtalk.api_base: not set, and callback.token, callback.owner_key are set"
+            ) && err.contains("https://oapi.dingtalk.com"),
+            "{err}"
+        );
+        assert!(!err.contains("RealCallbackToken777") && !err.contains("dingrealcorp777"));
+    }
+
+    #[test]
+    fn a_standalone_emulator_at_its_url_takes_the_credentials_like_any_dingtalk() {
+        let mut env: Vec<(&str, &str)> = REAL_KEYS.iter().map(|(e, _, v)| (*e, *v)).collect();
+        env.push(("DINGSYNC_DINGTALK_API_BASE", "http://127.0.0.1:9090"));
+        let config = load(SHIPPED, &env).unwrap();
+        assert!(!config.uses_emulator());
+    }
+
+    #[test]
+    fn the_admin_token_comes_from_the_environment_is_checked_and_prints_as_stars() {
+        let token = "0123456789abcdef0123";
+        let config = load(SHIPPED, &[("DINGSYNC_EMULATOR_ADMIN_TOKEN", token)]).unwrap();
+        assert_eq!(config.emulator.admin_token.expose(), token);
+        assert!(!format!("{config:?}").contains(token));
+        for bad in ["short", "has a space in it ok?"] {
+            let err = load(SHIPPED, &[("DINGSYNC_EMULATOR_ADMIN_TOKEN", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("emulator.admin_token:") && !err.contains(bad),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{CORP_ID, TestApp, TestDb, install_crypto_provider, test_config};
+use common::{CORP_ID, TestApp, TestDb, embedded_emulator, install_crypto_provider, test_config};
 use dingsync::{
     cli::callback::{self as manage, Action},
     config::{Config, Secret},
@@ -370,11 +370,9 @@ async fn registration_fails_clearly_when_the_daemon_has_another_aes_key_or_owner
 async fn an_approval_made_in_the_emulator_lands_completed_in_the_database() {
     let db = TestDb::new();
     let app = TestApp::spawn_on(db, |c| {
-        c.dingtalk.api_base = "emulator".into();
+        embedded_emulator(c);
         c.emulator.people_pace_ms = 0;
         c.emulator.time_scale = 0.01;
-        c.dingtalk.app_key = String::new();
-        c.dingtalk.app_secret = Secret::default();
     })
     .await;
     let emulator = app
@@ -558,18 +556,33 @@ async fn a_daemon_whose_emulator_registration_fails_is_not_left_serving() {
     drop(free);
     let mut config = test_config(&db.url);
     config.server.listen = addr.to_string();
-    config.dingtalk.api_base = "emulator".into();
-    config.dingtalk.app_key = String::new();
-    config.dingtalk.app_secret = Secret::default();
+    embedded_emulator(&mut config);
     config.emulator.people_pace_ms = 0;
     config.emulator.time_scale = 0.01;
-    // check_url comes with the emulator's CorpId as owner key, which the daemon refuses: 71009.
-    config.callback.owner_key = vec!["dingsomeappkey".into()];
+    config.dingtalk.max_attempts = 1;
+    // The registration needs an access token, and a token is kept in dingsync.access_tokens:
+    // a database that refuses to keep it fails the registration, after the server is up.
+    let pool = store::connect_and_migrate(&config.database).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE FUNCTION public.refuse_tokens() RETURNS trigger LANGUAGE plpgsql
+             AS $$ BEGIN RAISE EXCEPTION 'tokens refused by the test'; END $$;
+         CREATE TRIGGER refuse_tokens BEFORE INSERT OR UPDATE ON dingsync.access_tokens
+             FOR EACH ROW EXECUTE FUNCTION public.refuse_tokens();",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
     let err = dingsync::app::App::start(config)
         .await
         .err()
         .expect("start fails");
-    assert!(format!("{err:#}").contains("71009"), "{err:#}");
+    let err = format!("{err:#}");
+    assert!(
+        err.contains("registering the callback with the embedded emulator")
+            && err.contains("tokens refused by the test"),
+        "{err}"
+    );
     assert!(
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "the server still listens after start failed"

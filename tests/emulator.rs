@@ -1187,10 +1187,23 @@ async fn reordered_pushes_let_later_events_overtake_earlier_ones() {
     emu.stop().await;
 }
 
+/// An HTTP client that sends `token` as the admin API's bearer token with every request.
+fn admin_client(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn the_admin_api_acts_as_people_over_http() {
     let emu = emulator(1.0).await;
-    let http = reqwest::Client::new();
+    let http = admin_client(emu.admin_token());
     let base = emu.base_url();
     let started: Value = http
         .post(format!("{base}/_emulator/instances"))
@@ -1278,6 +1291,120 @@ async fn the_admin_api_acts_as_people_over_http() {
         .unwrap();
     assert_eq!(missing.status(), 404);
     emu.stop().await;
+}
+
+#[tokio::test]
+async fn the_admin_api_refuses_a_missing_or_wrong_token_and_changes_nothing() {
+    let emu = emulator(1.0).await;
+    let base = emu.base_url();
+    let token = emu.admin_token().to_string();
+    assert_eq!(token.len(), 32, "{token}");
+    assert!(token.bytes().all(|b| b.is_ascii_hexdigit()), "{token}");
+    let start = json!({"process_code": "PROC-EMU-EXPENSE", "originator_userid": "emp1"});
+    let near_miss = format!("{}0", &token[..31]);
+    let longer = format!("{token}0");
+    let attempts = [
+        ("no token", reqwest::Client::new()),
+        ("a wrong token", admin_client(&near_miss)),
+        ("the token with a character more", admin_client(&longer)),
+        ("an empty token", admin_client("")),
+    ];
+    for (what, http) in &attempts {
+        let started = http
+            .post(format!("{base}/_emulator/instances"))
+            .json(&start)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(started.status(), 401, "{what}");
+        assert!(started.headers().contains_key("www-authenticate"), "{what}");
+        let body = started.text().await.unwrap();
+        assert!(!body.contains(&token), "{what}: the answer shows the token");
+        let faults = http
+            .put(format!("{base}/_emulator/faults"))
+            .json(&json!({"latency_ms": 5}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(faults.status(), 401, "{what}");
+        let listed = http
+            .get(format!("{base}/_emulator/instances"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(listed.status(), 401, "{what}");
+    }
+    // A basic-auth header carrying the token is not a bearer token either.
+    let basic = reqwest::Client::new()
+        .get(format!("{base}/_emulator/instances"))
+        .basic_auth("admin", Some(&token))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(basic.status(), 401);
+    assert!(
+        emu.state().instances().is_empty(),
+        "a refused request started an instance"
+    );
+    assert_eq!(emu.state().faults(), Faults::default());
+
+    let started = admin_client(&token)
+        .post(format!("{base}/_emulator/instances"))
+        .json(&start)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 201);
+    assert_eq!(emu.state().instances().len(), 1);
+    // The scheme is case-insensitive, as HTTP has it.
+    let lower = reqwest::Client::new()
+        .get(format!("{base}/_emulator/instances"))
+        .header("authorization", format!("bearer {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower.status(), 200);
+    // DingTalk's own API keeps DingTalk's credentials and needs no admin token.
+    let c = EmulatorConfig::default();
+    let gettoken: Value = reqwest::Client::new()
+        .get(format!("{base}/gettoken"))
+        .query(&[("appkey", &c.app_key), ("appsecret", &c.app_secret)])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(gettoken["errcode"], 0, "{gettoken}");
+    emu.stop().await;
+}
+
+#[tokio::test]
+async fn each_emulator_makes_its_own_admin_token_unless_given_one() {
+    let (first, second) = (emulator(1.0).await, emulator(1.0).await);
+    assert_ne!(first.admin_token(), second.admin_token());
+    assert!(first.admin_usage().contains(first.admin_token()));
+    assert!(
+        first
+            .admin_usage()
+            .contains(&format!("{}/_emulator/", first.base_url()))
+    );
+    let given = "a-configured-admin-token-0001";
+    let third = start(EmulatorConfig {
+        admin_token: Some(given.into()),
+        ..EmulatorConfig::default()
+    })
+    .await;
+    assert_eq!(third.admin_token(), given);
+    let answer = admin_client(given)
+        .get(format!("{}/_emulator/calls", third.base_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    for emulator in [first, second, third] {
+        emulator.stop().await;
+    }
 }
 
 #[tokio::test]

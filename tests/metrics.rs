@@ -51,7 +51,7 @@ async fn readyz(app: &TestApp) -> (u16, String) {
 /// gets traffic.
 async fn emulator_daemon() -> TestApp {
     TestApp::spawn_with(|c| {
-        c.dingtalk.api_base = "emulator".into();
+        embedded_emulator(c);
         c.dingtalk.timeout_ms = 300;
         c.dingtalk.qps = 50;
         c.outbox.lease_ms = 1_000;
@@ -234,7 +234,7 @@ async fn readyz_fails_with_a_reason_while_the_database_is_unreachable_and_recove
 async fn readyz_requires_the_newest_migration_and_a_valid_dingtalk_token() {
     // No scheduled job may fetch a token while the test has it refused.
     let app = TestApp::spawn_with(|c| {
-        c.dingtalk.api_base = "emulator".into();
+        embedded_emulator(c);
         c.emulator.people_pace_ms = 0;
         let yearly = "0 0 0 1 1 *".to_string();
         c.scheduler.details = yearly.clone();

@@ -35,7 +35,7 @@ fn fast(c: &mut Config) {
 /// A daemon with the embedded emulator (nobody in it acts unless the test does).
 async fn daemon(adjust: impl FnOnce(&mut Config)) -> TestApp {
     TestApp::spawn_with(|c| {
-        c.dingtalk.api_base = "emulator".into();
+        embedded_emulator(c);
         fast(c);
         adjust(c);
     })

@@ -15,6 +15,7 @@ use std::{
 
 use common::*;
 use dingsync::{callback::EncryptedReply, crypto};
+use dingsync_emulator::{DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig};
 use sqlx::PgPool;
 
 #[tokio::test]
@@ -26,6 +27,17 @@ async fn sigterm_during_a_callback_burst_loses_no_acknowledged_event_and_leaves_
         .local_addr()
         .unwrap()
         .port();
+    // DingTalk lives in the test process: the daemon is configured as for a real organisation
+    // (its own callback secrets, which the test pushes with), so it cannot embed the emulator.
+    let emulator = Emulator::start(
+        EmulatorConfig {
+            time_scale: 0.01,
+            ..EmulatorConfig::default()
+        },
+        "127.0.0.1:0".parse().unwrap(),
+    )
+    .await
+    .unwrap();
     let (token, aes_key) = (crypto::random_nonce(32), crypto::random_aes_key());
     let mut daemon = dingsync_command(&["serve"])
         .env("DINGSYNC_DATABASE_URL", &db.url)
@@ -33,9 +45,10 @@ async fn sigterm_during_a_callback_burst_loses_no_acknowledged_event_and_leaves_
         .env("DINGSYNC_CALLBACK_TOKEN", &token)
         .env("DINGSYNC_CALLBACK_AES_KEY", &aes_key)
         .env("DINGSYNC_CALLBACK_OWNER_KEY", CORP_ID)
+        .env("DINGSYNC_DINGTALK_API_BASE", emulator.base_url())
+        .env("DINGSYNC_DINGTALK_APP_KEY", DEFAULT_APP_KEY)
+        .env("DINGSYNC_DINGTALK_APP_SECRET", DEFAULT_APP_SECRET)
         .env("DINGSYNC_DINGTALK_CORP_ID", CORP_ID)
-        .env("DINGSYNC_EMULATOR_PEOPLE_PACE_MS", "0")
-        .env("DINGSYNC_EMULATOR_TIME_SCALE", "0.01")
         .env("DINGSYNC_LOG_FILTER", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -147,4 +160,5 @@ async fn sigterm_during_a_callback_burst_loses_no_acknowledged_event_and_leaves_
             .unwrap();
     assert_eq!(sending, 0, "no outbox row left sending");
     pool.close().await;
+    emulator.stop().await;
 }

@@ -1,19 +1,30 @@
 //! The emulator's own JSON API under `/_emulator/…`: act as people (start approvals, agree,
 //! refuse, redirect, terminate), look inside (instances, open tasks, call counts, push log,
-//! failed list, callback), and set faults. Not DingTalk: no token, no faults, plain HTTP status
-//! codes. Every route is a thin wrapper over [`Handle`], which Rust callers use directly.
+//! failed list, callback), and set faults. Not DingTalk: no DingTalk token, no faults, plain HTTP
+//! status codes. Every route is a thin wrapper over [`Handle`], which Rust callers use directly.
 //!
-//! Owns: routes and their JSON. Does not own: anything they do.
+//! Every route needs `Authorization: Bearer <admin token>`: these routes start approvals and
+//! push signed events into whatever database is behind the registered callback, so any local
+//! process that can reach the port must not be able to use them. A request without the token, or
+//! with a wrong one, gets 401 before any handler runs.
+//!
+//! Owns: routes, their JSON and the token check. Does not own: anything they do, or choosing the
+//! token (`lib.rs`).
+
+use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    extract::{Path, Query, State},
-    http::StatusCode,
+    extract::{Path, Query, Request, State},
+    http::{HeaderMap, StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
 use serde::Deserialize;
 use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use super::{
     faults::{Faults, InjectedError},
@@ -22,7 +33,8 @@ use super::{
     state::AdminError,
 };
 
-pub(crate) fn router(handle: Handle) -> Router {
+pub(crate) fn router(handle: Handle, token: &str) -> Router {
+    let token = AdminToken(Arc::new(Sha256::digest(token.as_bytes()).to_vec()));
     Router::new()
         .route(
             "/_emulator/instances",
@@ -45,7 +57,51 @@ pub(crate) fn router(handle: Handle) -> Router {
         .route("/_emulator/callback", get(callback))
         .route("/_emulator/templates", get(templates).post(add_template))
         .route("/_emulator/people", get(people).post(add_person))
+        // route_layer: only matched admin routes are guarded; anything else falls through to
+        // DingTalk's own "no such API" answer, as before.
+        .route_layer(middleware::from_fn_with_state(token, require_token))
         .with_state(handle)
+}
+
+/// SHA-256 of the admin token. Comparing digests keeps the comparison constant-time whatever
+/// the length of what a caller sends (a byte-wise comparison of the raw values would stop at the
+/// first difference, or reveal the token's length).
+#[derive(Clone)]
+struct AdminToken(Arc<Vec<u8>>);
+
+impl AdminToken {
+    fn accepts(&self, headers: &HeaderMap) -> bool {
+        let Some(presented) = bearer(headers) else {
+            return false;
+        };
+        let digest = Sha256::digest(presented.as_bytes());
+        bool::from(digest.as_slice().ct_eq(self.0.as_slice()))
+    }
+}
+
+/// The credentials of `Authorization: Bearer <token>` (the scheme is case-insensitive).
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, credentials) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| credentials.trim())
+}
+
+async fn require_token(State(token): State<AdminToken>, request: Request, next: Next) -> Response {
+    if token.accepts(request.headers()) {
+        return next.run(request).await;
+    }
+    // What was sent is not logged: it may be a near miss of the real token.
+    tracing::warn!(path = %request.uri().path(), "emulator admin API: request without the right admin token refused");
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer realm=\"dingsync-emulator\"")],
+        Json(json!({
+            "error": "the emulator's admin API needs Authorization: Bearer <admin token> (the token it printed at start-up, or the one it was configured with)"
+        })),
+    )
+        .into_response()
 }
 
 impl IntoResponse for AdminError {

@@ -9,13 +9,14 @@
 //! - encrypted pushes of every approval change to the registered URL, with DingTalk's retry
 //!   ladder and failed-push list (`push`);
 //! - an admin API under `/_emulator/…` to act as people, look inside and set faults (`admin`),
-//!   also available from Rust through [`Handle`];
+//!   behind a bearer token ([`Emulator::admin_token`]), also available from Rust through
+//!   [`Handle`];
 //! - optionally simulated people who keep approvals moving (`people`).
 //!
 //! Files: `model` (organisation, templates, instances, approval rules, event payloads), `state`
 //! (memory, tokens, failed list, call log), `handle` ([`Handle`]: acting on it from Rust),
 //! `faults` (knobs), `api`, `push`, `admin`, `people`. This file owns configuration, start and
-//! stop.
+//! stop, and choosing the admin API's token.
 
 mod admin;
 mod api;
@@ -75,6 +76,10 @@ pub struct EmulatorConfig {
     /// that prove nothing was lost ([`Handle::events_pushed`], [`Handle::failed_handed_out`]).
     /// Memory grows with every event, so it is off in `serve` and `dingsync emulator`.
     pub keep_events: bool,
+    /// Bearer token of the admin API (`/_emulator/…`). `None`: a random one for this run, read
+    /// with [`Emulator::admin_token`]. Not derived from `seed`: a seed is for repeating a run,
+    /// and a token anyone could repeat would guard nothing.
+    pub admin_token: Option<String>,
 }
 
 impl std::fmt::Debug for EmulatorConfig {
@@ -87,6 +92,7 @@ impl std::fmt::Debug for EmulatorConfig {
             .field("seed", &self.seed)
             .field("people", &self.people)
             .field("keep_events", &self.keep_events)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
             .finish()
     }
 }
@@ -101,6 +107,7 @@ impl Default for EmulatorConfig {
             seed: 1,
             people: None,
             keep_events: false,
+            admin_token: None,
         }
     }
 }
@@ -110,6 +117,7 @@ pub struct Emulator {
     /// Where it listens (the real port when started on port 0).
     pub addr: SocketAddr,
     handle: Handle,
+    admin_token: String,
     /// `None` once stopped.
     server: Option<JoinHandle<std::io::Result<()>>>,
     people: Option<JoinHandle<()>>,
@@ -136,6 +144,16 @@ impl Emulator {
             !config.app_key.is_empty() && !config.app_secret.is_empty(),
             "emulator app_key and app_secret must not be empty"
         );
+        let admin_token = match &config.admin_token {
+            Some(token) => {
+                ensure!(
+                    !token.trim().is_empty(),
+                    "emulator admin_token is empty (leave it unset for a random one)"
+                );
+                token.clone()
+            }
+            None => random_admin_token(),
+        };
         let listener = TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding the DingTalk emulator to {listen}"))?;
@@ -151,7 +169,7 @@ impl Emulator {
             shared: shared.clone(),
         };
         let router: Router = api::router(shared.clone())
-            .merge(admin::router(handle.clone()))
+            .merge(admin::router(handle.clone(), &admin_token))
             .fallback(api::fallback);
         let stop = shared.shutdown.clone();
         let server = tokio::spawn(async move {
@@ -167,6 +185,7 @@ impl Emulator {
         Ok(Emulator {
             addr,
             handle,
+            admin_token,
             server: Some(server),
             people,
         })
@@ -175,6 +194,22 @@ impl Emulator {
     /// `http://ADDR`, the base URL a DingTalk client is pointed at.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The bearer token its admin API (`/_emulator/…`) requires: the configured one, or the
+    /// random one of this run.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// How to call the admin API, token included, for a one-time start-up line:
+    /// `curl -H 'Authorization: Bearer …' http://ADDR/_emulator/instances`.
+    pub fn admin_usage(&self) -> String {
+        format!(
+            "curl -H 'Authorization: Bearer {}' {}/_emulator/instances",
+            self.admin_token,
+            self.base_url()
+        )
     }
 
     /// The emulator's insides: act as people, count calls, set faults.
@@ -202,14 +237,8 @@ impl Emulator {
     }
 }
 
-/// Runs an emulator until `shutdown` is cancelled (`dingsync emulator --listen ADDR`).
-pub async fn serve(
-    config: EmulatorConfig,
-    listen: SocketAddr,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let emulator = Emulator::start(config, listen).await?;
-    shutdown.cancelled().await;
-    emulator.stop().await;
-    Ok(())
+/// 32 hex characters (128 bits) from the operating system's generator, through the thread-local
+/// CSPRNG.
+fn random_admin_token() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
 }

@@ -35,13 +35,16 @@ pub fn server_url() -> String {
 /// child process. The test harness's own settings (`DINGSYNC_TEST_*`) are not the daemon's: the
 /// daemon refuses unknown `DINGSYNC_*` variables, so they are taken out of its environment.
 pub fn dingsync_command(args: &[&str]) -> std::process::Command {
+    dingsync_command_with(
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")),
+        args,
+    )
+}
+
+/// The real `dingsync` binary with the configuration file `config`.
+pub fn dingsync_command_with(config: &std::path::Path, args: &[&str]) -> std::process::Command {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_dingsync"));
-    command
-        .args([
-            "--config",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml"),
-        ])
-        .args(args);
+    command.arg("--config").arg(config).args(args);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("DINGSYNC_TEST_") {
             command.env_remove(key);
@@ -101,9 +104,23 @@ pub fn test_config(database_url: &str) -> Config {
     config.callback.owner_key = vec![CORP_ID.into()];
     config.dingtalk.corp_id = CORP_ID.into();
     // No DingTalk by default: the daemon only serves callbacks. Tests that want the embedded
-    // emulator set api_base = "emulator".
+    // emulator call `embedded_emulator`.
     config.dingtalk.api_base = "http://127.0.0.1:9".into();
     config
+}
+
+/// Switches a test configuration to the embedded emulator: `api_base = "emulator"` and none of
+/// the keys of a real organisation (the daemon refuses them with the emulator and generates its
+/// own; [`TestApp`] reads them back from the emulator's registration).
+pub fn embedded_emulator(config: &mut Config) {
+    config.dingtalk.api_base = "emulator".into();
+    config.dingtalk.app_key = String::new();
+    config.dingtalk.app_secret = Secret::default();
+    config.dingtalk.corp_id = String::new();
+    config.callback.token = Secret::default();
+    config.callback.aes_key = Secret::default();
+    config.callback.owner_key = Vec::new();
+    config.callback.public_url = String::new();
 }
 
 /// A running daemon on its own database.
@@ -138,12 +155,28 @@ impl TestApp {
         install_crypto_provider();
         let mut config = test_config(&db.url);
         adjust(&mut config);
-        let crypto = CallbackCrypto::new(
-            config.callback.token.expose(),
-            config.callback.aes_key.expose(),
-        )
-        .unwrap();
         let app = App::start(config.clone()).await.expect("daemon starts");
+        // With the embedded emulator the daemon made its own secrets and registered them there:
+        // push as that emulator does.
+        let (token, aes_key, owner_key) = match &app.emulator {
+            Some(emulator) => {
+                let registration = emulator
+                    .state()
+                    .callback()
+                    .expect("the daemon registered its callback with its emulator");
+                (
+                    registration.token,
+                    registration.aes_key,
+                    emulator.state().corp_id().to_string(),
+                )
+            }
+            None => (
+                config.callback.token.expose().to_string(),
+                config.callback.aes_key.expose().to_string(),
+                config.callback.owner_key[0].clone(),
+            ),
+        };
+        let crypto = CallbackCrypto::new(&token, &aes_key).unwrap();
         // Our own pool straight to the database (the daemon's may go through a proxy).
         let pool = PgPool::connect(&db.url).await.unwrap();
         TestApp {
@@ -151,9 +184,9 @@ impl TestApp {
             app: Some(app),
             pool,
             crypto,
-            owner_key: config.callback.owner_key[0].clone(),
-            token: config.callback.token.expose().to_string(),
-            aes_key: config.callback.aes_key.expose().to_string(),
+            owner_key,
+            token,
+            aes_key,
             http: reqwest::Client::new(),
             db,
         }
