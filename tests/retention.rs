@@ -36,6 +36,9 @@ async fn spawn_keeping(events_days: u32, job_runs_days: u32) -> TestApp {
             *schedule = DORMANT.into();
         }
         c.retention.events_days = events_days;
+        if events_days == 0 {
+            c.retention.event_keys_days = 0; // keys are kept at least as long as events
+        }
         c.retention.job_runs_days = job_runs_days;
     })
     .await
