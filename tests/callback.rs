@@ -212,6 +212,11 @@ async fn check_url_is_answered_with_encrypted_success_and_stores_nothing() {
 #[tokio::test]
 async fn unknown_event_types_are_stored_and_acknowledged() {
     let app = TestApp::spawn().await;
+    // An organisation this database serves besides the configured one (added while running).
+    sqlx::query("INSERT INTO dingsync.corps (corp_id) VALUES ('dingothercorp')")
+        .execute(&app.pool)
+        .await
+        .unwrap();
     app.push_ok(r#"{"EventType":"user_add_org","TimeStamp":"1764300000000","UserId":["u1"],"CorpId":"dingothercorp"}"#).await;
     let (corp, kind): (String, String) =
         sqlx::query_as("SELECT corp_id, event_type FROM dingsync.events")
