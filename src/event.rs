@@ -509,8 +509,9 @@ pub fn plausible_time(ms: i64, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
     (ms >= EARLIEST_MS && t <= now + MAX_AHEAD).then_some(t)
 }
 
-/// Whether a string anywhere in `v` (keys included) holds a NUL.
-fn has_nul(v: &Value) -> bool {
+/// Whether a string anywhere in `v` (keys included) holds a NUL, which PostgreSQL's text and
+/// jsonb cannot store.
+pub fn has_nul(v: &Value) -> bool {
     match v {
         Value::String(s) => s.contains('\0'),
         Value::Array(items) => items.iter().any(has_nul),
