@@ -448,8 +448,8 @@ impl Config {
         let r = &self.retention;
         // Keys pruned before their events would let a replay of a pruned key's event be refused
         // by the event row alone, and after that row is gone be stored again.
-        let keys_outlive_events = r.event_keys_days == 0
-            || (r.events_days != 0 && r.event_keys_days >= r.events_days);
+        let keys_outlive_events =
+            r.event_keys_days == 0 || (r.events_days != 0 && r.event_keys_days >= r.events_days);
         if !keys_outlive_events {
             return Err(invalid(
                 "retention.event_keys_days",
@@ -857,7 +857,10 @@ mod tests {
     fn event_keys_are_kept_at_least_as_long_as_events() {
         let config = load(SHIPPED, &[]).unwrap();
         assert_eq!(
-            (config.retention.events_days, config.retention.event_keys_days),
+            (
+                config.retention.events_days,
+                config.retention.event_keys_days
+            ),
             (180, 400)
         );
         for (events, keys) in [("180", "179"), ("0", "400"), ("30", "29")] {

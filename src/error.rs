@@ -78,7 +78,9 @@ impl AppError {
             AppError::Undecryptable(crypto::Error::ReceiverIdMismatch { received }) => format!(
                 "owner key {received} is not one we accept; if it is your CorpId or AppKey, add it to callback.owner_key"
             ),
-            AppError::Undecryptable(other) => format!("cannot decrypt: {other} (callback.aes_key?)"),
+            AppError::Undecryptable(other) => {
+                format!("cannot decrypt: {other} (callback.aes_key?)")
+            }
             AppError::CorpNotServed(corp) => format!(
                 "the event names organisation {corp}, neither dingtalk.corp_id nor in dingsync.corps; nothing stored"
             ),

@@ -302,9 +302,7 @@ pub fn parse_at(
     let process_instance_id = owned_id(&obj, "processInstanceId")?;
     let created_at = time(&obj, "createTime", now)?;
     let finished_at = time(&obj, "finishTime", now)?;
-    let event_time = time(&obj, "EventTime", now)?
-        .or(finished_at)
-        .or(created_at);
+    let event_time = time(&obj, "EventTime", now)?.or(finished_at).or(created_at);
     let mut event = Event {
         corp_id,
         dedup_key,
@@ -515,9 +513,7 @@ pub fn has_nul(v: &Value) -> bool {
     match v {
         Value::String(s) => s.contains('\0'),
         Value::Array(items) => items.iter().any(has_nul),
-        Value::Object(members) => members
-            .iter()
-            .any(|(k, v)| k.contains('\0') || has_nul(v)),
+        Value::Object(members) => members.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
         Value::Null | Value::Bool(_) | Value::Number(_) => false,
     }
 }
@@ -856,7 +852,10 @@ mod tests {
         );
         // A numeric eventId is bounded the same way.
         let numeric = r#"{"EventType":"x","eventId":1234567890123}"#;
-        assert_eq!(parse_now(numeric, now).unwrap().dedup_key, "event:1234567890123");
+        assert_eq!(
+            parse_now(numeric, now).unwrap().dedup_key,
+            "event:1234567890123"
+        );
     }
 
     #[test]
@@ -961,7 +960,8 @@ mod tests {
             p(r#"{"EventType":"x","corpId":"dinga","CorpId":"dingb"}"#).unwrap_err(),
             Malformed::CorpIdsDisagree
         );
-        let Ok(Parsed::Event(e)) = p(r#"{"EventType":"x","corpId":"","CorpId":"dinga","corpid":"dinga"}"#)
+        let Ok(Parsed::Event(e)) =
+            p(r#"{"EventType":"x","corpId":"","CorpId":"dinga","corpid":"dinga"}"#)
         else {
             panic!("not an event")
         };
@@ -974,7 +974,13 @@ mod tests {
         assert!(e.approval.is_some() && e.task.is_some());
         let kept = e.raw_only();
         assert_eq!(
-            (&kept.corp_id, &kept.dedup_key, kept.source, &kept.event_type, &kept.raw),
+            (
+                &kept.corp_id,
+                &kept.dedup_key,
+                kept.source,
+                &kept.event_type,
+                &kept.raw
+            ),
             (&e.corp_id, &e.dedup_key, e.source, &e.event_type, &e.raw)
         );
         assert!(kept.approval.is_none() && kept.task.is_none());

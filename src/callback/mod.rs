@@ -210,7 +210,10 @@ pub async fn track(request: Request, next: Next) -> Response {
             ("unknown", "refused_too_large")
         }
         (None, None) => {
-            refusals::record("refused_malformed", "request not understood before decrypting");
+            refusals::record(
+                "refused_malformed",
+                "request not understood before decrypting",
+            );
             ("unknown", "refused_malformed")
         }
     };

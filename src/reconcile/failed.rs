@@ -175,7 +175,10 @@ pub fn read_item(
     if let Some(data) = inner["bpmsCallBackData"].as_object() {
         let mut flat: Map<String, Value> = data.clone();
         flat.insert("EventType".into(), tag.into());
-        flat.insert("corpId".into(), named_corp.unwrap_or(default_corp_id).into());
+        flat.insert(
+            "corpId".into(),
+            named_corp.unwrap_or(default_corp_id).into(),
+        );
         let text = Value::Object(flat).to_string();
         match event::parse_at(&text, Source::FailedList, default_corp_id, now) {
             Ok(Parsed::Event(mut e)) => {
@@ -275,7 +278,9 @@ mod tests {
         let (e, refused) = read_item(&item, "dingdefault", now);
         assert_eq!(
             refused,
-            Some(Malformed::TimeOutOfRange { field: "createTime" })
+            Some(Malformed::TimeOutOfRange {
+                field: "createTime"
+            })
         );
         assert!(e.approval.is_none() && e.task.is_none() && e.process_instance_id.is_none());
         assert_eq!((e.corp_id.as_str(), e.event_time), ("dingc", None));

@@ -47,7 +47,10 @@ impl Served {
             return Ok(true);
         }
         let previous = {
-            let mut reread_at = self.reread_at.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut reread_at = self
+                .reread_at
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             let previous = *reread_at;
             if previous.is_some_and(|at| at.elapsed() < REFRESH_AFTER) {
                 return Ok(false);
@@ -63,7 +66,10 @@ impl Served {
             }
             Err(e) => {
                 // Not counted as a re-read: the next miss tries again.
-                *self.reread_at.lock().unwrap_or_else(PoisonError::into_inner) = previous;
+                *self
+                    .reread_at
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = previous;
                 Err(e)
             }
         }
