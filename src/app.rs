@@ -68,6 +68,9 @@ impl App {
         store::outbox::register_corp(&pool, &config.dingtalk.corp_id)
             .await
             .context("recording dingtalk.corp_id in dingsync.corps")?;
+        let corps = store::corps::Served::load(pool.clone(), &config.dingtalk.corp_id)
+            .await
+            .context("reading dingsync.corps")?;
         let listener = TcpListener::bind(config.listen_addr())
             .await
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
@@ -82,6 +85,7 @@ impl App {
             crypto,
             owner_keys: config.callback.owner_key.clone(),
             default_corp_id: config.dingtalk.corp_id.clone(),
+            corps,
             ingest,
         });
         let health = health::Health::new(

@@ -51,6 +51,10 @@ pub struct SchedulerConfig {
 pub struct RetentionConfig {
     /// Days of raw `dingsync.events` to keep, by received_at; 0 keeps them forever.
     pub events_days: u32,
+    /// Days of the events' dedup keys (`dingsync.event_keys`) to keep, by received_at; 0 keeps
+    /// them forever. At least `events_days`: while a key is kept, a replay of its event (the same
+    /// signed push, or a redelivery) is answered `success` without being stored or applied again.
+    pub event_keys_days: u32,
     /// Days of the scheduler's run log `dingsync.job_runs` to keep, by started_at; 0 keeps it
     /// forever. A job every few seconds writes tens of thousands of rows a day.
     pub job_runs_days: u32,
@@ -241,6 +245,7 @@ impl Default for Config {
             },
             retention: RetentionConfig {
                 events_days: 180,
+                event_keys_days: 400,
                 job_runs_days: 30,
             },
         }
@@ -449,6 +454,17 @@ impl Config {
             }
         }
         self.validate_reconcile()?;
+        let r = &self.retention;
+        // Keys pruned before their events would let a replay of a pruned key's event be refused
+        // by the event row alone, and after that row is gone be stored again.
+        let keys_outlive_events =
+            r.event_keys_days == 0 || (r.events_days != 0 && r.event_keys_days >= r.events_days);
+        if !keys_outlive_events {
+            return Err(invalid(
+                "retention.event_keys_days",
+                "must be at least retention.events_days (or 0, forever; and 0 when events_days is 0)",
+            ));
+        }
         if self.log.filter.trim().is_empty() {
             return Err(invalid(
                 "log.filter",
@@ -1036,8 +1052,52 @@ mod tests {
     }
 
     #[test]
+    fn event_keys_are_kept_at_least_as_long_as_events() {
+        let config = load(SHIPPED, &[]).unwrap();
+        assert_eq!(
+            (
+                config.retention.events_days,
+                config.retention.event_keys_days
+            ),
+            (180, 400)
+        );
+        for (events, keys) in [("180", "179"), ("0", "400"), ("30", "29")] {
+            let err = load(
+                SHIPPED,
+                &[
+                    ("DINGSYNC_RETENTION_EVENTS_DAYS", events),
+                    ("DINGSYNC_RETENTION_EVENT_KEYS_DAYS", keys),
+                ],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.starts_with("retention.event_keys_days:"),
+                "{events}/{keys}: {err}"
+            );
+        }
+        for (events, keys) in [("180", "180"), ("180", "0"), ("0", "0"), ("1", "36500")] {
+            let config = load(
+                SHIPPED,
+                &[
+                    ("DINGSYNC_RETENTION_EVENTS_DAYS", events),
+                    ("DINGSYNC_RETENTION_EVENT_KEYS_DAYS", keys),
+                ],
+            );
+            assert!(config.is_ok(), "{events}/{keys}");
+        }
+    }
+
+    #[test]
     fn retention_days_and_schedule_come_from_the_environment_and_are_checked() {
-        let config = load(SHIPPED, &[("DINGSYNC_RETENTION_EVENTS_DAYS", "0")]).unwrap();
+        let config = load(
+            SHIPPED,
+            &[
+                ("DINGSYNC_RETENTION_EVENTS_DAYS", "0"),
+                ("DINGSYNC_RETENTION_EVENT_KEYS_DAYS", "0"),
+            ],
+        )
+        .unwrap();
         assert_eq!(config.retention.events_days, 0);
         let err = load(SHIPPED, &[("DINGSYNC_SCHEDULER_RETENTION", "daily")])
             .unwrap_err()

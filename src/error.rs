@@ -1,5 +1,7 @@
 //! The one error type HTTP handlers return, and the status each kind maps to. Bodies are short
-//! and generic: never SQL, key material or DingTalk's text.
+//! and generic: never SQL, key material or DingTalk's text. What a refusal says in the log (with
+//! the hint an operator needs, never a received owner key or decrypted bytes) is
+//! [`AppError::log_reason`], carried to `callback::track` on the reply ([`Refused`]).
 
 use axum::{
     Json,
@@ -8,7 +10,10 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::{crypto, event::Malformed};
+use crate::{
+    crypto::{self, Fingerprint},
+    event::Malformed,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -20,6 +25,10 @@ pub enum AppError {
     Undecryptable(crypto::Error),
     #[error("malformed event: {0}")]
     Malformed(Malformed),
+    /// The event names an organisation this database does not serve (`store::corps`). Carries
+    /// the corp id's fingerprint for the log, never the id.
+    #[error("the event's corpId is not an organisation served here")]
+    CorpNotServed(Fingerprint),
     #[error("database unavailable, retry later")]
     Unavailable,
     #[error("internal error")]
@@ -35,9 +44,15 @@ impl From<crypto::Error> for AppError {
     }
 }
 
-/// Why a push was refused, marked on the error reply for the callback's metrics.
-#[derive(Clone, Copy, Debug)]
-pub struct Refused(pub &'static str);
+/// Why a push was not answered with `success`, marked on the error reply for the callback's
+/// metrics and log (`callback::track`).
+#[derive(Clone, Debug)]
+pub struct Refused {
+    /// The outcome label it is counted under.
+    pub outcome: &'static str,
+    /// What the log says about it ([`AppError::log_reason`]).
+    pub reason: String,
+}
 
 impl AppError {
     /// The outcome label a refusal is counted under.
@@ -49,24 +64,46 @@ impl AppError {
                 "refused_owner_key"
             }
             AppError::Undecryptable(_) => "refused_decrypt",
+            AppError::CorpNotServed(_) => "refused_corp",
             AppError::Unavailable => "unavailable",
             AppError::Internal => "failed",
+        }
+    }
+
+    /// What the log says: the reason with what to check. Fingerprints stand for owner keys and
+    /// corp ids (an operator compares them with `printf %s KEY | sha256sum | cut -c1-8`).
+    pub fn log_reason(&self) -> String {
+        match self {
+            AppError::BadSignature => "signature does not match (callback.token?)".into(),
+            AppError::Undecryptable(crypto::Error::ReceiverIdMismatch { received }) => format!(
+                "owner key {received} is not one we accept; if it is your CorpId or AppKey, add it to callback.owner_key"
+            ),
+            AppError::Undecryptable(other) => {
+                format!("cannot decrypt: {other} (callback.aes_key?)")
+            }
+            AppError::CorpNotServed(corp) => format!(
+                "the event names organisation {corp}, neither dingtalk.corp_id nor in dingsync.corps; nothing stored"
+            ),
+            other => other.to_string(),
         }
     }
 }
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        let refused = Refused(self.outcome());
+        let refused = Refused {
+            outcome: self.outcome(),
+            reason: self.log_reason(),
+        };
         let status = match &self {
             AppError::BadRequest(_) | AppError::Undecryptable(_) | AppError::Malformed(_) => {
                 StatusCode::BAD_REQUEST
             }
-            AppError::BadSignature => StatusCode::FORBIDDEN,
+            AppError::BadSignature | AppError::CorpNotServed(_) => StatusCode::FORBIDDEN,
             AppError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        // The owner key received is logged, not echoed: the body stays generic.
+        // The owner key received is fingerprinted in the log, not echoed: the body stays generic.
         let message = match &self {
             AppError::Undecryptable(crypto::Error::ReceiverIdMismatch { .. }) => {
                 "owner key not accepted".to_string()

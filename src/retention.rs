@@ -1,8 +1,9 @@
 //! The `retention` job: deletes raw `dingsync.events` older than
-//! `retention.events_days` and the scheduler's run log `dingsync.job_runs` older than
-//! `retention.job_runs_days`, for this replica's organisation. Events are only hints kept for
-//! operators, and old runs only history; approvals, approval_tasks and outbox rows are never
-//! deleted here.
+//! `retention.events_days`, their dedup keys `dingsync.event_keys` older than
+//! `retention.event_keys_days` (longer: a replayed event stays a duplicate after its raw row is
+//! gone) and the scheduler's run log `dingsync.job_runs` older than `retention.job_runs_days`,
+//! for this replica's organisation. Events are only hints kept for operators, and old runs only
+//! history; approvals, approval_tasks and outbox rows are never deleted here.
 //!
 //! Deletes go in batches of [`BATCH`] rows, each its own short statement: no long transaction,
 //! and the dead rows of one batch can be reclaimed while the next runs. Autovacuum reclaims the
@@ -22,11 +23,16 @@ use crate::{
 /// Rows per DELETE statement.
 pub const BATCH: i64 = 10_000;
 
-/// Deletes the events, then the job runs, older than their configured number of days, batch by
-/// batch, stopping between batches on shutdown. Counts: events `deleted` and `batches`
-/// statements, and `job_runs_deleted`.
+/// Deletes the events, their keys, then the job runs, older than their configured number of
+/// days, batch by batch, stopping between batches on shutdown. Counts: events `deleted` and
+/// `batches` statements, `event_keys_deleted` and `job_runs_deleted`.
 pub async fn prune(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Result<Counts> {
-    let mut counts = Counts::from([("deleted", 0), ("batches", 0), ("job_runs_deleted", 0)]);
+    let mut counts = Counts::from([
+        ("deleted", 0),
+        ("batches", 0),
+        ("event_keys_deleted", 0),
+        ("job_runs_deleted", 0),
+    ]);
     let retention = ctx.retention();
     // One cutoff for the whole run (the database's clock, which stamped the rows), so the run
     // ends even while new rows arrive.
@@ -40,6 +46,15 @@ pub async fn prune(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Resul
         .await?;
         counts.insert("deleted", deleted);
         counts.insert("batches", batches);
+    }
+    // Configuration keeps these at least as long as the events (`config::validate`).
+    if retention.event_keys_days > 0 {
+        let before = now - TimeDelta::days(i64::from(retention.event_keys_days));
+        let (deleted, _) = in_batches(shutdown, || {
+            store::prune::older_than(pool, Aged::EventKeys, corp, before, BATCH)
+        })
+        .await?;
+        counts.insert("event_keys_deleted", deleted);
     }
     if retention.job_runs_days > 0 {
         let before: DateTime<Utc> = now - TimeDelta::days(i64::from(retention.job_runs_days));

@@ -212,6 +212,11 @@ async fn check_url_is_answered_with_encrypted_success_and_stores_nothing() {
 #[tokio::test]
 async fn unknown_event_types_are_stored_and_acknowledged() {
     let app = TestApp::spawn().await;
+    // An organisation this database serves besides the configured one (added while running).
+    sqlx::query("INSERT INTO dingsync.corps (corp_id) VALUES ('dingothercorp')")
+        .execute(&app.pool)
+        .await
+        .unwrap();
     app.push_ok(r#"{"EventType":"user_add_org","TimeStamp":"1764300000000","UserId":["u1"],"CorpId":"dingothercorp"}"#).await;
     let (corp, kind): (String, String) =
         sqlx::query_as("SELECT corp_id, event_type FROM dingsync.events")
@@ -637,4 +642,240 @@ async fn an_instance_delete_event_is_stored_and_only_marks_the_approval() {
         .await;
     assert_eq!(app.counts().await, (3, 1, 0));
     app.stop().await;
+}
+
+/// Status and body of a push.
+async fn push_status(app: &TestApp, message: &str) -> (u16, String) {
+    let response = app.push(message).await;
+    let status = response.status().as_u16();
+    (status, response.text().await.unwrap())
+}
+
+async fn event_keys(app: &TestApp) -> i64 {
+    app.count("event_keys").await
+}
+
+#[tokio::test]
+async fn an_event_naming_an_organisation_not_served_here_is_refused_and_nothing_is_stored() {
+    let app = TestApp::spawn().await;
+    let foreign = instance_event("pid-foreign", "start", None, T0, None)
+        .replace(CORP_ID, "dingforeigncorp00001");
+    for message in [
+        foreign.clone(),
+        r#"{"EventType":"user_add_org","UserId":["u1"],"CorpId":"dingforeigncorp00001"}"#.into(),
+    ] {
+        let (status, body) = push_status(&app, &message).await;
+        assert_eq!(status, 403, "{body}");
+        assert!(
+            body.contains("corpId is not an organisation served here"),
+            "{body}"
+        );
+        assert!(
+            !body.contains("dingforeigncorp"),
+            "the body does not echo it: {body}"
+        );
+    }
+    assert_eq!(app.counts().await, (0, 0, 0));
+    assert_eq!(event_keys(&app).await, 0);
+    // Envelope fields that disagree on the organisation: refused as malformed.
+    let both = instance_event("pid-both", "start", None, T0, None).replacen(
+        '{',
+        r#"{"CorpId":"dingforeigncorp00001","#,
+        1,
+    );
+    let (status, body) = push_status(&app, &both).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(app.counts().await, (0, 0, 0));
+    // Our own organisation, named or not, is served.
+    app.push_ok(&instance_event("pid-ours", "start", None, T0, None))
+        .await;
+    app.push_ok(r#"{"EventType":"user_add_org","UserId":["u1"]}"#)
+        .await;
+    assert_eq!(app.counts().await, (2, 1, 0));
+    app.stop().await;
+}
+
+/// The poison inputs of a security review: each once gave 500 (index row size, NOTIFY payload,
+/// timestamp or numeric out of range), which DingTalk retries until it gives up.
+#[tokio::test]
+async fn poison_fields_get_400_naming_the_field_and_nothing_is_stored() {
+    let app = TestApp::spawn().await;
+    let start = |pid: &str| json(&instance_event(pid, "start", None, T0, None));
+    let far_future = chrono::Utc::now().timestamp_millis() + 30 * 86_400_000;
+    let mut cases = Vec::new();
+    // Random letters and digits: incompressible, as an index row would store them.
+    cases.push(("processInstanceId", start(&crypto::random_nonce(9 * 1024))));
+    let mut v = start("pid-event-id");
+    v["eventId"] = crypto::random_nonce(5 * 1024).into();
+    cases.push(("eventId", v));
+    let mut v = start("pid-past");
+    v["createTime"] = (-8_000_000_000_000_000_i64).into();
+    cases.push(("createTime", v));
+    cases.push((
+        "finishTime",
+        json(&instance_event(
+            "pid-future",
+            "finish",
+            Some("agree"),
+            T0,
+            Some(far_future),
+        )),
+    ));
+    let mut v = start("pid-event-time");
+    v["EventTime"] = (9_000_000_000_000_000_i64).into();
+    cases.push(("EventTime", v));
+    let mut v = json(&task_event("pid-task", 1, "start", None, T0, None));
+    v["staffId"] = crypto::random_nonce(3 * 1024).into();
+    cases.push(("staffId", v));
+    for (field, message) in &cases {
+        let (status, body) = push_status(&app, &message.to_string()).await;
+        assert_eq!(status, 400, "{field}: {body}");
+        assert!(body.contains(field), "{field} is named: {body}");
+    }
+    // A number PostgreSQL's jsonb cannot hold (serde_json reads it as 0).
+    let number = instance_event("pid-number", "start", None, T0, None).replacen(
+        '{',
+        r#"{"amount":1e-99999,"#,
+        1,
+    );
+    let (status, body) = push_status(&app, &number).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(app.counts().await, (0, 0, 0), "a poison event wrote a row");
+    assert_eq!(event_keys(&app).await, 0);
+    // Still serving.
+    app.push_ok(&instance_event("pid-ok", "start", None, T0, None))
+        .await;
+    assert_eq!(app.counts().await, (1, 1, 0));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_escaped_backslash_before_u0000_is_stored_and_a_real_nul_is_refused() {
+    let app = TestApp::spawn().await;
+    // The JSON text "C:\\u0000dir": a backslash and the letters u0000, no NUL.
+    let escaped = instance_event("pid-backslash", "start", None, T0, None)
+        .replace("张三提交的报销", r"C:\\u0000dir");
+    assert!(escaped.contains(r#""C:\\u0000dir""#));
+    app.push_ok(&escaped).await;
+    let (raw, title): (String, String) =
+        sqlx::query_as("SELECT raw, payload->>'title' FROM dingsync.events")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(raw, escaped);
+    assert_eq!(title, r"C:\u0000dir");
+    assert_eq!(
+        app.approval("pid-backslash").await.title.as_deref(),
+        Some(r"C:\u0000dir")
+    );
+    // A real NUL, in a value or in a key: 400, nothing stored.
+    for nul in [
+        instance_event("pid-nul", "start", None, T0, None).replace("张三", r"\u0000"),
+        instance_event("pid-nul", "start", None, T0, None).replace("\"title\"", r#""ti\u0000tle""#),
+    ] {
+        let (status, body) = push_status(&app, &nul).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.contains("NUL"), "{body}");
+    }
+    assert_eq!(app.counts().await, (1, 1, 0));
+    app.stop().await;
+}
+
+/// The daemon as a process, its log read from stderr: no owner key in it (at DEBUG either), and
+/// a burst of bad signatures is summed up rather than logged line by line.
+#[tokio::test]
+async fn a_refused_owner_key_is_never_logged_and_a_burst_of_bad_signatures_makes_two_warn_lines() {
+    let db = TestDb::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (token, aes_key) = (crypto::random_nonce(32), crypto::random_aes_key());
+    let log = std::env::temp_dir().join(format!(
+        "dingsync-refusals-{}-{}.log",
+        std::process::id(),
+        crypto::random_nonce(6)
+    ));
+    let mut child = dingsync_command(&["serve"])
+        .env("DINGSYNC_DATABASE_URL", &db.url)
+        .env("DINGSYNC_SERVER_LISTEN", format!("127.0.0.1:{port}"))
+        .env("DINGSYNC_CALLBACK_TOKEN", &token)
+        .env("DINGSYNC_CALLBACK_AES_KEY", &aes_key)
+        .env("DINGSYNC_CALLBACK_OWNER_KEY", CORP_ID)
+        .env("DINGSYNC_DINGTALK_API_BASE", "http://127.0.0.1:9")
+        .env("DINGSYNC_DINGTALK_CORP_ID", CORP_ID)
+        .env("DINGSYNC_LOG_FILTER", "dingsync=debug,info")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    eventually(Duration::from_secs(30), "the daemon serving", || {
+        let (http, url) = (http.clone(), format!("{base}/healthz"));
+        async move {
+            let ok = http.get(url).send().await.is_ok_and(|r| r.status() == 200);
+            ok.then_some(())
+        }
+    })
+    .await;
+
+    let keys = CallbackCrypto::new(&token, &aes_key).unwrap();
+    let secret_owner_key = "dingSecretAppKey0042";
+    let event = instance_event("pid-log", "start", None, T0, None);
+    let wrong_owner = Pusher::new(&base, keys.clone(), secret_owner_key);
+    assert_eq!(wrong_owner.send(&event).await.unwrap().status(), 400);
+    let sealed = keys.seal(&event, CORP_ID, "1764300000000", "n0nce123");
+    for n in 0..100 {
+        let status = http
+            .post(format!("{base}/dingtalk/callback"))
+            .query(&[
+                ("signature", format!("{:040x}", n).as_str()),
+                ("timestamp", "1764300000000"),
+                ("nonce", "n0nce123"),
+            ])
+            .json(&serde_json::json!({ "encrypt": sealed.encrypt }))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 403);
+    }
+    let read = || std::fs::read_to_string(&log).unwrap();
+    let summary = eventually(Duration::from_secs(30), "the summary line", || {
+        let text = read();
+        async move {
+            text.lines()
+                .find(|l| l.contains("refused 101 callbacks in the last 10 s"))
+                .map(str::to_string)
+        }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = read();
+    let _ = std::fs::remove_file(&log);
+
+    assert!(
+        summary.contains("signature 100") && summary.contains("owner key 1"),
+        "{summary}"
+    );
+    assert!(!text.contains(secret_owner_key), "the owner key was logged");
+    let fingerprint = crypto::Fingerprint::of(secret_owner_key.as_bytes()).to_string();
+    assert!(text.contains(&fingerprint), "the log names its fingerprint");
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("refused"))
+        .collect();
+    // The first owner-key refusal, the first bad signature, the summary.
+    assert_eq!(warnings.len(), 3, "{warnings:#?}");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("DEBUG") && l.contains("callback refused"))
+            .count(),
+        101,
+        "each refusal is at DEBUG"
+    );
 }

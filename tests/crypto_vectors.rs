@@ -176,7 +176,7 @@ fn wrong_owner_key_reports_the_owner_key_found_in_the_message() {
     assert_eq!(
         err,
         dingsync::crypto::Error::ReceiverIdMismatch {
-            received: "dingotherc0rp0000000".to_owned()
+            received: dingsync::crypto::Fingerprint::of(b"dingotherc0rp0000000")
         }
     );
 }

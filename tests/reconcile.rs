@@ -244,6 +244,123 @@ async fn a_daemon_down_for_the_whole_retry_ladder_ends_correct_from_the_failed_l
     emu.stop().await;
 }
 
+/// The failed list is read-once: a page is gone from DingTalk once read. One approval's events
+/// carry a createTime of -8e15 ms (outside PostgreSQL's timestamptz): `event` refuses them and
+/// they are kept raw. Another approval's row cannot be written (a trigger stands for any
+/// statement that fails on one item): its page is stored item by item and its items are kept
+/// raw. Every other item of the list is stored with its effects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_list_page_with_poison_items_stores_the_other_items_with_their_effects() {
+    let emu = emulator().await;
+    let db = TestDb::new();
+    let mut config = test_config(&db.url);
+    configure(&mut config, &emu);
+    let first = App::start(config.clone()).await.unwrap();
+    register(
+        &first,
+        config.callback.token.expose(),
+        config.callback.aes_key.expose(),
+    )
+    .await;
+    first.stop().await.unwrap();
+
+    // Every push fails (the daemon is down): the events end in the failed list.
+    let state = emu.state();
+    let poison = state
+        .start_instance(StartInstance {
+            create_time_ms: Some(-8_000_000_000_000_000),
+            ..start(CODES[0], "emp1", &["manager1"])
+        })
+        .unwrap()
+        .process_instance_id;
+    let broken = state
+        .start_instance(start(CODES[1], "emp3", &["manager1"]))
+        .unwrap()
+        .process_instance_id;
+    for n in 0..12 {
+        state
+            .start_instance(start(CODES[n % 2], "emp2", &["manager1", "fin1"]))
+            .unwrap();
+    }
+    act_on_open_tasks(&emu, 0);
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION public.refuse_broken() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.process_instance_id = '{broken}' THEN RAISE EXCEPTION 'broken row'; END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_broken BEFORE INSERT ON dingsync.approvals
+             FOR EACH ROW EXECUTE FUNCTION public.refuse_broken();"
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    assert!(state.settle(Duration::from_secs(10)).await);
+    assert!(state.failed_pending() > 0);
+
+    let app = TestApp::spawn_on(db, |c| {
+        *c = config.clone();
+        c.server.listen = "127.0.0.1:0".into();
+    })
+    .await;
+    let ctx = ctx(&app);
+    let totals = std::sync::Arc::new(std::sync::Mutex::new(Counts::new()));
+    eventually(Duration::from_secs(15), "the failed list drained", || {
+        let (ctx, state, totals) = (ctx.clone(), state.clone(), totals.clone());
+        async move {
+            let counts = run_now(&ctx, Job::Failed).await;
+            let mut totals = totals.lock().unwrap();
+            for (key, n) in counts {
+                *totals.entry(key).or_default() += n;
+            }
+            (state.failed_pending() == 0).then_some(())
+        }
+    })
+    .await;
+    let totals = totals.lock().unwrap().clone();
+    assert!(totals["refused"] >= 1, "{totals:?}");
+    assert!(totals["unapplied"] >= 1, "{totals:?}");
+    assert_eq!(totals["unstored"], 0, "{totals:?}");
+    let stored: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM dingsync.events WHERE source = 'failed_list'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored as u64, totals["items"], "every item read is stored");
+    let poison_kept: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM dingsync.events
+         WHERE process_instance_id IS NULL AND strpos(raw, $1) > 0",
+    )
+    .bind(&poison)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(poison_kept >= 1, "the poison items are kept raw");
+    for instance in state.instances() {
+        let row: Option<(String,)> =
+            sqlx::query_as("SELECT status FROM dingsync.approvals WHERE process_instance_id = $1")
+                .bind(&instance.process_instance_id)
+                .fetch_optional(&app.pool)
+                .await
+                .unwrap();
+        if instance.process_instance_id == poison || instance.process_instance_id == broken {
+            assert_eq!(row, None, "a poison item was applied");
+        } else {
+            let status = row.expect("an approval of the failed list is applied").0;
+            assert_eq!(
+                status,
+                instance.status.as_str(),
+                "{}",
+                instance.process_instance_id
+            );
+        }
+    }
+    app.stop().await;
+    emu.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_run_each_job_once_per_tick_and_a_failing_run_does_not_stop_the_next() {
     let emu = emulator().await;

@@ -1,5 +1,6 @@
-//! The `retention` job: deletes raw events older than `retention.events_days` and job
-//! runs older than `retention.job_runs_days`, in batches, and nothing else.
+//! The `retention` job: deletes raw events older than `retention.events_days`, their dedup keys
+//! older than `retention.event_keys_days` and job runs older than `retention.job_runs_days`, in
+//! batches, and nothing else; a replay after its event was pruned is still a duplicate.
 
 mod common;
 
@@ -36,6 +37,9 @@ async fn spawn_keeping(events_days: u32, job_runs_days: u32) -> TestApp {
             *schedule = DORMANT.into();
         }
         c.retention.events_days = events_days;
+        if events_days == 0 {
+            c.retention.event_keys_days = 0; // keys are kept at least as long as events
+        }
         c.retention.job_runs_days = job_runs_days;
     })
     .await
@@ -179,4 +183,70 @@ async fn retention_deletes_job_runs_older_than_their_limit_and_keeps_the_rest() 
         panic!("the retention job did not run");
     };
     assert_eq!(counts["job_runs_deleted"], 0, "0 days keeps every run");
+}
+
+/// A replay of an event whose raw row retention pruned: the same signed push, sent again. Its
+/// key outlives the event (`retention.event_keys_days`), so it is answered `success` and neither
+/// stored nor applied a second time.
+#[tokio::test]
+async fn a_replay_after_retention_pruned_its_event_is_acknowledged_but_not_stored_or_applied_again()
+{
+    let app = spawn(180).await;
+    let pool = &app.pool;
+    let event = common::instance_event("pid-replay", "start", None, 1_764_300_000_000, None);
+    app.push_ok(&event).await;
+    assert_eq!(app.counts().await, (1, 1, 0));
+    // Its detail fetch done; an applied event would ask for another and touch the row.
+    sqlx::query("UPDATE dingsync.approvals SET detail_wanted_at = NULL")
+        .execute(pool)
+        .await
+        .unwrap();
+    let updated_at = || async {
+        sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(
+            "SELECT updated_at FROM dingsync.approvals",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+    let before = updated_at().await;
+    for table in ["events", "event_keys"] {
+        sqlx::query(&format!(
+            "UPDATE dingsync.{table} SET received_at = now() - interval '200 days'"
+        ))
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    let Ran::Done { counts, .. } = run_retention(&app).await else {
+        panic!("the retention job did not run");
+    };
+    assert_eq!((counts["deleted"], counts["event_keys_deleted"]), (1, 0));
+    assert_eq!(
+        count(pool, "SELECT count(*) FROM dingsync.event_keys").await,
+        1
+    );
+
+    app.push_ok(&event).await;
+    app.push_ok(&event).await;
+    assert_eq!(app.counts().await, (0, 1, 0), "the replay was stored again");
+    assert!(
+        !app.approval("pid-replay").await.wanted,
+        "the replay was applied"
+    );
+    assert_eq!(updated_at().await, before);
+
+    // Past retention.event_keys_days the key goes too.
+    sqlx::query("UPDATE dingsync.event_keys SET received_at = now() - interval '401 days'")
+        .execute(pool)
+        .await
+        .unwrap();
+    let Ran::Done { counts, .. } = run_retention(&app).await else {
+        panic!("the retention job did not run");
+    };
+    assert_eq!(counts["event_keys_deleted"], 1);
+    assert_eq!(
+        count(pool, "SELECT count(*) FROM dingsync.event_keys").await,
+        0
+    );
 }

@@ -119,10 +119,10 @@ async fn the_status_rule_is_inlined_into_every_statement_that_writes_approvals()
     ];
     let finished = [
         event(
-            r#"{"EventType":"bpms_task_change","processInstanceId":"p1","type":"finish","result":"agree","taskId":7,"finishTime":2000}"#,
+            r#"{"EventType":"bpms_task_change","processInstanceId":"p1","type":"finish","result":"agree","taskId":7,"finishTime":1764300002000}"#,
         ),
         event(
-            r#"{"EventType":"bpms_instance_change","processInstanceId":"p1","type":"finish","result":"agree","finishTime":2000}"#,
+            r#"{"EventType":"bpms_instance_change","processInstanceId":"p1","type":"finish","result":"agree","finishTime":1764300002000}"#,
         ),
     ];
     // The first batch inserts the rows, the second updates them (ON CONFLICT DO UPDATE).

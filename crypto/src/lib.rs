@@ -34,6 +34,7 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, STAN
 use rand::Rng;
 use rand::distr::Alphanumeric;
 use sha1::{Digest, Sha1};
+use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 /// Length of an AES key as DingTalk's console hands it out (43 base64 characters = 32 bytes).
@@ -79,12 +80,13 @@ pub enum Error {
     /// The unpadded frame is shorter than its 20-byte header, or the length field points past it.
     #[error("bad length field")]
     BadLength,
-    /// The owner key after the message is not one we accept. `received` is a lossy UTF-8 copy
-    /// of those bytes, so the log can show which corp id / suite key / AppKey DingTalk used.
-    #[error("owner key {received:?} is not one we accept")]
+    /// The owner key after the message is not one we accept. `received` identifies those bytes
+    /// without carrying them: an owner key may be an AppKey (half of the app's credentials), and
+    /// with a wrong length field the "owner key" is really the tail of the decrypted message.
+    #[error("owner key {received} is not one we accept")]
     ReceiverIdMismatch {
-        /// The owner key found in the frame.
-        received: String,
+        /// Fingerprint of the bytes found where the owner key should be.
+        received: Fingerprint,
     },
     /// The message bytes are not UTF-8.
     #[error("message is not valid UTF-8")]
@@ -105,6 +107,57 @@ impl Error {
             Error::ReceiverIdMismatch { .. } => "receiver_id_mismatch",
             Error::InvalidUtf8 => "invalid_utf8",
         }
+    }
+}
+
+/// Identifies bytes without revealing them, for logs and errors: the first 4 bytes of their
+/// SHA-256 (8 hex digits) and their length. An operator matches it against a candidate with
+/// `printf %s CANDIDATE | sha256sum | cut -c1-8`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    sha256_prefix: [u8; 4],
+    len: usize,
+}
+
+impl Fingerprint {
+    /// The fingerprint of `bytes`.
+    #[must_use]
+    pub fn of(bytes: &[u8]) -> Self {
+        let digest = Sha256::digest(bytes);
+        Self {
+            sha256_prefix: [digest[0], digest[1], digest[2], digest[3]],
+            len: bytes.len(),
+        }
+    }
+
+    /// How many bytes were fingerprinted.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no bytes were fingerprinted.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "sha256:{} ({} bytes)",
+            hex::encode(self.sha256_prefix),
+            self.len
+        )
+    }
+}
+
+/// The same as `Display`: a `{:?}` in a log must not reveal more than a `{}`.
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 
@@ -264,7 +317,7 @@ impl CallbackCrypto {
             .find(|accepted| accepted.as_bytes() == owner)
         else {
             return Err(Error::ReceiverIdMismatch {
-                received: String::from_utf8_lossy(owner).into_owned(),
+                received: Fingerprint::of(owner),
             });
         };
         let receiver_id = (*receiver_id).to_owned();
@@ -606,10 +659,10 @@ mod tests {
             (Error::BadLength, "bad_length", "bad length field"),
             (
                 Error::ReceiverIdMismatch {
-                    received: "dingother".to_owned(),
+                    received: Fingerprint::of(b"dingother"),
                 },
                 "receiver_id_mismatch",
-                r#"owner key "dingother" is not one we accept"#,
+                "owner key sha256:a899732a (9 bytes) is not one we accept",
             ),
             (
                 Error::InvalidUtf8,
@@ -627,16 +680,54 @@ mod tests {
     fn receiver_id_mismatch_reports_the_owner_key_found() {
         let c = crypto();
         let encrypt = c.encrypt("{}", "dingotherc0rp0000000");
+        let err = c.decrypt(&encrypt, &[RECEIVER]).unwrap_err();
         assert_eq!(
-            c.decrypt(&encrypt, &[RECEIVER]),
-            Err(Error::ReceiverIdMismatch {
-                received: "dingotherc0rp0000000".to_owned()
-            })
+            err,
+            Error::ReceiverIdMismatch {
+                received: Fingerprint::of(b"dingotherc0rp0000000")
+            }
         );
+        for shown in [err.to_string(), format!("{err:?}")] {
+            assert!(!shown.contains("dingother"), "{shown}");
+            assert!(shown.contains("(20 bytes)"), "{shown}");
+        }
         assert!(matches!(
             c.decrypt(&encrypt, &[]),
             Err(Error::ReceiverIdMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn a_wrong_length_field_does_not_put_the_message_into_the_error() {
+        // A length field that stops short makes the rest of the message look like the owner key.
+        let c = crypto();
+        let secret = "张三的工资条 salary=12345";
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&[b'q'; 16]);
+        frame.extend_from_slice(&2u32.to_be_bytes());
+        frame.extend_from_slice(secret.as_bytes());
+        frame.extend_from_slice(RECEIVER.as_bytes());
+        let pad = 32 - frame.len() % 32;
+        frame.resize(frame.len() + pad, pad as u8);
+        let (blocks, _) = aes::Block::slice_as_chunks_mut(&mut frame);
+        CbcEnc::inner_iv_init(&c.cipher, &c.iv).encrypt_blocks(blocks);
+        let err = c
+            .decrypt(&STANDARD.encode(&frame), &[RECEIVER])
+            .unwrap_err();
+        assert_eq!(err.kind(), "receiver_id_mismatch");
+        for shown in [err.to_string(), format!("{err:?}")] {
+            assert!(!shown.contains("salary"), "{shown}");
+            assert!(!shown.contains(RECEIVER), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_fingerprint_shows_a_hash_prefix_and_a_length_only() {
+        let f = Fingerprint::of(b"dingappkey123");
+        assert_eq!(f.to_string(), format!("{f:?}"));
+        assert!(f.to_string().starts_with("sha256:"));
+        assert_eq!((f.len(), f.is_empty()), (13, false));
+        assert_ne!(f, Fingerprint::of(b"dingappkey124"));
     }
 
     #[test]

@@ -1,8 +1,11 @@
-//! `POST /dingtalk/callback`: verify → decrypt → check the owner key → store (group commit) →
-//! reply with the encrypted `success`. No commit, no `success`: when anything fails DingTalk gets
-//! an error status and retries (docs/dingtalk.md §4.7, §6).
+//! `POST /dingtalk/callback`: verify → decrypt → check the owner key → parse → check the event's
+//! organisation is served here → store (group commit) → reply with the encrypted `success`. No
+//! commit, no `success`: when anything fails DingTalk gets an error status and retries
+//! (docs/dingtalk.md §4.7, §6).
 //!
-//! Owns the HTTP exchange only; what an event means is `event`, storing it is `ingest`.
+//! Owns the HTTP exchange only; what an event means (and what is refused as malformed) is
+//! `event`, storing it is `ingest`, the organisations served are `store::corps`. How refusals
+//! reach the log is `refusals`.
 
 use std::{sync::Arc, time::Instant};
 
@@ -17,12 +20,15 @@ use axum::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    crypto::{self, CallbackCrypto},
+    crypto::{self, CallbackCrypto, Fingerprint},
     error::{AppError, Refused},
     event::{self, Parsed, Source},
     ingest::{Ingest, IngestError, Stored},
     metrics,
+    store::{self, corps::Served},
 };
+
+mod refusals;
 
 /// The events dingsync subscribes to.
 pub const TAGS: [&str; 2] = ["bpms_instance_change", "bpms_task_change"];
@@ -32,6 +38,8 @@ pub struct CallbackState {
     pub crypto: CallbackCrypto,
     pub owner_keys: Vec<String>,
     pub default_corp_id: String,
+    /// The organisations whose events are stored here.
+    pub corps: Served,
     pub ingest: Ingest,
 }
 
@@ -81,25 +89,14 @@ pub async fn handle(
     let body: PushBody = serde_json::from_slice(&body)
         .map_err(|_| AppError::BadRequest("body is not {\"encrypt\": \"...\"}"))?;
 
+    // Refusals are logged (and counted) by `track`, from the error's reply.
     let accepted: Vec<&str> = state.owner_keys.iter().map(String::as_str).collect();
-    let opened = state.crypto.open(&timestamp, &nonce, &body.encrypt, &signature, &accepted).map_err(|e| {
-        match &e {
-            crypto::Error::BadSignature => tracing::warn!("callback refused: signature does not match (callback.token?)"),
-            crypto::Error::ReceiverIdMismatch { received } => tracing::warn!(
-                received_owner_key = %received,
-                accepted_owner_keys = ?state.owner_keys,
-                "callback refused: owner key not accepted; add it to callback.owner_key if it is yours (CorpId vs AppKey?)"
-            ),
-            other => tracing::warn!(kind = other.kind(), "callback refused: {other} (callback.aes_key?)"),
-        }
-        AppError::from(e)
-    })?;
+    let opened = state
+        .crypto
+        .open(&timestamp, &nonce, &body.encrypt, &signature, &accepted)?;
 
     match event::parse(&opened.message, Source::HttpPush, &state.default_corp_id) {
-        Err(malformed) => {
-            tracing::warn!(reason = %malformed, "callback refused: malformed event");
-            Err(AppError::Malformed(malformed))
-        }
+        Err(malformed) => Err(AppError::Malformed(malformed)),
         Ok(Parsed::Handshake) => {
             tracing::info!("answered DingTalk's URL check");
             Ok(acked(
@@ -109,6 +106,22 @@ pub async fn handle(
             ))
         }
         Ok(Parsed::Event(event)) => {
+            // A signed event for an organisation not served here is refused, not stored under
+            // it: DingTalk retries it and then parks it in the failed list, whose drain keeps it
+            // raw under our own organisation (`reconcile::failed`). Nothing is lost, nothing is
+            // written into another organisation's rows, and the refusal shows in metrics and log.
+            match state.corps.serves(&event.corp_id).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    let corp = Fingerprint::of(event.corp_id.as_bytes());
+                    return Err(AppError::CorpNotServed(corp));
+                }
+                Err(e) if store::is_unavailable(&e) => return Err(AppError::Unavailable),
+                Err(e) => {
+                    tracing::error!(error = %e, "reading dingsync.corps failed");
+                    return Err(AppError::Internal);
+                }
+            }
             let (event_type, pid) = (event.event_type.clone(), event.process_instance_id.clone());
             match state.ingest.submit(*event).await {
                 Ok(stored) => {
@@ -174,8 +187,8 @@ fn acked(mut response: Response, event_type: &str, stored: Option<Stored>) -> Re
     response
 }
 
-/// Middleware on `POST /dingtalk/callback`: counts each push by type and outcome and times the
-/// answer.
+/// Middleware on `POST /dingtalk/callback`: counts each push by type and outcome, times the
+/// answer, and hands refusals to the log's summaries (`refusals`).
 pub async fn track(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let response = next.run(request).await;
@@ -184,12 +197,25 @@ pub async fn track(request: Request, next: Next) -> Response {
         response.extensions().get::<Refused>(),
     ) {
         (Some(acked), _) => (acked.event_type, acked.outcome),
-        (None, Some(Refused(outcome))) => ("unknown", *outcome),
+        (None, Some(refused)) => {
+            // 503 and 500 are no refusals of the input: they are logged where they happen.
+            if refused.outcome.starts_with("refused_") {
+                refusals::record(refused.outcome, &refused.reason);
+            }
+            ("unknown", refused.outcome)
+        }
         // Refused before the handler ran (body over the limit, bad query).
         (None, None) if response.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            refusals::record("refused_too_large", "body over server.body_limit_bytes");
             ("unknown", "refused_too_large")
         }
-        (None, None) => ("unknown", "refused_malformed"),
+        (None, None) => {
+            refusals::record(
+                "refused_malformed",
+                "request not understood before decrypting",
+            );
+            ("unknown", "refused_malformed")
+        }
     };
     metrics::callback_answered(event_type, outcome, started.elapsed());
     response

@@ -1,6 +1,7 @@
 //! Storing one batch of events (callbacks, the failed-push list) and everything they change, by a
-//! single statement: the events go into `dingsync.events` (new ones only), their folded changes
-//! into `approvals` and `approval_tasks`, and listeners are notified. One statement is one round
+//! single statement: the events' keys go into `dingsync.event_keys`, the events into
+//! `dingsync.events` (new ones only), their folded changes into `approvals` and `approval_tasks`,
+//! and listeners are notified. One statement is one round
 //! trip and, outside an explicit transaction, one atomic commit: all of it is stored or none of
 //! it. This module owns the events' part and the composition; what the changes do to approvals
 //! and tasks (their fold, their SQL and its parameters) is `store::approvals`' event entry point,
@@ -11,9 +12,17 @@
 //! of the same approval is folded in too, which is harmless: applying a change twice is a no-op
 //! under the monotonic rules.
 //!
+//! Whether an event is new is decided by `dingsync.event_keys` (migration V11), which keeps every
+//! key longer than retention keeps the raw events: a replay of an event whose raw row was pruned
+//! is still a duplicate. The key's insert is one more CTE of the same statement (no round trip):
+//! one small heap row and one btree entry per event. `events_dedup_key_unique` stays as the second
+//! guard (an event row whose key is missing, e.g. written by an older dingsync during an upgrade,
+//! is still never stored twice).
+//!
 //! Two forms of the statement: one skips the events that are stored already (`ON CONFLICT DO
-//! NOTHING`), the other expects every event to be new and fails with a unique violation on
-//! `events_dedup_key_unique` (storing nothing) when one is not. `ON CONFLICT` makes PostgreSQL
+//! NOTHING` on the key, then only the events whose key was new), the other expects every event
+//! to be new and fails with a unique violation on `event_keys_pkey` or `events_dedup_key_unique`
+//! (storing nothing) when one is not. `ON CONFLICT` makes PostgreSQL
 //! look each key up before inserting it (a second descent of the dedup index) and insert it
 //! speculatively (a lock and an extra WAL record per row): about a tenth of the backend's CPU
 //! per event, spent for the rare redelivery. [`store_events`] tries the second form when the
@@ -107,11 +116,12 @@ async fn write_new(
     bind(SQL_NEW, events, changes).execute(conn).await.map(drop)
 }
 
-/// Whether `e` is [`write_new`] refusing an event that is not new.
+/// Whether `e` is [`write_new`] refusing an event that is not new (its key is known, or its event
+/// row exists).
 fn is_not_new(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db)
         if db.code().as_deref() == Some("23505")
-            && db.constraint() == Some("events_dedup_key_unique"))
+            && matches!(db.constraint(), Some("event_keys_pkey" | "events_dedup_key_unique")))
 }
 
 /// The statement with its parameters: the events' `$1..$9` here, then the changes' (from `$10`)
@@ -135,14 +145,22 @@ fn bind<'a>(
     approvals::bind_event_changes(query, changes)
 }
 
-/// `$1..$9` the events (the CTE `ev`: those that are new), then the changes' CTEs `ap`, `touched`
-/// and `tk` with their parameters (`store::approvals::event_changes_sql!`), then the notification
-/// of every approval that `ap` or `touched` changed.
+/// `$1..$9` the events: their keys (the CTE `keys`: those that are new) and the events (the CTE
+/// `ev`: those that are new), then the changes' CTEs `ap`, `touched` and `tk` with their
+/// parameters (`store::approvals::event_changes_sql!`), then the notification of every approval
+/// that `ap` or `touched` changed.
 macro_rules! batch_sql {
-    ($on_conflict:literal, $select:literal) => {
+    ($keys_on_conflict:literal, $only_new_keys:literal, $on_conflict:literal, $select:literal) => {
         concat!(
             "
-WITH ev AS (
+WITH keys AS (
+    INSERT INTO dingsync.event_keys (corp_id, dedup_key)
+    SELECT c, k FROM unnest($1::text[], $2::text[]) AS x(c, k)
+",
+            $keys_on_conflict,
+            "    RETURNING corp_id, dedup_key
+),
+ev AS (
     INSERT INTO dingsync.events
         (corp_id, dedup_key, source, event_type, change_type, process_instance_id, task_id,
          event_time, raw, payload)
@@ -150,6 +168,7 @@ WITH ev AS (
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                 $7::bigint[], $8::timestamptz[], $9::text[]) AS x(c, k, s, et, ct, p, t, tm, r)
 ",
+            $only_new_keys,
             $on_conflict,
             "    RETURNING corp_id, dedup_key, process_instance_id
 ),
@@ -168,13 +187,17 @@ notified AS (
     };
 }
 
+/// Only events whose key is new are stored (an event repeated within the batch, too, is stored
+/// once: its second key and second row meet the first's and do nothing).
 const SQL: &str = batch_sql!(
+    "    ON CONFLICT ON CONSTRAINT event_keys_pkey DO NOTHING\n",
+    "    WHERE (x.c, x.k) IN (SELECT corp_id, dedup_key FROM keys)\n",
     "    ON CONFLICT ON CONSTRAINT events_dedup_key_unique DO NOTHING\n",
     "SELECT ev.corp_id, ev.dedup_key FROM ev, notified\n"
 );
 
 /// The same without `ON CONFLICT`: every event is new, so the rows need not come back.
-const SQL_NEW: &str = batch_sql!("", "SELECT n FROM notified\n");
+const SQL_NEW: &str = batch_sql!("", "", "", "SELECT n FROM notified\n");
 
 /// The events' columns, `$1..$9`.
 struct EventColumns<'a> {

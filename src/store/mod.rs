@@ -4,6 +4,7 @@
 
 pub mod approvals;
 pub mod batch;
+pub mod corps;
 pub mod job_runs;
 mod migrate;
 pub mod outbox;

@@ -1,23 +1,28 @@
 //! Deleting old rows of the tables dingsync prunes (the `retention` job): raw events
-//! (`dingsync.events`, migration V2, by received_at) and the scheduler's run log
-//! (`dingsync.job_runs`, migration V7, by started_at). The callback path writes events through
-//! `store::batch`, the scheduler its runs through `store::job_runs`.
+//! (`dingsync.events`, migration V2, by received_at), their dedup keys (`dingsync.event_keys`,
+//! migration V11, by received_at, kept longer) and the scheduler's run log (`dingsync.job_runs`,
+//! migration V7, by started_at). The callback path writes events and keys through `store::batch`,
+//! the scheduler its runs through `store::job_runs`.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgExecutor;
 
-/// A table that is pruned by age, and the column that dates its rows (BRIN-indexed in both).
+/// A table that is pruned by age, and the column that dates its rows (BRIN-indexed in all).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Aged {
     Events,
+    EventKeys,
     JobRuns,
 }
 
 impl Aged {
-    fn table_and_column(self) -> (&'static str, &'static str) {
+    /// The table, the column that tells its rows apart within an organisation, and the column
+    /// that dates them.
+    fn table_key_and_column(self) -> (&'static str, &'static str, &'static str) {
         match self {
-            Aged::Events => ("dingsync.events", "received_at"),
-            Aged::JobRuns => ("dingsync.job_runs", "started_at"),
+            Aged::Events => ("dingsync.events", "id", "received_at"),
+            Aged::EventKeys => ("dingsync.event_keys", "dedup_key", "received_at"),
+            Aged::JobRuns => ("dingsync.job_runs", "id", "started_at"),
         }
     }
 }
@@ -32,11 +37,11 @@ pub async fn older_than(
     before: DateTime<Utc>,
     limit: i64,
 ) -> sqlx::Result<u64> {
-    let (table, column) = table.table_and_column();
+    let (table, key, column) = table.table_key_and_column();
     let done = sqlx::query(&format!(
         "DELETE FROM {table}
-         WHERE corp_id = $1 AND id IN (
-             SELECT id FROM {table}
+         WHERE corp_id = $1 AND {key} IN (
+             SELECT {key} FROM {table}
              WHERE corp_id = $1 AND {column} < $2
              LIMIT $3)"
     ))
