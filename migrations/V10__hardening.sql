@@ -69,6 +69,40 @@ CREATE TRIGGER outbox_corp_served
     BEFORE INSERT OR UPDATE OF corp_id ON dingsync.outbox
     FOR EACH ROW EXECUTE FUNCTION dingsync.outbox_corp_served();
 
+-- 3. Functions and the schema.
+--
+-- Functions are executable by PUBLIC unless revoked. EXECUTE now goes only to the roles that need
+-- it (roles block below); the owner (dingsync itself) keeps it. Triggers fire without an EXECUTE
+-- check, so outbox_validate, outbox_wake, outbox_done and outbox_corp_served need no grant; a
+-- column default and a CHECK constraint are checked against the inserting role, hence the app's
+-- grants on default_corp_id, form_values_problem and approvers_problem.
+--
+-- ALTER DEFAULT PRIVILEGES is not used: a per-schema REVOKE cannot take back PUBLIC's global
+-- default EXECUTE (PostgreSQL adds per-schema defaults to the global ones), and a global one
+-- would change every function the migrating user creates anywhere in this database, which is
+-- shared with the apps. A later migration that creates a function revokes PUBLIC's EXECUTE
+-- itself; tests/app_role.rs fails while any function in the schema is executable by PUBLIC.
+REVOKE ALL ON SCHEMA dingsync FROM PUBLIC;
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA dingsync FROM PUBLIC;
+
+-- Every function whose body is resolved when it runs (PL/pgSQL) gets a fixed search_path, so a
+-- caller's search_path cannot redirect an unqualified name (an operator, a function, a type) to
+-- an object someone planted in another schema. pg_temp is named last: left out, it would be
+-- searched first for tables and types.
+--
+-- Not dingsync.status_rank and dingsync.status_wins (V9): they are SQL-standard-body functions
+-- (RETURN ...), parsed and bound to the objects they name when created, so search_path cannot
+-- redirect them; and a SET clause would stop the planner from inlining them, which the ingest hot
+-- path relies on (tests/status_rule.rs checks they stay inlined).
+ALTER FUNCTION dingsync.default_corp_id() SET search_path = pg_catalog, dingsync, pg_temp;
+ALTER FUNCTION dingsync.form_values_problem(jsonb) SET search_path = pg_catalog, dingsync, pg_temp;
+ALTER FUNCTION dingsync.approvers_problem(jsonb) SET search_path = pg_catalog, dingsync, pg_temp;
+ALTER FUNCTION dingsync.outbox_validate() SET search_path = pg_catalog, dingsync, pg_temp;
+ALTER FUNCTION dingsync.outbox_wake() SET search_path = pg_catalog, dingsync, pg_temp;
+ALTER FUNCTION dingsync.outbox_done() SET search_path = pg_catalog, dingsync, pg_temp;
+ALTER FUNCTION dingsync.request_approval(text, text, text, jsonb, bigint, jsonb, text[], text, text)
+    SET search_path = pg_catalog, dingsync, pg_temp;
+
 -- The roles' rights, complete (this supersedes V8's list and the script of its NOTICE). Applied
 -- whenever both roles exist, so it also repairs a database whose V8 could only print the script.
 -- Otherwise a NOTICE gives the script to run as a superuser or CREATEROLE user.

@@ -1,6 +1,7 @@
 //! Migration V10, as a business app sees it: logged in as a role granted `dingsync_app`, an app
 //! inserts requests and nothing else (no state, no attempts, no instance id), only for an
-//! organisation served here.
+//! organisation served here; PUBLIC executes no dingsync function; every function that resolves
+//! names at run time has a fixed search_path.
 
 mod common;
 
@@ -222,8 +223,7 @@ async fn an_app_role_inserts_requests_that_start_pending_and_can_forge_no_lifecy
 async fn a_request_for_an_organisation_not_served_here_is_refused_naming_it() {
     let (db, pool) = migrated(Some(CORP_ID)).await;
     let app = LoginRole::create(&db, &pool, Some("dingsync_app")).await;
-    let expected =
-        r#"dingsync.outbox: corp_id "dingnosuchcorp0001" is not served by this database (see dingsync.corps)"#;
+    let expected = r#"dingsync.outbox: corp_id "dingnosuchcorp0001" is not served by this database (see dingsync.corps)"#;
     for sql in [
         format!(
             "SELECT dingsync.request_approval('k1', 'PROC-1', 'emp1', {FORM}, corp_id => 'dingnosuchcorp0001')"
@@ -236,7 +236,10 @@ async fn a_request_for_an_organisation_not_served_here_is_refused_naming_it() {
         let (code, message) = refusal(&app.pool, &sql).await;
         assert_eq!((code.as_str(), message.as_str()), ("23514", expected));
     }
-    assert_eq!(count(&pool, "SELECT count(*) FROM dingsync.outbox").await, 0);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM dingsync.outbox").await,
+        0
+    );
     drop(app);
     pool.close().await;
 
@@ -263,5 +266,94 @@ async fn a_request_for_an_organisation_not_served_here_is_refused_naming_it() {
     .execute(&pool)
     .await
     .unwrap();
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn public_executes_no_dingsync_function_and_cannot_create_objects_in_the_schema() {
+    let (db, pool) = migrated(Some(CORP_ID)).await;
+    let public: Vec<String> = sqlx::query_scalar(
+        "SELECT p.oid::regprocedure::text FROM pg_proc p
+         WHERE p.pronamespace = 'dingsync'::regnamespace
+           AND (p.proacl IS NULL
+                OR EXISTS (SELECT FROM aclexplode(p.proacl) a
+                           WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE'))
+         ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(
+        public.is_empty(),
+        "executable by PUBLIC (a migration that creates a function must REVOKE EXECUTE ... FROM PUBLIC): {public:?}"
+    );
+
+    // A role with no grants but USAGE on the schema, so that what refuses it is the function's ACL.
+    let nobody = LoginRole::create(&db, &pool, None).await;
+    sqlx::raw_sql(&format!(
+        "GRANT USAGE ON SCHEMA dingsync TO {}",
+        nobody.name
+    ))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let (code, message) = refusal(
+        &nobody.pool,
+        &format!("SELECT dingsync.request_approval('k1', 'PROC-1', 'emp1', {FORM})"),
+    )
+    .await;
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("42501", "permission denied for function request_approval")
+    );
+    for planted in [
+        "CREATE TABLE dingsync.corps_planted (corp_id text)",
+        "CREATE FUNCTION dingsync.planted() RETURNS int LANGUAGE sql RETURN 1",
+    ] {
+        assert_eq!(refusal(&nobody.pool, planted).await.0, "42501", "{planted}");
+    }
+    let app = LoginRole::create(&db, &pool, Some("dingsync_app")).await;
+    assert_eq!(
+        refusal(&app.pool, "CREATE TABLE dingsync.planted (i int)")
+            .await
+            .0,
+        "42501"
+    );
+    drop((nobody, app));
+    pool.close().await;
+}
+
+/// The SQL-standard-body functions the planner inlines (migration V9): bound when created, so no
+/// search_path can redirect them, and a SET clause would stop the inlining.
+const INLINED: [&str; 2] = ["status_rank", "status_wins"];
+
+#[tokio::test]
+async fn every_function_pins_its_search_path_unless_it_is_an_inlined_sql_body() {
+    let (_db, pool) = migrated(None).await;
+    let functions: Vec<(String, Option<String>, bool)> = sqlx::query_as(
+        "SELECT p.proname::text,
+                (SELECT c FROM unnest(p.proconfig) AS c WHERE c LIKE 'search_path=%'),
+                p.prosqlbody IS NOT NULL
+         FROM pg_proc p WHERE p.pronamespace = 'dingsync'::regnamespace ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(functions.len() > INLINED.len(), "{functions:?}");
+    let wrong: Vec<String> = functions
+        .iter()
+        .filter_map(|(name, search_path, sql_body)| {
+            let inlined = INLINED.contains(&name.as_str());
+            match (inlined, search_path.as_deref()) {
+                (true, None) if *sql_body => None,
+                (true, _) => Some(format!("{name}: must stay a SQL-standard body without SET")),
+                (false, Some("search_path=pg_catalog, dingsync, pg_temp")) => None,
+                (false, other) => Some(format!(
+                    "{name}: search_path {other:?}, want SET search_path = pg_catalog, dingsync, pg_temp"
+                )),
+            }
+        })
+        .collect();
+    assert!(wrong.is_empty(), "{wrong:#?}");
     pool.close().await;
 }
