@@ -139,3 +139,25 @@ BEGIN
     EXECUTE grants;
 END;
 $roles$;
+
+-- 4. The access token's fetch lease. Before, a replica needing a token took an advisory lock in a
+-- transaction and held it, with its pool connection, across DingTalk's gettoken (up to the client
+-- timeout). Now a replica claims the fetch in one short statement (succeeding only while no
+-- unexpired lease is held), calls DingTalk with no connection held, and stores the token, clearing
+-- the lease, in another. The others poll the row until a fresh token appears or the lease expires;
+-- a replica that died between claim and store leaves only a lease that expires.
+--
+-- A row may now hold a lease and no token yet (the first fetch, or after a refused token was
+-- cleared): the token columns are NULL together.
+ALTER TABLE dingsync.access_tokens
+    ALTER COLUMN access_token DROP NOT NULL,
+    ALTER COLUMN expires_at DROP NOT NULL,
+    ALTER COLUMN fetched_at DROP NOT NULL,
+    ALTER COLUMN fetched_at DROP DEFAULT,
+    ADD COLUMN fetching_until timestamptz,
+    ADD CONSTRAINT access_tokens_token_complete
+        CHECK (num_nulls(access_token, expires_at, fetched_at) IN (0, 3));
+COMMENT ON COLUMN dingsync.access_tokens.access_token IS 'The token itself (secret); null while none is held (first fetch, or a refused token was dropped).';
+COMMENT ON COLUMN dingsync.access_tokens.expires_at IS 'When DingTalk stops accepting it (fetch time + expires_in); null without a token.';
+COMMENT ON COLUMN dingsync.access_tokens.fetched_at IS 'When it was fetched or last renewed; null without a token.';
+COMMENT ON COLUMN dingsync.access_tokens.fetching_until IS 'Lease of the replica fetching a new token (database time); the others wait for its token until then, and one of them takes over after. Null when no fetch is under way.';
