@@ -3,9 +3,11 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use common::{CORP_ID, TestApp, TestDb, embedded_emulator, install_crypto_provider, test_config};
+use common::{
+    CORP_ID, TestApp, TestDb, embedded_emulator, eventually, install_crypto_provider, test_config,
+};
 use dingsync::{
     cli::callback::{self as manage, Action},
     config::{Config, Secret},
@@ -16,6 +18,7 @@ use dingsync::{
     store,
 };
 use dingsync_emulator::{Emulator, EmulatorConfig, InjectedError, TaskAction};
+use sqlx::PgPool;
 
 struct Setup {
     emulator: Emulator,
@@ -256,6 +259,114 @@ async fn two_replicas_needing_a_token_at_once_make_exactly_one_gettoken() {
     assert!(tokens.iter().all(|t| t == &tokens[0]));
     assert_eq!(s.emulator.state().calls("gettoken"), 1);
     other_pool.close().await;
+    s.emulator.stop().await;
+}
+
+/// Two replicas with a pool of one connection each, the way a starved daemon would be.
+async fn one_connection_replicas(s: &Setup) -> [(PgPool, Client); 2] {
+    let mut small = s.config.database.clone();
+    small.max_connections = 1;
+    small.acquire_timeout_ms = 500;
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let pool = store::connect(&small).await.unwrap();
+        let client = Client::new(pool.clone(), &s.config.dingtalk, &s.emulator.base_url()).unwrap();
+        replicas.push((pool, client));
+    }
+    replicas.try_into().unwrap_or_else(|_| unreachable!())
+}
+
+#[tokio::test]
+async fn no_replica_holds_a_connection_or_a_transaction_while_dingtalk_answers_gettoken() {
+    let s = setup(|c| c.dingtalk.timeout_ms = 10_000).await;
+    s.emulator.state().update_faults(|f| f.latency_ms = 2_000);
+    let [(pool_a, a), (pool_b, b)] = one_connection_replicas(&s).await;
+    let observer = PgPool::connect(s.config.database.url.expose())
+        .await
+        .unwrap();
+    let database = s._db.name.clone();
+    let fetching = async {
+        let token = a.tokens().get().await.unwrap();
+        (token, Instant::now())
+    };
+    let waiting = async {
+        // Asks once the first replica's gettoken is on its way.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let token = b.tokens().get().await.unwrap();
+        (token, Instant::now())
+    };
+    let checks = async {
+        eventually(Duration::from_secs(5), "gettoken on its way", || async {
+            (s.emulator.state().calls("gettoken") == 1).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Each replica's only connection is free for other work (it waits 500 ms at most).
+        for pool in [&pool_a, &pool_b] {
+            store::ping(pool)
+                .await
+                .expect("the pool's connection is free");
+        }
+        let in_transaction: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = $1 AND state LIKE 'idle in transaction%'",
+        )
+        .bind(&database)
+        .fetch_one(&observer)
+        .await
+        .unwrap();
+        assert_eq!(in_transaction, 0, "a session idles in a transaction");
+        Instant::now()
+    };
+    let ((token_a, got_a), (token_b, got_b), checked) = tokio::join!(fetching, waiting, checks);
+    assert_eq!(token_a, token_b);
+    assert!(
+        checked < got_a && checked < got_b,
+        "the checks ran while gettoken was answering"
+    );
+    assert_eq!(
+        s.emulator.state().calls("gettoken"),
+        1,
+        "one fetch for both"
+    );
+    for pool in [pool_a, pool_b, observer] {
+        pool.close().await;
+    }
+    s.emulator.stop().await;
+}
+
+#[tokio::test]
+async fn a_replica_that_died_holding_the_fetch_lease_delays_the_next_one_by_the_lease_only() {
+    let s = setup(|_| {}).await;
+    let pool = store::connect(&s.config.database).await.unwrap();
+    // A replica claimed the fetch and died before storing a token.
+    let lease = Duration::from_millis(800);
+    let claimed = store::tokens::claim_fetch(
+        &pool,
+        CORP_ID,
+        &s.config.dingtalk.app_key,
+        chrono::Utc::now(),
+        lease,
+    )
+    .await
+    .unwrap();
+    assert!(claimed.is_some());
+    let started = Instant::now();
+    let token = s.client.tokens().get().await.unwrap();
+    let waited = started.elapsed();
+    assert!(!token.is_empty());
+    assert!(
+        waited >= lease - Duration::from_millis(100) && waited < Duration::from_secs(5),
+        "waited {waited:?} for a lease of {lease:?}"
+    );
+    assert_eq!(s.emulator.state().calls("gettoken"), 1);
+    // The lease is gone with the token stored: the next replica takes the token at once.
+    let other = Client::new(pool.clone(), &s.config.dingtalk, &s.emulator.base_url()).unwrap();
+    let started = Instant::now();
+    assert_eq!(other.tokens().get().await.unwrap(), token);
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert_eq!(s.emulator.state().calls("gettoken"), 1);
+    pool.close().await;
     s.emulator.stop().await;
 }
 

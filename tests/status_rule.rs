@@ -100,6 +100,10 @@ async fn the_status_rule_is_inlined_into_every_statement_that_writes_approvals()
     let pool = store::connect_and_migrate(&test_config(&db.url).database)
         .await
         .unwrap();
+    // The outbox takes rows only for an organisation served here (migration V10).
+    store::outbox::register_corp(&pool, common::CORP_ID)
+        .await
+        .unwrap();
     let mut tx = pool.begin().await.unwrap();
     sqlx::query("SET LOCAL track_functions = 'all'")
         .execute(&mut *tx)

@@ -1,17 +1,20 @@
 //! The access token, shared by every replica through `dingsync.access_tokens` (docs/dingtalk.md §1.1).
 //!
 //! In a process, callers share a cached copy; when it must be fetched, one task fetches while the
-//! others wait (a local mutex), and across processes one replica fetches while the others wait (a
-//! transaction-scoped advisory lock around read-check-fetch-store). A token is renewed when less
-//! than [`RENEW_AHEAD`] of its life is left, so callers never hold one that is about to expire.
+//! others wait (a local mutex). Across processes one replica fetches while the others wait: it
+//! claims a lease on the shared row in one statement, calls `gettoken` holding no connection and
+//! no transaction, and stores the token (ending the lease) in another; the others poll the row
+//! until the token appears or the lease expires, when one of them takes over (so a replica that
+//! died mid-fetch delays the rest by one lease at most). A token is renewed when less than
+//! [`RENEW_AHEAD`] of its life is left, so callers never hold one that is about to expire.
 //! The app secret is only ever sent to DingTalk; it appears in no log or error.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use sqlx::{Connection, PgPool};
-use tokio::sync::Mutex;
+use sqlx::PgPool;
+use tokio::{sync::Mutex, time::Instant};
 
 use super::{Classified, Error, classify};
 use crate::{
@@ -22,6 +25,16 @@ use crate::{
 /// Renew a token this long before DingTalk says it expires.
 pub const RENEW_AHEAD: Duration = Duration::from_secs(10 * 60);
 
+/// How much longer than the HTTP timeout a fetch lease lasts: time to store the token after
+/// DingTalk's last possible answer, on a loaded machine. A lease only runs out when its replica
+/// died or lost the database mid-fetch; then the others wait this much longer than they must.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
+
+/// First and longest pause between two looks at the shared row while another replica fetches.
+/// gettoken usually answers within a few hundred milliseconds; each look is one key lookup.
+const POLL_FIRST: Duration = Duration::from_millis(25);
+const POLL_MAX: Duration = Duration::from_millis(200);
+
 pub struct Tokens {
     pool: PgPool,
     http: reqwest::Client,
@@ -29,6 +42,8 @@ pub struct Tokens {
     corp_id: String,
     app_key: String,
     app_secret: Secret,
+    /// How long a replica may fetch before another takes over: the HTTP timeout bounds the call.
+    lease: Duration,
     cached: Mutex<Option<(String, DateTime<Utc>)>>,
 }
 
@@ -54,6 +69,7 @@ impl Tokens {
             corp_id: config.corp_id.clone(),
             app_key: config.app_key.clone(),
             app_secret: config.app_secret.clone(),
+            lease: Duration::from_millis(config.timeout_ms) + LEASE_MARGIN,
             cached: Mutex::new(None),
         }
     }
@@ -126,34 +142,90 @@ impl Tokens {
         if cached.as_ref().is_some_and(|(t, _)| t == token) {
             *cached = None;
         }
-        let deleted = store::tokens::delete(&self.pool, &self.corp_id, &self.app_key, token).await;
-        if let Err(e) = deleted {
+        let cleared = store::tokens::clear(&self.pool, &self.corp_id, &self.app_key, token).await;
+        if let Err(e) = cleared {
             tracing::warn!(error = %e, "could not drop the refused access token");
         }
     }
 
-    /// The token in the database if fresh, else one fetched by exactly one replica.
+    /// The token in the database if fresh, else one fetched by exactly one replica at a time.
+    /// Holds a pool connection only for each short statement, never while DingTalk answers.
     async fn shared(&self) -> Result<(String, DateTime<Utc>), Error> {
         let db = |e: sqlx::Error| Error::Transient(format!("database: {e}"));
-        let mut conn = self.pool.acquire().await.map_err(db)?;
-        let mut tx = conn.begin().await.map_err(db)?;
-        store::tokens::lock(&mut tx, &self.corp_id, &self.app_key)
-            .await
-            .map_err(db)?;
-        let stored = store::tokens::read(&mut *tx, &self.corp_id, &self.app_key)
-            .await
-            .map_err(db)?;
-        if let Some((token, expires_at)) = stored
-            && fresh(expires_at)
-        {
-            return Ok((token, expires_at));
+        // Long enough to wait out a dead replica's lease and then fetch ourselves.
+        let deadline = Instant::now() + 2 * self.lease;
+        let mut pause = POLL_FIRST;
+        loop {
+            let shared = store::tokens::read(&self.pool, &self.corp_id, &self.app_key)
+                .await
+                .map_err(db)?;
+            let leased = shared.as_ref().is_some_and(|s| s.fetch_leased);
+            if let Some((token, expires_at)) = shared.and_then(store::tokens::Shared::token) {
+                // While another replica renews it, a token that still works is used, not waited
+                // on; the next call looks again.
+                if fresh(expires_at) || (leased && expires_at > Utc::now()) {
+                    return Ok((token, expires_at));
+                }
+            }
+            if !leased {
+                let stale_at = Utc::now() + chrono::Duration::from_std(RENEW_AHEAD).expect("small");
+                let claimed = store::tokens::claim_fetch(
+                    &self.pool,
+                    &self.corp_id,
+                    &self.app_key,
+                    stale_at,
+                    self.lease,
+                )
+                .await
+                .map_err(db)?;
+                if let Some(lease_end) = claimed {
+                    return self.fetch_and_share(lease_end).await;
+                }
+                // Another replica claimed the fetch or stored a token since we looked: it is
+                // fetching (or done), so wait as for any lease held.
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::Transient(format!(
+                    "another replica is fetching the DingTalk access token and none appeared within {:?}",
+                    2 * self.lease
+                )));
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(POLL_MAX);
         }
-        let (token, expires_at) = self.fetch().await?;
-        store::tokens::save(&mut *tx, &self.corp_id, &self.app_key, &token, expires_at)
-            .await
-            .map_err(db)?;
-        tx.commit().await.map_err(db)?;
-        tracing::info!(app_key = %self.app_key, %expires_at, "fetched a DingTalk access token");
+    }
+
+    /// With the fetch lease ending at `lease_end` held: asks DingTalk, then shares the token (or
+    /// gives the lease back when the fetch failed, so that the next replica need not wait for it).
+    async fn fetch_and_share(
+        &self,
+        lease_end: DateTime<Utc>,
+    ) -> Result<(String, DateTime<Utc>), Error> {
+        let (token, expires_at) = match self.fetch().await {
+            Ok(fetched) => fetched,
+            Err(e) => {
+                let released =
+                    store::tokens::release(&self.pool, &self.corp_id, &self.app_key, lease_end)
+                        .await;
+                if let Err(db) = released {
+                    tracing::warn!(error = %db, "could not give back the access token lease; it expires by itself");
+                }
+                return Err(e);
+            }
+        };
+        let saved =
+            store::tokens::save(&self.pool, &self.corp_id, &self.app_key, &token, expires_at).await;
+        match saved {
+            Ok(()) => {
+                tracing::info!(app_key = %self.app_key, %expires_at, "fetched a DingTalk access token");
+            }
+            // The token is valid whether or not the others can see it: use it. They fetch their
+            // own when the lease expires (DingTalk answers with the same token, docs/dingtalk.md §1.1).
+            Err(e) => {
+                tracing::warn!(app_key = %self.app_key, error = %e, "fetched a DingTalk access token but could not share it");
+            }
+        }
         Ok((token, expires_at))
     }
 
