@@ -67,11 +67,20 @@ async fn emulator_daemon() -> TestApp {
 #[tokio::test]
 async fn metrics_expose_every_series_with_plausible_values_after_real_traffic() {
     let app = emulator_daemon().await;
-    let event = instance_event("pid-metrics-1", "start", None, T0, None);
+    // The embedded emulator's daemon serves the emulator's organisation, not the test corp.
+    let served = |event: String| event.replace(CORP_ID, dingsync::app::EMULATOR_CORP_ID);
+    let event = served(instance_event("pid-metrics-1", "start", None, T0, None));
     app.push_ok(&event).await;
     app.push_ok(&event).await;
-    app.push_ok(&task_event("pid-metrics-1", 7001, "start", None, T0, None))
-        .await;
+    app.push_ok(&served(task_event(
+        "pid-metrics-1",
+        7001,
+        "start",
+        None,
+        T0,
+        None,
+    )))
+    .await;
     let refused = app
         .post_raw(
             &[("signature", "0000"), ("timestamp", "1"), ("nonce", "abc")],
