@@ -187,6 +187,7 @@ pub fn job_run(job: &'static str, outcome: &'static str, took: Duration) {
 }
 
 /// What the database said at scrape time.
+#[derive(Clone)]
 pub struct Scraped {
     /// Outbox rows still in progress, by state.
     pub outbox_rows: Vec<(&'static str, i64)>,
