@@ -1,5 +1,5 @@
-//! Wires the daemon together: database (created and migrated), group committer, HTTP server,
-//! DingTalk client and outbox worker; and takes it down in order on shutdown (stop accepting,
+//! Wires the daemon together: database (created and migrated), group committer, HTTP server
+//! (the listener and its connection limits are `server`'s), DingTalk client and outbox worker; and takes it down in order on shutdown (stop accepting,
 //! finish in-flight callbacks, then the batches they are waiting for, then the outbox's creates
 //! in flight).
 
@@ -26,7 +26,7 @@ use crate::{
     dingtalk::{self, types::CallbackRegistration},
     health,
     ingest::Ingest,
-    jobs, outbox, scheduler, store,
+    jobs, outbox, scheduler, server, store,
 };
 
 /// CorpId the embedded emulator's organisation uses (and events without a corpId fall back to
@@ -59,6 +59,7 @@ impl App {
     /// Prepares the database and starts serving. Returns once the listener is bound.
     pub async fn start(mut config: Config) -> anyhow::Result<App> {
         config.validate().context("invalid configuration")?;
+        server::check_open_files(&config)?;
         resolve_emulator_defaults(&mut config);
         let crypto = CallbackCrypto::new(
             config.callback.token.expose(),
@@ -92,13 +93,12 @@ impl App {
         );
         let router = router(state, health.clone(), &config);
         let server_stop = shutdown.clone();
+        let limits = server::Limits::new(&config.server);
         let task = tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { server_stop.cancelled().await })
-                .await;
+            server::serve(listener, router, limits, server_stop).await;
             ingest_stop.cancel();
             ingest_task.await.ok();
-            served.context("HTTP server")
+            Ok(())
         });
         tracing::info!(%addr, "dingsync listening; callbacks at POST /dingtalk/callback");
 

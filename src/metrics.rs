@@ -49,6 +49,11 @@ struct JobLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
 }
@@ -65,6 +70,8 @@ struct Metrics {
     budget_wait_seconds: Histogram,
     job_runs: Family<JobLabels, Counter>,
     job_seconds: Histograms<JobLabel>,
+    connections_open: Gauge,
+    connections_shed: Family<ReasonLabel, Counter>,
 }
 
 /// 1 ms … ~16 s: a callback ack must stay under DingTalk's 1.5 s.
@@ -88,6 +95,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         budget_wait_seconds: fast_buckets(),
         job_runs: Family::default(),
         job_seconds: Family::new_with_constructor(slow_buckets),
+        connections_open: Gauge::default(),
+        connections_shed: Family::default(),
     };
     m.registry.register(
         "dingsync_events_received",
@@ -128,6 +137,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "dingsync_job_duration_seconds",
         "Duration of scheduled job runs",
         m.job_seconds.clone(),
+    );
+    m.registry.register(
+        "dingsync_http_connections",
+        "HTTP connections open now (server.max_connections plus server.probe_connections at most)",
+        m.connections_open.clone(),
+    );
+    m.registry.register(
+        "dingsync_http_connections_shed",
+        "Connections the server closed or refused itself, by reason (evicted, refused, header_timeout, idle_timeout, probe_only)",
+        m.connections_shed.clone(),
     );
     m
 });
@@ -184,6 +203,21 @@ pub fn job_run(job: &'static str, outcome: &'static str, took: Duration) {
         .job_seconds
         .get_or_create(&JobLabel { job })
         .observe(took.as_secs_f64());
+}
+
+/// An HTTP connection was opened (`1`) or closed (`-1`).
+pub fn http_connections(delta: i64) {
+    METRICS.connections_open.inc_by(delta);
+}
+
+/// The server shed a connection for `reason`: `evicted` (closed while idle to make room for a new
+/// one), `refused` (no room at all), `header_timeout`, `idle_timeout`, or `probe_only` (a request
+/// other than a probe on a probe connection, answered 503).
+pub fn http_connection_shed(reason: &'static str) {
+    METRICS
+        .connections_shed
+        .get_or_create(&ReasonLabel { reason })
+        .inc();
 }
 
 /// What the database said at scrape time.
