@@ -14,7 +14,7 @@ use axum::{
 };
 use dingsync_emulator::{Emulator, EmulatorConfig};
 use sqlx::PgPool;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
@@ -70,8 +70,7 @@ impl App {
         store::outbox::register_corp(&pool, &config.dingtalk.corp_id)
             .await
             .context("recording dingtalk.corp_id in dingsync.corps")?;
-        let listener = TcpListener::bind(config.listen_addr())
-            .await
+        let listener = server::bind(config.listen_addr())
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
         let addr = listener.local_addr()?;
 

@@ -5,12 +5,13 @@
 //! connections; the routes, the request body limit and the request timeout are `app`'s router.
 //!
 //! - **A cap** (`max_connections`). When every slot is taken, a new connection takes the place of
-//!   the idle one that has waited longest, which is closed. Idle means that no whole request has
-//!   arrived: waiting for a header, kept alive, or still receiving a request's body. A connection
+//!   an idle one, which is closed: idle means that no whole request has arrived (nothing sent, a
+//!   header or a body still arriving, or kept alive), and the order is [`Conn::eviction_order`]'s
+//!   (those that have shown least first, and within that the one waiting longest). A connection
 //!   whose request has arrived in full is never closed for room. So connections held open
-//!   without finishing a request (a header or a body sent slowly, or nothing) cannot keep a
-//!   callback out: each new connection displaces the oldest idle one, and a callback's
-//!   connection is protected as soon as its request is in (DingTalk sends it at once).
+//!   without finishing a request cannot keep a callback out: each new connection displaces an
+//!   idle one, and a callback's connection is protected as soon as its request is in (DingTalk
+//!   sends it at once).
 //! - **A reserve** (`probe_connections`), used only when every connection of the cap has a whole
 //!   request in flight: it answers `GET /healthz`, `/readyz` and `/metrics` (served from memory and a
 //!   cached reading, never held busy) and anything else with 503 at once, so liveness is
@@ -22,15 +23,17 @@
 //! - **A bounded read buffer** (`max_header_bytes`): a larger header gets 431, and an unfinished
 //!   one can hold no more than that per connection.
 //!
-//! Only HTTP/1.1 is served: DingTalk pushes HTTP/1.1, and an h2c (cleartext HTTP/2) preface is
-//! refused like any malformed request, one protocol stack less to expose. With the cap checked
-//! against the open-file limit at start-up ([`check_open_files`]), `accept` cannot run out of
-//! file descriptors either.
+//! Only HTTP/1.1 is served: a push is one plain POST (docs/dingtalk.md §4.7) and the TLS proxy in
+//! front speaks HTTP/1.1 to dingsync, so an h2c (cleartext HTTP/2) preface is refused like any
+//! malformed request, one protocol stack less to expose. With the cap checked against the
+//! open-file limit at start-up ([`check_open_files`]), `accept` cannot run out of file
+//! descriptors either; a long accept queue ([`BACKLOG`]) rides out bursts of new connections.
 
 use std::{
     collections::HashMap,
     convert::Infallible,
     io,
+    net::SocketAddr,
     pin::Pin,
     sync::{
         Arc, Mutex,
@@ -53,7 +56,7 @@ use hyper_util::{
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpSocket, TcpStream},
     sync::Notify,
     time::Instant,
 };
@@ -97,7 +100,11 @@ impl Limits {
 /// the database pool, the DingTalk client's connections (and the embedded emulator's ends of
 /// them) and a margin for the listeners, the runtime and log files.
 pub fn check_open_files(config: &Config) -> anyhow::Result<()> {
-    let Some(limit) = open_file_limit() else {
+    check_against(config, open_file_limit())
+}
+
+fn check_against(config: &Config, limit: Option<u64>) -> anyhow::Result<()> {
+    let Some(limit) = limit else {
         return Ok(());
     };
     let dingtalk = (config.outbox.concurrency + config.reconcile.concurrency as usize) as u64;
@@ -133,6 +140,25 @@ fn open_file_limit() -> Option<u64> {
 #[cfg(not(unix))]
 fn open_file_limit() -> Option<u64> {
     None
+}
+
+/// Connections the kernel completes and queues for `accept` (it caps this at
+/// `net.core.somaxconn`). Under a storm of new connections a full queue drops the handshakes of
+/// new clients, which retry only a second later: a long queue rides out the bursts.
+const BACKLOG: u32 = 4096;
+
+/// The listening socket at `addr`.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As std's and tokio's bind do: a restarted daemon takes its port back at once.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 /// Serves `router` on `listener` until `shutdown`; then stops accepting, closes the connections
@@ -266,7 +292,7 @@ async fn connection(
                 // No whole request in flight: nothing to finish (a request still arriving has
                 // not been acted on, and its sender retries). Otherwise hyper closes the
                 // connection after the response to the request in flight.
-                if conn.evictable_since().is_some() {
+                if conn.eviction_order().is_some() {
                     return;
                 }
                 served.as_mut().graceful_shutdown();
@@ -353,8 +379,8 @@ impl Registry {
     }
 
     /// A slot for a new connection: a free one of the cap, else the cap's idlest connection's
-    /// (closed), else the same in the reserve; `None` when every connection has a request in
-    /// flight. A scan of the open connections, only when the cap is reached.
+    /// (closed), else the same in the reserve; `None` when every connection has a whole request
+    /// in flight. A scan of the open connections, only when the cap is reached.
     fn admit(&mut self, conn: Arc<Conn>) -> Option<Slot> {
         let pool = if self.main < self.limits.max_connections {
             Pool::Main
@@ -391,13 +417,14 @@ impl Registry {
         })
     }
 
-    /// Closes the connection of `pool` that has been idle longest, if one is idle.
+    /// Closes the idle connection of `pool` that comes first in [`Conn::eviction_order`], if one
+    /// is idle.
     fn evict_idlest(&mut self, pool: Pool) -> bool {
         let idlest = self
             .open
             .values()
             .filter(|slot| slot.pool == pool)
-            .filter_map(|slot| Some((slot.conn.evictable_since()?, slot.id)))
+            .filter_map(|slot| Some((slot.conn.eviction_order()?, slot.id)))
             .min();
         let Some((_, id)) = idlest else {
             return false;
@@ -467,6 +494,8 @@ struct Activity {
 /// A connection's activity, shared by its task, its reads and its requests.
 struct Conn {
     activity: Mutex<Activity>,
+    /// Whether the connection's task has read from it yet (see [`Conn::eviction_order`]).
+    read: AtomicBool,
     /// Wakes the connection's task when its deadline may have moved.
     changed: Notify,
 }
@@ -482,23 +511,38 @@ impl Conn {
                 waiting_since: Instant::now(),
                 first_byte: None,
             }),
+            read: AtomicBool::new(false),
             changed: Notify::new(),
         }
     }
 
-    /// Since when the connection has been idle (no request in flight, or one whose body is still
-    /// arriving); `None` while a whole request is in flight.
-    fn evictable_since(&self) -> Option<Instant> {
+    /// Where the connection stands among those to close for room, first to last; `None` while
+    /// a whole request is in flight (never closed for room). Within each group the one idle
+    /// longest goes first:
+    ///
+    /// 0. read from, and no request in flight: saying nothing, stalling in a header, or kept
+    ///    alive between requests;
+    /// 1. a request whose header is in and whose body is still arriving: a callback's body may
+    ///    take a few task switches to be read after its header (holding a slot this way takes a
+    ///    whole header, and lasts `request_timeout_ms` at most);
+    /// 2. not read from yet: its task is still queued behind others on a busy machine, and it
+    ///    may hold a whole callback, waiting to be read. A client cannot keep its connections in
+    ///    this group: reading them is ours.
+    fn eviction_order(&self) -> Option<(u8, Instant)> {
         let activity = self.activity.lock().unwrap();
         if activity.in_flight == 0 {
-            Some(activity.waiting_since)
+            let group = if self.read.load(Ordering::Relaxed) {
+                0
+            } else {
+                2
+            };
+            Some((group, activity.waiting_since))
         } else if activity.arriving > 0 {
-            Some(activity.request_since)
+            Some((1, activity.request_since))
         } else {
             None
         }
     }
-
 
     /// When the connection is closed if nothing happens before, and under which reason; `None`
     /// while a request is in flight (the router's request timeout bounds that).
@@ -657,6 +701,7 @@ impl AsyncRead for Watched {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.conn.read.store(true, Ordering::Relaxed);
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
         if buf.filled().len() > before {
@@ -693,5 +738,25 @@ impl AsyncWrite for Watched {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cap_over_the_open_file_limit_is_refused_naming_the_key() {
+        let config = Config::default();
+        // 512 + 8 connections, 16 pooled, (16 + 4) x 2 to and in the emulator, 64 spare.
+        check_against(&config, Some(640)).unwrap();
+        let err = check_against(&config, Some(256)).unwrap_err().to_string();
+        assert!(
+            err.starts_with("server.max_connections:")
+                && err.contains("ulimit -n")
+                && err.contains("256"),
+            "{err}"
+        );
+        check_against(&config, None).unwrap();
     }
 }
