@@ -192,16 +192,69 @@ async fn connections_held_open_keep_neither_a_signed_callback_nor_healthz_out_an
             *c = now_closed.next().unwrap();
         }
     }
-    // The longest idle went first, whatever they were stalling in.
-    for kind in 0..3 {
+    // Those saying nothing or stalling in a header went first; those with a whole header in
+    // (stalling in the body) go last.
+    for (kind, what) in [(0, "saying nothing"), (1, "stalling in a header")] {
         assert!(
             (0..CAP).any(|i| i % 3 == kind && closed[i]),
-            "no connection of kind {kind} closed"
+            "no connection {what} closed"
         );
     }
+    assert!(
+        !(0..CAP).any(|i| i % 3 == 2 && closed[i]),
+        "a connection stalling in its body closed while others were idle"
+    );
     app.push_ok(&instance_event("pid-listener-2", "start", None, T0, None))
         .await;
     assert_eq!(app.count("events").await, 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn requests_stalled_in_their_body_cannot_keep_a_signed_callback_out() {
+    const CAP: usize = 4;
+    let app = TestApp::spawn_with(|c| {
+        c.server.max_connections = CAP;
+        c.server.request_timeout_ms = 60_000;
+        c.server.shutdown_timeout_ms = 60_000;
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..CAP {
+        let mut stream = connect(&app).await;
+        stream
+            .write_all(
+                b"POST /dingtalk/callback?signature=a&timestamp=1&nonce=n HTTP/1.1\r\n\
+                  Host: dingsync\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+            )
+            .await
+            .unwrap();
+        held.push(stream);
+    }
+    let started = Instant::now();
+    app.push_ok(&instance_event(
+        "pid-listener-slow-body",
+        "start",
+        None,
+        T0,
+        None,
+    ))
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1_500),
+        "a callback behind {CAP} stalled bodies took {took:?}"
+    );
+    // The stalled request that waited longest made room (the first, unless they were read out
+    // of order).
+    let mut closed = false;
+    for stream in &mut held {
+        if closed_within(stream, Duration::from_secs(5)).await {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "no stalled request closed to make room");
     app.stop().await;
 }
 
