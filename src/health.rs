@@ -1,7 +1,7 @@
 //! The probes and the page an operator's tooling reads: `GET /readyz` (is this replica ready to
 //! take callbacks) and `GET /metrics` (every series of `metrics`, plus the outbox and sync-lag
-//! series read from the database at scrape time through `store::scrape`). Owns the handlers and
-//! what "ready" means; the series themselves are `metrics`'.
+//! series read from the database through `store::scrape`). Owns the handlers, what "ready" means
+//! and how often the database is read for them; the series themselves are `metrics`'.
 //!
 //! Both are answered from one reading of the database at most [`READING_MAX_AGE`] old: the first
 //! probe after that takes a new reading while the others wait for it (never a second reading at
@@ -62,7 +62,7 @@ struct Reading {
     /// Until when the access token shared in the database is valid; `None` when there was no
     /// DingTalk client to ask yet.
     stored_token: Option<Result<Option<DateTime<Utc>>, &'static str>>,
-    /// The series read at scrape time; `None` when the database did not answer them.
+    /// The series `/metrics` reads from the database; `None` when it did not answer them.
     scraped: Option<metrics::Scraped>,
 }
 

@@ -220,7 +220,7 @@ pub fn http_connection_shed(reason: &'static str) {
         .inc();
 }
 
-/// What the database said at scrape time.
+/// What the database said at the latest reading.
 #[derive(Clone)]
 pub struct Scraped {
     /// Outbox rows still in progress, by state.
@@ -245,7 +245,7 @@ pub fn encode(scraped: Option<Scraped>) -> String {
         }
         registry.register(
             "dingsync_outbox_rows",
-            "Outbox rows still in progress by state (read at scrape time; finished rows are counted by dingsync_outbox_creates)",
+            "Outbox rows still in progress by state (from the latest reading, at most 1 s old; finished rows are counted by dingsync_outbox_creates)",
             rows,
         );
         let sync_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
@@ -258,7 +258,7 @@ pub fn encode(scraped: Option<Scraped>) -> String {
     }
     registry.register(
         "dingsync_database_up",
-        "1 when the database answered this scrape",
+        "1 when the database answered the latest reading (at most 1 s old)",
         database_up,
     );
     let _ = text::encode_registry(&mut page, &registry);
