@@ -15,8 +15,9 @@ declare -A ARGS=(
   [client]="--calls 20000 --concurrency 32 --seconds 30"
   [outbox]="--latency-rows 300 --rows 5000 --budget-rows 200 --lost-rows 1000 --concurrency 32"
   [sweep]="--approvals 10000 --qps 200 --converge 1000"
+  [listener]="--connections 1500 --header-kb 380 --seconds 10 --probe-clients 50"
 )
-ORDER=(crypto ingest client outbox sweep)
+ORDER=(crypto ingest client outbox sweep listener)
 if [ "$#" -gt 0 ]; then ORDER=("$@"); fi
 
 mkdir -p target

@@ -1,5 +1,5 @@
-//! Wires the daemon together: database (created and migrated), group committer, HTTP server,
-//! DingTalk client and outbox worker; and takes it down in order on shutdown (stop accepting,
+//! Wires the daemon together: database (created and migrated), group committer, HTTP server
+//! (the listener and its connection limits are `server`'s), DingTalk client and outbox worker; and takes it down in order on shutdown (stop accepting,
 //! finish in-flight callbacks, then the batches they are waiting for, then the outbox's creates
 //! in flight).
 
@@ -14,7 +14,7 @@ use axum::{
 };
 use dingsync_emulator::{Emulator, EmulatorConfig};
 use sqlx::PgPool;
-use tokio::{net::TcpListener, task::JoinHandle};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
@@ -26,7 +26,7 @@ use crate::{
     dingtalk::{self, types::CallbackRegistration},
     health,
     ingest::Ingest,
-    jobs, outbox, scheduler, store,
+    jobs, outbox, scheduler, server, store,
 };
 
 /// CorpId the embedded emulator's organisation uses (and events without a corpId fall back to):
@@ -48,6 +48,7 @@ pub struct App {
     /// The scheduled jobs' context (with a DingTalk client), e.g. for `scheduler::run_job_now`.
     pub jobs: Option<jobs::Context>,
     scheduler: Option<scheduler::Scheduler>,
+    health: health::Health,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
     /// Background loops (the outbox worker) that finish their work on shutdown.
@@ -58,6 +59,7 @@ impl App {
     /// Prepares the database and starts serving. Returns once the listener is bound.
     pub async fn start(mut config: Config) -> anyhow::Result<App> {
         config.validate().context("invalid configuration")?;
+        server::check_open_files(&config)?;
         resolve_emulator_defaults(&mut config);
         let crypto = CallbackCrypto::new(
             config.callback.token.expose(),
@@ -71,8 +73,7 @@ impl App {
         let corps = store::corps::Served::load(pool.clone(), &config.dingtalk.corp_id)
             .await
             .context("reading dingsync.corps")?;
-        let listener = TcpListener::bind(config.listen_addr())
-            .await
+        let listener = server::bind(config.listen_addr())
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
         let addr = listener.local_addr()?;
 
@@ -95,13 +96,12 @@ impl App {
         );
         let router = router(state, health.clone(), &config);
         let server_stop = shutdown.clone();
+        let limits = server::Limits::new(&config.server);
         let task = tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { server_stop.cancelled().await })
-                .await;
+            server::serve(listener, router, limits, server_stop).await;
             ingest_stop.cancel();
             ingest_task.await.ok();
-            served.context("HTTP server")
+            Ok(())
         });
         tracing::info!(%addr, "dingsync listening; callbacks at POST /dingtalk/callback");
 
@@ -150,6 +150,7 @@ impl App {
             client,
             jobs,
             scheduler: None,
+            health,
         };
         if let (Some(emulator), Some(client)) = (&app.emulator, &app.client) {
             let url = format!("http://{addr}/dingtalk/callback");
@@ -185,6 +186,12 @@ impl App {
             }
         }
         Ok(app)
+    }
+
+    /// Database readings `/readyz` and `/metrics` have made so far: at most about one a second,
+    /// however many probes arrive (tests and benchmarks count them).
+    pub fn health_readings(&self) -> u64 {
+        self.health.readings()
     }
 
     /// Stops accepting, lets in-flight requests and their commits finish, and waits for that.

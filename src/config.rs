@@ -106,6 +106,17 @@ pub struct ServerConfig {
     pub body_limit_bytes: usize,
     pub request_timeout_ms: u64,
     pub shutdown_timeout_ms: u64,
+    /// A request's whole header must have arrived this long after the connection opened (or,
+    /// on a kept-alive connection, after the request's first byte).
+    pub header_timeout_ms: u64,
+    /// A kept-alive connection that receives nothing for this long after a response is closed.
+    pub idle_timeout_ms: u64,
+    /// Connections served at once; beyond it the longest-waiting idle one is closed to make room.
+    pub max_connections: usize,
+    /// Connections beyond `max_connections` that serve only `/healthz`, `/readyz`, `/metrics`.
+    pub probe_connections: usize,
+    /// Largest request header (start line included), and the read buffer of a connection.
+    pub max_header_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -180,6 +191,11 @@ impl Default for Config {
                 body_limit_bytes: 64 * 1024,
                 request_timeout_ms: 10_000,
                 shutdown_timeout_ms: 30_000,
+                header_timeout_ms: 5_000,
+                idle_timeout_ms: 30_000,
+                max_connections: 512,
+                probe_connections: 8,
+                max_header_bytes: 16 * 1024,
             },
             callback: CallbackConfig {
                 token: Secret::default(),
@@ -370,6 +386,7 @@ impl Config {
                 "must be at least server.request_timeout_ms (callbacks in flight finish first)",
             ));
         }
+        self.validate_connections()?;
         if self.dingtalk.timeout_ms == 0 {
             return Err(invalid("dingtalk.timeout_ms", "must be more than 0"));
         }
@@ -511,6 +528,33 @@ impl Config {
             return Err(invalid(
                 "dingtalk.api_base",
                 format!("must be \"{EMULATOR}\" or an http(s) URL such as {DINGTALK_API}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The listener's limits (`src/server.rs`): each must be set, none may be unbounded.
+    fn validate_connections(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.header_timeout_ms == 0 || s.header_timeout_ms > 60_000 {
+            return Err(invalid("server.header_timeout_ms", "must be 1 to 60000"));
+        }
+        if s.idle_timeout_ms == 0 || s.idle_timeout_ms > 600_000 {
+            return Err(invalid("server.idle_timeout_ms", "must be 1 to 600000"));
+        }
+        // The cap's slots are scanned for an idle one when it is reached: keep that short.
+        if s.max_connections == 0 || s.max_connections > 65_536 {
+            return Err(invalid("server.max_connections", "must be 1 to 65536"));
+        }
+        // At least one, so that /healthz answers while every other connection is busy.
+        if s.probe_connections == 0 || s.probe_connections > 1024 {
+            return Err(invalid("server.probe_connections", "must be 1 to 1024"));
+        }
+        // hyper allows no read buffer under 8 KiB (its first allocation).
+        if s.max_header_bytes < 8192 || s.max_header_bytes > 1 << 20 {
+            return Err(invalid(
+                "server.max_header_bytes",
+                "must be 8192 to 1048576",
             ));
         }
         Ok(())
@@ -1085,6 +1129,45 @@ mod tests {
                 ],
             );
             assert!(config.is_ok(), "{events}/{keys}");
+        }
+    }
+
+    #[test]
+    fn connection_limits_are_bounded_and_name_their_key() {
+        for (var, value, key) in [
+            (
+                "DINGSYNC_SERVER_HEADER_TIMEOUT_MS",
+                "0",
+                "server.header_timeout_ms:",
+            ),
+            (
+                "DINGSYNC_SERVER_IDLE_TIMEOUT_MS",
+                "0",
+                "server.idle_timeout_ms:",
+            ),
+            (
+                "DINGSYNC_SERVER_MAX_CONNECTIONS",
+                "0",
+                "server.max_connections:",
+            ),
+            (
+                "DINGSYNC_SERVER_PROBE_CONNECTIONS",
+                "0",
+                "server.probe_connections:",
+            ),
+            (
+                "DINGSYNC_SERVER_MAX_HEADER_BYTES",
+                "4096",
+                "server.max_header_bytes:",
+            ),
+            (
+                "DINGSYNC_SERVER_MAX_HEADER_BYTES",
+                "400000000",
+                "server.max_header_bytes:",
+            ),
+        ] {
+            let err = load(SHIPPED, &[(var, value)]).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{var}={value}: {err}");
         }
     }
 

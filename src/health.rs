@@ -1,14 +1,23 @@
 //! The probes and the page an operator's tooling reads: `GET /readyz` (is this replica ready to
 //! take callbacks) and `GET /metrics` (every series of `metrics`, plus the outbox and sync-lag
-//! series read from the database at scrape time through `store::scrape`). Owns the handlers and
-//! what "ready" means; the series themselves are `metrics`'.
+//! series read from the database through `store::scrape`). Owns the handlers, what "ready" means
+//! and how often the database is read for them; the series themselves are `metrics`'.
+//!
+//! Both are answered from one reading of the database at most [`READING_MAX_AGE`] old: the first
+//! probe after that takes a new reading while the others wait for it (never a second reading at
+//! once), so however many probes arrive, unauthenticated as they are, the database answers at
+//! most about one set of these queries a second and the callbacks' connections stay free. What
+//! this process holds in memory (the DingTalk client, its token) is checked at every probe.
 //!
 //! When the database does not answer a scrape within [`DB_SCRAPE_TIMEOUT`], its series are left
 //! out and `dingsync_database_up` is 0, so the page itself never fails. Nothing here reads or
 //! prints a secret or token.
 
 use std::{
-    sync::{Arc, OnceLock},
+    sync::{
+        Arc, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -19,21 +28,42 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use sqlx::PgPool;
+use tokio::{sync::Mutex, time::Instant};
 
 use crate::{dingtalk, metrics, store};
 
 /// How long a scrape waits for the database before it reports it down.
 const DB_SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The oldest reading a probe is answered from.
+pub const READING_MAX_AGE: Duration = Duration::from_secs(1);
+
 /// What `/readyz` checks besides the database: the DingTalk client, once `App::start` has made
-/// it (when `expected`, i.e. there are credentials or the embedded emulator).
+/// it (when `expected`, i.e. there are credentials or the embedded emulator); and the latest
+/// reading of the database.
 #[derive(Clone)]
 pub struct Health {
     pool: PgPool,
     expects_client: bool,
     client: Arc<OnceLock<dingtalk::Client>>,
+    /// Held while a reading is taken, so that probes arriving meanwhile wait for it.
+    latest: Arc<Mutex<Option<Arc<Reading>>>>,
+    readings: Arc<AtomicU64>,
+}
+
+/// What the database said, once, for every probe of the next [`READING_MAX_AGE`]. A failed
+/// query is kept as the kind of failure `/readyz` reports (`connection`, `query failed`).
+struct Reading {
+    taken: Instant,
+    /// Whether the newest embedded migration is applied.
+    migration: Result<bool, &'static str>,
+    /// Until when the access token shared in the database is valid; `None` when there was no
+    /// DingTalk client to ask yet.
+    stored_token: Option<Result<Option<DateTime<Utc>>, &'static str>>,
+    /// The series `/metrics` reads from the database; `None` when it did not answer them.
+    scraped: Option<metrics::Scraped>,
 }
 
 impl Health {
@@ -42,12 +72,82 @@ impl Health {
             pool,
             expects_client,
             client: Arc::new(OnceLock::new()),
+            latest: Arc::new(Mutex::new(None)),
+            readings: Arc::new(AtomicU64::new(0)),
         }
     }
 
     /// The DingTalk client is up: `/readyz` now also requires it to hold a valid token.
     pub fn client_started(&self, client: &dingtalk::Client) {
         let _ = self.client.set(client.clone());
+    }
+
+    /// Readings of the database taken so far.
+    pub fn readings(&self) -> u64 {
+        self.readings.load(Ordering::Relaxed)
+    }
+
+    /// The latest reading when it is recent enough, else a new one (taken by this probe alone:
+    /// the others wait on the lock and then find it).
+    async fn reading(&self) -> Arc<Reading> {
+        let mut latest = self.latest.lock().await;
+        let client = self.client.get();
+        if let Some(reading) = latest.as_ref()
+            && reading.taken.elapsed() < READING_MAX_AGE
+            // A reading from before the client started lacks the stored token.
+            && (client.is_none() || reading.stored_token.is_some())
+        {
+            return reading.clone();
+        }
+        let reading = Arc::new(self.read(client).await);
+        *latest = Some(reading.clone());
+        reading
+    }
+
+    async fn read(&self, client: Option<&dingtalk::Client>) -> Reading {
+        self.readings.fetch_add(1, Ordering::Relaxed);
+        let taken = Instant::now();
+        let kind = |e: sqlx::Error| {
+            if store::is_unavailable(&e) {
+                "connection"
+            } else {
+                "query failed"
+            }
+        };
+        let migration = store::migration_applied(&self.pool, store::newest_migration())
+            .await
+            .map_err(kind);
+        // Unreachable: the other queries would only wait out the same timeouts.
+        if migration == Err("connection") {
+            return Reading {
+                taken,
+                migration,
+                stored_token: client.map(|_| Err("connection")),
+                scraped: None,
+            };
+        }
+        let stored_token = match client {
+            Some(client) => Some(client.tokens().stored_expiry().await.map_err(kind)),
+            None => None,
+        };
+        let scraped = match tokio::time::timeout(DB_SCRAPE_TIMEOUT, read_database(&self.pool)).await
+        {
+            Ok(Ok(scraped)) => Some(scraped),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "metrics: database series left out");
+                None
+            }
+            Err(_) => {
+                tracing::debug!("metrics: database too slow; its series left out");
+                None
+            }
+        };
+        Reading {
+            taken,
+            migration,
+            stored_token,
+            scraped,
+        }
     }
 }
 
@@ -60,20 +160,10 @@ pub fn router(health: Health) -> Router {
 }
 
 async fn metrics_page(State(health): State<Health>) -> Response {
-    let scraped = match tokio::time::timeout(DB_SCRAPE_TIMEOUT, read_database(&health.pool)).await {
-        Ok(Ok(scraped)) => Some(scraped),
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "metrics: database series left out");
-            None
-        }
-        Err(_) => {
-            tracing::debug!("metrics: database too slow; its series left out");
-            None
-        }
-    };
+    let reading = health.reading().await;
     (
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-        metrics::encode(scraped),
+        metrics::encode(reading.scraped.clone()),
     )
         .into_response()
 }
@@ -96,19 +186,15 @@ async fn readyz(State(health): State<Health>) -> (StatusCode, String) {
 }
 
 async fn not_ready(health: &Health) -> Option<String> {
-    let db_error = |e: sqlx::Error| {
-        let kind = if store::is_unavailable(&e) {
-            "connection"
-        } else {
-            "query failed"
-        };
-        format!("database unreachable ({kind})")
-    };
-    let newest = store::newest_migration();
-    match store::migration_applied(&health.pool, newest).await {
+    let db_error = |kind: &str| format!("database unreachable ({kind})");
+    let reading = health.reading().await;
+    match reading.migration {
         Ok(true) => {}
-        Ok(false) => return Some(format!("database migration V{newest} not applied")),
-        Err(e) => return Some(db_error(e)),
+        Ok(false) => {
+            let newest = store::newest_migration();
+            return Some(format!("database migration V{newest} not applied"));
+        }
+        Err(kind) => return Some(db_error(kind)),
     }
     if !health.expects_client {
         return None;
@@ -120,9 +206,9 @@ async fn not_ready(health: &Health) -> Option<String> {
     if client.tokens().cached_expiry().is_some_and(|at| at > now) {
         return None;
     }
-    match client.tokens().stored_expiry().await {
-        Ok(Some(expires_at)) if expires_at > now => None,
-        Ok(_) => Some("no valid DingTalk access token".into()),
-        Err(e) => Some(db_error(e)),
+    match reading.stored_token {
+        Some(Ok(Some(expires_at))) if expires_at > now => None,
+        Some(Err(kind)) => Some(db_error(kind)),
+        _ => Some("no valid DingTalk access token".into()),
     }
 }

@@ -25,6 +25,7 @@ pub mod outbox;
 pub mod reconcile;
 pub mod retention;
 pub mod scheduler;
+mod server;
 pub mod snapshot;
 pub mod store;
 mod telemetry;

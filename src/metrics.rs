@@ -49,6 +49,11 @@ struct JobLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
 }
@@ -65,6 +70,8 @@ struct Metrics {
     budget_wait_seconds: Histogram,
     job_runs: Family<JobLabels, Counter>,
     job_seconds: Histograms<JobLabel>,
+    connections_open: Gauge,
+    connections_shed: Family<ReasonLabel, Counter>,
 }
 
 /// 1 ms … ~16 s: a callback ack must stay under DingTalk's 1.5 s.
@@ -88,6 +95,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         budget_wait_seconds: fast_buckets(),
         job_runs: Family::default(),
         job_seconds: Family::new_with_constructor(slow_buckets),
+        connections_open: Gauge::default(),
+        connections_shed: Family::default(),
     };
     m.registry.register(
         "dingsync_events_received",
@@ -128,6 +137,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "dingsync_job_duration_seconds",
         "Duration of scheduled job runs",
         m.job_seconds.clone(),
+    );
+    m.registry.register(
+        "dingsync_http_connections",
+        "HTTP connections open now (server.max_connections plus server.probe_connections at most)",
+        m.connections_open.clone(),
+    );
+    m.registry.register(
+        "dingsync_http_connections_shed",
+        "Connections the server closed or refused itself, by reason (evicted, refused, header_timeout, idle_timeout, probe_only)",
+        m.connections_shed.clone(),
     );
     m
 });
@@ -186,7 +205,23 @@ pub fn job_run(job: &'static str, outcome: &'static str, took: Duration) {
         .observe(took.as_secs_f64());
 }
 
-/// What the database said at scrape time.
+/// An HTTP connection was opened (`1`) or closed (`-1`).
+pub fn http_connections(delta: i64) {
+    METRICS.connections_open.inc_by(delta);
+}
+
+/// The server shed a connection for `reason`: `evicted` (closed while idle to make room for a new
+/// one), `refused` (no room at all), `header_timeout`, `idle_timeout`, or `probe_only` (a request
+/// other than a probe on a probe connection, answered 503).
+pub fn http_connection_shed(reason: &'static str) {
+    METRICS
+        .connections_shed
+        .get_or_create(&ReasonLabel { reason })
+        .inc();
+}
+
+/// What the database said at the latest reading.
+#[derive(Clone)]
 pub struct Scraped {
     /// Outbox rows still in progress, by state.
     pub outbox_rows: Vec<(&'static str, i64)>,
@@ -210,7 +245,7 @@ pub fn encode(scraped: Option<Scraped>) -> String {
         }
         registry.register(
             "dingsync_outbox_rows",
-            "Outbox rows still in progress by state (read at scrape time; finished rows are counted by dingsync_outbox_creates)",
+            "Outbox rows still in progress by state (from the latest reading, at most 1 s old; finished rows are counted by dingsync_outbox_creates)",
             rows,
         );
         let sync_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
@@ -223,7 +258,7 @@ pub fn encode(scraped: Option<Scraped>) -> String {
     }
     registry.register(
         "dingsync_database_up",
-        "1 when the database answered this scrape",
+        "1 when the database answered the latest reading (at most 1 s old)",
         database_up,
     );
     let _ = text::encode_registry(&mut page, &registry);

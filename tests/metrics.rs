@@ -211,12 +211,18 @@ async fn readyz_fails_with_a_reason_while_the_database_is_unreachable_and_recove
     assert_eq!(readyz(&app).await, (200, "ready".into()));
 
     proxy.cut().await;
-    let (status, reason) = readyz(&app).await;
-    assert_eq!(status, 503);
-    assert_eq!(reason, "not ready: database unreachable (connection)");
+    // The probes answer from a reading at most a second old.
+    eventually(Duration::from_secs(10), "not ready", || async {
+        let (status, reason) = readyz(&app).await;
+        (status == 503).then(|| assert_eq!(reason, "not ready: database unreachable (connection)"))
+    })
+    .await;
     // The metrics page still answers, without the database's series.
-    let page = scrape(&app).await;
-    assert_eq!(sample(&page, "dingsync_database_up"), Some(0.0));
+    let page = eventually(Duration::from_secs(10), "database_up 0", || async {
+        let page = scrape(&app).await;
+        (sample(&page, "dingsync_database_up") == Some(0.0)).then_some(page)
+    })
+    .await;
     assert_eq!(sample(&page, "dingsync_sync_lag_seconds"), None);
     assert!(!page.contains("dingsync_outbox_rows{"), "{page}");
     let health = app
@@ -232,10 +238,10 @@ async fn readyz_fails_with_a_reason_while_the_database_is_unreachable_and_recove
         (readyz(&app).await.0 == 200).then_some(())
     })
     .await;
-    assert_eq!(
-        sample(&scrape(&app).await, "dingsync_database_up"),
-        Some(1.0)
-    );
+    eventually(Duration::from_secs(10), "database_up 1", || async {
+        (sample(&scrape(&app).await, "dingsync_database_up") == Some(1.0)).then_some(())
+    })
+    .await;
     app.stop().await;
 }
 
@@ -261,11 +267,13 @@ async fn readyz_requires_the_newest_migration_and_a_valid_dingtalk_token() {
         .await
         .unwrap();
     tokens.invalidate(&token).await;
-    let (status, reason) = readyz(&app).await;
-    assert_eq!(
-        (status, reason.as_str()),
-        (503, "not ready: no valid DingTalk access token")
-    );
+    // The shared token is read from the database at most a second ago.
+    eventually(Duration::from_secs(10), "not ready", || async {
+        let (status, reason) = readyz(&app).await;
+        (status == 503).then(|| assert_eq!(reason, "not ready: no valid DingTalk access token"))
+    })
+    .await;
+    // This process's own token is checked at every probe.
     tokens.get().await.unwrap();
     assert_eq!(readyz(&app).await, (200, "ready".into()));
 
@@ -278,11 +286,59 @@ async fn readyz_requires_the_newest_migration_and_a_valid_dingtalk_token() {
         .execute(&app.pool)
         .await
         .unwrap();
-    let (status, reason) = readyz(&app).await;
-    assert_eq!(status, 503);
+    let reason = eventually(Duration::from_secs(10), "not ready", || async {
+        let (status, reason) = readyz(&app).await;
+        (status == 503).then_some(reason)
+    })
+    .await;
     assert_eq!(
         reason,
         format!("not ready: database migration V{newest} not applied")
     );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_probes_reads_the_database_about_once_a_second_and_callbacks_are_unhurt() {
+    let app = TestApp::spawn().await;
+    let daemon = app.app.as_ref().unwrap();
+    let before = daemon.health_readings();
+    let started = std::time::Instant::now();
+    let flood_for = Duration::from_secs(2);
+    // 50 clients, each with its own keep-alive connection, probe as fast as they are answered.
+    let probes: Vec<_> = (0..50)
+        .map(|i| {
+            let url = format!(
+                "{}/{}",
+                app.base_url,
+                if i % 2 == 0 { "readyz" } else { "metrics" }
+            );
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let mut answered = 0u32;
+                while started.elapsed() < flood_for {
+                    let response = http.get(&url).send().await.unwrap();
+                    assert_eq!(response.status(), 200, "{url}");
+                    response.bytes().await.unwrap();
+                    answered += 1;
+                }
+                answered
+            })
+        })
+        .collect();
+    app.push_ok(&instance_event("pid-probe-flood", "start", None, T0, None))
+        .await;
+    let mut answered = 0;
+    for probe in probes {
+        answered += probe.await.unwrap();
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let readings = daemon.health_readings() - before;
+    assert!(answered >= 100, "only {answered} probes answered");
+    assert!(
+        (readings as f64) <= seconds.ceil() + 2.0,
+        "{answered} probes in {seconds:.1} s made {readings} database readings"
+    );
+    assert!(readings >= 1);
     app.stop().await;
 }
