@@ -354,22 +354,23 @@ async fn postgres_stopped_for_thirty_seconds_under_load_gets_503s_and_the_daemon
             round + 1
         );
         // Hold the outage, checking every second that the daemon lives and is not ready.
+        // `/readyz` answers from a reading of the database at most a second old, so a reading
+        // taken just before the stop may still say ready for that second.
         let mut readyz_checks = 0;
         while down.elapsed() < hold {
             daemon.assert_running("during the outage");
-            assert_eq!(
-                ready_status(&http, &base).await,
-                Ok(503),
-                "/readyz while PostgreSQL is down"
-            );
-            readyz_checks += 1;
+            let status = ready_status(&http, &base).await;
+            if down.elapsed() > Duration::from_millis(1_500) {
+                assert_eq!(status, Ok(503), "/readyz while PostgreSQL is down");
+                readyz_checks += 1;
+            }
             tokio::time::sleep(
                 hold.saturating_sub(down.elapsed())
                     .min(Duration::from_secs(1)),
             )
             .await;
         }
-        assert!(readyz_checks >= 10, "only {readyz_checks} /readyz checks");
+        assert!(readyz_checks >= 9, "only {readyz_checks} /readyz checks");
         let up = Instant::now();
         tokio::task::block_in_place(|| cluster.restart());
         let restarted = Instant::now();
