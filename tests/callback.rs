@@ -785,12 +785,9 @@ async fn an_escaped_backslash_before_u0000_is_stored_and_a_real_nul_is_refused()
 /// a burst of bad signatures is summed up rather than logged line by line.
 #[tokio::test]
 async fn a_refused_owner_key_is_never_logged_and_a_burst_of_bad_signatures_makes_two_warn_lines() {
+    install_crypto_provider();
     let db = TestDb::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let (token, aes_key) = (crypto::random_nonce(32), crypto::random_aes_key());
     let log = std::env::temp_dir().join(format!(
         "dingsync-refusals-{}-{}.log",

@@ -257,11 +257,7 @@ async fn kill_9_again_and_again_loses_no_event_and_doubles_no_approval() {
     });
 
     let db = TestDb::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let base_url = format!("http://127.0.0.1:{port}");
     let log = std::env::temp_dir().join(format!("{}.log", db.name));
     let env: Vec<(&str, String)> = vec![

@@ -57,14 +57,6 @@ const REAL: [(&str, &str, &str); 7] = [
     ),
 ];
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Runs `command` to its end, which must come within 30 s.
 fn run_to_end(mut command: Command) -> Output {
     let mut child = command

@@ -221,11 +221,7 @@ async fn postgres_stopped_for_thirty_seconds_under_load_gets_503s_and_the_daemon
     emulator.state().update_faults(|f| f.latency_ms = 50);
     let mut cluster = PgCluster::start();
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let (token, aes_key) = (crypto::random_nonce(32), crypto::random_aes_key());
     let stderr = std::env::temp_dir().join(format!(
         "dingsync-outage-{}-{}.log",

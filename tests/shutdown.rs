@@ -22,11 +22,7 @@ use sqlx::PgPool;
 async fn sigterm_during_a_callback_burst_loses_no_acknowledged_event_and_leaves_no_row_sending() {
     install_crypto_provider();
     let db = TestDb::new();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     // DingTalk lives in the test process: the daemon is configured as for a real organisation
     // (its own callback secrets, which the test pushes with), so it cannot embed the emulator.
     let emulator = Emulator::start(

@@ -438,3 +438,13 @@ where
 pub fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap()
 }
+
+/// A port nobody listens on now, for a daemon or cluster a test starts as a process. Another
+/// process could take it before the server binds it, but on a test machine that is rare enough;
+/// the start then fails loudly.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap_or_else(|e| panic!("finding a free port: {e}"))
+        .port()
+}

@@ -37,7 +37,7 @@ impl PgCluster {
         let mut cluster = PgCluster {
             bin,
             data,
-            port: free_port(),
+            port: super::free_port(),
             run_as,
             running: false,
         };
@@ -189,15 +189,6 @@ fn effective_uid() -> u32 {
     text.trim()
         .parse()
         .unwrap_or_else(|e| panic!("PgCluster: `id -u` printed {text:?}: {e}"))
-}
-
-/// A port nobody listens on now. Another process could take it before the server binds it, but
-/// on a test machine that is rare enough; the start then fails loudly.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap_or_else(|e| panic!("PgCluster: finding a free port: {e}"))
-        .port()
 }
 
 fn check(what: &str, output: std::io::Result<Output>) -> Output {
