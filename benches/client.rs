@@ -21,7 +21,7 @@ use dingsync::{
     config::{Config, Secret},
     crypto,
     dingtalk::{
-        Client,
+        Client, Purpose,
         types::{CreateInstance, FormValue},
     },
     store,
@@ -94,7 +94,10 @@ async fn main() {
             let (client, next, id) = (client.clone(), next.clone(), id.clone());
             tokio::spawn(async move {
                 while next.fetch_add(1, Ordering::Relaxed) < calls as usize {
-                    client.get_instance(&id).await.expect("get");
+                    client
+                        .get_instance(&id, Purpose::Details)
+                        .await
+                        .expect("get");
                 }
             })
         })
@@ -128,7 +131,10 @@ async fn main() {
             let (client, stop, id) = (limited.clone(), stop.clone(), id.clone());
             tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    client.get_instance(&id).await.expect("get");
+                    client
+                        .get_instance(&id, Purpose::Details)
+                        .await
+                        .expect("get");
                 }
             })
         })

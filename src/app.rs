@@ -20,13 +20,16 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::{
     callback::{self, CallbackState},
+    clock::Clock,
     config::{Config, Secret},
     crypto::{self, CallbackCrypto},
     demo,
     dingtalk::{self, types::CallbackRegistration},
     health,
     ingest::Ingest,
-    jobs, outbox, scheduler, server, store,
+    jobs,
+    ledger::Ledger,
+    outbox, scheduler, server, store,
 };
 
 /// CorpId the embedded emulator's organisation uses (and events without a corpId fall back to):
@@ -47,6 +50,8 @@ pub struct App {
     pub client: Option<dingtalk::Client>,
     /// The scheduled jobs' context (with a DingTalk client), e.g. for `scheduler::run_job_now`.
     pub jobs: Option<jobs::Context>,
+    /// The allowance ledger (calls and deliveries counted).
+    pub ledger: Ledger,
     scheduler: Option<scheduler::Scheduler>,
     health: health::Health,
     shutdown: CancellationToken,
@@ -73,6 +78,7 @@ impl App {
         let corps = store::corps::Served::load(pool.clone(), &config.dingtalk.corp_id)
             .await
             .context("reading dingsync.corps")?;
+        let ledger = Ledger::new(pool.clone(), planning_clock(&config));
         let listener = server::bind(config.listen_addr())
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
         let addr = listener.local_addr()?;
@@ -88,6 +94,7 @@ impl App {
             default_corp_id: config.dingtalk.corp_id.clone(),
             corps,
             ingest,
+            ledger: ledger.clone(),
         });
         let health = health::Health::new(
             pool.clone(),
@@ -105,7 +112,9 @@ impl App {
         });
         tracing::info!(%addr, "dingsync listening; callbacks at POST /dingtalk/callback");
 
-        let (emulator, client) = match dingtalk_client(&config, &pool).await {
+        // `stop` flushes once more after everything has stopped.
+        let ledger_task = tokio::spawn(ledger.clone().run_flusher(shutdown.clone()));
+        let (emulator, client) = match dingtalk_client(&config, &pool, &ledger).await {
             Ok(pair) => pair,
             Err(e) => {
                 // The server is already running: take it down before reporting.
@@ -115,7 +124,7 @@ impl App {
                 return Err(e);
             }
         };
-        let mut workers = Vec::new();
+        let mut workers = vec![ledger_task];
         if let Some(client) = &client {
             health.client_started(client);
             tokio::spawn(keep_token_fresh(client.clone(), shutdown.clone()));
@@ -149,6 +158,7 @@ impl App {
             emulator,
             client,
             jobs,
+            ledger,
             scheduler: None,
             health,
         };
@@ -207,6 +217,9 @@ impl App {
         if let Some(emulator) = self.emulator {
             emulator.stop().await;
         }
+        if let Err(e) = self.ledger.flush().await {
+            tracing::warn!(error = %e, "could not write the last counts of the allowance ledger");
+        }
         self.pool.close().await;
         Ok(())
     }
@@ -252,6 +265,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 async fn dingtalk_client(
     config: &Config,
     pool: &PgPool,
+    ledger: &Ledger,
 ) -> anyhow::Result<(Option<Emulator>, Option<dingtalk::Client>)> {
     install_crypto_provider();
     if config.uses_emulator() {
@@ -273,7 +287,12 @@ async fn dingtalk_client(
         )
         .await
         .context("starting the embedded DingTalk emulator")?;
-        let client = dingtalk::Client::new(pool.clone(), &config.dingtalk, &emulator.base_url())?;
+        let client = dingtalk::Client::with_ledger(
+            pool.clone(),
+            &config.dingtalk,
+            &emulator.base_url(),
+            ledger.clone(),
+        )?;
         return Ok((Some(emulator), Some(client)));
     }
     if config.dingtalk.app_key.is_empty() || config.dingtalk.app_secret.is_empty() {
@@ -282,8 +301,25 @@ async fn dingtalk_client(
         );
         return Ok((None, None));
     }
-    let client = dingtalk::Client::new(pool.clone(), &config.dingtalk, &config.dingtalk.api_base)?;
+    let client = dingtalk::Client::with_ledger(
+        pool.clone(),
+        &config.dingtalk,
+        &config.dingtalk.api_base,
+        ledger.clone(),
+    )?;
     Ok((None, Some(client)))
+}
+
+/// The clock pacing decisions read: real time, except with the embedded emulator running faster
+/// than DingTalk (`emulator.time_scale` < 1), where dingsync's days pass as fast as the
+/// emulator's, so that a month can be tried in minutes. Never for a real organisation.
+fn planning_clock(config: &Config) -> Clock {
+    let scale = config.emulator.time_scale;
+    if config.uses_emulator() && scale < 1.0 {
+        Clock::scaled(scale)
+    } else {
+        Clock::real()
+    }
 }
 
 /// Registers our callback URL with the emulator (updating a registration left from before).

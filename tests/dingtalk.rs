@@ -12,7 +12,7 @@ use dingsync::{
     cli::callback::{self as manage, Action},
     config::{Config, Secret},
     dingtalk::{
-        Client, Error, Priority,
+        Client, Error, Purpose,
         types::{CreateInstance, FormValue, ListIds},
     },
     store,
@@ -96,7 +96,7 @@ fn expense() -> CreateInstance {
 async fn create_get_and_listids_round_trip_through_the_emulator() {
     let s = setup(|_| {}).await;
     let id = s.client.create_instance(&expense()).await.unwrap();
-    let instance = s.client.get_instance(&id).await.unwrap();
+    let instance = s.client.get_instance(&id, Purpose::Details).await.unwrap();
     assert_eq!(instance.status, "RUNNING");
     assert_eq!(instance.originator_userid.as_deref(), Some("emp1"));
     assert!(!instance.tasks.is_empty() && instance.tasks[0].taskid.parse::<i64>().is_ok());
@@ -114,7 +114,7 @@ async fn create_get_and_listids_round_trip_through_the_emulator() {
                 cursor: 0,
                 userid_list: None,
             },
-            Priority::Bulk,
+            Purpose::Backfill,
         )
         .await
         .unwrap();
@@ -150,14 +150,14 @@ async fn a_revoked_token_is_refreshed_once_and_the_call_retried() {
     let s = setup(|_| {}).await;
     let id = s.client.create_instance(&expense()).await.unwrap();
     s.emulator.state().revoke_token();
-    s.client.get_instance(&id).await.unwrap();
+    s.client.get_instance(&id, Purpose::Details).await.unwrap();
     assert_eq!(s.emulator.state().calls("gettoken"), 2);
     // A token refused again right after the refresh is reported, not retried forever.
     s.emulator
         .state()
         .inject("topapi/processinstance/get", InjectedError::TokenInvalid, 5);
     assert!(matches!(
-        s.client.get_instance(&id).await,
+        s.client.get_instance(&id, Purpose::Details).await,
         Err(Error::InvalidToken { .. })
     ));
     s.emulator.stop().await;
@@ -171,7 +171,7 @@ async fn rate_limits_back_off_and_retry_within_the_attempt_bound() {
         .state()
         .inject("topapi/processinstance/get", InjectedError::RateLimit, 1);
     let started = std::time::Instant::now();
-    s.client.get_instance(&id).await.unwrap();
+    s.client.get_instance(&id, Purpose::Details).await.unwrap();
     assert!(
         started.elapsed() >= Duration::from_secs(1),
         "backed off at least a second"
@@ -180,7 +180,7 @@ async fn rate_limits_back_off_and_retry_within_the_attempt_bound() {
         .state()
         .inject("topapi/processinstance/get", InjectedError::RateLimit, 5);
     assert!(matches!(
-        s.client.get_instance(&id).await,
+        s.client.get_instance(&id, Purpose::Details).await,
         Err(Error::RateLimited { .. })
     ));
     s.emulator.stop().await;
@@ -195,10 +195,10 @@ async fn transient_failures_are_retried_for_reads_but_not_for_create() {
         InjectedError::GatewayTimeout,
         1,
     );
-    s.client.get_instance(&id).await.unwrap();
+    s.client.get_instance(&id, Purpose::Details).await.unwrap();
     s.emulator.state().update_faults(|f| f.http_5xx_rate = 1.0);
     assert!(matches!(
-        s.client.get_instance(&id).await,
+        s.client.get_instance(&id, Purpose::Details).await,
         Err(Error::Transient(_))
     ));
     s.emulator.state().reset_faults();
@@ -373,7 +373,11 @@ async fn a_replica_that_died_holding_the_fetch_lease_delays_the_next_one_by_the_
 #[tokio::test]
 async fn wrong_app_secret_is_a_clear_rejection_without_the_secret() {
     let s = setup(|c| c.dingtalk.app_secret = Secret::new("wrong-secret-value")).await;
-    let err = s.client.get_instance("x").await.unwrap_err();
+    let err = s
+        .client
+        .get_instance("x", Purpose::Details)
+        .await
+        .unwrap_err();
     let text = err.to_string();
     assert!(
         matches!(err, Error::Rejected { errcode: 40096, .. }),
@@ -399,7 +403,9 @@ async fn the_rate_budget_is_never_exceeded_at_the_emulator() {
     })
     .await;
     let id = s.client.create_instance(&expense()).await.unwrap();
-    let calls: Vec<_> = (0..50).map(|_| s.client.get_instance(&id)).collect();
+    let calls: Vec<_> = (0..50)
+        .map(|_| s.client.get_instance(&id, Purpose::Details))
+        .collect();
     for result in futures::future::join_all(calls).await {
         result.unwrap();
     }
@@ -597,14 +603,22 @@ async fn a_busy_rate_limited_or_failing_gettoken_is_retried_and_never_a_rejectio
     s.emulator
         .state()
         .inject("gettoken", InjectedError::RateLimit, 2);
-    let err = s.client.get_instance(&id).await.unwrap_err();
+    let err = s
+        .client
+        .get_instance(&id, Purpose::Details)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::RateLimited { .. }), "{err:?}");
     // A 502 from gettoken is DingTalk being unavailable, not an unreadable answer.
     s.emulator.state().update_faults(|f| f.http_5xx_rate = 1.0);
-    let err = s.client.get_instance(&id).await.unwrap_err();
+    let err = s
+        .client
+        .get_instance(&id, Purpose::Details)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::Transient(_)), "{err:?}");
     s.emulator.state().reset_faults();
-    s.client.get_instance(&id).await.unwrap();
+    s.client.get_instance(&id, Purpose::Details).await.unwrap();
     s.emulator.stop().await;
 }
 

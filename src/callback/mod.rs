@@ -24,6 +24,7 @@ use crate::{
     error::{AppError, Refused},
     event::{self, Parsed, Source},
     ingest::{Ingest, IngestError, Stored},
+    ledger::Ledger,
     metrics,
     store::{self, corps::Served},
 };
@@ -41,6 +42,8 @@ pub struct CallbackState {
     /// The organisations whose events are stored here.
     pub corps: Served,
     pub ingest: Ingest,
+    /// Counts every delivery against the deliveries allowance.
+    pub ledger: Ledger,
 }
 
 /// Query of a push. Current docs say `signature`/`timestamp`, older ones `msg_signature`/`timeStamp`:
@@ -123,7 +126,12 @@ pub async fn handle(
                 }
             }
             let (event_type, pid) = (event.event_type.clone(), event.process_instance_id.clone());
-            match state.ingest.submit(*event).await {
+            let corp_id = event.corp_id.clone();
+            let submitted = state.ingest.submit(*event).await;
+            state
+                .ledger
+                .delivery(&corp_id, &event_type, submitted.is_ok());
+            match submitted {
                 Ok(stored) => {
                     tracing::debug!(event_type, process_instance_id = ?pid, ?stored, "event committed");
                     Ok(acked(

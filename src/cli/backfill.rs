@@ -21,7 +21,9 @@ pub async fn command(
         let _ = tokio::signal::ctrl_c().await;
         on_signal.cancel();
     });
-    let report = backfill::run(&ctx, process_code, since, dry_run, &stop).await?;
+    let report = backfill::run(&ctx, process_code, since, dry_run, &stop).await;
+    ctx.client().ledger().flush().await?;
+    let report = report?;
     println!(
         "{process_code}: {} windows, {} pages, {} ids, {} not in the database, {} fetched{}{}",
         report.windows,

@@ -11,7 +11,7 @@ use super::CallbackCommand;
 use crate::{
     callback::TAGS,
     config::Config,
-    dingtalk::{self, Client, types::CallbackRegistration},
+    dingtalk::{self, Client, Purpose, types::CallbackRegistration},
     store,
 };
 
@@ -46,7 +46,10 @@ pub async fn run(client: &Client, config: &Config, action: Action) -> anyhow::Re
             ))
         }
         Action::Show => {
-            let current = client.get_callback().await.map_err(|e| explain(e, ""))?;
+            let current = client
+                .get_callback(Purpose::Callback)
+                .await
+                .map_err(|e| explain(e, ""))?;
             let same = |ok: bool| {
                 if ok {
                     "matches callback config"
@@ -137,6 +140,8 @@ pub async fn command(config: &Config, command: CallbackCommand) -> anyhow::Resul
     crate::app::install_crypto_provider();
     let pool = store::connect_and_migrate(&config.database).await?;
     let client = client(config, pool).await?;
-    println!("{}", run(&client, config, action).await?);
+    let done = run(&client, config, action).await;
+    client.ledger().flush().await?;
+    println!("{}", done?);
     Ok(ExitCode::SUCCESS)
 }

@@ -16,7 +16,7 @@ use sqlx::{PgPool, postgres::PgConnectOptions};
 use crate::{
     config::{Config, ConfigError},
     crypto::{self, CallbackCrypto},
-    dingtalk::{self, Client, types::CallbackRegistration},
+    dingtalk::{self, Client, Purpose, types::CallbackRegistration},
     store,
 };
 
@@ -156,13 +156,18 @@ pub async fn run(config: &Config) -> Report {
     let (token, client) = token(config, dingtalk).await;
     findings.push(token);
     let registration = match &client {
-        Some(client) => Some(client.get_callback().await),
+        Some(client) => Some(client.get_callback(Purpose::Doctor).await),
         None => None,
     };
     findings.push(crypto_round_trip(config));
     let registered = matches!(registration, Some(Ok(_)));
     findings.push(owner_key(config, registered));
     findings.push(callback_registration(config, registration));
+    if let Some(client) = &client
+        && let Err(e) = client.ledger().flush().await
+    {
+        tracing::warn!(error = %e, "could not count doctor's calls in the allowance ledger");
+    }
     if let Some(pool) = pool {
         pool.close().await;
     }

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::{
     config::Config,
-    dingtalk::{Priority, listing::ID_CAP},
+    dingtalk::{Purpose, listing::ID_CAP},
     jobs::Context,
     reconcile::backfill,
     snapshot::Snapshot,
@@ -47,7 +47,9 @@ async fn report(config: &Config, since: &str, codes: &[String]) -> anyhow::Resul
         anyhow::bail!("no process code: set reconcile.process_codes or pass --process-code");
     }
     let ctx = super::jobs_context(config).await?;
-    let report = run(&ctx, &codes, chrono::Utc::now() - period).await?;
+    let report = run(&ctx, &codes, chrono::Utc::now() - period).await;
+    ctx.client().ledger().flush().await?;
+    let report = report?;
     println!("{report}");
     Ok(report.is_clean())
 }
@@ -133,7 +135,7 @@ pub async fn run(
             for id in chunk {
                 let instance = ctx
                     .client()
-                    .get_instance_at(id, Priority::Bulk)
+                    .get_instance(id, Purpose::Drift)
                     .await
                     .with_context(|| format!("processinstance/get {id}"))?;
                 let snap = Snapshot::from_instance(id, &instance)?;
@@ -168,7 +170,7 @@ async fn list_all(
             process_code,
             (start.timestamp_millis(), end.timestamp_millis()),
             None,
-            Priority::Bulk,
+            Purpose::Drift,
         );
         while let Some(page) = listing
             .next_page()

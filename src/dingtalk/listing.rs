@@ -7,7 +7,7 @@
 //! listing. A DingTalk that gave fewer per page would still be listed completely: the next page
 //! starts at the `next_cursor` DingTalk returns, not at a count we assume.
 
-use super::{Client, Error, Priority, types::ListIds};
+use super::{Client, Error, Purpose, types::ListIds};
 
 /// Ids asked for per page.
 pub const PAGE: u32 = 20;
@@ -19,7 +19,7 @@ pub const ID_CAP: u64 = 10_000;
 pub struct IdListing<'a> {
     client: &'a Client,
     request: ListIds,
-    priority: Priority,
+    purpose: Purpose,
     finished: bool,
     capped: bool,
 }
@@ -32,7 +32,7 @@ impl Client {
         process_code: &str,
         (start_ms, end_ms): (i64, i64),
         originator: Option<&str>,
-        priority: Priority,
+        purpose: Purpose,
     ) -> IdListing<'_> {
         IdListing {
             client: self,
@@ -44,7 +44,7 @@ impl Client {
                 cursor: 0,
                 userid_list: originator.map(str::to_string),
             },
-            priority,
+            purpose,
             finished: false,
             capped: false,
         }
@@ -70,7 +70,7 @@ impl IdListing<'_> {
         }
         let page = self
             .client
-            .list_instance_ids(&self.request, self.priority)
+            .list_instance_ids(&self.request, self.purpose)
             .await?;
         let reached = self.request.cursor + page.list.len() as u64;
         match page.next_cursor {

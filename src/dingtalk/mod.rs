@@ -13,6 +13,7 @@
 
 mod budget;
 pub mod listing;
+pub mod quota;
 mod token;
 pub mod types;
 
@@ -24,11 +25,12 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use sqlx::PgPool;
 
+pub use crate::ledger::Purpose;
 pub use budget::{Budget, Priority};
 pub use token::Tokens;
 use types::*;
 
-use crate::config::DingTalkConfig;
+use crate::{clock::Clock, config::DingTalkConfig, ledger::Ledger};
 
 /// What went wrong with a DingTalk call, by what the caller should do about it.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -66,6 +68,8 @@ struct Inner {
     base: String,
     tokens: Tokens,
     budget: Budget,
+    ledger: Ledger,
+    corp_id: String,
     max_attempts: u32,
 }
 
@@ -84,8 +88,20 @@ enum Outcome<T> {
 }
 
 impl Client {
-    /// `base` is `dingtalk.api_base` (or the embedded emulator's URL).
+    /// `base` is `dingtalk.api_base` (or the embedded emulator's URL). Counts its calls in a ledger
+    /// of its own, on real time (commands and tests; `serve` shares one: [`Client::with_ledger`]).
     pub fn new(pool: PgPool, config: &DingTalkConfig, base: &str) -> anyhow::Result<Client> {
+        let ledger = Ledger::new(pool.clone(), Clock::real());
+        Client::with_ledger(pool, config, base, ledger)
+    }
+
+    /// A client whose calls are counted in `ledger`.
+    pub fn with_ledger(
+        pool: PgPool,
+        config: &DingTalkConfig,
+        base: &str,
+        ledger: Ledger,
+    ) -> anyhow::Result<Client> {
         let http = reqwest::Client::builder()
             // Never follow a redirect: the URL carries the access token or the app secret in its
             // query, which a redirect would hand to wherever it points (and reqwest logs it).
@@ -94,7 +110,7 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .build()?;
         let base = base.trim_end_matches('/').to_string();
-        let tokens = Tokens::new(pool.clone(), http.clone(), &base, config);
+        let tokens = Tokens::new(pool.clone(), http.clone(), &base, config, ledger.clone());
         let budget = Budget::new(pool, config);
         Ok(Client {
             inner: Arc::new(Inner {
@@ -102,6 +118,8 @@ impl Client {
                 base,
                 tokens,
                 budget,
+                ledger,
+                corp_id: config.corp_id.clone(),
                 max_attempts: config.max_attempts,
             }),
         })
@@ -111,12 +129,22 @@ impl Client {
         &self.inner.tokens
     }
 
+    /// The ledger this client counts its calls in.
+    pub fn ledger(&self) -> &Ledger {
+        &self.inner.ledger
+    }
+
+    /// The organisation this client's app belongs to.
+    pub fn corp_id(&self) -> &str {
+        &self.inner.corp_id
+    }
+
     /// `topapi/processinstance/create` (docs/dingtalk.md §2.1). Not idempotent: never repeated after it may
     /// have reached DingTalk.
     pub async fn create_instance(&self, request: &CreateInstance) -> Result<String, Error> {
         let r: CreateInstanceResponse = self
             .call(
-                Priority::Outbox,
+                Purpose::Outbox,
                 Method::POST,
                 "/topapi/processinstance/create",
                 Some(request),
@@ -126,22 +154,16 @@ impl Client {
         Ok(r.process_instance_id)
     }
 
-    /// `topapi/processinstance/get` (docs/dingtalk.md §2.3), as live work.
-    pub async fn get_instance(&self, process_instance_id: &str) -> Result<ProcessInstance, Error> {
-        self.get_instance_at(process_instance_id, Priority::Live)
-            .await
-    }
-
-    /// `topapi/processinstance/get` at `priority` (sweeps and backfills use `Bulk`).
-    pub async fn get_instance_at(
+    /// `topapi/processinstance/get` (docs/dingtalk.md §2.3).
+    pub async fn get_instance(
         &self,
         process_instance_id: &str,
-        priority: Priority,
+        purpose: Purpose,
     ) -> Result<ProcessInstance, Error> {
         let body = serde_json::json!({ "process_instance_id": process_instance_id });
         let r: GetInstanceResponse = self
             .call(
-                priority,
+                purpose,
                 Method::POST,
                 "/topapi/processinstance/get",
                 Some(&body),
@@ -155,11 +177,11 @@ impl Client {
     pub async fn list_instance_ids(
         &self,
         request: &ListIds,
-        priority: Priority,
+        purpose: Purpose,
     ) -> Result<IdPage, Error> {
         let r: ListIdsResponse = self
             .call(
-                priority,
+                purpose,
                 Method::POST,
                 "/topapi/processinstance/listids",
                 Some(request),
@@ -173,7 +195,7 @@ impl Client {
     pub async fn register_callback(&self, request: &CallbackRegistration) -> Result<(), Error> {
         let _: Value = self
             .call(
-                Priority::Live,
+                Purpose::Callback,
                 Method::POST,
                 "/call_back/register_call_back",
                 Some(request),
@@ -187,7 +209,7 @@ impl Client {
     pub async fn update_callback(&self, request: &CallbackRegistration) -> Result<(), Error> {
         let _: Value = self
             .call(
-                Priority::Live,
+                Purpose::Callback,
                 Method::POST,
                 "/call_back/update_call_back",
                 Some(request),
@@ -197,23 +219,17 @@ impl Client {
         Ok(())
     }
 
-    /// `call_back/get_call_back`.
-    pub async fn get_callback(&self) -> Result<CallbackRegistration, Error> {
-        self.call::<(), _>(
-            Priority::Live,
-            Method::GET,
-            "/call_back/get_call_back",
-            None,
-            true,
-        )
-        .await
+    /// `call_back/get_call_back` (`purpose`: `Callback`, or `Doctor` for its check).
+    pub async fn get_callback(&self, purpose: Purpose) -> Result<CallbackRegistration, Error> {
+        self.call::<(), _>(purpose, Method::GET, "/call_back/get_call_back", None, true)
+            .await
     }
 
     /// `call_back/delete_call_back`.
     pub async fn delete_callback(&self) -> Result<(), Error> {
         let _: Value = self
             .call::<(), _>(
-                Priority::Live,
+                Purpose::Callback,
                 Method::GET,
                 "/call_back/delete_call_back",
                 None,
@@ -228,7 +244,7 @@ impl Client {
     /// committed before it is applied.
     pub async fn failed_callbacks(&self) -> Result<FailedPage, Error> {
         self.call::<(), _>(
-            Priority::Live,
+            Purpose::Failed,
             Method::GET,
             "/call_back/get_call_back_failed_result",
             None,
@@ -239,7 +255,7 @@ impl Client {
 
     async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
-        priority: Priority,
+        purpose: Purpose,
         method: Method,
         path: &str,
         body: Option<&B>,
@@ -268,7 +284,7 @@ impl Client {
             };
             inner
                 .budget
-                .acquire(priority)
+                .acquire(priority(purpose))
                 .await
                 .map_err(|e| Error::Transient(format!("rate budget: {e}")))?;
             // The wait for a slot can take seconds (outbox work books up to 5 s ahead, live work
@@ -278,6 +294,14 @@ impl Client {
             // refusal after the one refresh allowed fails the call).
             let token = inner.tokens.cached().unwrap_or(token);
             let outcome = self.attempt(&method, path, &token, body).await;
+            // Counted as DingTalk counts (docs/dingtalk.md §7): not a call that never left, nor
+            // one refused for the rate limit; every other attempt, answered or not (one lost on
+            // the way back may have been counted: the stricter reading).
+            if !matches!(outcome, Outcome::NotSent(_) | Outcome::RetryRate(_)) {
+                inner
+                    .ledger
+                    .call(&inner.corp_id, path, purpose, quota::is_metered(path));
+            }
             let last = attempt >= inner.max_attempts;
             match outcome {
                 Outcome::Done(v) => return Ok(v),
@@ -372,6 +396,22 @@ impl Client {
             Err(Classified::Rate(code)) => Outcome::RetryRate(code),
             Err(Classified::Gateway(why)) => Outcome::Uncertain(why),
             Err(Classified::Rejected(e)) => Outcome::Fail(e),
+        }
+    }
+}
+
+/// The rate-budget priority of a call made for `purpose`: live sync queues for slots far ahead,
+/// outbox creates a little, background work only takes a slot that is free now.
+pub fn priority(purpose: Purpose) -> Priority {
+    match purpose {
+        Purpose::Outbox | Purpose::Search => Priority::Outbox,
+        Purpose::Details
+        | Purpose::Failed
+        | Purpose::Callback
+        | Purpose::Doctor
+        | Purpose::Token => Priority::Live,
+        Purpose::Gap | Purpose::Sweep | Purpose::Poll | Purpose::Backfill | Purpose::Drift => {
+            Priority::Bulk
         }
     }
 }

@@ -16,9 +16,10 @@ use serde::Deserialize;
 use sqlx::PgPool;
 use tokio::{sync::Mutex, time::Instant};
 
-use super::{Classified, Error, classify};
+use super::{Classified, Error, Purpose, classify};
 use crate::{
     config::{DingTalkConfig, Secret},
+    ledger::Ledger,
     store,
 };
 
@@ -45,6 +46,7 @@ pub struct Tokens {
     /// How long a replica may fetch before another takes over: the HTTP timeout bounds the call.
     lease: Duration,
     cached: Mutex<Option<(String, DateTime<Utc>)>>,
+    ledger: Ledger,
 }
 
 #[derive(Deserialize)]
@@ -61,6 +63,7 @@ impl Tokens {
         http: reqwest::Client,
         base: &str,
         config: &DingTalkConfig,
+        ledger: Ledger,
     ) -> Tokens {
         Tokens {
             pool,
@@ -71,6 +74,7 @@ impl Tokens {
             app_secret: config.app_secret.clone(),
             lease: Duration::from_millis(config.timeout_ms) + LEASE_MARGIN,
             cached: Mutex::new(None),
+            ledger,
         }
     }
 
@@ -253,6 +257,13 @@ impl Tokens {
             .inspect_err(|_| super::count_call("/gettoken", None))
             .map_err(|e| Error::Transient(format!("gettoken: {}", e.without_url())))?;
         super::count_call("/gettoken", Some((status.as_u16(), &text)));
+        // Not metered (docs/dingtalk.md §7), but counted: the ledger shows every call.
+        self.ledger.call(
+            &self.corp_id,
+            "/gettoken",
+            Purpose::Token,
+            super::quota::is_metered("/gettoken"),
+        );
         if status.as_u16() == 429 {
             return Err(Error::RateLimited { errcode: 429 });
         }

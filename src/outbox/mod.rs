@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     batching,
     config::OutboxConfig,
-    dingtalk::{self, Priority},
+    dingtalk::{self, Purpose},
     store::outbox::{self as store, Claim, OutboxRow, Work},
 };
 
@@ -429,7 +429,7 @@ impl Worker {
             &row.process_code,
             (since.timestamp_millis(), until.timestamp_millis()),
             Some(&row.originator_user_id),
-            Priority::Outbox,
+            Purpose::Search,
         );
         while let Some(page) = listing.next_page().await.context("listids")? {
             ids.extend(page);
@@ -440,7 +440,11 @@ impl Worker {
             .collect();
         let mut found = Vec::new();
         for id in ids.into_iter().filter(|id| !owned.contains(id)) {
-            let instance = self.client.get_instance(&id).await.context("get")?;
+            let instance = self
+                .client
+                .get_instance(&id, Purpose::Search)
+                .await
+                .context("get")?;
             if request::matches(request, &instance) {
                 found.push((instance.create_time.unwrap_or_default(), id));
             }

@@ -24,7 +24,7 @@ use super::fetch_and_apply;
 use crate::jobs::{Context, Counts};
 use crate::{
     dingtalk::{
-        Priority,
+        Purpose,
         listing::{ID_CAP, IdListing},
     },
     store::{
@@ -169,7 +169,7 @@ pub async fn run(
                     fetch_and_apply(
                         ctx,
                         id,
-                        Priority::Bulk,
+                        Purpose::Backfill,
                         SnapshotSource::Backfill,
                         Some(process_code),
                     )
@@ -219,7 +219,7 @@ fn window_listing<'a>(
         process_code,
         (start.timestamp_millis(), end.timestamp_millis()),
         None,
-        Priority::Bulk,
+        Purpose::Backfill,
     )
 }
 

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::ReconcileConfig,
-    dingtalk::{self, Priority},
+    dingtalk::{self, Purpose},
     jobs::{Context, Counts},
     snapshot::Snapshot,
     store::approvals::{self, Applied, Cadence, SnapshotSource},
@@ -66,7 +66,7 @@ impl Fetched {
 pub async fn fetch_and_apply(
     ctx: &Context,
     process_instance_id: &str,
-    priority: Priority,
+    purpose: Purpose,
     source: SnapshotSource,
     process_code: Option<&str>,
 ) -> anyhow::Result<Fetched> {
@@ -77,7 +77,7 @@ pub async fn fetch_and_apply(
     let requested_at = approvals::clock(pool).await?;
     let answer = ctx
         .client()
-        .get_instance_at(process_instance_id, priority)
+        .get_instance(process_instance_id, purpose)
         .await;
     let snap = match answer {
         Ok(instance) => Snapshot::from_instance(process_instance_id, &instance),
@@ -203,7 +203,8 @@ pub async fn details(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Res
             move |id: String| {
                 let ctx = ctx2.clone();
                 async move {
-                    fetch_and_apply(&ctx, &id, Priority::Live, SnapshotSource::Details, None).await
+                    fetch_and_apply(&ctx, &id, Purpose::Details, SnapshotSource::Details, None)
+                        .await
                 }
             },
         )
@@ -232,7 +233,7 @@ pub async fn sweep(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Resul
             move |id: String| {
                 let ctx = ctx2.clone();
                 async move {
-                    fetch_and_apply(&ctx, &id, Priority::Bulk, SnapshotSource::Sweep, None).await
+                    fetch_and_apply(&ctx, &id, Purpose::Sweep, SnapshotSource::Sweep, None).await
                 }
             },
         )

@@ -13,6 +13,7 @@ pub mod rate_budget;
 pub mod scrape;
 pub mod sync_state;
 pub mod tokens;
+pub mod usage;
 
 use std::{str::FromStr, time::Duration};
 
