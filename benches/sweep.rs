@@ -1,7 +1,8 @@
 //! Reconcile benchmark (a program that reports figures, not a test).
 //!
 //! 1. Sweep: N open approvals (default 10 000) exist in the emulator and as RUNNING rows in a fresh
-//!    database; one `sweep` run re-checks them all. Reports the time, the `processinstance/get`
+//!    database; one reconciliation pass (`reconcile::background::recheck_open`, what the planner
+//!    runs after a month of polling) re-checks them all. Reports the time, the `processinstance/get`
 //!    calls (must be exactly one per approval), the busiest second of calls against
 //!    `dingtalk.qps`, and the process's resident memory while it runs (flat: the sweep streams
 //!    pages of `reconcile.batch_size` rows). A first, smaller sweep (N / 5) gives the memory
@@ -31,8 +32,7 @@ use dingsync::{
     crypto,
     dingtalk::{self, types::CallbackRegistration},
     jobs::Context,
-    scheduler::{self, Job, Ran},
-    store,
+    reconcile, store,
 };
 use dingsync_emulator::{
     DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig, Faults, PushFaults,
@@ -125,7 +125,10 @@ fn config(db_url: &str, emu: &Emulator, qps: u32) -> Config {
     c.dingtalk.qps = qps;
     c.reconcile.process_codes = vec![CODE.into()];
     c.reconcile.detail_quiet_ms = 0;
-    c.reconcile.sweep_min_interval_s = 0;
+    // A benchmark of throughput: no monthly pacing, only the rate budget; gap checks after a
+    // second of quiet.
+    c.dingtalk.monthly_calls = 0;
+    c.reconcile.gap_after_s = 1;
     c.reconcile.backfill_days = 1;
     c.reconcile.concurrency = 8;
     c
@@ -196,20 +199,12 @@ async fn sweep_once(ctx: &Context, emu: &Emulator, n: usize, pool: &PgPool) -> S
         })
     };
     let started = Instant::now();
-    let ran = scheduler::run_job_now(ctx, Job::Sweep, "bench", &CancellationToken::new())
+    let counts = reconcile::background::recheck_open(ctx, &CancellationToken::new())
         .await
         .unwrap();
     let seconds = started.elapsed().as_secs_f64();
     stop.cancel();
     sampler.await.unwrap();
-    let Ran::Done {
-        outcome: "ok",
-        counts,
-        ..
-    } = ran
-    else {
-        panic!("sweep: {ran:?}")
-    };
     let state = emu.state();
     SweepFigures {
         counts: serde_json::to_string(&counts).unwrap(),
@@ -225,10 +220,9 @@ async fn sweep_bench(args: &Args) {
     let name = format!("dingsync_bench_sweep_{}", std::process::id());
     let url = format!("{}/{name}", server_url());
     let emu = emulator(1.0).await;
-    let mut config = config(&url, &emu, args.qps);
-    // Checked approvals are not due again within the benchmark, so each sweep meets each of its
-    // approvals once (the first sweep's are still open during the second).
-    config.reconcile.sweep_min_interval_s = 3_600;
+    let config = config(&url, &emu, args.qps);
+    // Each pass meets the open approvals not fetched since it began: the first pass's are
+    // still open during the second, and fetched again.
     let pool = store::connect_and_migrate(&config.database).await.unwrap();
     let client = dingtalk::Client::new(pool.clone(), &config.dingtalk, &emu.base_url()).unwrap();
     let ctx = Context::new(

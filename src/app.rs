@@ -29,7 +29,7 @@ use crate::{
     ingest::Ingest,
     jobs,
     ledger::Ledger,
-    outbox, scheduler, server, store,
+    outbox, planner, scheduler, server, store,
 };
 
 /// CorpId the embedded emulator's organisation uses (and events without a corpId fall back to):
@@ -79,6 +79,10 @@ impl App {
             .await
             .context("reading dingsync.corps")?;
         let ledger = Ledger::new(pool.clone(), planning_clock(&config));
+        // Before this process runs any job: the run log still shows when the last one ran.
+        planner::note_start(&pool, ledger.clock(), &config.dingtalk.corp_id)
+            .await
+            .context("reading dingsync.job_runs for the planner")?;
         let listener = server::bind(config.listen_addr())
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
         let addr = listener.local_addr()?;
@@ -148,6 +152,7 @@ impl App {
                 &config.reconcile,
                 &config.retention,
             )
+            .with_allowances(allowances(&config))
         });
         let mut app = App {
             addr,
@@ -308,6 +313,14 @@ async fn dingtalk_client(
         ledger.clone(),
     )?;
     Ok((None, Some(client)))
+}
+
+/// `dingtalk.monthly_calls` and `monthly_deliveries`, as the planner reads them.
+pub fn allowances(config: &Config) -> planner::Allowances {
+    planner::Allowances {
+        monthly_calls: config.dingtalk.monthly_calls,
+        monthly_deliveries: config.dingtalk.monthly_deliveries,
+    }
 }
 
 /// The clock pacing decisions read: real time, except with the embedded emulator running faster

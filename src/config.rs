@@ -70,9 +70,20 @@ pub struct ReconcileConfig {
     pub detail_max_wait_ms: u64,
     pub batch_size: u32,
     pub concurrency: u32,
-    pub sweep_min_interval_s: u64,
-    pub sweep_max_interval_s: u64,
-    pub sweep_age_divisor: u32,
+    /// Times the sweep re-checks one open approval over its life (while pushes are healthy).
+    pub sweep_checks: u32,
+    /// Age (planner's clock) of an open approval at its first sweep check; the k-th comes at
+    /// this × 4^k.
+    pub sweep_first_check_h: u64,
+    /// An open approval without a RUNNING task whose last event is this old (planner's clock)
+    /// is missing an event: the gap check fetches it.
+    pub gap_after_s: u64,
+    /// Gap checks of one approval at most.
+    pub gap_checks: u32,
+    /// The failed-push list is drained at least this often (planner's clock), signs or not.
+    pub failed_floor_h: u64,
+    /// Approvals created through the outbox this long ago without any event: pushes missing.
+    pub push_silence_s: u64,
     pub backfill_days: u32,
     pub backfill_window_days: u32,
     pub backfill_overlap_s: u64,
@@ -141,6 +152,11 @@ pub struct DingTalkConfig {
     pub timeout_ms: u64,
     pub qps: u32,
     pub max_attempts: u32,
+    /// Metered API calls the organisation may make per calendar month (docs/dingtalk.md §7);
+    /// 0 = unmetered.
+    pub monthly_calls: u64,
+    /// Push deliveries the organisation receives per calendar month; 0 = unlimited.
+    pub monthly_deliveries: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -213,6 +229,8 @@ impl Default for Config {
                 timeout_ms: 10_000,
                 qps: 20,
                 max_attempts: 3,
+                monthly_calls: 5_000,
+                monthly_deliveries: 3_000,
             },
             ingest: IngestConfig {
                 max_batch: 256,
@@ -243,7 +261,7 @@ impl Default for Config {
                 details: "*/5 * * * * *".into(),
                 sweep: "0 * * * * *".into(),
                 backfill: "0 17 19 * * *".into(),
-                failed: "30 */2 * * * *".into(),
+                failed: "30 * * * * *".into(),
                 retention: "0 30 19 * * *".into(),
             },
             reconcile: ReconcileConfig {
@@ -252,9 +270,12 @@ impl Default for Config {
                 detail_max_wait_ms: 30_000,
                 batch_size: 100,
                 concurrency: 4,
-                sweep_min_interval_s: 60,
-                sweep_max_interval_s: 21_600,
-                sweep_age_divisor: 10,
+                sweep_checks: 2,
+                sweep_first_check_h: 48,
+                gap_after_s: 600,
+                gap_checks: 2,
+                failed_floor_h: 6,
+                push_silence_s: 900,
                 backfill_days: 30,
                 backfill_window_days: 30,
                 backfill_overlap_s: 3_600,
@@ -347,6 +368,7 @@ impl Config {
             message: e.to_string(),
         };
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| parse_err(&e))?;
+        refuse_replaced_keys(&table)?;
         apply_env(&mut table, env)?;
         let config: Config = toml::Value::Table(table)
             .try_into()
@@ -651,14 +673,32 @@ impl Config {
                 "must be at least reconcile.detail_quiet_ms",
             ));
         }
-        if r.sweep_max_interval_s < r.sweep_min_interval_s {
+        if r.sweep_checks > 10 {
+            return Err(invalid("reconcile.sweep_checks", "must be 0 to 10"));
+        }
+        if !(1..=24 * 366).contains(&r.sweep_first_check_h) {
             return Err(invalid(
-                "reconcile.sweep_max_interval_s",
-                "must be at least reconcile.sweep_min_interval_s",
+                "reconcile.sweep_first_check_h",
+                "must be 1 to 8784 (a year)",
             ));
         }
-        if r.sweep_age_divisor == 0 {
-            return Err(invalid("reconcile.sweep_age_divisor", "must be at least 1"));
+        if !(1..=86_400).contains(&r.gap_after_s) {
+            return Err(invalid("reconcile.gap_after_s", "must be 1 to 86400"));
+        }
+        if r.gap_checks > 10 {
+            return Err(invalid("reconcile.gap_checks", "must be 0 to 10"));
+        }
+        if !(1..=24 * 31).contains(&r.failed_floor_h) {
+            return Err(invalid(
+                "reconcile.failed_floor_h",
+                "must be 1 to 744 (DingTalk keeps failed pushes for days, docs/dingtalk.md §3)",
+            ));
+        }
+        if !(60..=86_400).contains(&r.push_silence_s) {
+            return Err(invalid(
+                "reconcile.push_silence_s",
+                "must be 60 to 86400 (DingTalk pushes a start event within seconds of a create)",
+            ));
         }
         // DingTalk's listids limits (docs/dingtalk.md §2.4): a window spans at most 120 days and starts
         // within the last 365 days.
@@ -696,6 +736,43 @@ impl Config {
     }
 }
 
+/// Keys of earlier versions that were replaced: (section, key, what replaces it).
+const REPLACED_KEYS: [(&str, &str, &str); 3] = [
+    (
+        "reconcile",
+        "sweep_min_interval_s",
+        "reconcile.sweep_first_check_h and reconcile.sweep_checks (the sweep re-checks an open approval a bounded number of times)",
+    ),
+    (
+        "reconcile",
+        "sweep_max_interval_s",
+        "reconcile.sweep_first_check_h and reconcile.sweep_checks (the sweep re-checks an open approval a bounded number of times)",
+    ),
+    (
+        "reconcile",
+        "sweep_age_divisor",
+        "reconcile.sweep_first_check_h and reconcile.sweep_checks (checks at sweep_first_check_h x 4^k)",
+    ),
+];
+
+/// A file written for an earlier version gets a message naming the replacement, rather than
+/// serde's list of every known key.
+fn refuse_replaced_keys(table: &toml::Table) -> Result<(), ConfigError> {
+    for (section, key, replacement) in REPLACED_KEYS {
+        if table
+            .get(section)
+            .and_then(|s| s.as_table())
+            .is_some_and(|s| s.contains_key(key))
+        {
+            return Err(invalid(
+                &format!("{section}.{key}"),
+                format!("was removed; use {replacement}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Overrides `table[section][key]` from `DINGSYNC_SECTION_KEY`. The value is parsed as the type the
 /// key has in the defaults, so `DINGSYNC_DATABASE_MAX_CONNECTIONS=32` becomes an integer; an
 /// unknown key is an error rather than a silently ignored typo.
@@ -719,6 +796,15 @@ fn apply_env(
             ));
         };
         let Some(default) = defaults.get(section).and_then(|s| s.get(key)) else {
+            if let Some((_, _, replacement)) = REPLACED_KEYS
+                .iter()
+                .find(|(s, k, _)| *s == section && *k == key)
+            {
+                return Err(invalid(
+                    &env_name,
+                    format!("{section}.{key} was removed; use {replacement}"),
+                ));
+            }
             return Err(invalid(
                 &env_name,
                 format!("there is no key {section}.{key}"),
@@ -862,6 +948,24 @@ mod tests {
             toml::Table::try_from(&defaults).unwrap(),
             "config.toml and Config::default() disagree"
         );
+    }
+
+    #[test]
+    fn a_replaced_sweep_key_names_its_replacement_in_the_file_and_the_environment() {
+        let old = SHIPPED.replace("[reconcile]\n", "[reconcile]\nsweep_age_divisor = 10\n");
+        let e = load(&old, &[]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("reconcile.sweep_age_divisor: was removed")
+                && e.contains("reconcile.sweep_first_check_h"),
+            "{e}"
+        );
+        let e = load(
+            SHIPPED,
+            &[("DINGSYNC_RECONCILE_SWEEP_MIN_INTERVAL_S", "60")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("reconcile.sweep_checks"), "{e}");
     }
 
     #[test]

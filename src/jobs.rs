@@ -10,6 +10,7 @@ use sqlx::PgPool;
 use crate::{
     config::{ReconcileConfig, RetentionConfig},
     dingtalk,
+    planner::Allowances,
 };
 
 /// Everything a job needs; cheap to clone.
@@ -24,6 +25,7 @@ struct Inner {
     corp_id: String,
     config: ReconcileConfig,
     retention: RetentionConfig,
+    allowances: Allowances,
 }
 
 impl Context {
@@ -42,8 +44,33 @@ impl Context {
                 corp_id: corp_id.to_string(),
                 config: config.clone(),
                 retention: retention.clone(),
+                allowances: Allowances::default(),
             }),
         }
+    }
+
+    /// The organisation's monthly allowances the planner paces background work by
+    /// (`dingtalk.monthly_calls`, `monthly_deliveries`; the defaults until set).
+    pub fn with_allowances(self, allowances: Allowances) -> Context {
+        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|shared| Inner {
+            pool: shared.pool.clone(),
+            client: shared.client.clone(),
+            corp_id: shared.corp_id.clone(),
+            config: shared.config.clone(),
+            retention: shared.retention.clone(),
+            allowances: shared.allowances,
+        });
+        Context {
+            inner: Arc::new(Inner {
+                allowances,
+                ..inner
+            }),
+        }
+    }
+
+    /// The monthly allowances.
+    pub fn allowances(&self) -> Allowances {
+        self.inner.allowances
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -3,7 +3,8 @@
 //! code as production.
 //!
 //! Three flows, each one way: push (`callback` → `crypto`, `event` → `ingest` → `store`),
-//! reconcile (`scheduler` → `reconcile`/`retention` → `dingtalk` → `store`) and outbox
+//! reconcile (`scheduler` → `reconcile`/`retention`, paced by `planner` → `dingtalk` → `store`)
+//! and outbox
 //! (`outbox` → `dingtalk` → `store`). `app` wires them for `serve`. The module map, what each
 //! module owns and must not import, and where each rule lives: `docs/ARCHITECTURE.md` (checked by
 //! `tests/architecture.rs`). Only what the binary and the tests use is public.
@@ -24,6 +25,7 @@ pub mod jobs;
 pub mod ledger;
 mod metrics;
 pub mod outbox;
+pub mod planner;
 pub mod reconcile;
 pub mod retention;
 pub mod scheduler;

@@ -54,6 +54,11 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CorpLabel {
+    corp_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
 }
@@ -72,6 +77,7 @@ struct Metrics {
     job_seconds: Histograms<JobLabel>,
     connections_open: Gauge,
     connections_shed: Family<ReasonLabel, Counter>,
+    push_mode: Family<CorpLabel, Gauge>,
 }
 
 /// 1 ms … ~16 s: a callback ack must stay under DingTalk's 1.5 s.
@@ -97,6 +103,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         job_seconds: Family::new_with_constructor(slow_buckets),
         connections_open: Gauge::default(),
         connections_shed: Family::default(),
+        push_mode: Family::default(),
     };
     m.registry.register(
         "dingsync_events_received",
@@ -142,6 +149,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "dingsync_http_connections",
         "HTTP connections open now (server.max_connections plus server.probe_connections at most)",
         m.connections_open.clone(),
+    );
+    m.registry.register(
+        "dingsync_push_mode",
+        "How the planner keeps an organisation in step: 0 pushes arrive, 1 polling (pushes missing)",
+        m.push_mode.clone(),
     );
     m.registry.register(
         "dingsync_http_connections_shed",
@@ -191,6 +203,16 @@ pub fn dingtalk_call(endpoint: &str, errcode: String) {
 /// A call got its rate-budget slot after `waited`.
 pub fn budget_waited(waited: Duration) {
     METRICS.budget_wait_seconds.observe(waited.as_secs_f64());
+}
+
+/// The planner's mode for `corp_id` (one series per organisation served): polling or push.
+pub fn push_mode(corp_id: &str, polling: bool) {
+    METRICS
+        .push_mode
+        .get_or_create(&CorpLabel {
+            corp_id: corp_id.to_string(),
+        })
+        .set(i64::from(polling));
 }
 
 /// A scheduled job run ended with `outcome` after `took`.

@@ -73,7 +73,7 @@ impl Job {
             Job::Details => reconcile::details(ctx, shutdown).await,
             Job::Sweep => reconcile::sweep(ctx, shutdown).await,
             Job::Backfill => backfill::scheduled(ctx, shutdown).await,
-            Job::Failed => failed::drain(ctx, shutdown).await,
+            Job::Failed => failed::planned(ctx, shutdown).await,
             Job::Retention => retention::prune(ctx, shutdown).await,
         }
     }

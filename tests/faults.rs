@@ -115,13 +115,15 @@ fn replica(emu: &Emulator, db: &TestDb) -> Config {
     c.outbox.backoff_max_ms = 2_000;
     c.outbox.poll_ms = 200;
     // Reads share the budget with creates: details fetches (live) every second for each new
-    // approval, sweeps (bulk) of every running approval every other second, the failed-push
-    // list every three seconds. Six-field cron: sec min hour day-of-month month day-of-week.
+    // approval, the planner's background tick every other second, the failed-push job every
+    // three seconds (it drains when due). Six-field cron: sec min hour day-of-month month
+    // day-of-week.
     c.scheduler.details = "* * * * * *".into();
     c.scheduler.sweep = "*/2 * * * * *".into();
     c.scheduler.failed = "*/3 * * * * *".into();
     c.reconcile.detail_quiet_ms = 0;
-    c.reconcile.sweep_min_interval_s = 0;
+    // A load test: no monthly pacing, only the rate budget.
+    c.dingtalk.monthly_calls = 0;
     c.emulator.people_pace_ms = 0;
     c
 }

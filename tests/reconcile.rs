@@ -1,7 +1,8 @@
 //! Reconciliation against the emulator over real HTTP and a real PostgreSQL: lost, duplicated and
 //! reordered pushes converge to DingTalk's state; a daemon that missed everything recovers from
-//! the failed list and the sweep; two replicas run each job once per tick; an interrupted
-//! backfill resumes; a burst of events is one detail fetch.
+//! the failed list and one reconciliation pass; two replicas run each job once per tick; an
+//! interrupted backfill resumes; a burst of events is one detail fetch, and an approval is
+//! fetched for its details once.
 
 mod common;
 
@@ -57,7 +58,8 @@ fn configure(c: &mut Config, emu: &Emulator) {
     c.scheduler.failed = DORMANT.into();
     c.reconcile.process_codes = CODES.iter().map(|c| c.to_string()).collect();
     c.reconcile.detail_quiet_ms = 0;
-    c.reconcile.sweep_min_interval_s = 0;
+    // The jobs are run by hand here: no monthly pacing.
+    c.dingtalk.monthly_calls = 0;
     c.reconcile.backfill_days = 1;
 }
 
@@ -77,6 +79,21 @@ async fn register(app: &App, config_token: &str, config_key: &str) {
 
 fn ctx(app: &TestApp) -> Context {
     app.app.as_ref().unwrap().jobs.clone().unwrap()
+}
+
+/// Drains the failed-push list now (the scheduled job drains only when the planner says so).
+async fn drain_now(ctx: &Context) -> Counts {
+    reconcile::failed::drain(ctx, &CancellationToken::new())
+        .await
+        .unwrap()
+}
+
+/// One reconciliation pass over every open approval (what the planner runs after a month of
+/// polling; the scheduled sweep re-checks an approval only a few times over its life).
+async fn recheck_open(ctx: &Context) -> Counts {
+    reconcile::background::recheck_open(ctx, &CancellationToken::new())
+        .await
+        .unwrap()
 }
 
 async fn run_now(ctx: &Context, job: Job) -> Counts {
@@ -169,14 +186,14 @@ async fn five_hundred_approvals_with_lost_duplicated_and_reordered_pushes_conver
     assert!(instances.iter().any(|i| i.status.as_str() == "TERMINATED"));
 
     let ctx = ctx(&app);
-    run_now(&ctx, Job::Failed).await;
+    drain_now(&ctx).await;
     let backfilled = run_now(&ctx, Job::Backfill).await;
     assert!(
         backfilled["fetched"] > 0,
         "every event of some approval was lost: {backfilled:?}"
     );
     run_now(&ctx, Job::Details).await;
-    run_now(&ctx, Job::Sweep).await;
+    recheck_open(&ctx).await;
 
     let codes: Vec<String> = CODES.iter().map(|c| c.to_string()).collect();
     let drift = dingsync::cli::drift::run(&ctx, &codes, Utc::now() - TimeDelta::hours(1))
@@ -226,7 +243,7 @@ async fn a_daemon_down_for_the_whole_retry_ladder_ends_correct_from_the_failed_l
         let ctx = ctx.clone();
         let state = state.clone();
         async move {
-            run_now(&ctx, Job::Failed).await;
+            drain_now(&ctx).await;
             (state.failed_pending() == 0).then_some(())
         }
     })
@@ -238,7 +255,7 @@ async fn a_daemon_down_for_the_whole_retry_ladder_ends_correct_from_the_failed_l
             .unwrap();
     assert!(from_list >= 20, "{from_list} events from the failed list");
     run_now(&ctx, Job::Details).await;
-    run_now(&ctx, Job::Sweep).await;
+    recheck_open(&ctx).await;
     mirror::assert_rows_equal_the_emulator(&app.pool, CORP_ID, &state.instances()).await;
     app.stop().await;
     emu.stop().await;
@@ -310,7 +327,7 @@ async fn a_failed_list_page_with_poison_items_stores_the_other_items_with_their_
     eventually(Duration::from_secs(15), "the failed list drained", || {
         let (ctx, state, totals) = (ctx.clone(), state.clone(), totals.clone());
         async move {
-            let counts = run_now(&ctx, Job::Failed).await;
+            let counts = drain_now(&ctx).await;
             let mut totals = totals.lock().unwrap();
             for (key, n) in counts {
                 *totals.entry(key).or_default() += n;
@@ -570,7 +587,7 @@ async fn a_burst_of_100_events_for_one_instance_is_one_detail_fetch() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_event_arriving_during_a_detail_fetch_causes_another_fetch() {
+async fn an_event_arriving_during_the_detail_fetch_is_applied_without_a_second_fetch() {
     let emu = emulator().await;
     let app = TestApp::spawn_with(|c| configure(c, &emu)).await;
     let instance = emu
@@ -596,14 +613,26 @@ async fn an_event_arriving_during_a_detail_fetch_causes_another_fetch() {
     app.push_ok(&task_event(&pid, 9_001, "start", None, created, None))
         .await;
     fetch.await.unwrap();
-    assert!(
-        app.approval(&pid).await.wanted,
-        "the mid-fetch event's mark was cleared"
-    );
-    emu.state().update_faults(|f| f.latency_ms = 0);
-    run_now(&ctx, Job::Details).await;
-    assert_eq!(emu.state().calls("topapi/processinstance/get"), 2);
+    // Details once: the snapshot brought the form; the mid-fetch event brought its own task.
     assert!(!app.approval(&pid).await.wanted);
+    assert_eq!(app.task(9_001).await.status, "RUNNING");
+    emu.state().update_faults(|f| f.latency_ms = 0);
+    app.push_ok(&task_event(
+        &pid,
+        9_001,
+        "finish",
+        Some("agree"),
+        created,
+        Some(created + 1),
+    ))
+    .await;
+    assert!(
+        !app.approval(&pid).await.wanted,
+        "a later event asks for no fetch"
+    );
+    run_now(&ctx, Job::Details).await;
+    assert_eq!(emu.state().calls("topapi/processinstance/get"), 1);
+    assert_eq!(app.task(9_001).await.status, "COMPLETED");
     app.stop().await;
     emu.stop().await;
 }
@@ -691,7 +720,7 @@ async fn drift_reports_missing_approvals_and_exits_non_zero_until_a_backfill_rep
 async fn a_snapshot_corrects_a_terminal_state_but_never_an_older_one_a_newer_and_keeps_outbox_id() {
     use dingsync::{
         snapshot::Snapshot,
-        store::approvals::{Applied, Cadence, SnapshotSource, apply_snapshot},
+        store::approvals::{Applied, SnapshotSource, apply_snapshot},
     };
     let db = TestDb::new();
     let config = test_config(&db.url);
@@ -721,11 +750,6 @@ async fn a_snapshot_corrects_a_terminal_state_but_never_an_older_one_a_newer_and
         operation_records: json!([]),
         tasks: Vec::new(),
     };
-    let cadence = Cadence {
-        min_s: 60,
-        max_s: 3600,
-        divisor: 10,
-    };
     let at = |s: &str| -> DateTime<Utc> { s.parse().unwrap() };
     let mut conn = pool.acquire().await.unwrap();
     let mut apply = async |snap: Snapshot, requested: &str| {
@@ -736,7 +760,6 @@ async fn a_snapshot_corrects_a_terminal_state_but_never_an_older_one_a_newer_and
             at(requested),
             SnapshotSource::Sweep,
             None,
-            cadence,
         )
         .await
         .unwrap()

@@ -91,7 +91,7 @@ async fn the_status_rule_is_inlined_into_every_statement_that_writes_approvals()
         event::{Event, Parsed, Source},
         snapshot::{Snapshot, SnapshotTask},
         store::{
-            approvals::{Cadence, SnapshotSource, apply_snapshot},
+            approvals::{SnapshotSource, apply_snapshot},
             batch::{Expect, store_events},
             outbox::record_created_batch,
         },
@@ -157,11 +157,6 @@ async fn the_status_rule_is_inlined_into_every_statement_that_writes_approvals()
             finished_at: None,
         }],
     };
-    let cadence = Cadence {
-        min_s: 60,
-        max_s: 3600,
-        divisor: 10,
-    };
     apply_snapshot(
         &mut tx,
         common::CORP_ID,
@@ -169,7 +164,6 @@ async fn the_status_rule_is_inlined_into_every_statement_that_writes_approvals()
         chrono::Utc::now(),
         SnapshotSource::Details,
         None,
-        cadence,
     )
     .await
     .unwrap();

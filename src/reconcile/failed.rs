@@ -1,5 +1,8 @@
 //! The `failed` job: drains `call_back/get_call_back_failed_result` (docs/dingtalk.md §3), the list of
-//! pushes DingTalk gave up on. The list is read-once (no cursor: what it returns is gone, docs/dingtalk.md
+//! pushes DingTalk gave up on. Each call is metered (docs/dingtalk.md §7), so the job ticks often
+//! but calls only when the planner says a drain is due ([`planned`]: a sign of missed pushes six
+//! minutes ago, items found by the last drain, or the floor `reconcile.failed_floor_h`);
+//! [`drain`] drains at once (tests, operators). The list is read-once (no cursor: what it returns is gone, docs/dingtalk.md
 //! §3 [UNCONFIRMED: inferred], we take that stricter reading), so:
 //! - only the job's leader calls it (the scheduler's advisory lock), and never twice at once;
 //! - the database is checked before each call, so a known-down database loses nothing;
@@ -28,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     event::{self, Event, MAX_ID_BYTES, Malformed, Parsed, Source},
     jobs::{Context, Counts},
+    planner,
     store::{
         self,
         batch::{Expect, store_events},
@@ -35,6 +39,53 @@ use crate::{
     },
 };
 
+/// The scheduled job: drains when the planner says it is due and the day's background allowance
+/// is not spent; otherwise only records what it noticed (counts `due` 0).
+pub async fn planned(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Result<Counts> {
+    let pool = ctx.pool();
+    let corp = ctx.corp_id();
+    let ledger = ctx.client().ledger();
+    let (mut state, external) = match planner::drain_state(pool, ledger, corp).await {
+        Ok(read) => read,
+        Err(e) => {
+            planner::note_database_trouble();
+            return Err(e);
+        }
+    };
+    let now = ledger.clock().now();
+    let floor = planner::failed_floor(ctx.config());
+    let mut counts = Counts::new();
+    let Some(why) = planner::drain_due(&state, external.as_ref(), now, floor) else {
+        planner::save_drain_state(pool, corp, &state).await?;
+        counts.insert("due", 0);
+        return Ok(counts);
+    };
+    let plan = planner::plan(ledger, corp, ctx.allowances()).await?;
+    if plan.left_today() == 0 {
+        planner::save_drain_state(pool, corp, &state).await?;
+        counts.insert("budget", 1);
+        return Ok(counts);
+    }
+    tracing::debug!(reason = %why, "draining the failed-push list");
+    let drained = drain(ctx, shutdown).await;
+    state.last_drain_at = Some(now);
+    match &drained {
+        Ok(c) => state.last_found = c.get("items").copied().unwrap_or(0),
+        // Tried again a sign's wait later, not at every tick.
+        Err(_) => state.last_found = 1,
+    }
+    if let Err(e) = &drained
+        && e.downcast_ref::<sqlx::Error>().is_some()
+    {
+        planner::note_database_trouble();
+    }
+    planner::save_drain_state(pool, corp, &state).await?;
+    let mut counts = drained?;
+    counts.insert("due", 1);
+    Ok(counts)
+}
+
+/// Drains the list now, page by page while DingTalk says there is more.
 pub async fn drain(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Result<Counts> {
     let mut counts = Counts::new();
     let corps = Served::load(ctx.pool().clone(), ctx.corp_id()).await?;

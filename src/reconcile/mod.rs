@@ -1,15 +1,23 @@
 //! Reconciliation: events are hints, DingTalk's API is the truth. Owns what the
-//! scheduled jobs do (the scheduler only decides when, `scheduler.rs`):
-//! - `details`: `processinstance/get` for approvals an event marked, coalesced per burst;
-//! - `sweep`: re-check approvals still NEW/RUNNING, young often and old rarely;
+//! scheduled jobs do (the scheduler only decides when, `scheduler.rs`; how much background work
+//! may spend and whether pushes arrive is the `planner`'s):
+//! - `details`: the one `processinstance/get` of an approval never fetched (its form), coalesced
+//!   per burst (live work);
+//! - `sweep`: the planner's background tick (`background.rs`): gap checks, the reconciliation
+//!   pass after a month of polling, polling while pushes are missing, and the bounded sweep of
+//!   open approvals while they arrive; within the day's allowance;
 //! - `backfill`: `processinstance/listids` per process_code in windows, resumable;
-//! - `failed`: drain DingTalk's read-once failed-push list;
+//! - `failed`: drain DingTalk's read-once failed-push list when the planner says it is due;
 //! - `drift`: compare the database with a fresh listing (operator command).
+//!
+//! DingTalk's answer that the month's calls are used up (errcode 90020, docs/dingtalk.md §7)
+//! ends a run: [`quota_exhausted`] is the one place that recognises it.
 //!
 //! Every job is safe to run twice and safe to interrupt: each step is committed on its own and
 //! a snapshot is applied by the monotonic rule of `store::approvals`. SQL lives in `store`.
 
 pub mod backfill;
+pub mod background;
 pub mod failed;
 pub mod snapshot;
 
@@ -19,20 +27,22 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::ReconcileConfig,
     dingtalk::{self, Purpose},
     jobs::{Context, Counts},
+    planner,
     snapshot::Snapshot,
-    store::approvals::{self, Applied, Cadence, SnapshotSource},
+    store::approvals::{self, Applied, SnapshotSource},
 };
 
-/// How often the sweep re-checks an open approval, from `[reconcile]`.
-fn cadence(config: &ReconcileConfig) -> Cadence {
-    Cadence {
-        min_s: config.sweep_min_interval_s,
-        max_s: config.sweep_max_interval_s,
-        divisor: config.sweep_age_divisor,
-    }
+pub use background::sweep;
+
+/// DingTalk's errcode when the organisation's monthly calls are used up (docs/dingtalk.md §7).
+const API_COUNT_LIMIT: i64 = 90020;
+
+/// Whether `e` says the month's calls are used up: the run stops (every further metered call
+/// would fail the same way until the month turns).
+pub fn quota_exhausted(e: &dingtalk::Error) -> bool {
+    matches!(e, dingtalk::Error::Rejected { errcode, .. } if *errcode == API_COUNT_LIMIT)
 }
 
 /// What one fetch-and-apply came to.
@@ -47,6 +57,8 @@ pub enum Fetched {
     Rejected,
     /// Transient failure or an unreadable answer: tried again by the next run.
     Failed,
+    /// The month's calls are used up: the run stops.
+    QuotaExhausted,
 }
 
 impl Fetched {
@@ -57,6 +69,7 @@ impl Fetched {
             Fetched::Stale => "stale",
             Fetched::Rejected => "rejected",
             Fetched::Failed => "failed",
+            Fetched::QuotaExhausted => "quota_exhausted",
         }
     }
 }
@@ -81,9 +94,17 @@ pub async fn fetch_and_apply(
         .await;
     let snap = match answer {
         Ok(instance) => Snapshot::from_instance(process_instance_id, &instance),
+        Err(e) if quota_exhausted(&e) => {
+            tracing::warn!(%process_instance_id, error = %e, "the month's DingTalk calls are used up; stopping the run");
+            return Ok(Fetched::QuotaExhausted);
+        }
         Err(dingtalk::Error::Rejected { errcode, errmsg }) => {
             tracing::warn!(%process_instance_id, errcode, %errmsg, "processinstance/get refused; not asking again soon");
-            let later = ctx.config().sweep_max_interval_s;
+            // Not before the sweep's first check would come (planner's clock, in real time).
+            let clock = ctx.client().ledger().clock();
+            let later = clock
+                .real_duration(planner::sweep_first_check(ctx.config()))
+                .as_secs();
             approvals::postpone(pool, corp, process_instance_id, requested_at, later, true).await?;
             return Ok(Fetched::Rejected);
         }
@@ -102,16 +123,9 @@ pub async fn fetch_and_apply(
         }
     };
     let mut conn = pool.acquire().await?;
-    let applied = approvals::apply_snapshot(
-        &mut conn,
-        corp,
-        &snap,
-        requested_at,
-        source,
-        process_code,
-        cadence(ctx.config()),
-    )
-    .await?;
+    let applied =
+        approvals::apply_snapshot(&mut conn, corp, &snap, requested_at, source, process_code)
+            .await?;
     Ok(match applied {
         Applied::Yes { changed: true } => Fetched::Changed,
         Applied::Yes { changed: false } => Fetched::Unchanged,
@@ -125,7 +139,7 @@ pub async fn fetch_and_apply(
 
 /// Runs `work` for each item with at most `limit` in flight; adds up the outcomes in `counts`.
 /// On shutdown no new item starts; those in flight finish (each commits on its own).
-async fn for_each<I, F, Fut>(
+pub(crate) async fn for_each<I, F, Fut>(
     items: Vec<I>,
     limit: u32,
     shutdown: &CancellationToken,
@@ -140,7 +154,7 @@ where
     let mut running = JoinSet::new();
     let mut first_error = None;
     for item in items {
-        if shutdown.is_cancelled() {
+        if shutdown.is_cancelled() || counts.contains_key(Fetched::QuotaExhausted.name()) {
             break;
         }
         while running.len() >= limit as usize {
@@ -209,35 +223,9 @@ pub async fn details(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Res
             },
         )
         .await?;
-    }
-    Ok(counts)
-}
-
-/// The `sweep` job: every open approval that is due gets one `processinstance/get` (bulk
-/// priority), page by page, so memory stays flat however many are open.
-pub async fn sweep(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Result<Counts> {
-    let mut counts = Counts::new();
-    let c = ctx.config();
-    let run_started = approvals::clock(ctx.pool()).await?;
-    while !shutdown.is_cancelled() {
-        let ids = approvals::due_page(ctx.pool(), ctx.corp_id(), run_started, c.batch_size).await?;
-        if ids.is_empty() {
+        if counts.contains_key(Fetched::QuotaExhausted.name()) {
             break;
         }
-        let ctx2 = ctx.clone();
-        for_each(
-            ids,
-            c.concurrency,
-            shutdown,
-            &mut counts,
-            move |id: String| {
-                let ctx = ctx2.clone();
-                async move {
-                    fetch_and_apply(&ctx, &id, Purpose::Sweep, SnapshotSource::Sweep, None).await
-                }
-            },
-        )
-        .await?;
     }
     Ok(counts)
 }

@@ -60,14 +60,6 @@ pub struct Wanted {
     pub wanted_at: DateTime<Utc>,
 }
 
-/// How often an open approval is re-checked: `age / divisor`, clamped to `[min_s, max_s]`.
-#[derive(Debug, Clone, Copy)]
-pub struct Cadence {
-    pub min_s: u64,
-    pub max_s: u64,
-    pub divisor: u32,
-}
-
 /// What became of a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Applied {
@@ -123,25 +115,147 @@ pub async fn wanted_page(
         .collect()
 }
 
-/// The next page of open approvals due for a sweep by `run_started`. Every approval the sweep
-/// handles gets a `next_check_at` after `run_started`, so a run meets each approval once.
-pub async fn due_page(
+/// The planner's re-checks, counted per approval (`sweep_checks`, `gap_checks`, migration V14).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    Sweep,
+    Gap,
+}
+
+/// The next page of open approvals due for a sweep check by `run_started`: fewer than
+/// `max_checks` checks so far, at least `first_s × 4^checks` seconds old (real time: the
+/// planner converts its clock), and not held after a failed fetch. A run meets each approval
+/// once: a check counts (`checked`) or holds it past `run_started` (`postpone`).
+pub async fn sweep_page(
     db: impl PgExecutor<'_>,
     corp_id: &str,
     run_started: DateTime<Utc>,
+    first_s: f64,
+    max_checks: u32,
+    limit: u32,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT process_instance_id FROM dingsync.approvals
+         WHERE corp_id = $1 AND status IN ('NEW', 'RUNNING') AND sweep_checks < $4
+           AND (next_check_at IS NULL OR next_check_at <= $2)
+           AND coalesce(created_at, updated_at)
+               + make_interval(secs => $3 * power(4, sweep_checks)) <= $2
+         ORDER BY coalesce(created_at, updated_at), process_instance_id
+         LIMIT $5",
+    )
+    .bind(corp_id)
+    .bind(run_started)
+    .bind(first_s)
+    .bind(max_checks as i32)
+    .bind(i64::from(limit))
+    .fetch_all(db)
+    .await
+}
+
+/// The next page of approvals that miss an event, by `run_started`: open (NEW/RUNNING) in the
+/// database but without a RUNNING task (a running approval always waits for someone), fetched
+/// once already (the detail fetch comes first), quiet for `after_s × 6^checks` seconds (real
+/// time) since their last event or snapshot, fewer than `max_checks` gap checks so far.
+pub async fn gap_page(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+    run_started: DateTime<Utc>,
+    after_s: f64,
+    max_checks: u32,
+    limit: u32,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT a.process_instance_id FROM dingsync.approvals a
+         WHERE a.corp_id = $1 AND a.status IN ('NEW', 'RUNNING') AND a.gap_checks < $4
+           AND a.detail_wanted_at IS NULL
+           AND (a.next_check_at IS NULL OR a.next_check_at <= $2)
+           AND greatest(a.last_event_at, a.snapshot_at)
+               <= $2 - make_interval(secs => $3 * power(6, a.gap_checks))
+           AND NOT EXISTS (SELECT 1 FROM dingsync.approval_tasks t
+                           WHERE t.corp_id = a.corp_id
+                             AND t.process_instance_id = a.process_instance_id
+                             AND t.status = 'RUNNING')
+         ORDER BY greatest(a.last_event_at, a.snapshot_at), a.process_instance_id
+         LIMIT $5",
+    )
+    .bind(corp_id)
+    .bind(run_started)
+    .bind(after_s)
+    .bind(max_checks as i32)
+    .bind(i64::from(limit))
+    .fetch_all(db)
+    .await
+}
+
+/// The next page of open approvals not fetched since `before` (never fetched first, then the
+/// least recently checked), not held after a failed fetch: polling, and the pass after a month
+/// in polling mode.
+pub async fn unchecked_since_page(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+    before: DateTime<Utc>,
     limit: u32,
 ) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
         "SELECT process_instance_id FROM dingsync.approvals
          WHERE corp_id = $1 AND status IN ('NEW', 'RUNNING')
+           AND (snapshot_at IS NULL OR snapshot_at < $2)
            AND (next_check_at IS NULL OR next_check_at <= $2)
-         ORDER BY next_check_at NULLS FIRST
+         ORDER BY snapshot_at NULLS FIRST, process_instance_id
          LIMIT $3",
     )
     .bind(corp_id)
-    .bind(run_started)
+    .bind(before)
     .bind(i64::from(limit))
     .fetch_all(db)
+    .await
+}
+
+/// Counts one re-check of an approval.
+pub async fn checked(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+    process_instance_id: &str,
+    check: Check,
+) -> sqlx::Result<()> {
+    let sql = match check {
+        Check::Sweep => {
+            "UPDATE dingsync.approvals SET sweep_checks = sweep_checks + 1
+             WHERE corp_id = $1 AND process_instance_id = $2"
+        }
+        Check::Gap => {
+            "UPDATE dingsync.approvals SET gap_checks = gap_checks + 1
+             WHERE corp_id = $1 AND process_instance_id = $2"
+        }
+    };
+    sqlx::query(sql)
+        .bind(corp_id)
+        .bind(process_instance_id)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Approvals created through the outbox between `from` and `silence_s` seconds ago: how many
+/// got no event at all, and how many in all. DingTalk pushes a start event within seconds of a
+/// create, so silent ones say pushes are missing.
+pub async fn outbox_silence(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+    from: DateTime<Utc>,
+    silence_s: f64,
+) -> sqlx::Result<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE a.last_event_at IS NULL), count(*)
+         FROM dingsync.approvals a
+         JOIN dingsync.outbox o ON o.corp_id = a.corp_id AND o.id = a.outbox_id
+         WHERE a.corp_id = $1 AND a.outbox_id IS NOT NULL
+           AND o.done_at >= $2 AND o.done_at <= clock_timestamp() - make_interval(secs => $3)",
+    )
+    .bind(corp_id)
+    .bind(from)
+    .bind(silence_s)
+    .fetch_one(db)
     .await
 }
 
@@ -252,6 +366,8 @@ pub async fn ids_created_between(
 pub enum SnapshotSource {
     Details,
     Sweep,
+    Gap,
+    Poll,
     Backfill,
 }
 
@@ -260,6 +376,8 @@ impl SnapshotSource {
         match self {
             SnapshotSource::Details => "details",
             SnapshotSource::Sweep => "sweep",
+            SnapshotSource::Gap => "gap",
+            SnapshotSource::Poll => "poll",
             SnapshotSource::Backfill => "backfill",
         }
     }
@@ -276,7 +394,6 @@ type Outcome = (
 /// Applies `snap` (requested at `requested_at`, DB clock) by the rule in the module docs, with
 /// its tasks, in one transaction; notifies `dingsync_approval_changed` when something changed.
 /// `process_code` fills a row that does not know it yet (a backfill knows what it listed).
-#[allow(clippy::too_many_arguments)]
 pub async fn apply_snapshot(
     conn: &mut PgConnection,
     corp_id: &str,
@@ -284,7 +401,6 @@ pub async fn apply_snapshot(
     requested_at: DateTime<Utc>,
     source: SnapshotSource,
     process_code: Option<&str>,
-    cadence: Cadence,
 ) -> sqlx::Result<Applied> {
     let mut tx = conn.begin().await?;
     let before: Option<Outcome> = sqlx::query_as(
@@ -311,9 +427,6 @@ pub async fn apply_snapshot(
         .bind(snap.finished_at)
         .bind(requested_at)
         .bind(source.as_str())
-        .bind(cadence.min_s as f64)
-        .bind(cadence.max_s as f64)
-        .bind(f64::from(cadence.divisor))
         .fetch_optional(&mut *tx)
         .await?;
     let Some(after) = after else {
@@ -351,18 +464,14 @@ pub async fn apply_snapshot(
     Ok(Applied::Yes { changed })
 }
 
-/// `$1..$13` the snapshot, `$14` requested_at, `$15` source, `$16..$18` the sweep cadence.
+/// `$1..$13` the snapshot, `$14` requested_at, `$15` source.
 /// The `WHERE` of the update is the "an older snapshot never overrides a newer one" rule.
 const APPLY_APPROVAL: &str = "
 INSERT INTO dingsync.approvals AS a
     (corp_id, process_instance_id, process_code, title, business_id, originator_userid,
      originator_dept_id, status, result, form_values, operation_records, created_at, finished_at,
      detail_synced_at, snapshot_at, snapshot_source, next_check_at, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, now(), $14, $15,
-        CASE WHEN $8 IN ('NEW', 'RUNNING') THEN clock_timestamp() + least(
-            make_interval(secs => $17), greatest(make_interval(secs => $16),
-            (clock_timestamp() - coalesce($12, clock_timestamp())) / $18)) END,
-        now())
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, now(), $14, $15, NULL, now())
 ON CONFLICT (corp_id, process_instance_id) DO UPDATE SET
     process_code       = coalesce(a.process_code, excluded.process_code),
     title              = coalesce(excluded.title, a.title),
@@ -382,17 +491,13 @@ ON CONFLICT (corp_id, process_instance_id) DO UPDATE SET
                        THEN a.finished_at
                        WHEN date_trunc('second', a.finished_at) = excluded.finished_at
                        THEN a.finished_at ELSE excluded.finished_at END,
-    next_check_at = CASE WHEN (CASE WHEN dingsync.status_wins(excluded.status, a.status, true)
-                                    THEN excluded.status ELSE a.status END) IN ('NEW', 'RUNNING')
-                         THEN clock_timestamp() + least(make_interval(secs => $17),
-                              greatest(make_interval(secs => $16),
-                              (clock_timestamp() - coalesce(excluded.created_at, a.created_at, clock_timestamp())) / $18))
-                    END,
-    -- Cleared only when no event has arrived since the fetch was requested (an event arriving
-    -- mid-fetch keeps the mark, so it causes another fetch).
-    detail_wanted_at = CASE WHEN a.detail_wanted_at <= excluded.snapshot_at
-                             AND (a.last_event_at IS NULL OR a.last_event_at <= excluded.snapshot_at)
-                            THEN NULL ELSE a.detail_wanted_at END,
+    -- A hold after a failed fetch ends with a snapshot; when to look again is the planner's
+    -- (bounded sweep and gap checks, src/planner.rs), not a cadence.
+    next_check_at = NULL,
+    -- Details once: with a snapshot the approval has its form; an event arriving mid-fetch
+    -- brought its own status and tasks (applied by the event rule), so it asks for no second
+    -- fetch.
+    detail_wanted_at = NULL,
     detail_synced_at = now(),
     snapshot_at      = excluded.snapshot_at,
     snapshot_source  = excluded.snapshot_source,
@@ -520,14 +625,18 @@ macro_rules! event_changes_sql {
         finished_at = CASE WHEN dingsync.status_wins(excluded.status, a.status, false)
                            THEN coalesce(excluded.finished_at, a.finished_at) ELSE a.finished_at END,
         last_event_at    = now(),
-        detail_wanted_at = coalesce(a.detail_wanted_at, now()),
+        -- Details once: only an approval never fetched asks for its form (events carry
+        -- statuses and tasks, applied above; the planner's gap check covers lost ones).
+        detail_wanted_at = CASE WHEN a.snapshot_at IS NULL
+                                THEN coalesce(a.detail_wanted_at, now()) ELSE a.detail_wanted_at END,
         updated_at       = now()
     RETURNING a.process_instance_id
 ),
 touched AS (
     UPDATE dingsync.approvals a
     SET last_event_at = now(),
-        detail_wanted_at = coalesce(a.detail_wanted_at, now()),
+        detail_wanted_at = CASE WHEN a.snapshot_at IS NULL
+                                THEN coalesce(a.detail_wanted_at, now()) ELSE a.detail_wanted_at END,
         updated_at = now()
     FROM unnest($21::text[], $22::text[]) AS x(c, p)
     WHERE a.corp_id = x.c AND a.process_instance_id = x.p
@@ -715,7 +824,8 @@ macro_rules! outbox_link_sql {
         originator_dept_id = coalesce(a.originator_dept_id, excluded.originator_dept_id),
         status = CASE WHEN dingsync.status_wins(excluded.status, a.status, false)
                       THEN excluded.status ELSE a.status END,
-        detail_wanted_at   = coalesce(a.detail_wanted_at, now()),
+        detail_wanted_at   = CASE WHEN a.snapshot_at IS NULL
+                                  THEN coalesce(a.detail_wanted_at, now()) ELSE a.detail_wanted_at END,
         updated_at         = now()
     RETURNING a.process_instance_id, a.outbox_id
 )"

@@ -86,3 +86,17 @@ pub async fn finish(
     .await?;
     Ok(())
 }
+
+/// When a job of `corp_id` last started or finished (any replica), and the database's now.
+pub async fn last_activity(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+) -> sqlx::Result<(Option<DateTime<Utc>>, DateTime<Utc>)> {
+    sqlx::query_as(
+        "SELECT max(greatest(started_at, finished_at)), clock_timestamp()
+         FROM dingsync.job_runs WHERE corp_id = $1",
+    )
+    .bind(corp_id)
+    .fetch_one(db)
+    .await
+}

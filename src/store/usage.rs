@@ -122,6 +122,31 @@ pub async fn last_delivery(
     .await
 }
 
+/// When `corp_id` last received a delivery it stored (`purpose` push), on the ledger's clock.
+pub async fn last_push(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar(
+        "SELECT max(last_at) FROM dingsync.usage
+         WHERE corp_id = $1 AND kind = 'delivery' AND purpose = 'push'",
+    )
+    .bind(corp_id)
+    .fetch_one(db)
+    .await
+}
+
+/// When anything was last counted for `corp_id` (a call or a delivery), on the ledger's clock.
+pub async fn last_counted(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar("SELECT max(last_at) FROM dingsync.usage WHERE corp_id = $1")
+        .bind(corp_id)
+        .fetch_one(db)
+        .await
+}
+
 /// A pause of metered calls, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pause {
