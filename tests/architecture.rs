@@ -440,6 +440,19 @@ fn each_module_imports_nothing_docs_architecture_forbids_it() {
         ("reconcile", &["callback", "ingest", "outbox", "scheduler"]),
         ("retention", &["callback", "ingest", "outbox", "scheduler"]),
         ("jobs", &["reconcile", "retention"]),
+        (
+            "planner",
+            &[
+                "reconcile",
+                "scheduler",
+                "retention",
+                "jobs",
+                "dingtalk",
+                "callback",
+                "ingest",
+                "outbox",
+            ],
+        ),
         ("ingest", &["callback", "dingtalk"]),
         (
             "dingtalk",
