@@ -237,7 +237,8 @@ async fn admit(shared: Arc<Shared>, req: Request, next: Next) -> Response {
         // A rate-limit refusal, a gateway timeout and a refused token never reach the meter
         // (docs/dingtalk.md §7: refused for QPS or lost to the network, and a refused token
         // names no organisation). An error DingTalk itself answers with (busy, a business
-        // error) does: counting it is the stricter reading.
+        // error) does: counting it is the stricter reading. Past the allowance 90020 answers
+        // instead, and the queued error is used up all the same.
         if matches!(injected, InjectedError::Busy | InjectedError::Custom { .. })
             && let Err(refusal) = shared.world().quota.meter_call(&endpoint, Utc::now())
         {

@@ -3,9 +3,10 @@
 //! Past the calls allowance every metered call is refused with errcode 90020; past the
 //! deliveries allowance events are not pushed.
 //!
-//! The readings taken, each the stricter one where DingTalk's documentation is silent:
-//! - the month is the calendar month in Beijing time (UTC+8), where DingTalk presumably counts
-//!   it; the counters also start again when the emulator starts and on an admin rollover;
+//! The readings taken where DingTalk's documentation is silent, the stricter one wherever there
+//! is a choice:
+//! - the month is the calendar month in Beijing time (UTC+8), as DingTalk presumably counts it;
+//!   the counters also start again when the emulator starts and on an admin rollover;
 //! - metered: the approval APIs and callback management (`call_back/*`, which is not on the
 //!   documented exempt list); not metered: `gettoken`;
 //! - calls refused for rate and calls lost at the gateway (HTTP 502, gateway timeout) do not count

@@ -5,8 +5,9 @@
 //! Owns: token issue/renewal/expiry (docs/dingtalk.md §1.1), the failed list's read-once semantics
 //! (docs/dingtalk.md §3), `listids` filtering and paging (docs/dingtalk.md §2.4), call counting and rate limiting.
 //! Does not own: HTTP shapes (`api`), delivering pushes (`push`), the approval rules (`model`),
-//! the monthly allowances (`quota`, kept here), acting on it from Rust (`handle`). It uses only
-//! `model`, `faults` and `quota`, so that `push` and `handle` can build on it without a cycle.
+//! the rules of the monthly allowances (`quota`; their counters live here), acting on it from
+//! Rust (`handle`). It uses only `model`, `faults` and `quota`, so that `push` and `handle` can
+//! build on it without a cycle.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
