@@ -282,6 +282,8 @@ async fn dingtalk_client(
                 keep_events: false,
                 admin_token: (!settings.admin_token.is_empty())
                     .then(|| settings.admin_token.expose().to_string()),
+                monthly_calls: settings.monthly_calls,
+                monthly_deliveries: settings.monthly_deliveries,
             },
             "127.0.0.1:0".parse().expect("literal address"),
         )

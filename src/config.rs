@@ -89,6 +89,10 @@ pub struct EmulatorSettings {
     pub seed: u64,
     /// Bearer token of the emulator's admin API; empty: a random one per run, printed once.
     pub admin_token: Secret,
+    /// Metered DingTalk API calls the emulated organisation may make a month; 0 = no limit.
+    pub monthly_calls: u64,
+    /// Event deliveries (push attempts) it may receive a month; 0 = no limit.
+    pub monthly_deliveries: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -234,6 +238,8 @@ impl Default for Config {
                 time_scale: 1.0,
                 seed: 0,
                 admin_token: Secret::default(),
+                monthly_calls: 0,
+                monthly_deliveries: 0,
             },
             log: LogConfig {
                 format: LogFormat::Text,
