@@ -110,7 +110,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     m.registry.register(
         "dingsync_outbox_creates",
-        "Outbox creates sent to DingTalk by outcome (created, rejected, not_sent, no_response)",
+        "Outbox creates sent to DingTalk by outcome (created, rejected, not_sent, no_response, paused: held back for the monthly allowance)",
         m.outbox_creates.clone(),
     );
     m.registry.register(
