@@ -14,7 +14,7 @@ use chrono::{NaiveDate, TimeZone, Utc};
 use common::*;
 use dingsync::{
     app::{App, EMULATOR_CORP_ID},
-    cli::quota,
+    cli::{doctor, quota},
     config::{Config, Secret},
     dingtalk::{self, Client, Purpose, quota::Allowances},
     store::{self, outbox::PAUSED, usage::Delta},
@@ -485,7 +485,7 @@ async fn the_ledger_counts_calls_by_api_and_purpose_and_deliveries_and_dingsync_
 }
 
 #[tokio::test]
-async fn the_quota_report_shows_the_table_the_totals_the_pause_and_the_day_an_allowance_runs_out() {
+async fn the_quota_report_and_doctor_show_the_totals_the_pause_and_the_day_an_allowance_runs_out() {
     let db = TestDb::new();
     let pool = store::connect_and_migrate(&test_config(&db.url).database)
         .await
@@ -547,6 +547,21 @@ async fn the_quota_report_shows_the_table_the_totals_the_pause_and_the_day_an_al
             .any(|l| l.contains("gettoken") && l.contains(" no ") && l.ends_with('7')),
         "{printed}"
     );
+    // doctor warns: at this pace the 2000 calls run out on the 21st.
+    let mut config = test_config(&db.url);
+    config.dingtalk.monthly_calls = 2_000;
+    config.dingtalk.monthly_deliveries = 0;
+    let finding = doctor::allowance(&config, Some(&pool), at).await;
+    assert_eq!(finding.status, doctor::Status::Warn, "{finding}");
+    assert!(
+        finding
+            .finding
+            .contains("metered calls would reach 3000 of 2000, running out on 2026-11-21"),
+        "{finding}"
+    );
+    config.dingtalk.monthly_calls = 5_000;
+    let finding = doctor::allowance(&config, Some(&pool), at).await;
+    assert_eq!(finding.status, doctor::Status::Ok, "{finding}");
     store::usage::set_pause(
         &pool,
         CORP_ID,
@@ -560,6 +575,13 @@ async fn the_quota_report_shows_the_table_the_totals_the_pause_and_the_day_an_al
     assert!(
         printed.contains("paused since ") && printed.contains("errcode 90020: used up"),
         "{printed}"
+    );
+    config.dingtalk.monthly_calls = 2_000;
+    let finding = doctor::allowance(&config, Some(&pool), at).await;
+    assert!(
+        finding.status == doctor::Status::Warn
+            && finding.finding.starts_with("metered calls paused since"),
+        "{finding}"
     );
     pool.close().await;
 }
