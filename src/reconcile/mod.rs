@@ -47,6 +47,9 @@ pub enum Fetched {
     Rejected,
     /// Transient failure or an unreadable answer: tried again by the next run.
     Failed,
+    /// The monthly allowance is used up (`dingtalk::Error::QuotaExhausted`): nothing was asked;
+    /// the run stops quietly and the approval stays as it was for a later run.
+    Paused,
 }
 
 impl Fetched {
@@ -57,6 +60,7 @@ impl Fetched {
             Fetched::Stale => "stale",
             Fetched::Rejected => "rejected",
             Fetched::Failed => "failed",
+            Fetched::Paused => "paused",
         }
     }
 }
@@ -81,6 +85,7 @@ pub async fn fetch_and_apply(
         .await;
     let snap = match answer {
         Ok(instance) => Snapshot::from_instance(process_instance_id, &instance),
+        Err(dingtalk::Error::QuotaExhausted { .. }) => return Ok(Fetched::Paused),
         Err(dingtalk::Error::Rejected { errcode, errmsg }) => {
             tracing::warn!(%process_instance_id, errcode, %errmsg, "processinstance/get refused; not asking again soon");
             let later = ctx.config().sweep_max_interval_s;
@@ -123,15 +128,26 @@ pub async fn fetch_and_apply(
     })
 }
 
+/// Whether `e` is DingTalk's monthly allowance used up (somewhere in its chain).
+pub fn is_paused(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<dingtalk::Error>(),
+            Some(dingtalk::Error::QuotaExhausted { .. })
+        )
+    })
+}
+
 /// Runs `work` for each item with at most `limit` in flight; adds up the outcomes in `counts`.
-/// On shutdown no new item starts; those in flight finish (each commits on its own).
+/// On shutdown no new item starts; those in flight finish (each commits on its own). Returns
+/// whether an item met the allowance pause: then no new item starts either.
 async fn for_each<I, F, Fut>(
     items: Vec<I>,
     limit: u32,
     shutdown: &CancellationToken,
     counts: &mut Counts,
     work: F,
-) -> anyhow::Result<()>
+) -> anyhow::Result<bool>
 where
     I: Send + 'static,
     F: Fn(I) -> Fut,
@@ -140,7 +156,7 @@ where
     let mut running = JoinSet::new();
     let mut first_error = None;
     for item in items {
-        if shutdown.is_cancelled() {
+        if shutdown.is_cancelled() || counts.contains_key(Fetched::Paused.name()) {
             break;
         }
         while running.len() >= limit as usize {
@@ -151,7 +167,7 @@ where
     while let Some(done) = running.join_next().await {
         record(Some(done), counts, &mut first_error);
     }
-    first_error.map_or(Ok(()), Err)
+    first_error.map_or(Ok(counts.contains_key(Fetched::Paused.name())), Err)
 }
 
 fn record(
@@ -160,6 +176,9 @@ fn record(
     first_error: &mut Option<anyhow::Error>,
 ) {
     match done {
+        Some(Ok(Ok(Fetched::Paused))) => {
+            *counts.entry(Fetched::Paused.name()).or_default() += 1;
+        }
         Some(Ok(Ok(fetched))) => {
             *counts.entry("fetched").or_default() += 1;
             *counts.entry(fetched.name()).or_default() += 1;
@@ -195,7 +214,7 @@ pub async fn details(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Res
         after = Some(last);
         let ids = page.into_iter().map(|w| w.process_instance_id).collect();
         let ctx2 = ctx.clone();
-        for_each(
+        let paused = for_each(
             ids,
             c.concurrency,
             shutdown,
@@ -209,6 +228,9 @@ pub async fn details(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Res
             },
         )
         .await?;
+        if paused {
+            break;
+        }
     }
     Ok(counts)
 }
@@ -225,7 +247,7 @@ pub async fn sweep(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Resul
             break;
         }
         let ctx2 = ctx.clone();
-        for_each(
+        let paused = for_each(
             ids,
             c.concurrency,
             shutdown,
@@ -238,6 +260,9 @@ pub async fn sweep(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Resul
             },
         )
         .await?;
+        if paused {
+            break;
+        }
     }
     Ok(counts)
 }
