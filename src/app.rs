@@ -3,7 +3,7 @@
 //! finish in-flight callbacks, then the batches they are waiting for, then the outbox's creates
 //! in flight).
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use axum::{
@@ -24,7 +24,11 @@ use crate::{
     config::{Config, Secret},
     crypto::{self, CallbackCrypto},
     demo,
-    dingtalk::{self, types::CallbackRegistration},
+    dingtalk::{
+        self,
+        quota::{self, Allowances},
+        types::CallbackRegistration,
+    },
     health,
     ingest::Ingest,
     jobs,
@@ -52,6 +56,7 @@ pub struct App {
     pub jobs: Option<jobs::Context>,
     /// The allowance ledger (calls and deliveries counted).
     pub ledger: Ledger,
+    corp_id: String,
     scheduler: Option<scheduler::Scheduler>,
     health: health::Health,
     shutdown: CancellationToken,
@@ -83,6 +88,18 @@ impl App {
         planner::note_start(&pool, ledger.clock(), &config.dingtalk.corp_id)
             .await
             .context("reading dingsync.job_runs for the planner")?;
+        // A pause of an earlier month, or taken under another dingtalk.monthly_calls, is over.
+        let lifted = quota::lift_stale_pause(
+            &pool,
+            &config.dingtalk.corp_id,
+            ledger.clock().now(),
+            config.dingtalk.monthly_calls,
+        )
+        .await
+        .context("reading dingsync.quota_pause")?;
+        if lifted {
+            resume_outbox(&pool, &config.dingtalk.corp_id).await;
+        }
         let listener = server::bind(config.listen_addr())
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
         let addr = listener.local_addr()?;
@@ -104,6 +121,9 @@ impl App {
             pool.clone(),
             config.uses_emulator()
                 || !(config.dingtalk.app_key.is_empty() || config.dingtalk.app_secret.is_empty()),
+            ledger.clone(),
+            &config.dingtalk.corp_id,
+            Allowances::from_config(&config.dingtalk),
         );
         let router = router(state, health.clone(), &config);
         let server_stop = shutdown.clone();
@@ -164,6 +184,7 @@ impl App {
             client,
             jobs,
             ledger,
+            corp_id: config.dingtalk.corp_id.clone(),
             scheduler: None,
             health,
         };
@@ -209,6 +230,25 @@ impl App {
         self.health.readings()
     }
 
+    /// Applies new monthly allowances (`dingtalk.monthly_calls`, `monthly_deliveries`: the keys a
+    /// SIGHUP re-reads) to the client's gate and `/metrics`; a pause taken under another
+    /// `monthly_calls` is lifted and the outbox rows waiting for it fall due. Whether one was.
+    pub async fn reload_allowances(&self, allowances: Allowances) -> anyhow::Result<bool> {
+        self.health.set_allowances(allowances);
+        let lifted = match &self.client {
+            Some(client) => client.quota().set_allowances(allowances).await,
+            None => {
+                let now = self.ledger.clock().now();
+                quota::lift_stale_pause(&self.pool, &self.corp_id, now, allowances.calls).await
+            }
+        }
+        .context("lifting the allowance pause")?;
+        if lifted {
+            resume_outbox(&self.pool, &self.corp_id).await;
+        }
+        Ok(lifted)
+    }
+
     /// Stops accepting, lets in-flight requests and their commits finish, and waits for that.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
@@ -235,8 +275,24 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// `dingsync serve`: run until SIGINT or SIGTERM.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// The pause is lifted: outbox rows waiting for the allowance fall due once every replica's gate
+/// has seen it.
+async fn resume_outbox(pool: &PgPool, corp_id: &str) {
+    match store::outbox::resume_paused(pool, corp_id, quota::PAUSE_RECHECK).await {
+        Ok(0) => {}
+        Ok(rows) => tracing::info!(
+            rows,
+            "outbox rows waiting for the monthly allowance are due again"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not make the outbox rows waiting for the allowance due; they are tried within 10 minutes anyway")
+        }
+    }
+}
+
+/// `dingsync serve`: run until SIGINT or SIGTERM; on SIGHUP re-read `path` and apply the monthly
+/// allowances (the other keys need a restart).
+pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     let bound = Duration::from_millis(config.server.shutdown_timeout_ms);
     let generated_admin_token = config.emulator.admin_token.is_empty();
     let app = App::start(config).await?;
@@ -250,7 +306,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             emulator.admin_usage()
         );
     }
-    shutdown_signal().await;
+    let mut hup = hangup_signal();
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            () = hangup(&mut hup) => reload(&app, path).await,
+        }
+    }
     tracing::info!(
         bound_ms = bound.as_millis() as u64,
         "shutting down: finishing callbacks in flight, giving back outbox claims, stopping jobs"
@@ -287,6 +351,8 @@ async fn dingtalk_client(
                 keep_events: false,
                 admin_token: (!settings.admin_token.is_empty())
                     .then(|| settings.admin_token.expose().to_string()),
+                monthly_calls: settings.monthly_calls,
+                monthly_deliveries: settings.monthly_deliveries,
             },
             "127.0.0.1:0".parse().expect("literal address"),
         )
@@ -406,6 +472,59 @@ fn resolve_emulator_defaults(config: &mut Config) {
         corp_id = %config.dingtalk.corp_id,
         "dingtalk.api_base = \"emulator\": the emulator's organisation, callback token, AES key and app credentials generated for this run"
     );
+}
+
+/// SIGHUP re-reads the configuration file: what `reload` applies.
+async fn reload(app: &App, path: &Path) {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::warn!(error = %e, "configuration reload (SIGHUP) failed; keeping the current settings");
+            return;
+        }
+    };
+    let allowances = Allowances::from_config(&config.dingtalk);
+    match app.reload_allowances(allowances).await {
+        Ok(lifted) => tracing::info!(
+            monthly_calls = allowances.calls,
+            monthly_deliveries = allowances.deliveries,
+            pause_lifted = lifted,
+            "configuration reloaded (SIGHUP): dingtalk.monthly_calls and dingtalk.monthly_deliveries applied; other keys take effect at the next restart"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "configuration reload (SIGHUP): the new allowances could not be applied")
+        }
+    }
+}
+
+/// The process's SIGHUP stream (`None` where there is none). Installed once, before waiting, so
+/// that a SIGHUP no longer ends the process (its default action) and none is missed between two
+/// waits.
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+fn hangup_signal() -> Hangup {
+    #[cfg(unix)]
+    {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// The next SIGHUP (never, without a stream).
+async fn hangup(signal: &mut Hangup) {
+    #[cfg(unix)]
+    if let Some(signal) = signal {
+        signal.recv().await;
+        return;
+    }
+    let _ = signal;
+    std::future::pending::<()>().await
 }
 
 async fn shutdown_signal() {

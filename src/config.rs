@@ -100,6 +100,10 @@ pub struct EmulatorSettings {
     pub seed: u64,
     /// Bearer token of the emulator's admin API; empty: a random one per run, printed once.
     pub admin_token: Secret,
+    /// Metered DingTalk API calls the emulated organisation may make a month; 0 = no limit.
+    pub monthly_calls: u64,
+    /// Event deliveries (push attempts) it may receive a month; 0 = no limit.
+    pub monthly_deliveries: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,12 +156,24 @@ pub struct DingTalkConfig {
     pub timeout_ms: u64,
     pub qps: u32,
     pub max_attempts: u32,
-    /// Metered API calls the organisation may make per calendar month (docs/dingtalk.md §7);
-    /// 0 = unmetered.
+    /// dingsync's share of the organisation's metered API calls a Beijing month
+    /// (docs/dingtalk.md §7); 0: unmetered (a paid edition). Past it metered calls pause.
     pub monthly_calls: u64,
-    /// Push deliveries the organisation receives per calendar month; 0 = unlimited.
+    /// dingsync's share of the organisation's event deliveries a month; 0: unmetered. Shown,
+    /// forecast, and used up it means pushes are missing (`planner`); never refused by dingsync.
     pub monthly_deliveries: u64,
 }
+
+/// The smallest nonzero `dingtalk.monthly_calls`: what one outbox row can cost in a month. Its
+/// create (1), the detail fetch its first event brings (1), and, when the create's answer is lost,
+/// the search for it (docs/dingtalk.md §2.1, §2.3: one `listids` page and one `get` per candidate,
+/// up to 3 calls for an originator with one fresh instance). A smaller share would stop dingsync
+/// in the middle of the first approval it handles.
+pub const MIN_MONTHLY_CALLS: u64 = 5;
+
+/// The `[dingtalk]` keys that count calls or deliveries a month, checked for a sign before the
+/// file is read into unsigned fields (whose own message would not say what the key means).
+const MONTHLY_KEYS: [&str; 2] = ["monthly_calls", "monthly_deliveries"];
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -229,6 +245,7 @@ impl Default for Config {
                 timeout_ms: 10_000,
                 qps: 20,
                 max_attempts: 3,
+                // DingTalk's standard (free) edition: 5 000 calls and 3 000 deliveries a month.
                 monthly_calls: 5_000,
                 monthly_deliveries: 3_000,
             },
@@ -252,6 +269,8 @@ impl Default for Config {
                 time_scale: 1.0,
                 seed: 0,
                 admin_token: Secret::default(),
+                monthly_calls: 0,
+                monthly_deliveries: 0,
             },
             log: LogConfig {
                 format: LogFormat::Text,
@@ -370,6 +389,7 @@ impl Config {
         let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| parse_err(&e))?;
         refuse_replaced_keys(&table)?;
         apply_env(&mut table, env)?;
+        check_monthly_signs(&table)?;
         let config: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| parse_err(&e))?;
@@ -414,6 +434,15 @@ impl Config {
         }
         if self.dingtalk.max_attempts == 0 {
             return Err(invalid("dingtalk.max_attempts", "must be at least 1"));
+        }
+        let calls = self.dingtalk.monthly_calls;
+        if calls != 0 && calls < MIN_MONTHLY_CALLS {
+            return Err(invalid(
+                "dingtalk.monthly_calls",
+                format!(
+                    "is {calls}, too few for one approval (a create, its detail fetch and a search for a lost answer take up to {MIN_MONTHLY_CALLS} calls): set at least {MIN_MONTHLY_CALLS}, or 0 for an unmetered (paid) edition"
+                ),
+            ));
         }
         if !(self.emulator.time_scale > 0.0 && self.emulator.time_scale <= 1.0) {
             return Err(invalid(
@@ -848,6 +877,32 @@ fn apply_env(
                 t.insert(key.to_string(), parsed);
             }
             _ => return Err(invalid(section, "must be a table")),
+        }
+    }
+    Ok(())
+}
+
+/// A negative `dingtalk.monthly_calls` or `monthly_deliveries` named as such: read into an
+/// unsigned field it would only be "invalid value: integer `-1`, expected u64".
+fn check_monthly_signs(table: &toml::Table) -> Result<(), ConfigError> {
+    let Some(dingtalk) = table.get("dingtalk").and_then(toml::Value::as_table) else {
+        return Ok(());
+    };
+    for key in MONTHLY_KEYS {
+        if let Some(value) = dingtalk.get(key).and_then(toml::Value::as_integer)
+            && value < 0
+        {
+            let what = if key == "monthly_calls" {
+                "calls"
+            } else {
+                "deliveries"
+            };
+            return Err(invalid(
+                &format!("dingtalk.{key}"),
+                format!(
+                    "is {value}: must be 0 (unmetered) or a positive number of {what} per month"
+                ),
+            ));
         }
     }
     Ok(())
@@ -1290,6 +1345,40 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("scheduler.retention:"), "{err}");
+    }
+
+    #[test]
+    fn a_negative_or_too_small_monthly_allowance_is_refused_naming_the_key() {
+        let config = load(SHIPPED, &[]).unwrap();
+        assert_eq!(
+            (
+                config.dingtalk.monthly_calls,
+                config.dingtalk.monthly_deliveries
+            ),
+            (5_000, 3_000)
+        );
+        let err = load(SHIPPED, &[("DINGSYNC_DINGTALK_MONTHLY_CALLS", "-1")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("dingtalk.monthly_calls:")
+                && err.contains("0 (unmetered) or a positive number of calls per month"),
+            "{err}"
+        );
+        let text = SHIPPED.replace("monthly_deliveries = 3000", "monthly_deliveries = -7");
+        let err = load(&text, &[]).unwrap_err().to_string();
+        assert!(err.starts_with("dingtalk.monthly_deliveries:"), "{err}");
+        let err = load(SHIPPED, &[("DINGSYNC_DINGTALK_MONTHLY_CALLS", "4")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("dingtalk.monthly_calls:") && err.contains("at least 5"),
+            "{err}"
+        );
+        for ok in ["0", "5", "200000"] {
+            let config = load(SHIPPED, &[("DINGSYNC_DINGTALK_MONTHLY_CALLS", ok)]).unwrap();
+            assert_eq!(config.dingtalk.monthly_calls.to_string(), ok);
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The probes and the page an operator's tooling reads: `GET /readyz` (is this replica ready to
 //! take callbacks) and `GET /metrics` (every series of `metrics`, plus the outbox and sync-lag
-//! series read from the database through `store::scrape`). Owns the handlers, what "ready" means
+//! series read from the database through `store::scrape`, and the organisation's month against
+//! its allowances, read from the `ledger` with its forecast). Owns the handlers, what "ready" means
 //! and how often the database is read for them; the series themselves are `metrics`'.
 //!
 //! Both are answered from one reading of the database at most [`READING_MAX_AGE`] old: the first
@@ -32,7 +33,12 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::{sync::Mutex, time::Instant};
 
-use crate::{dingtalk, metrics, store};
+use crate::{
+    clock,
+    dingtalk::{self, quota::Allowances},
+    ledger::Ledger,
+    metrics, store,
+};
 
 /// How long a scrape waits for the database before it reports it down.
 const DB_SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -51,6 +57,10 @@ pub struct Health {
     /// Held while a reading is taken, so that probes arriving meanwhile wait for it.
     latest: Arc<Mutex<Option<Arc<Reading>>>>,
     readings: Arc<AtomicU64>,
+    /// The organisation's month in the ledger, for the allowance series.
+    ledger: Ledger,
+    corp_id: String,
+    allowances: Arc<std::sync::Mutex<Allowances>>,
 }
 
 /// What the database said, once, for every probe of the next [`READING_MAX_AGE`]. A failed
@@ -67,14 +77,28 @@ struct Reading {
 }
 
 impl Health {
-    pub fn new(pool: PgPool, expects_client: bool) -> Health {
+    pub fn new(
+        pool: PgPool,
+        expects_client: bool,
+        ledger: Ledger,
+        corp_id: &str,
+        allowances: Allowances,
+    ) -> Health {
         Health {
             pool,
             expects_client,
             client: Arc::new(OnceLock::new()),
             latest: Arc::new(Mutex::new(None)),
             readings: Arc::new(AtomicU64::new(0)),
+            ledger,
+            corp_id: corp_id.to_string(),
+            allowances: Arc::new(std::sync::Mutex::new(allowances)),
         }
+    }
+
+    /// The allowances `/metrics` compares the month with (a configuration reload).
+    pub fn set_allowances(&self, allowances: Allowances) {
+        *self.allowances.lock().unwrap() = allowances;
     }
 
     /// The DingTalk client is up: `/readyz` now also requires it to hold a valid token.
@@ -130,8 +154,7 @@ impl Health {
             Some(client) => Some(client.tokens().stored_expiry().await.map_err(kind)),
             None => None,
         };
-        let scraped = match tokio::time::timeout(DB_SCRAPE_TIMEOUT, read_database(&self.pool)).await
-        {
+        let scraped = match tokio::time::timeout(DB_SCRAPE_TIMEOUT, self.read_database()).await {
             Ok(Ok(scraped)) => Some(scraped),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "metrics: database series left out");
@@ -168,11 +191,42 @@ async fn metrics_page(State(health): State<Health>) -> Response {
         .into_response()
 }
 
-async fn read_database(pool: &PgPool) -> sqlx::Result<metrics::Scraped> {
-    Ok(metrics::Scraped {
-        outbox_rows: store::scrape::outbox_in_progress(pool).await?,
-        sync_lag_seconds: store::scrape::sync_lag_seconds(pool).await?,
-    })
+impl Health {
+    async fn read_database(&self) -> sqlx::Result<metrics::Scraped> {
+        let pool = &self.pool;
+        Ok(metrics::Scraped {
+            outbox_rows: store::scrape::outbox_in_progress(pool).await?,
+            sync_lag_seconds: store::scrape::sync_lag_seconds(pool).await?,
+            allowance: Some(self.read_allowance().await?),
+        })
+    }
+
+    /// The organisation's month against its allowances, on the ledger's clock.
+    async fn read_allowance(&self) -> sqlx::Result<metrics::AllowanceReading> {
+        let now = self.ledger.clock().now();
+        let usage = self.ledger.month(&self.corp_id, now).await?;
+        let allowances = *self.allowances.lock().unwrap();
+        let forecast = usage.forecast(now, allowances.calls, allowances.deliveries);
+        let month = clock::month(now);
+        let calls = i64::try_from(allowances.calls).unwrap_or(i64::MAX);
+        // The gate's rule (`dingtalk::quota`): DingTalk's pause of this month under this setting,
+        // or dingsync's share used.
+        let paused = store::usage::pause(&self.pool, &self.corp_id)
+            .await?
+            .is_some_and(|p| p.month == month && p.allowance == calls)
+            || (calls > 0 && forecast.calls.so_far >= calls);
+        let kind = |o: crate::ledger::Outlook| metrics::Allowance {
+            used: o.so_far,
+            limit: o.allowance,
+            forecast: o.at_month_end,
+        };
+        Ok(metrics::AllowanceReading {
+            corp_id: self.corp_id.clone(),
+            calls: kind(forecast.calls),
+            deliveries: kind(forecast.deliveries),
+            paused,
+        })
+    }
 }
 
 /// Ready when the database answers, the newest embedded migration is applied, and (with a

@@ -195,6 +195,96 @@ impl Usage {
     pub fn sum(&self, keep: impl Fn(&UsageRow) -> bool) -> i64 {
         self.rows.iter().filter(|r| keep(r)).map(|r| r.count).sum()
     }
+
+    /// Where this month is heading at `now` (within the month of this usage), given dingsync's
+    /// share of the two allowances (`monthly_calls`, `monthly_deliveries`; 0: unmetered).
+    ///
+    /// The pace is per day over the last [`PACE_DAYS`] Beijing days (today included, pro rata:
+    /// the part of it that has passed), or since the month began when it is younger; at least
+    /// [`MIN_PACE_SPAN`] is assumed to have passed, so that the first minutes of a month do not
+    /// forecast from a handful of calls as if they were a day's.
+    pub fn forecast(
+        &self,
+        now: DateTime<Utc>,
+        monthly_calls: u64,
+        monthly_deliveries: u64,
+    ) -> Forecast {
+        let today = clock::day(now);
+        let first = self.month.unwrap_or_else(|| clock::month(now));
+        let window_start = (today - chrono::TimeDelta::days(PACE_DAYS - 1)).max(first);
+        let elapsed_days = ((now - clock::start_of(window_start)).num_milliseconds() as f64
+            / 86_400_000.0)
+            .max(MIN_PACE_SPAN);
+        let days_left = clock::days_left(now);
+        let end = clock::month_span(now).1;
+        let outlook = |so_far: i64, in_window: i64, allowance: u64| {
+            let per_day = in_window as f64 / elapsed_days;
+            let at_month_end = so_far + (per_day * days_left).round() as i64;
+            let runs_out = (allowance > 0)
+                .then(|| {
+                    let left = allowance as f64 - so_far as f64;
+                    if left <= 0.0 {
+                        return Some(today);
+                    }
+                    if per_day <= 0.0 {
+                        return None;
+                    }
+                    let ms = (left / per_day * 86_400_000.0).min(1e15) as i64;
+                    let at = now + chrono::TimeDelta::milliseconds(ms);
+                    (at < end).then(|| clock::day(at))
+                })
+                .flatten();
+            Outlook {
+                so_far,
+                per_day,
+                at_month_end,
+                allowance,
+                runs_out,
+            }
+        };
+        let calls_in_window = self.sum(|r| r.kind == "call" && r.metered && r.day >= window_start);
+        let deliveries_in_window = self.sum(|r| r.kind == "delivery" && r.day >= window_start);
+        Forecast {
+            calls: outlook(self.metered_calls(), calls_in_window, monthly_calls),
+            deliveries: outlook(self.deliveries(), deliveries_in_window, monthly_deliveries),
+        }
+    }
+}
+
+/// Days the pace of [`Usage::forecast`] is taken over.
+pub const PACE_DAYS: i64 = 7;
+/// The shortest span, in days, the pace is taken over (one hour).
+pub const MIN_PACE_SPAN: f64 = 1.0 / 24.0;
+
+/// The month's outlook for calls and for deliveries ([`Usage::forecast`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Forecast {
+    /// Metered calls.
+    pub calls: Outlook,
+    pub deliveries: Outlook,
+}
+
+/// One allowance's outlook.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Outlook {
+    /// Counted this month so far.
+    pub so_far: i64,
+    /// The current pace, per day.
+    pub per_day: f64,
+    /// So far plus the pace until the month ends.
+    pub at_month_end: i64,
+    /// dingsync's share; 0: unmetered.
+    pub allowance: u64,
+    /// The Beijing day the allowance runs out at this pace (today when it already has); `None`
+    /// when unmetered or when it lasts the month.
+    pub runs_out: Option<NaiveDate>,
+}
+
+impl Outlook {
+    /// Whether the forecast goes beyond a metered allowance.
+    pub fn exceeds(&self) -> bool {
+        self.allowance > 0 && self.at_month_end > i64::try_from(self.allowance).unwrap_or(i64::MAX)
+    }
 }
 
 impl Ledger {
@@ -338,5 +428,98 @@ impl Ledger {
     /// `corp_id`'s use this month.
     pub async fn this_month(&self, corp_id: &str) -> sqlx::Result<Usage> {
         self.month(corp_id, self.inner.clock.now()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    fn row(day: u32, kind: &str, purpose: &str, metered: bool, count: i64) -> UsageRow {
+        UsageRow {
+            day: NaiveDate::from_ymd_opt(2026, 11, day).unwrap(),
+            kind: kind.into(),
+            api: if kind == "call" {
+                "topapi/processinstance/get".into()
+            } else {
+                "bpms_instance_change".into()
+            },
+            purpose: purpose.into(),
+            metered,
+            count,
+        }
+    }
+
+    fn november(rows: Vec<UsageRow>) -> Usage {
+        Usage {
+            month: NaiveDate::from_ymd_opt(2026, 11, 1),
+            rows,
+        }
+    }
+
+    /// Beijing noon of November `day` (04:00 UTC).
+    fn noon(day: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, day, 4, 0, 0).unwrap()
+    }
+
+    #[test]
+    fn the_pace_is_taken_over_the_last_seven_days_with_today_pro_rata() {
+        // 100 metered calls a day on the 1st..9th, 50 so far on the 10th (half of it passed).
+        let mut rows: Vec<UsageRow> = (1..=9)
+            .map(|d| row(d, "call", "details", true, 100))
+            .collect();
+        rows.push(row(10, "call", "details", true, 50));
+        // Unmetered calls count for nothing.
+        rows.push(row(10, "call", "token", false, 1_000));
+        let usage = november(rows);
+        let f = usage.forecast(noon(10), 5_000, 3_000);
+        assert_eq!(f.calls.so_far, 950);
+        // The 4th..10th: 6 full days and half of today, 650 calls.
+        assert!(
+            (f.calls.per_day - 650.0 / 6.5).abs() < 1e-9,
+            "{}",
+            f.calls.per_day
+        );
+        // 20.5 days left in November.
+        assert_eq!(f.calls.at_month_end, 950 + (100.0f64 * 20.5).round() as i64);
+        // 4050 left at 100 a day: 40.5 days, past the month's end.
+        assert_eq!(f.calls.runs_out, None);
+        assert!(!f.calls.exceeds());
+        let tight = usage.forecast(noon(10), 2_000, 0);
+        // 1050 left at 100 a day: 10.5 days after noon on the 10th is midnight of the 21st.
+        assert_eq!(tight.calls.runs_out, NaiveDate::from_ymd_opt(2026, 11, 21));
+        assert!(tight.calls.exceeds());
+        assert_eq!(tight.deliveries.runs_out, None, "unmetered");
+    }
+
+    #[test]
+    fn early_in_the_month_the_pace_is_since_the_first_and_an_allowance_used_up_ran_out_today() {
+        let usage = november(vec![
+            row(1, "call", "outbox", true, 10),
+            row(2, "call", "outbox", true, 10),
+            row(2, "delivery", "push", true, 30),
+        ]);
+        let f = usage.forecast(noon(2), 20, 3_000);
+        // 1.5 days since the month began.
+        assert!((f.calls.per_day - 20.0 / 1.5).abs() < 1e-9);
+        assert!((f.deliveries.per_day - 30.0 / 1.5).abs() < 1e-9);
+        assert_eq!(f.calls.runs_out, NaiveDate::from_ymd_opt(2026, 11, 2));
+        assert_eq!(f.deliveries.so_far, 30);
+        // 20 a day over 28.5 days: 570 more.
+        assert_eq!(f.deliveries.at_month_end, 600);
+        assert_eq!(f.deliveries.runs_out, None);
+    }
+
+    #[test]
+    fn an_empty_month_forecasts_nothing_and_never_runs_out() {
+        let f = november(Vec::new()).forecast(noon(15), 5_000, 3_000);
+        assert_eq!((f.calls.so_far, f.calls.at_month_end), (0, 0));
+        assert_eq!((f.calls.runs_out, f.deliveries.runs_out), (None, None));
+        // The first minutes of a month count as an hour.
+        let start = Utc.with_ymd_and_hms(2026, 10, 31, 16, 1, 0).unwrap();
+        let f = november(vec![row(1, "call", "outbox", true, 1)]).forecast(start, 5_000, 0);
+        assert!((f.calls.per_day - 24.0).abs() < 1e-9);
     }
 }

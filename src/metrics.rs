@@ -54,6 +54,12 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AllowanceLabels {
+    corp_id: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CorpLabel {
     corp_id: String,
 }
@@ -117,7 +123,7 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     m.registry.register(
         "dingsync_outbox_creates",
-        "Outbox creates sent to DingTalk by outcome (created, rejected, not_sent, no_response)",
+        "Outbox creates sent to DingTalk by outcome (created, rejected, not_sent, no_response, paused: held back for the monthly allowance)",
         m.outbox_creates.clone(),
     );
     m.registry.register(
@@ -249,6 +255,82 @@ pub struct Scraped {
     pub outbox_rows: Vec<(&'static str, i64)>,
     /// Age of the oldest approval change not yet fetched from DingTalk.
     pub sync_lag_seconds: f64,
+    /// The organisation's month against its monthly allowances.
+    pub allowance: Option<AllowanceReading>,
+}
+
+/// One organisation's month against its allowances (docs/dingtalk.md §7).
+#[derive(Clone, Debug)]
+pub struct AllowanceReading {
+    pub corp_id: String,
+    /// Metered calls.
+    pub calls: Allowance,
+    pub deliveries: Allowance,
+    /// Whether metered calls are paused now.
+    pub paused: bool,
+}
+
+/// One allowance this month.
+#[derive(Clone, Copy, Debug)]
+pub struct Allowance {
+    pub used: i64,
+    /// dingsync's share; 0: unmetered.
+    pub limit: u64,
+    /// Used by the month's end at the current pace.
+    pub forecast: i64,
+}
+
+fn register_allowance(registry: &mut Registry, a: AllowanceReading) {
+    let (used, limit, remaining, forecast) = (
+        Family::<AllowanceLabels, Gauge>::default(),
+        Family::<AllowanceLabels, Gauge>::default(),
+        Family::<AllowanceLabels, Gauge>::default(),
+        Family::<AllowanceLabels, Gauge>::default(),
+    );
+    for (kind, allowance) in [("call", a.calls), ("delivery", a.deliveries)] {
+        let labels = AllowanceLabels {
+            corp_id: a.corp_id.clone(),
+            kind,
+        };
+        let cap = i64::try_from(allowance.limit).unwrap_or(i64::MAX);
+        used.get_or_create(&labels).set(allowance.used);
+        limit.get_or_create(&labels).set(cap);
+        if allowance.limit > 0 {
+            remaining
+                .get_or_create(&labels)
+                .set((cap - allowance.used).max(0));
+        }
+        forecast.get_or_create(&labels).set(allowance.forecast);
+    }
+    let paused = Family::<CorpLabel, Gauge>::default();
+    paused
+        .get_or_create(&CorpLabel { corp_id: a.corp_id })
+        .set(i64::from(a.paused));
+    registry.register(
+        "dingsync_allowance_used",
+        "This Beijing month's metered DingTalk calls (kind=call) or event deliveries (kind=delivery), all replicas",
+        used,
+    );
+    registry.register(
+        "dingsync_allowance_limit",
+        "dingsync's share of the monthly allowance (dingtalk.monthly_calls, dingtalk.monthly_deliveries; 0: unmetered)",
+        limit,
+    );
+    registry.register(
+        "dingsync_allowance_remaining",
+        "What is left of dingsync's share this month (metered allowances only)",
+        remaining,
+    );
+    registry.register(
+        "dingsync_allowance_forecast",
+        "This month's calls or deliveries by its end at the pace of the last 7 days",
+        forecast,
+    );
+    registry.register(
+        "dingsync_allowance_paused",
+        "1 while metered DingTalk calls are paused (DingTalk answered 90020 this month, or dingtalk.monthly_calls is used)",
+        paused,
+    );
 }
 
 /// The whole `/metrics` page: every series of this process, then the scraped ones (left out
@@ -272,6 +354,9 @@ pub fn encode(scraped: Option<Scraped>) -> String {
         );
         let sync_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         sync_lag.set(scraped.sync_lag_seconds);
+        if let Some(a) = scraped.allowance {
+            register_allowance(&mut registry, a);
+        }
         registry.register(
             "dingsync_sync_lag_seconds",
             "Age of the oldest approval change not yet fetched from DingTalk (0 when none)",

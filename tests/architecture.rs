@@ -391,6 +391,8 @@ fn leaves_import_nothing_of_the_daemon_above_them() {
         ("snapshot", &["event"]),
         // Read once at start-up.
         ("config", &["crypto"]),
+        // Beijing days and months, the scaled clock: pure.
+        ("clock", &[]),
     ];
     for (leaf, may) in allowed {
         let imported: Vec<String> = graph[&module(leaf)]
@@ -471,6 +473,18 @@ fn each_module_imports_nothing_docs_architecture_forbids_it() {
             &["callback", "ingest", "outbox", "reconcile", "dingtalk"],
         ),
         ("batching", &["store", "config", "metrics"]),
+        (
+            "ledger",
+            &[
+                "callback",
+                "ingest",
+                "outbox",
+                "reconcile",
+                "scheduler",
+                "dingtalk",
+                "health",
+            ],
+        ),
         (
             "config",
             &[

@@ -378,6 +378,31 @@ async fn the_standalone_emulator_prints_its_admin_token_and_requires_it() {
 }
 
 #[tokio::test]
+async fn the_standalone_emulator_takes_its_monthly_allowances_from_the_configuration() {
+    let mut command = dingsync_command(&["emulator", "--listen", "127.0.0.1:0"]);
+    command
+        .env("DINGSYNC_EMULATOR_PEOPLE_PACE_MS", "0")
+        .env("DINGSYNC_EMULATOR_MONTHLY_CALLS", "5000")
+        .env("DINGSYNC_EMULATOR_MONTHLY_DELIVERIES", "3000");
+    let mut emulator = Running::spawn(command);
+    let (token, url) = admin_line(&emulator.line_with("admin API token for this run"));
+    install_crypto_provider();
+    let quota: Value = reqwest::Client::new()
+        .get(url.replace("/_emulator/instances", "/_emulator/quota"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(quota["calls"]["allowance"], 5000, "{quota}");
+    assert_eq!(quota["deliveries"]["allowance"], 3000, "{quota}");
+    assert_eq!(quota["calls"]["used"], 0, "{quota}");
+    assert!(emulator.stop("-INT").success());
+}
+
+#[tokio::test]
 async fn the_standalone_emulator_refuses_a_real_organisations_configuration() {
     let mut command = dingsync_command(&["emulator", "--listen", "127.0.0.1:0"]);
     command

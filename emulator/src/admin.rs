@@ -1,6 +1,6 @@
 //! The emulator's own JSON API under `/_emulator/…`: act as people (start approvals, agree,
 //! refuse, redirect, terminate), look inside (instances, open tasks, call counts, push log,
-//! failed list, callback), and set faults. Not DingTalk: no DingTalk token, no faults, plain HTTP
+//! failed list, callback), set faults, and read, roll over or change the monthly allowances. Not DingTalk: no DingTalk token, no faults, plain HTTP
 //! status codes. Every route is a thin wrapper over [`Handle`], which Rust callers use directly.
 //!
 //! Every route needs `Authorization: Bearer <admin token>`: these routes start approvals and
@@ -30,6 +30,7 @@ use super::{
     faults::{Faults, InjectedError},
     handle::{Handle, StartInstance, TaskAction},
     model::{Person, Template},
+    quota::Allowances,
     state::AdminError,
 };
 
@@ -51,6 +52,8 @@ pub(crate) fn router(handle: Handle, token: &str) -> Router {
         .route("/_emulator/faults/reset", post(reset_faults))
         .route("/_emulator/faults/inject", post(inject))
         .route("/_emulator/token/revoke", post(revoke_token))
+        .route("/_emulator/quota", get(quota).post(set_allowances))
+        .route("/_emulator/quota/rollover", post(rollover))
         .route("/_emulator/calls", get(calls))
         .route("/_emulator/pushes", get(pushes))
         .route("/_emulator/failed", get(failed))
@@ -243,6 +246,23 @@ async fn inject(State(handle): State<Handle>, Json(body): Json<InjectBody>) -> R
 async fn revoke_token(State(handle): State<Handle>) -> StatusCode {
     handle.revoke_token();
     StatusCode::NO_CONTENT
+}
+
+async fn quota(State(handle): State<Handle>) -> Response {
+    Json(handle.quota()).into_response()
+}
+
+/// `{"monthly_calls"?, "monthly_deliveries"?}`: the organisation upgraded (or downgraded).
+async fn set_allowances(
+    State(handle): State<Handle>,
+    Json(allowances): Json<Allowances>,
+) -> Response {
+    Json(handle.set_allowances(allowances)).into_response()
+}
+
+/// A new month; the answer is the report of the month just ended.
+async fn rollover(State(handle): State<Handle>) -> Response {
+    Json(handle.rollover()).into_response()
 }
 
 async fn calls(State(handle): State<Handle>) -> Response {

@@ -1,5 +1,5 @@
 //! [`Handle`], the emulator seen from Rust: what tests, the admin API and the simulated people use
-//! to act as people, look inside and set faults. An action changes the memory (`state`) under its
+//! to act as people, look inside, set faults and read or change the monthly allowances. An action changes the memory (`state`) under its
 //! lock, then hands the events it caused to delivery (`push`), as `api` does for a create.
 //!
 //! Owns: the admin actions and their request types, sample form values. Does not own: the memory
@@ -23,6 +23,7 @@ use super::{
         Task, TaskStatus, Template,
     },
     push,
+    quota::{Allowances, QuotaReport},
     state::{AdminError, Change, PushRecord, Registration, Shared},
 };
 
@@ -155,6 +156,27 @@ impl Handle {
             error,
             remaining: count,
         });
+    }
+
+    /// This month's metered calls and deliveries against the allowances (docs/dingtalk.md §7).
+    pub fn quota(&self) -> QuotaReport {
+        self.shared.world().quota.report(Utc::now())
+    }
+
+    /// Starts a new month now: every counter back to zero, the allowances kept. Returns the
+    /// month just ended.
+    pub fn rollover(&self) -> QuotaReport {
+        self.shared.world().quota.rollover(Utc::now())
+    }
+
+    /// Changes the allowances at once, as when the organisation upgrades (0 = no limit; a field
+    /// left `None` is kept). This month's counters stay; returns the month with the new
+    /// allowances.
+    pub fn set_allowances(&self, allowances: Allowances) -> QuotaReport {
+        self.shared
+            .world()
+            .quota
+            .set_allowances(allowances, Utc::now())
     }
 
     /// Revokes the current access token now: the next call with it gets 88/40014 (topapi) or
@@ -346,9 +368,10 @@ impl Handle {
         self.shared.world().push_log.iter().cloned().collect()
     }
 
-    /// Every event DingTalk set out to deliver (subscribed, not lost forever), each once however
-    /// many copies or attempts it took, as the flat JSON it pushes. Empty unless the emulator
-    /// was started with `keep_events`.
+    /// Every event DingTalk set out to deliver (subscribed, not lost forever, the deliveries
+    /// allowance not used up when it happened), each once however many copies or attempts it
+    /// took, as the flat JSON it pushes. Empty unless the emulator was started with
+    /// `keep_events`.
     pub fn events_pushed(&self) -> Vec<Value> {
         self.shared.world().events_pushed.clone()
     }

@@ -11,12 +11,13 @@
 //! - an admin API under `/_emulator/…` to act as people, look inside and set faults (`admin`),
 //!   behind a bearer token ([`Emulator::admin_token`]), also available from Rust through
 //!   [`Handle`];
-//! - optionally simulated people who keep approvals moving (`people`).
+//! - optionally simulated people who keep approvals moving (`people`);
+//! - DingTalk's monthly allowances, enforced on metered calls and on pushes (`quota`).
 //!
 //! Files: `model` (organisation, templates, instances, approval rules, event payloads), `state`
 //! (memory, tokens, failed list, call log), `handle` ([`Handle`]: acting on it from Rust),
-//! `faults` (knobs), `api`, `push`, `admin`, `people`. This file owns configuration, start and
-//! stop, and choosing the admin API's token.
+//! `faults` (knobs), `quota` (monthly allowances), `api`, `push`, `admin`, `people`. This file
+//! owns configuration, start and stop, and choosing the admin API's token.
 
 mod admin;
 mod api;
@@ -25,6 +26,7 @@ mod handle;
 mod model;
 mod people;
 mod push;
+mod quota;
 mod state;
 
 use std::{
@@ -46,6 +48,7 @@ pub use model::{
     errcode,
 };
 pub use push::DEADLINE as PUSH_DEADLINE;
+pub use quota::{Allowances, CallsUsage, DeliveriesUsage, OVER_ALLOWANCE, QuotaReport, is_metered};
 pub use state::{AdminError, FAILED_PAGE, PushOutcome, PushRecord, Registration, TOKEN_EXPIRES_IN};
 
 /// CorpId of the emulated organisation by default (same as `dingsync::app::EMULATOR_CORP_ID`).
@@ -80,6 +83,12 @@ pub struct EmulatorConfig {
     /// with [`Emulator::admin_token`]. Not derived from `seed`: a seed is for repeating a run,
     /// and a token anyone could repeat would guard nothing.
     pub admin_token: Option<String>,
+    /// Metered API calls the organisation may make a month (docs/dingtalk.md §7; the standard
+    /// edition allows 5 000); past it every metered call gets errcode 90020. 0 = no limit.
+    pub monthly_calls: u64,
+    /// Event deliveries (HTTP push attempts) the organisation may receive a month (the standard
+    /// edition allows 3 000); past it events are dropped for good. 0 = no limit.
+    pub monthly_deliveries: u64,
 }
 
 impl std::fmt::Debug for EmulatorConfig {
@@ -93,6 +102,8 @@ impl std::fmt::Debug for EmulatorConfig {
             .field("people", &self.people)
             .field("keep_events", &self.keep_events)
             .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
+            .field("monthly_calls", &self.monthly_calls)
+            .field("monthly_deliveries", &self.monthly_deliveries)
             .finish()
     }
 }
@@ -108,6 +119,8 @@ impl Default for EmulatorConfig {
             people: None,
             keep_events: false,
             admin_token: None,
+            monthly_calls: 0,
+            monthly_deliveries: 0,
         }
     }
 }
@@ -158,8 +171,14 @@ impl Emulator {
             .await
             .with_context(|| format!("binding the DingTalk emulator to {listen}"))?;
         let addr = listener.local_addr()?;
+        let mut world = state::World::new(config.seed);
+        world.quota = quota::Quota::new(
+            config.monthly_calls,
+            config.monthly_deliveries,
+            chrono::Utc::now(),
+        );
         let shared = Arc::new(state::Shared {
-            world: Mutex::new(state::World::new(config.seed)),
+            world: Mutex::new(world),
             push_http: push::http_client().context("building the emulator's push client")?,
             shutdown: CancellationToken::new(),
             in_flight: AtomicUsize::new(0),

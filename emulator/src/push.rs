@@ -11,8 +11,11 @@
 //! Every event is delivered by its own task, so deliveries of different events run concurrently
 //! and may overtake each other (no ordering guarantee, docs/dingtalk.md §6).
 //!
+//! Every attempt counts against the monthly deliveries allowance (`quota`); past it the attempt
+//! is not made and the event is dropped for good: no retry, nothing in the failed list.
+//!
 //! Owns: sealing, posting, checking replies, the retry ladder, push faults. Does not own: what
-//! events say (`model`), the failed list's storage (`state`).
+//! events say (`model`), the failed list's storage (`state`), the allowance's counters (`quota`).
 
 use std::{
     sync::{Arc, atomic::Ordering},
@@ -201,6 +204,13 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, events: Vec<Event>) {
                 world.log_push(record(id, PushOutcome::LostForever));
                 continue;
             }
+            // The allowance is already used up: not even a first attempt is made. (It is checked
+            // again before every attempt, where it may run out halfway down the ladder.)
+            if world.quota.deliveries_exhausted(Utc::now()) {
+                world.quota.count_undelivered(Utc::now());
+                world.log_push(record(id, PushOutcome::OverAllowance));
+                continue;
+            }
             if shared.config.keep_events {
                 world
                     .events_pushed
@@ -267,6 +277,26 @@ async fn deliver(shared: Arc<Shared>, push: Push, first_delay: Duration, _guard:
             () = shared.shutdown.cancelled() => return,
             outcome = attempt_once(&shared, &push) => outcome,
         };
+        if outcome == PushOutcome::OverAllowance {
+            let mut world = shared.world();
+            world.quota.count_undelivered(Utc::now());
+            world.log_push(PushRecord {
+                push_id: push.id,
+                tag: push.event.tag,
+                kind: push.kind.clone(),
+                process_instance_id: push.process_instance_id.clone(),
+                attempt: None,
+                at_ms: Utc::now().timestamp_millis(),
+                at: Instant::now(),
+                outcome,
+            });
+            tracing::debug!(
+                push_id = push.id,
+                attempt,
+                "emulator: monthly deliveries allowance used up; event dropped"
+            );
+            return;
+        }
         let delivered = outcome == PushOutcome::Delivered;
         if let PushOutcome::Failed { reason } = &outcome {
             tracing::debug!(push_id = push.id, attempt, reason = %reason, "emulator: push failed");
@@ -313,7 +343,7 @@ async fn deliver(shared: Arc<Shared>, push: Push, first_delay: Duration, _guard:
 }
 
 async fn attempt_once(shared: &Shared, push: &Push) -> PushOutcome {
-    let (registration, dropped, reply_lost) = {
+    let (registration, dropped, reply_lost, allowed) = {
         let mut world = shared.world();
         let world = &mut *world;
         let faults = &world.faults.push;
@@ -321,8 +351,17 @@ async fn attempt_once(shared: &Shared, push: &Push) -> PushOutcome {
         let reply_lost = world
             .fault_rng
             .random_bool(probability(faults.lose_reply_rate));
-        (world.callback.clone(), dropped, reply_lost)
+        // Every attempt DingTalk makes is a delivery, a lost one included; without a
+        // registration no request is made, so nothing is counted. Whether DingTalk counts per
+        // event or per attempt is not documented [UNCONFIRMED]: per attempt uses the allowance
+        // up sooner, the stricter reading.
+        let allowed =
+            world.callback.is_none() || world.quota.take_delivery(push.event.tag, Utc::now());
+        (world.callback.clone(), dropped, reply_lost, allowed)
     };
+    if !allowed {
+        return PushOutcome::OverAllowance;
+    }
     // Each attempt goes to the registration of that moment (an update moves later retries).
     let Some(registration) = registration else {
         return PushOutcome::Failed {

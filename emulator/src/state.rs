@@ -5,8 +5,9 @@
 //! Owns: token issue/renewal/expiry (docs/dingtalk.md §1.1), the failed list's read-once semantics
 //! (docs/dingtalk.md §3), `listids` filtering and paging (docs/dingtalk.md §2.4), call counting and rate limiting.
 //! Does not own: HTTP shapes (`api`), delivering pushes (`push`), the approval rules (`model`),
-//! acting on it from Rust (`handle`). It uses only `model` and `faults`, so that `push` and
-//! `handle` can build on it without a cycle.
+//! the rules of the monthly allowances (`quota`; their counters live here), acting on it from
+//! Rust (`handle`). It uses only `model`, `faults` and `quota`, so that `push` and `handle` can
+//! build on it without a cycle.
 
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
@@ -24,6 +25,7 @@ use super::{
     EmulatorConfig,
     faults::{Faults, InjectedError, probability},
     model::{ActError, Action, Ctx, Event, Ids, Instance, Org, Rejection},
+    quota::Quota,
 };
 
 /// `expires_in` DingTalk reports for an access token, in seconds (docs/dingtalk.md §1.1).
@@ -120,6 +122,9 @@ pub enum PushOutcome {
     LostForever,
     /// No callback registered for this tag when the event happened: nothing to push.
     NotSubscribed,
+    /// The monthly deliveries allowance was used up: the event is dropped for good, before
+    /// the attempt this would have been (docs/dingtalk.md §7).
+    OverAllowance,
 }
 
 impl PushOutcome {
@@ -185,6 +190,8 @@ pub(crate) struct World {
     /// With `keep_events`: every failed-list item handed out, with when (wall clock, to compare
     /// with times in the receiver's database).
     pub failed_handed_out: Vec<(DateTime<Utc>, Value)>,
+    /// This month's metered calls and deliveries against the allowances.
+    pub quota: Quota,
 }
 
 impl World {
@@ -206,6 +213,7 @@ impl World {
             push_seq: 0,
             events_pushed: Vec::new(),
             failed_handed_out: Vec::new(),
+            quota: Quota::new(0, 0, Utc::now()),
         }
     }
 

@@ -163,6 +163,7 @@ pub async fn run(config: &Config) -> Report {
     let registered = matches!(registration, Some(Ok(_)));
     findings.push(owner_key(config, registered));
     findings.push(callback_registration(config, registration));
+    findings.push(allowance(config, pool.as_ref().filter(|_| migrated), Utc::now()).await);
     if let Some(client) = &client
         && let Err(e) = client.ledger().flush().await
     {
@@ -172,6 +173,84 @@ pub async fn run(config: &Config) -> Report {
         pool.close().await;
     }
     Report { findings }
+}
+
+/// This month against the monthly allowances (docs/dingtalk.md §7): warns while metered calls
+/// are paused and when the forecast to the month's end goes beyond an allowance. Reads the
+/// ledger only.
+pub async fn allowance(config: &Config, pool: Option<&PgPool>, now: DateTime<Utc>) -> Finding {
+    const CHECK: &str = "allowance";
+    let Some(pool) = pool else {
+        return Finding::new(
+            Status::Skip,
+            CHECK,
+            "the ledger is in the database, which is not ready (see database)",
+        );
+    };
+    let corp = super::quota::corp_id(config);
+    let (calls, deliveries) = (
+        config.dingtalk.monthly_calls,
+        config.dingtalk.monthly_deliveries,
+    );
+    let ledger = crate::ledger::Ledger::new(pool.clone(), crate::clock::Clock::real());
+    let usage = match ledger.month(&corp, now).await {
+        Ok(usage) => usage,
+        Err(e) => return Finding::new(Status::Fail, CHECK, format!("reading dingsync.usage: {e}")),
+    };
+    let f = usage.forecast(now, calls, deliveries);
+    let month = crate::clock::month(now);
+    let cap = i64::try_from(calls).unwrap_or(i64::MAX);
+    let pause = match store::usage::pause(pool, &corp).await {
+        Ok(pause) => pause.filter(|p| p.month == month && p.allowance == cap),
+        Err(e) => {
+            return Finding::new(
+                Status::Fail,
+                CHECK,
+                format!("reading dingsync.quota_pause: {e}"),
+            );
+        }
+    };
+    let of = |used: i64, allowance: u64| {
+        if allowance == 0 {
+            format!("{used} (unmetered)")
+        } else {
+            format!("{used} of {allowance}")
+        }
+    };
+    let summary = format!(
+        "this month {} metered calls, {} deliveries; forecast {} and {} by the month's end",
+        of(f.calls.so_far, calls),
+        of(f.deliveries.so_far, deliveries),
+        f.calls.at_month_end,
+        f.deliveries.at_month_end
+    );
+    if let Some(p) = pause {
+        return Finding::new(Status::Warn, CHECK, format!("metered calls paused since {}: {}; {summary}", p.paused_at.format("%Y-%m-%d %H:%M UTC"), p.reason))
+            .fix("they resume with the next Beijing month; after upgrading the edition run `dingsync quota resume` and raise dingtalk.monthly_calls");
+    }
+    if cap > 0 && f.calls.so_far >= cap {
+        return Finding::new(Status::Warn, CHECK, format!("dingsync's share of metered calls is used: {summary}"))
+            .fix("metered calls resume with the next Beijing month; raise dingtalk.monthly_calls (SIGHUP) if the organisation's allowance has room");
+    }
+    let mut over = Vec::new();
+    for (what, o) in [("metered calls", &f.calls), ("deliveries", &f.deliveries)] {
+        if o.exceeds() {
+            let day = o
+                .runs_out
+                .map(|d| format!(", running out on {d}"))
+                .unwrap_or_default();
+            over.push(format!(
+                "{what} would reach {} of {}{day}",
+                o.at_month_end, o.allowance
+            ));
+        }
+    }
+    if over.is_empty() {
+        Finding::new(Status::Ok, CHECK, summary)
+    } else {
+        Finding::new(Status::Warn, CHECK, format!("at the pace of the last 7 days {}; {summary}", over.join(" and ")))
+            .fix("see `dingsync quota`; raise dingtalk.monthly_calls / monthly_deliveries if the organisation's allowance has room, or fewer background jobs")
+    }
 }
 
 /// Where the database is, without user or password.

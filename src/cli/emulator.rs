@@ -41,6 +41,8 @@ pub async fn command(
             .then(|| std::time::Duration::from_millis(settings.people_pace_ms)),
         admin_token: (!settings.admin_token.is_empty())
             .then(|| settings.admin_token.expose().to_string()),
+        monthly_calls: settings.monthly_calls,
+        monthly_deliveries: settings.monthly_deliveries,
         ..Default::default()
     };
     if !config.dingtalk.corp_id.is_empty() {

@@ -11,6 +11,7 @@ pub mod doctor;
 pub mod drift;
 pub mod emulator;
 pub mod outbox;
+pub mod quota;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -67,6 +68,12 @@ pub enum Command {
     /// Check the configuration against PostgreSQL, the clocks and DingTalk (token, callback
     /// crypto, owner key, registration); print one line per check; exit 1 on any FAIL.
     Doctor,
+    /// Show this month's DingTalk calls and deliveries against the monthly allowances, the pause
+    /// and the forecast (reads the database only); `quota resume` lifts the pause.
+    Quota {
+        #[command(subcommand)]
+        action: Option<QuotaCommand>,
+    },
     /// Compare the database with a fresh DingTalk listing of reconcile.process_codes; print
     /// missing, extra and disagreeing approvals; exit 1 when there are any.
     Drift {
@@ -97,6 +104,13 @@ pub enum OutboxCommand {
 }
 
 #[derive(Subcommand)]
+pub enum QuotaCommand {
+    /// Lift the pause DingTalk's 90020 started (after an upgrade of the edition, say): metered
+    /// calls resume at once on every replica.
+    Resume,
+}
+
+#[derive(Subcommand)]
 pub enum CallbackCommand {
     /// Register callback.public_url for approval events (DingTalk checks the URL first).
     Register,
@@ -124,7 +138,9 @@ pub async fn run(cli: Cli) -> ExitCode {
     };
     telemetry::init(&config.log);
     let result = match cli.command {
-        Command::Serve => app::run(config).await.map(|()| ExitCode::SUCCESS),
+        Command::Serve => app::run(config, &cli.config)
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Command::Migrate => store::connect_and_migrate(&config.database)
             .await
             .map(|_| ExitCode::SUCCESS),
@@ -136,6 +152,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Callback { action } => callback::command(&config, action).await,
         Command::Emulator { listen } => emulator::command(&config, listen).await,
         Command::Outbox { action } => outbox::command(&config, action).await,
+        Command::Quota { action } => quota::command(&config, action).await,
         Command::Backfill {
             process_code,
             since,

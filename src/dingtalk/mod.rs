@@ -8,8 +8,13 @@
 //! that are safe to repeat. `processinstance/create` is not (DingTalk has no idempotency key):
 //! when it may have reached DingTalk without an answer the caller gets [`Error::NoResponse`].
 //!
+//! Before each metered attempt the allowance gate (`quota`) is asked; DingTalk's 90020 (v1.0:
+//! `Forbidden.AccessDenied.ApiCountLimitForOrg`) pauses metered calls for the month and ends the
+//! call with [`Error::QuotaExhausted`], never retried.
+//!
 //! The v1.0 family (api.dingtalk.com, header token, HTTP-status errors) would be a second
-//! `Family` in `send`; callers only see typed methods and [`Error`].
+//! `Family` in `send`; callers only see typed methods and [`Error`]. Its error bodies are already
+//! read here ([`read_answer`]), so that it inherits the quota and rate readings.
 
 mod budget;
 pub mod listing;
@@ -55,6 +60,17 @@ pub enum Error {
     /// DingTalk answered something we cannot read.
     #[error("unexpected answer from DingTalk: {0}")]
     Protocol(String),
+    /// The organisation's monthly API allowance is used up (DingTalk answered 90020 this Beijing
+    /// month, or dingsync's share `dingtalk.monthly_calls` is used): metered calls are paused
+    /// until `until`, the start of the next Beijing month on the ledger's clock, unless lifted
+    /// sooner (`dingsync quota resume`, a new `dingtalk.monthly_calls`). Nothing was sent.
+    #[error(
+        "DingTalk's monthly API allowance is used up ({reason}); metered calls resume at {until} or when the pause is lifted"
+    )]
+    QuotaExhausted {
+        until: chrono::DateTime<chrono::Utc>,
+        reason: String,
+    },
 }
 
 /// DingTalk's client; cheap to clone.
@@ -68,6 +84,7 @@ struct Inner {
     base: String,
     tokens: Tokens,
     budget: Budget,
+    gate: Arc<quota::Gate>,
     ledger: Ledger,
     corp_id: String,
     max_attempts: u32,
@@ -83,6 +100,8 @@ enum Outcome<T> {
     Uncertain(String),
     /// Certainly not processed (connection refused).
     NotSent(String),
+    /// The monthly allowance is used up (90020): pause, do not retry.
+    Quota(String),
     /// Permanent: give up now.
     Fail(Error),
 }
@@ -110,7 +129,20 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .build()?;
         let base = base.trim_end_matches('/').to_string();
-        let tokens = Tokens::new(pool.clone(), http.clone(), &base, config, ledger.clone());
+        let gate = Arc::new(quota::Gate::new(
+            pool.clone(),
+            ledger.clone(),
+            &config.corp_id,
+            quota::Allowances::from_config(config),
+        ));
+        let tokens = Tokens::new(
+            pool.clone(),
+            http.clone(),
+            &base,
+            config,
+            ledger.clone(),
+            gate.clone(),
+        );
         let budget = Budget::new(pool, config);
         Ok(Client {
             inner: Arc::new(Inner {
@@ -118,6 +150,7 @@ impl Client {
                 base,
                 tokens,
                 budget,
+                gate,
                 ledger,
                 corp_id: config.corp_id.clone(),
                 max_attempts: config.max_attempts,
@@ -127,6 +160,11 @@ impl Client {
 
     pub fn tokens(&self) -> &Tokens {
         &self.inner.tokens
+    }
+
+    /// The allowance gate: the allowances in force, the pause, which paths are metered.
+    pub fn quota(&self) -> &quota::Gate {
+        &self.inner.gate
     }
 
     /// The ledger this client counts its calls in.
@@ -266,6 +304,8 @@ impl Client {
         let mut attempt = 0;
         loop {
             attempt += 1;
+            // Every attempt of a metered call is one DingTalk may count: each asks the gate.
+            inner.gate.check(path).await?;
             // Token first: a token fetch must not hold back calls that already have their slot
             // (they would leave together once it arrives and bunch up at DingTalk).
             let token = match inner.tokens.get().await {
@@ -300,12 +340,13 @@ impl Client {
             if !matches!(outcome, Outcome::NotSent(_) | Outcome::RetryRate(_)) {
                 inner
                     .ledger
-                    .call(&inner.corp_id, path, purpose, quota::is_metered(path));
+                    .call(&inner.corp_id, path, purpose, inner.gate.is_metered(path));
             }
             let last = attempt >= inner.max_attempts;
             match outcome {
                 Outcome::Done(v) => return Ok(v),
                 Outcome::Fail(e) => return Err(e),
+                Outcome::Quota(reason) => return Err(inner.gate.exhausted(path, &reason).await),
                 Outcome::RetryToken(errcode) => {
                     inner.tokens.invalidate(&token).await;
                     if refreshed {
@@ -381,13 +422,7 @@ impl Client {
             Ok(t) => t,
             Err(e) => return Outcome::Uncertain(e.without_url().to_string()),
         };
-        if status.as_u16() == 429 {
-            return Outcome::RetryRate(429);
-        }
-        if !status.is_success() {
-            return Outcome::Uncertain(format!("HTTP {status}"));
-        }
-        match classify(&text) {
+        match read_answer(status.as_u16(), &text) {
             Ok(()) => match serde_json::from_str(&text) {
                 Ok(v) => Outcome::Done(v),
                 Err(e) => Outcome::Uncertain(format!("unreadable answer: {e}")),
@@ -395,6 +430,7 @@ impl Client {
             Err(Classified::Token(code)) => Outcome::RetryToken(code),
             Err(Classified::Rate(code)) => Outcome::RetryRate(code),
             Err(Classified::Gateway(why)) => Outcome::Uncertain(why),
+            Err(Classified::Quota(why)) => Outcome::Quota(why),
             Err(Classified::Rejected(e)) => Outcome::Fail(e),
         }
     }
@@ -416,11 +452,43 @@ pub fn priority(purpose: Purpose) -> Priority {
     }
 }
 
+#[derive(Debug)]
 enum Classified {
     Token(i64),
     Rate(i64),
     Gateway(String),
+    /// The monthly allowance is used up; DingTalk's code and message.
+    Quota(String),
     Rejected(Error),
+}
+
+/// Reads an answer by its HTTP status and body: 429 is a rate limit; any other non-2xx status is
+/// the gateway speaking, except the v1.0 family's errors (HTTP 4xx with `{"code", "message"}`,
+/// docs/dingtalk.md §7), whose quota and rate codes are read as such; a 2xx body is read by
+/// [`classify`].
+fn read_answer(status: u16, text: &str) -> Result<(), Classified> {
+    if status == 429 {
+        return Err(Classified::Rate(429));
+    }
+    if !(200..300).contains(&status) {
+        #[derive(serde::Deserialize)]
+        struct V1Error {
+            code: String,
+            #[serde(default)]
+            message: String,
+        }
+        if let Ok(e) = serde_json::from_str::<V1Error>(text) {
+            if e.code == quota::V1_QUOTA_CODE {
+                return Err(Classified::Quota(format!("{}: {}", e.code, e.message)));
+            }
+            // QpsLimitForApi, QpsLimitForAppkeyAndApi, Qpm...: rate limits answered with 403.
+            if e.code.starts_with("Forbidden.AccessDenied.Qp") {
+                return Err(Classified::Rate(i64::from(status)));
+            }
+        }
+        return Err(Classified::Gateway(format!("HTTP {status}")));
+    }
+    classify(text)
 }
 
 /// Reads `errcode` / `sub_code` of a topapi/oapi answer (HTTP 200 with errcode ≠ 0 on error;
@@ -457,6 +525,11 @@ fn classify(text: &str) -> Result<(), Classified> {
             Err(Classified::Token(errcode))
         }
         (90002 | 90019, _) | (88, Some("90002" | "90019")) => Err(Classified::Rate(errcode)),
+        // The organisation's monthly allowance is used up: not a refusal of this request but of
+        // every metered call until the month ends (docs/dingtalk.md §7).
+        (90020, _) | (88, Some("90020")) => {
+            Err(Classified::Quota(format!("errcode 90020: {errmsg}")))
+        }
         // -1: system busy; 15: gateway/remote timeout; 88 without a sub_code: gateway timeout
         // (docs/dingtalk.md §7).
         (-1 | 15, _) | (88, None | Some("")) => {
@@ -492,4 +565,49 @@ pub(crate) fn count_call(endpoint: &str, answer: Option<(u16, &str)>) {
         Some((status, _)) => format!("http_{status}"),
     };
     crate::metrics::dingtalk_call(endpoint, errcode);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errcode_90020_is_a_quota_pause_not_a_rejection() {
+        let msg = "您的企业本月api调用量已超过限制,调用量:5001次,额度:5000次,请登录开发者后台-资源管理-查看用量明细";
+        let text = serde_json::json!({"errcode": 90020, "errmsg": msg}).to_string();
+        match read_answer(200, &text) {
+            Err(Classified::Quota(why)) => assert!(why.contains("90020") && why.contains(msg)),
+            other => panic!("{other:?}"),
+        }
+        let wrapped = r#"{"errcode":88,"sub_code":"90020","errmsg":"x"}"#;
+        assert!(matches!(
+            read_answer(200, wrapped),
+            Err(Classified::Quota(_))
+        ));
+        // 90018 stays a rejection.
+        let other = r#"{"errcode":90018,"errmsg":"x"}"#;
+        assert!(matches!(
+            read_answer(200, other),
+            Err(Classified::Rejected(Error::Rejected { errcode: 90018, .. }))
+        ));
+    }
+
+    #[test]
+    fn the_v1_families_quota_and_rate_codes_are_read_from_a_403() {
+        let body = r#"{"code":"Forbidden.AccessDenied.ApiCountLimitForOrg","message":"api count limit","requestid":"r1"}"#;
+        match read_answer(403, body) {
+            Err(Classified::Quota(why)) => {
+                assert!(why.starts_with("Forbidden.AccessDenied.ApiCountLimitForOrg"))
+            }
+            other => panic!("{other:?}"),
+        }
+        let rate = r#"{"code":"Forbidden.AccessDenied.QpsLimitForApi","message":"qps"}"#;
+        assert!(matches!(read_answer(403, rate), Err(Classified::Rate(403))));
+        assert!(matches!(
+            read_answer(403, "<html>forbidden</html>"),
+            Err(Classified::Gateway(_))
+        ));
+        assert!(matches!(read_answer(429, ""), Err(Classified::Rate(429))));
+        assert!(read_answer(200, r#"{"errcode":0}"#).is_ok());
+    }
 }

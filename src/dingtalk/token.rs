@@ -9,14 +9,14 @@
 //! [`RENEW_AHEAD`] of its life is left, so callers never hold one that is about to expire.
 //! The app secret is only ever sent to DingTalk; it appears in no log or error.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use sqlx::PgPool;
 use tokio::{sync::Mutex, time::Instant};
 
-use super::{Classified, Error, Purpose, classify};
+use super::{Classified, Error, Purpose, classify, quota::Gate};
 use crate::{
     config::{DingTalkConfig, Secret},
     ledger::Ledger,
@@ -47,6 +47,7 @@ pub struct Tokens {
     lease: Duration,
     cached: Mutex<Option<(String, DateTime<Utc>)>>,
     ledger: Ledger,
+    gate: Arc<Gate>,
 }
 
 #[derive(Deserialize)]
@@ -64,6 +65,7 @@ impl Tokens {
         base: &str,
         config: &DingTalkConfig,
         ledger: Ledger,
+        gate: Arc<Gate>,
     ) -> Tokens {
         Tokens {
             pool,
@@ -75,6 +77,7 @@ impl Tokens {
             lease: Duration::from_millis(config.timeout_ms) + LEASE_MARGIN,
             cached: Mutex::new(None),
             ledger,
+            gate,
         }
     }
 
@@ -237,6 +240,8 @@ impl Tokens {
     /// token fetch failed transiently); an answer with a business errcode (bad credentials) is
     /// final. Busy, gateway and rate-limit answers are not: they say nothing about the credentials.
     async fn fetch(&self) -> Result<(String, DateTime<Utc>), Error> {
+        // Unmetered, so it passes, unless DingTalk has answered it with 90020 before.
+        self.gate.check("/gettoken").await?;
         let started = Utc::now();
         let response = self
             .http
@@ -262,7 +267,7 @@ impl Tokens {
             &self.corp_id,
             "/gettoken",
             Purpose::Token,
-            super::quota::is_metered("/gettoken"),
+            self.gate.is_metered("/gettoken"),
         );
         if status.as_u16() == 429 {
             return Err(Error::RateLimited { errcode: 429 });
@@ -275,6 +280,9 @@ impl Tokens {
             Err(Classified::Rate(errcode)) => return Err(Error::RateLimited { errcode }),
             Err(Classified::Gateway(why)) => {
                 return Err(Error::Transient(format!("gettoken: {why}")));
+            }
+            Err(Classified::Quota(why)) => {
+                return Err(self.gate.exhausted("/gettoken", &why).await);
             }
             Err(Classified::Token(errcode))
             | Err(Classified::Rejected(Error::Rejected { errcode, .. })) => {

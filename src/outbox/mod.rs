@@ -47,6 +47,10 @@ use crate::{
 /// listids filters by DingTalk's create time (docs/dingtalk.md §2.4) and our times come from PostgreSQL's
 /// clock: the search window is widened by this much on each side for the two clocks to disagree.
 const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
+/// How often a row waiting for the monthly allowance is tried again before the month ends, so
+/// that a pause lifted by a new `dingtalk.monthly_calls` is noticed (`dingsync quota resume` makes
+/// the rows due at once). A try while still paused costs no DingTalk call: the gate answers.
+pub const PAUSED_RECHECK: Duration = Duration::from_secs(10 * 60);
 /// How long a stopping worker waits for creates in flight before it abandons them (as `unknown`).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -320,6 +324,10 @@ impl Worker {
                 | dingtalk::Error::RateLimited { .. }
                 | dingtalk::Error::InvalidToken { .. }),
             )) => self.not_created(row, &e.to_string()).await?,
+            // Nothing was sent: the row waits for the allowance, never `failed` for it.
+            Ok(Err(dingtalk::Error::QuotaExhausted { until, reason })) => {
+                self.paused(row, until, &reason).await?
+            }
             Ok(Err(e @ (dingtalk::Error::NoResponse(_) | dingtalk::Error::Protocol(_)))) => {
                 self.maybe_created(row, &e.to_string()).await?
             }
@@ -348,6 +356,31 @@ impl Worker {
             );
             store::record_retry(pool, corp, row.id, why, delay).await?;
         }
+        Ok(())
+    }
+
+    /// The monthly allowance is used up: `pending` again, the attempt not counted, due at the
+    /// sooner of the month's end and [`PAUSED_RECHECK`].
+    async fn paused(
+        &self,
+        row: &OutboxRow,
+        until: DateTime<Utc>,
+        reason: &str,
+    ) -> anyhow::Result<()> {
+        let clock = self.client.ledger().clock();
+        // `until` is on the ledger's clock (faster than real time against a scaled emulator).
+        let left = (until - clock.now()).to_std().unwrap_or(Duration::ZERO);
+        let delay = clock.real_duration(left).min(PAUSED_RECHECK);
+        let detail = format!(
+            ": metered calls paused until {} (the next Beijing month), or until `dingsync quota resume` or a new dingtalk.monthly_calls; {reason}",
+            until.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+        tracing::debug!(
+            outbox_id = row.id,
+            ?delay,
+            "outbox: waiting for the monthly allowance"
+        );
+        store::record_paused(&self.pool, &self.corp_id, row.id, &detail, delay).await?;
         Ok(())
     }
 
@@ -504,6 +537,7 @@ fn count_create<E>(sent: &Result<Result<String, dingtalk::Error>, E>, inserted_a
     let outcome = match sent {
         Ok(Ok(_)) => "created",
         Ok(Err(dingtalk::Error::Rejected { .. })) => "rejected",
+        Ok(Err(dingtalk::Error::QuotaExhausted { .. })) => "paused",
         Ok(Err(
             dingtalk::Error::Transient(_)
             | dingtalk::Error::RateLimited { .. }

@@ -20,7 +20,7 @@ use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use super::fetch_and_apply;
+use super::{Fetched, fetch_and_apply, is_paused};
 use crate::jobs::{Context, Counts};
 use crate::{
     dingtalk::{
@@ -63,6 +63,8 @@ pub struct Report {
     pub missing: u64,
     pub fetched: u64,
     pub resumed: bool,
+    /// Stopped because the monthly allowance is used up; the cursor keeps the place.
+    pub paused: bool,
 }
 
 /// Refuses a start DingTalk would refuse, saying why.
@@ -166,7 +168,7 @@ pub async fn run(
             report.missing += missing.len() as u64;
             if !dry_run {
                 for id in missing {
-                    fetch_and_apply(
+                    let fetched = fetch_and_apply(
                         ctx,
                         id,
                         Purpose::Backfill,
@@ -174,6 +176,10 @@ pub async fn run(
                         Some(process_code),
                     )
                     .await?;
+                    if fetched == Fetched::Paused {
+                        report.paused = true;
+                        return Ok(report);
+                    }
                     report.fetched += 1;
                 }
             }
@@ -247,11 +253,21 @@ pub async fn scheduled(ctx: &Context, shutdown: &CancellationToken) -> anyhow::R
         };
         // Never further back than listids allows, however long the daemon was away.
         let since = since.max(now - MAX_AGE + AGE_MARGIN * 2);
-        let report = run(ctx, code, since, false, shutdown).await?;
+        let report = match run(ctx, code, since, false, shutdown).await {
+            Ok(report) => report,
+            Err(e) if is_paused(&e) => Report {
+                paused: true,
+                ..Report::default()
+            },
+            Err(e) => return Err(e),
+        };
+        if report.paused {
+            *counts.entry("paused").or_default() += 1;
+        }
         *counts.entry("pages").or_default() += report.pages;
         *counts.entry("ids").or_default() += report.ids;
         *counts.entry("fetched").or_default() += report.fetched;
-        if shutdown.is_cancelled() {
+        if shutdown.is_cancelled() || report.paused {
             break;
         }
     }

@@ -130,7 +130,7 @@ pub async fn recheck_open(ctx: &Context, shutdown: &CancellationToken) -> anyhow
 }
 
 fn stopped(counts: &Counts, shutdown: &CancellationToken) -> bool {
-    shutdown.is_cancelled() || counts.contains_key(Fetched::QuotaExhausted.name())
+    shutdown.is_cancelled() || counts.contains_key(Fetched::Paused.name())
 }
 
 /// What a phase fetches for: the call's purpose, the snapshot's source, the check it counts and
@@ -196,7 +196,7 @@ async fn fetch_ids(
             async move {
                 let fetched = fetch_and_apply(&ctx, &id, purpose, source, None).await?;
                 if let Some(check) = check
-                    && !matches!(fetched, Fetched::Failed | Fetched::QuotaExhausted)
+                    && !matches!(fetched, Fetched::Failed | Fetched::Paused)
                 {
                     approvals::checked(ctx.pool(), ctx.corp_id(), &id, check).await?;
                 }
@@ -384,7 +384,7 @@ async fn poll(
                 Ok(None) => break,
                 Err(e) if quota_exhausted(&e) => {
                     tracing::warn!(error = %e, "the month's DingTalk calls are used up; stopping the run");
-                    counts.insert(Fetched::QuotaExhausted.name(), 1);
+                    counts.insert(Fetched::Paused.name(), 1);
                     complete = false;
                     break;
                 }

@@ -91,7 +91,16 @@ pub async fn drain(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Resul
     let corps = Served::load(ctx.pool().clone(), ctx.corp_id()).await?;
     loop {
         store::ping(ctx.pool()).await?;
-        let page = ctx.client().failed_callbacks().await?;
+        let page = match ctx.client().failed_callbacks().await {
+            Ok(page) => page,
+            // Nothing was read (the list is still DingTalk's): end quietly until the allowance
+            // is back.
+            Err(crate::dingtalk::Error::QuotaExhausted { .. }) => {
+                *counts.entry("paused").or_default() += 1;
+                return Ok(counts);
+            }
+            Err(e) => return Err(e.into()),
+        };
         *counts.entry("calls").or_default() += 1;
         let now = Utc::now();
         let mut events = Vec::with_capacity(page.failed_list.len());

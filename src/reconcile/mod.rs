@@ -36,13 +36,10 @@ use crate::{
 
 pub use background::sweep;
 
-/// DingTalk's errcode when the organisation's monthly calls are used up (docs/dingtalk.md §7).
-const API_COUNT_LIMIT: i64 = 90020;
-
 /// Whether `e` says the month's calls are used up: the run stops (every further metered call
 /// would fail the same way until the month turns).
 pub fn quota_exhausted(e: &dingtalk::Error) -> bool {
-    matches!(e, dingtalk::Error::Rejected { errcode, .. } if *errcode == API_COUNT_LIMIT)
+    matches!(e, dingtalk::Error::QuotaExhausted { .. })
 }
 
 /// What one fetch-and-apply came to.
@@ -57,8 +54,9 @@ pub enum Fetched {
     Rejected,
     /// Transient failure or an unreadable answer: tried again by the next run.
     Failed,
-    /// The month's calls are used up: the run stops.
-    QuotaExhausted,
+    /// The monthly allowance is used up (`dingtalk::Error::QuotaExhausted`): nothing was asked;
+    /// the run stops and the approval stays as it was for a later run.
+    Paused,
 }
 
 impl Fetched {
@@ -69,7 +67,7 @@ impl Fetched {
             Fetched::Stale => "stale",
             Fetched::Rejected => "rejected",
             Fetched::Failed => "failed",
-            Fetched::QuotaExhausted => "quota_exhausted",
+            Fetched::Paused => "paused",
         }
     }
 }
@@ -96,7 +94,7 @@ pub async fn fetch_and_apply(
         Ok(instance) => Snapshot::from_instance(process_instance_id, &instance),
         Err(e) if quota_exhausted(&e) => {
             tracing::warn!(%process_instance_id, error = %e, "the month's DingTalk calls are used up; stopping the run");
-            return Ok(Fetched::QuotaExhausted);
+            return Ok(Fetched::Paused);
         }
         Err(dingtalk::Error::Rejected { errcode, errmsg }) => {
             tracing::warn!(%process_instance_id, errcode, %errmsg, "processinstance/get refused; not asking again soon");
@@ -137,6 +135,16 @@ pub async fn fetch_and_apply(
     })
 }
 
+/// Whether `e` is DingTalk's monthly allowance used up (somewhere in its chain).
+pub fn is_paused(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<dingtalk::Error>(),
+            Some(dingtalk::Error::QuotaExhausted { .. })
+        )
+    })
+}
+
 /// Runs `work` for each item with at most `limit` in flight; adds up the outcomes in `counts`.
 /// On shutdown no new item starts; those in flight finish (each commits on its own).
 pub(crate) async fn for_each<I, F, Fut>(
@@ -145,7 +153,7 @@ pub(crate) async fn for_each<I, F, Fut>(
     shutdown: &CancellationToken,
     counts: &mut Counts,
     work: F,
-) -> anyhow::Result<()>
+) -> anyhow::Result<bool>
 where
     I: Send + 'static,
     F: Fn(I) -> Fut,
@@ -154,7 +162,7 @@ where
     let mut running = JoinSet::new();
     let mut first_error = None;
     for item in items {
-        if shutdown.is_cancelled() || counts.contains_key(Fetched::QuotaExhausted.name()) {
+        if shutdown.is_cancelled() || counts.contains_key(Fetched::Paused.name()) {
             break;
         }
         while running.len() >= limit as usize {
@@ -165,7 +173,7 @@ where
     while let Some(done) = running.join_next().await {
         record(Some(done), counts, &mut first_error);
     }
-    first_error.map_or(Ok(()), Err)
+    first_error.map_or(Ok(counts.contains_key(Fetched::Paused.name())), Err)
 }
 
 fn record(
@@ -174,6 +182,9 @@ fn record(
     first_error: &mut Option<anyhow::Error>,
 ) {
     match done {
+        Some(Ok(Ok(Fetched::Paused))) => {
+            *counts.entry(Fetched::Paused.name()).or_default() += 1;
+        }
         Some(Ok(Ok(fetched))) => {
             *counts.entry("fetched").or_default() += 1;
             *counts.entry(fetched.name()).or_default() += 1;
@@ -223,7 +234,7 @@ pub async fn details(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Res
             },
         )
         .await?;
-        if counts.contains_key(Fetched::QuotaExhausted.name()) {
+        if counts.contains_key(Fetched::Paused.name()) {
             break;
         }
     }

@@ -230,6 +230,53 @@ pub async fn record_retry(
     Ok(done.rows_affected() > 0)
 }
 
+/// What the `last_error` of a row waiting for the monthly allowance begins with; how
+/// [`resume_paused`] finds them.
+pub const PAUSED: &str = "DingTalk's monthly API allowance is used up";
+
+/// Not sent: the monthly allowance is used up (docs/dingtalk.md §7). Back to `pending` without
+/// counting the attempt against `outbox.max_attempts` (the claim counted it), due after `delay`;
+/// `last_error` is [`PAUSED`] followed by `detail`.
+pub async fn record_paused(
+    pool: &PgPool,
+    corp_id: &str,
+    id: i64,
+    detail: &str,
+    delay: Duration,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE dingsync.outbox SET state = 'pending', attempts = greatest(attempts - 1, 0),
+                last_error = $3 || $4, next_attempt_at = now() + make_interval(secs => $5),
+                updated_at = now()
+         WHERE corp_id = $1 AND id = $2 AND state = 'sending'",
+    )
+    .bind(corp_id)
+    .bind(id)
+    .bind(PAUSED)
+    .bind(detail)
+    .bind(delay.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// The pause is lifted: `pending` rows of `corp_id` waiting for the allowance fall due after
+/// `delay` (time for every replica's gate to see the lift); how many.
+pub async fn resume_paused(pool: &PgPool, corp_id: &str, delay: Duration) -> sqlx::Result<u64> {
+    let done = sqlx::query(
+        "UPDATE dingsync.outbox SET
+                next_attempt_at = least(next_attempt_at, now() + make_interval(secs => $3)),
+                updated_at = now()
+         WHERE corp_id = $1 AND state = 'pending' AND starts_with(last_error, $2)",
+    )
+    .bind(corp_id)
+    .bind(PAUSED)
+    .bind(delay.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Maybe created, maybe not: `unknown`, to be searched for after `delay`.
 pub async fn record_unknown(
     pool: &PgPool,
