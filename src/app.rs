@@ -134,6 +134,11 @@ impl App {
                     client.clone(),
                     config.dingtalk.corp_id.clone(),
                     config.outbox.clone(),
+                    crate::store::approvals::Cadence {
+                        min_s: config.reconcile.sweep_min_interval_s,
+                        max_s: config.reconcile.sweep_max_interval_s,
+                        divisor: config.reconcile.sweep_age_divisor,
+                    },
                 );
                 workers.push(tokio::spawn(worker.run(shutdown.clone())));
             }
