@@ -13,7 +13,7 @@ declare -A ARGS=(
   [crypto]=""
   [ingest]="--events 60000 --concurrency 64 --seconds-pgbench 10 --rounds 3"
   [client]="--calls 20000 --concurrency 32 --seconds 30"
-  [outbox]="--latency-rows 300 --rows 5000 --budget-rows 200 --lost-rows 1000 --concurrency 32"
+  [outbox]="--latency-rows 300 --rows 5000 --budget-rows 200 --lost-rows 1000 --search-rows 300 --concurrency 32"
   [sweep]="--approvals 10000 --qps 200 --converge 1000"
   [listener]="--connections 1500 --header-kb 380 --seconds 10 --probe-clients 50"
 )

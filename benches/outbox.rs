@@ -12,11 +12,17 @@
 //! 4. Lost responses: `--lost-rows` rows with 30% of create responses lost; counts the
 //!    emulator's instances per row (duplicates) and rows not created (lost).
 //!
+//! 5. Search economy: `--search-rows` rows created at once by `--search-workers` daemons (one
+//!    database, one standalone emulator pushing to the first daemon) for `--search-originators`
+//!    originators, 30% of create answers lost; the DingTalk calls the lost-answer search made
+//!    (by the daemons' ledgers), per lost answer, and the detail fetches its snapshots saved.
+//!
 //! Any part given 0 rows is skipped.
 //!
 //! ```sh
 //! cargo bench --bench outbox -- [--latency-rows 300] [--rows 5000] [--budget-rows 200] \
-//!     [--lost-rows 1000] [--concurrency 16]
+//!     [--lost-rows 1000] [--search-rows 300] [--search-workers 3] [--search-originators 3] \
+//!     [--concurrency 16]
 //! ```
 
 use std::{
@@ -154,6 +160,15 @@ async fn main() {
     let n = arg("--lost-rows", 1_000);
     if n > 0 {
         lost(n).await;
+    }
+    let n = arg("--search-rows", 300);
+    if n > 0 {
+        search(
+            n,
+            arg("--search-workers", 3) as usize,
+            arg("--search-originators", 3),
+        )
+        .await;
     }
 }
 
@@ -302,4 +317,181 @@ async fn lost(n: u64) {
         emu.instances().len()
     );
     run.stop().await;
+}
+
+/// A counter of this process's metrics page (every daemon of the run adds to the same one).
+async fn metric(url: &str, line_start: &str) -> f64 {
+    reqwest::get(url)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Several daemons create `n` approvals of `originators` originators at once while 30% of create
+/// answers are lost; what the lost-answer search cost.
+async fn search(n: u64, workers: usize, originators: u64) {
+    use dingsync::dingtalk::types::CallbackRegistration;
+    use dingsync_emulator::{Emulator, EmulatorConfig};
+
+    let emulator_config = EmulatorConfig {
+        seed: 7,
+        ..EmulatorConfig::default()
+    };
+    let corp_id = emulator_config.corp_id.clone();
+    let emu = Emulator::start(emulator_config.clone(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let db_name = format!("dingsync_bench_{}", crypto::random_nonce(8).to_lowercase());
+    let (token, aes_key) = (crypto::random_nonce(32), crypto::random_aes_key());
+    let mut apps = Vec::new();
+    for _ in 0..workers {
+        let mut config = Config::default();
+        config.database.url = Secret::new(format!("{}/{db_name}", server()));
+        config.server.listen = "127.0.0.1:0".into();
+        config.dingtalk.api_base = emu.base_url();
+        config.dingtalk.corp_id = corp_id.clone();
+        config.dingtalk.app_key = emulator_config.app_key.clone();
+        config.dingtalk.app_secret = Secret::new(emulator_config.app_secret.clone());
+        config.dingtalk.qps = 0;
+        config.dingtalk.timeout_ms = 200;
+        config.callback.token = Secret::new(token.clone());
+        config.callback.aes_key = Secret::new(aes_key.clone());
+        config.callback.owner_key = vec![corp_id.clone()];
+        config.outbox.concurrency = arg("--concurrency", 16) as usize;
+        config.outbox.lease_ms = 1_000;
+        config.outbox.lost_settle_ms = 100;
+        config.outbox.backoff_base_ms = 50;
+        config.outbox.backoff_max_ms = 1_000;
+        config.scheduler.details = "* * * * * *".into();
+        config.log.filter = "warn".into();
+        apps.push(App::start(config).await.expect("daemon starts"));
+    }
+    // DingTalk pushes each new approval's events, here to the first daemon.
+    apps[0]
+        .client
+        .as_ref()
+        .unwrap()
+        .register_callback(&CallbackRegistration {
+            call_back_tag: dingsync::callback::TAGS
+                .iter()
+                .map(|t| t.to_string())
+                .collect(),
+            token,
+            aes_key,
+            url: format!("http://{}/dingtalk/callback", apps[0].addr),
+        })
+        .await
+        .unwrap();
+    let pool = apps[0].pool.clone();
+    let unanswered = r#"dingsync_outbox_creates_total{outcome="no_response"}"#;
+    let metrics = format!("http://{}/metrics", apps[0].addr);
+    let unanswered_before = metric(&metrics, unanswered).await;
+    emu.state()
+        .update_faults(|f| f.lose_create_response_rate = 0.3);
+    sqlx::query(
+        "SELECT dingsync.request_approval('search-' || i, 'PROC-EMU-EXPENSE', 'emp' || (1 + i % $2),
+            jsonb_build_array(jsonb_build_object('name', 'Reason', 'value', 'search ' || i),
+                              jsonb_build_object('name', 'Amount', 'value', i)))
+         FROM generate_series(1, $1::bigint) AS i",
+    )
+    .bind(n as i64)
+    .bind(originators as i64)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let run = Run {
+        app: apps.remove(0),
+        pool: pool.clone(),
+        db_name: db_name.clone(),
+    };
+    let took = run.wait_done(Duration::from_secs(600)).await;
+    emu.state().reset_faults();
+    let lost = metric(&metrics, unanswered).await - unanswered_before;
+    // The details job drains what is left to fetch.
+    let drained = Instant::now();
+    loop {
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM dingsync.approvals WHERE detail_wanted_at IS NOT NULL",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if left == 0 || drained.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut per_reason: HashMap<String, usize> = HashMap::new();
+    for instance in emu.state().instances() {
+        let reason = instance
+            .form_component_values
+            .iter()
+            .find(|v| v.name == "Reason")
+            .map(|v| v.value.clone())
+            .unwrap_or_default();
+        *per_reason.entry(reason).or_default() += 1;
+    }
+    let duplicates: usize = per_reason.values().map(|c| c.saturating_sub(1)).sum();
+    let (created, resent): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state = 'created'), count(*) FILTER (WHERE attempts > 1)
+         FROM dingsync.outbox",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let saved: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM dingsync.approvals WHERE snapshot_source = 'search'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    for app in apps {
+        app.stop().await.unwrap();
+    }
+    // Stopping flushes each daemon's ledger, so the calls are read after.
+    let app_pool = PgPool::connect(&format!("{}/{db_name}", server()))
+        .await
+        .unwrap();
+    run.app.stop().await.unwrap();
+    let calls = |api: &'static str, purpose: &'static str| {
+        let pool = app_pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT coalesce(sum(count), 0)::bigint FROM dingsync.usage
+                 WHERE kind = 'call' AND api = $1 AND purpose = $2",
+            )
+            .bind(api)
+            .bind(purpose)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let listids = calls("topapi/processinstance/listids", "search").await;
+    let gets = calls("topapi/processinstance/get", "search").await;
+    let detail_gets = calls("topapi/processinstance/get", "details").await;
+    app_pool.close().await;
+    let per_lost = (listids + gets) as f64 / lost.max(1.0);
+    let net = (listids + gets - saved) as f64 / lost.max(1.0);
+    println!(
+        "search economy: {n} rows by {workers} daemons for {originators} originators, 30% of create answers lost: done in {:.1} s; rows created {created}, duplicates {duplicates}, lost answers {lost:.0}, rows sent again {resent}; search calls: listids {listids}, get {gets} = {per_lost:.2} per lost answer; detail fetches saved {saved} (details job's gets {detail_gets}) = {net:.2} per lost answer net",
+        took.as_secs_f64(),
+    );
+    let mut admin = PgConnection::connect(&format!("{}/postgres", server()))
+        .await
+        .unwrap();
+    sqlx::raw_sql(&format!(
+        "DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"
+    ))
+    .execute(&mut admin)
+    .await
+    .ok();
+    emu.stop().await;
 }

@@ -343,6 +343,139 @@ async fn an_unanswered_create_that_dingtalk_never_made_is_sent_again_once_certai
     );
     assert!(emu.calls("topapi/processinstance/listids") >= 1);
     assert_eq!(instances_with_reason(&emu, "busy first").len(), 1);
+    assert_eq!(
+        search_calls(&app).await,
+        (1, 0),
+        "one listing, nothing to fetch"
+    );
+    app.stop().await;
+}
+
+/// Calls the daemon made for its lost-answer searches (purpose `search` in its ledger), by API.
+async fn search_calls(app: &TestApp) -> (i64, i64) {
+    let usage = app
+        .app
+        .as_ref()
+        .unwrap()
+        .ledger
+        .this_month(&app.owner_key)
+        .await
+        .unwrap();
+    let of = |api: &str| usage.sum(|r| r.kind == "call" && r.purpose == "search" && r.api == api);
+    (
+        of("topapi/processinstance/listids"),
+        of("topapi/processinstance/get"),
+    )
+}
+
+/// Requests `n` approvals that are all the same request (reason `reason`), keyed `<key>-1..n`.
+async fn request_identical(pool: &PgPool, key: &str, reason: &str, n: i32) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for i in 1..=n {
+        ids.push(request_expense(pool, &format!("{key}-{i}"), reason).await);
+    }
+    ids
+}
+
+#[tokio::test]
+async fn several_lost_answers_to_identical_requests_are_each_adopted_once_in_at_most_three_calls_each()
+ {
+    let app = daemon(|_| {}).await;
+    let emu = emulator(&app);
+    // Three of the same request created normally first: listed by the search, owned, not fetched.
+    let answered = request_identical(&app.pool, "same-ok", "the same request", 3).await;
+    for id in &answered {
+        wait_for_state(&app.pool, *id, "created").await;
+    }
+    let lost = 5;
+    emu.update_faults(|f| f.lose_create_response = lost);
+    let ids = request_identical(&app.pool, "same-lost", "the same request", lost as i32).await;
+    let mut adopted = Vec::new();
+    for id in &ids {
+        let created = wait_for_state(&app.pool, *id, "created").await;
+        assert_eq!(created.attempts, 1, "row {id} adopted, not sent again");
+        adopted.push(created.process_instance_id.unwrap());
+    }
+    let made = instances_with_reason(&emu, "the same request");
+    assert_eq!(made.len(), 8, "one instance per row, no duplicate");
+    assert_eq!(emu.calls("topapi/processinstance/create"), 8);
+    let (distinct, rows): (i64, i64) = sqlx::query_as(
+        "SELECT count(DISTINCT process_instance_id), count(*) FROM dingsync.outbox
+         WHERE state = 'created'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!((distinct, rows), (8, 8), "every row its own instance");
+    // Oldest instance to oldest row: the lost rows hold the five newest instances, in order.
+    let newest: Vec<String> = made[3..]
+        .iter()
+        .map(|i| i.process_instance_id.clone())
+        .collect();
+    assert_eq!(adopted, newest);
+    let (listids, gets) = search_calls(&app).await;
+    println!("search calls for {lost} lost answers: {listids} listids, {gets} get");
+    assert!(listids >= 1);
+    assert_eq!(
+        emu.calls("topapi/processinstance/listids") as i64,
+        listids,
+        "only the search lists"
+    );
+    assert!(
+        listids + gets <= 3 * i64::from(lost),
+        "{listids} listids + {gets} get for {lost} lost answers"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_search_that_fetches_an_instance_leaves_its_snapshot_so_the_details_job_does_not_fetch_it()
+ {
+    let app = daemon(|c| {
+        // The events of the new instance arrive well before the search asks DingTalk.
+        c.outbox.lost_settle_ms = 500;
+        // The details job would run only once a year: whatever is left for it stays queued.
+        c.scheduler.details = "0 0 0 1 1 *".into();
+    })
+    .await;
+    let emu = emulator(&app);
+    emu.update_faults(|f| f.lose_create_response = 1);
+    let id = request_expense(&app.pool, "lost-snap", "snapshot kept").await;
+    let created = wait_for_state(&app.pool, id, "created").await;
+    let pid = created.process_instance_id.unwrap();
+    let (source, form_values, wanted): (Option<String>, Option<serde_json::Value>, Option<String>) =
+        eventually(
+            Duration::from_secs(10),
+            "the search's snapshot applied",
+            || async {
+                let row: (Option<String>, Option<serde_json::Value>, Option<String>) =
+                    sqlx::query_as(
+                        "SELECT snapshot_source, form_values, detail_wanted_at::text
+                 FROM dingsync.approvals WHERE process_instance_id = $1",
+                    )
+                    .bind(&pid)
+                    .fetch_one(&app.pool)
+                    .await
+                    .unwrap();
+                row.0.is_some().then_some(row)
+            },
+        )
+        .await;
+    assert_eq!(source.as_deref(), Some("search"));
+    assert!(
+        form_values.unwrap().to_string().contains("snapshot kept"),
+        "the instance's form values are stored"
+    );
+    assert_eq!(wanted, None, "no detail fetch is wanted any more");
+    let queue = store::approvals::wanted_page(&app.pool, &app.owner_key, 0, 0, None, 10)
+        .await
+        .unwrap();
+    assert!(
+        queue.is_empty(),
+        "the details job has nothing to fetch: {queue:?}"
+    );
+    let (listids, gets) = search_calls(&app).await;
+    assert_eq!((listids, gets), (1, 1));
     app.stop().await;
 }
 

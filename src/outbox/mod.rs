@@ -6,8 +6,9 @@
 //!    is sent, so two workers never send the same row; the create runs outside any transaction.
 //! 2. A create that may have reached DingTalk without an answer is never resent blindly: the row
 //!    becomes `unknown` and is searched for (listids of the originator's instances of that
-//!    template since the send, then `get` and compare); found → adopted, certainly absent → sent
-//!    again.
+//!    template around the send, then compare with each one no row owns); found → adopted,
+//!    certainly absent → sent again. One search serves all of an originator's `unknown` rows
+//!    (`search`).
 //! 3. Every send for a claim ends (or is cut off) within half the lease, and a search starts only
 //!    after the lease has expired plus `lost_settle_ms`, so a search never races a create that is
 //!    still on its way. A worker that dies mid-send leaves its row `sending`; when the lease runs
@@ -19,9 +20,10 @@
 //! (`request`), the operator commands (`manage`).
 
 pub mod request;
+mod search;
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -40,13 +42,10 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     batching,
     config::OutboxConfig,
-    dingtalk::{self, Purpose},
+    dingtalk,
     store::outbox::{self as store, Claim, OutboxRow, Work},
 };
 
-/// listids filters by DingTalk's create time (docs/dingtalk.md §2.4) and our times come from PostgreSQL's
-/// clock: the search window is widened by this much on each side for the two clocks to disagree.
-const CLOCK_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
 /// How often a row waiting for the monthly allowance is tried again before the month ends, so
 /// that a pause lifted by a new `dingtalk.monthly_calls` is noticed (`dingsync quota resume` makes
 /// the rows due at once). A try while still paused costs no DingTalk call: the gate answers.
@@ -66,6 +65,12 @@ pub struct Worker {
     /// `run` starts it.
     created: mpsc::Sender<Created>,
     created_rx: Mutex<Option<mpsc::Receiver<Created>>>,
+    /// One queue per originator and template: this worker's searches of them one at a time.
+    search_queues: Mutex<HashMap<search::SearchKey, Arc<tokio::sync::Mutex<()>>>>,
+    /// Rows claimed for a search whose task is running.
+    searching: Mutex<HashSet<i64>>,
+    /// Of those, the ones an earlier search of their originator has dealt with.
+    searched: Mutex<HashSet<i64>>,
 }
 
 /// A create that succeeded: the row, its instance, and who waits for the row to be recorded.
@@ -90,6 +95,9 @@ impl Worker {
             in_flight: Mutex::new(HashSet::new()),
             created,
             created_rx: Mutex::new(Some(created_rx)),
+            search_queues: Mutex::new(HashMap::new()),
+            searching: Mutex::new(HashSet::new()),
+            searched: Mutex::new(HashSet::new()),
         })
     }
 
@@ -276,7 +284,12 @@ impl Worker {
         let id = claim.row.id;
         let outcome = match claim.work {
             Work::Send => self.send(&claim.row, claimed_at).await,
-            Work::Search => self.search(&claim.row).await,
+            Work::Search => {
+                self.searching.lock().unwrap().insert(id);
+                let outcome = self.search(&claim.row).await;
+                self.searching.lock().unwrap().remove(&id);
+                outcome
+            }
             Work::TakenOver => Ok(()), // never spawned: see `run`
         };
         self.in_flight.lock().unwrap().remove(&id);
@@ -405,86 +418,6 @@ impl Worker {
             .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
             .min(max);
         full.mul_f64(rand::rng().random_range(0.5..=1.0))
-    }
-
-    /// Resolves an `unknown` row: adopt the instance its create made, or, when DingTalk certainly
-    /// holds none, send again. If DingTalk cannot be asked now the row stays `unknown`.
-    async fn search(&self, row: &OutboxRow) -> anyhow::Result<()> {
-        let (pool, corp) = (&self.pool, self.corp_id.as_str());
-        let request = match request::create_request(row) {
-            Ok(request) => request,
-            Err(why) => {
-                store::record_failed(pool, corp, row.id, &format!("invalid request: {why}"))
-                    .await?;
-                return Ok(());
-            }
-        };
-        let found = match self.find(row, &request).await {
-            Ok(found) => found,
-            Err(e) => {
-                let delay = self.search_backoff(row);
-                tracing::info!(outbox_id = row.id, error = %e, ?delay, "outbox: cannot search DingTalk now; the row stays unknown");
-                let why =
-                    format!("searching DingTalk for the instance failed ({e:#}); trying again");
-                store::record_unknown(pool, corp, &[row.id], &why, delay).await?;
-                return Ok(());
-            }
-        };
-        for instance_id in &found {
-            if store::record_created(pool, corp, row.id, instance_id).await? {
-                tracing::info!(outbox_id = row.id, process_instance_id = %instance_id, "outbox: unanswered create found in DingTalk; adopted");
-                return Ok(());
-            }
-        }
-        // DingTalk holds no instance for this row: the create never took effect.
-        let why = "the create got no answer and DingTalk holds no such instance";
-        self.not_created(row, why).await
-    }
-
-    /// The instances that could be this row's, oldest first, not owned by another row.
-    async fn find(
-        &self,
-        row: &OutboxRow,
-        request: &dingtalk::types::CreateInstance,
-    ) -> anyhow::Result<Vec<String>> {
-        // Every send of a claim ends within half its lease after `sent_at` (rule 3 above), so
-        // the instance, if any, was created in this window. A narrow window keeps the search
-        // short for an originator who starts many approvals (an ERP's service account).
-        let sent_at = row.sent_at.unwrap_or(row.created_at);
-        let since = sent_at - CLOCK_SKEW;
-        let now = Utc::now();
-        let until = chrono::TimeDelta::from_std(self.lease())
-            .ok()
-            .and_then(|lease| sent_at.checked_add_signed(lease + CLOCK_SKEW))
-            .map_or(now, |t| t.min(now));
-        let mut ids = Vec::new();
-        let mut listing = self.client.list_ids(
-            &row.process_code,
-            (since.timestamp_millis(), until.timestamp_millis()),
-            Some(&row.originator_user_id),
-            Purpose::Search,
-        );
-        while let Some(page) = listing.next_page().await.context("listids")? {
-            ids.extend(page);
-        }
-        let owned: HashSet<String> = store::owned_instances(&self.pool, &self.corp_id, &ids)
-            .await?
-            .into_iter()
-            .collect();
-        let mut found = Vec::new();
-        for id in ids.into_iter().filter(|id| !owned.contains(id)) {
-            let instance = self
-                .client
-                .get_instance(&id, Purpose::Search)
-                .await
-                .context("get")?;
-            if request::matches(request, &instance) {
-                found.push((instance.create_time.unwrap_or_default(), id));
-            }
-        }
-        // "yyyy-MM-dd HH:mm:ss" sorts as text; the oldest match is the first create.
-        found.sort();
-        Ok(found.into_iter().map(|(_, id)| id).collect())
     }
 
     /// How long an unanswerable search waits: half the time since the send, at least the settle

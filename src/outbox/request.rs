@@ -148,12 +148,25 @@ const VERBATIM: &[&str] = &[
 /// originator, and every sent value of a verbatim control read back unchanged. Numbers compare
 /// as numbers ("100" = "100.00"). The caller has already filtered by template and create time.
 pub fn matches(sent: &CreateInstance, instance: &ProcessInstance) -> bool {
-    if instance.originator_userid.as_deref() != Some(sent.originator_user_id.as_str()) {
+    matches_read(
+        sent,
+        instance.originator_userid.as_deref(),
+        &instance.form_component_values,
+    )
+}
+
+/// [`matches`] against what a `processinstance/get` read back: its originator and its
+/// `form_component_values` (as a snapshot stored in `dingsync.approvals` keeps them).
+pub fn matches_read(
+    sent: &CreateInstance,
+    originator: Option<&str>,
+    read_values: &[Value],
+) -> bool {
+    if originator != Some(sent.originator_user_id.as_str()) {
         return false;
     }
     sent.form_component_values.iter().all(|value| {
-        let Some(read) = instance
-            .form_component_values
+        let Some(read) = read_values
             .iter()
             .find(|r| r.get("name").and_then(Value::as_str) == Some(value.name.as_str()))
         else {

@@ -361,6 +361,35 @@ pub async fn ids_created_between(
     .await
 }
 
+/// What a snapshot applied earlier says about who started an approval and with what: enough
+/// for the outbox to recognise its request without asking DingTalk again.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct Started {
+    pub process_instance_id: String,
+    pub originator_userid: Option<String>,
+    pub created_at: Option<DateTime<Utc>>,
+    /// `processinstance/get`'s `form_component_values`, as the snapshot stored them.
+    pub form_values: serde_json::Value,
+}
+
+/// Of these ids, the approvals a snapshot has been applied to (only a snapshot stores form
+/// values: events carry none).
+pub async fn started(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+    ids: &[String],
+) -> sqlx::Result<Vec<Started>> {
+    sqlx::query_as(
+        "SELECT process_instance_id, originator_userid, created_at, form_values
+         FROM dingsync.approvals
+         WHERE corp_id = $1 AND process_instance_id = ANY($2) AND form_values IS NOT NULL",
+    )
+    .bind(corp_id)
+    .bind(ids)
+    .fetch_all(db)
+    .await
+}
+
 /// Where a snapshot came from (`approvals.snapshot_source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SnapshotSource {
@@ -369,6 +398,8 @@ pub enum SnapshotSource {
     Gap,
     Poll,
     Backfill,
+    /// The outbox's search for an instance whose create got no answer (migration V15).
+    Search,
 }
 
 impl SnapshotSource {
@@ -379,6 +410,7 @@ impl SnapshotSource {
             SnapshotSource::Gap => "gap",
             SnapshotSource::Poll => "poll",
             SnapshotSource::Backfill => "backfill",
+            SnapshotSource::Search => "search",
         }
     }
 }

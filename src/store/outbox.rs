@@ -333,6 +333,100 @@ pub async fn owned_instances(
     .await
 }
 
+/// A row of one originator whose create may have taken effect in DingTalk without our knowing:
+/// `unknown` (no answer), or `sending` (an answer may still be on its way).
+#[derive(Debug, Clone)]
+pub struct InDoubt {
+    pub row: OutboxRow,
+    /// An `unknown` row whose create has certainly ended in DingTalk: it is due (its settle time
+    /// is over), or it was sent longer than `settled_after` ago.
+    pub settled: bool,
+}
+
+/// The `unknown` and `sending` rows of `corp_id` with this template and originator, oldest send
+/// first (the order in which the lost-answer search pairs rows with instances).
+pub async fn in_doubt(
+    pool: &PgPool,
+    corp_id: &str,
+    process_code: &str,
+    originator_user_id: &str,
+    settled_after: Duration,
+) -> sqlx::Result<Vec<InDoubt>> {
+    let sql = format!(
+        "SELECT {COLUMNS},
+                o.state = 'unknown' AND (o.next_attempt_at <= clock_timestamp()
+                    OR coalesce(o.sent_at, o.created_at) + make_interval(secs => $4)
+                       <= clock_timestamp()) AS settled
+         FROM dingsync.outbox o
+         WHERE o.corp_id = $1 AND o.state IN ('unknown', 'sending')
+           AND o.process_code = $2 AND o.originator_user_id = $3
+         ORDER BY coalesce(o.sent_at, o.created_at), o.id"
+    );
+    sqlx::query(&sql)
+        .bind(corp_id)
+        .bind(process_code)
+        .bind(originator_user_id)
+        .bind(settled_after.as_secs_f64())
+        .try_map(|row: sqlx::postgres::PgRow| {
+            use sqlx::{FromRow, Row};
+            Ok(InDoubt {
+                row: OutboxRow::from_row(&row)?,
+                settled: row.try_get("settled")?,
+            })
+        })
+        .fetch_all(pool)
+        .await
+}
+
+/// Takes the search lease of one originator's lost answers (`dingsync.outbox_search`) for
+/// `lease`, unless another search holds it. Returns the lease's end, the token [`end_search`]
+/// needs, or None when it is held.
+pub async fn take_search(
+    pool: &PgPool,
+    corp_id: &str,
+    process_code: &str,
+    originator_user_id: &str,
+    lease: Duration,
+) -> sqlx::Result<Option<DateTime<Utc>>> {
+    sqlx::query_scalar(
+        "INSERT INTO dingsync.outbox_search AS s
+             (corp_id, process_code, originator_user_id, held_until)
+         VALUES ($1, $2, $3, clock_timestamp() + make_interval(secs => $4))
+         ON CONFLICT (corp_id, process_code, originator_user_id)
+             DO UPDATE SET held_until = excluded.held_until
+             WHERE s.held_until <= clock_timestamp()
+         RETURNING held_until",
+    )
+    .bind(corp_id)
+    .bind(process_code)
+    .bind(originator_user_id)
+    .bind(lease.as_secs_f64())
+    .fetch_optional(pool)
+    .await
+}
+
+/// Gives the search lease back, if it is still the one [`take_search`] returned.
+pub async fn end_search(
+    pool: &PgPool,
+    corp_id: &str,
+    process_code: &str,
+    originator_user_id: &str,
+    held_until: DateTime<Utc>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "DELETE FROM dingsync.outbox_search
+         WHERE corp_id = $1 AND process_code = $2 AND originator_user_id = $3
+           AND held_until = $4",
+    )
+    .bind(corp_id)
+    .bind(process_code)
+    .bind(originator_user_id)
+    .bind(held_until)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 /// Rows for `dingsync outbox list`, newest first.
 pub async fn list(pool: &PgPool, state: Option<&str>, limit: i64) -> sqlx::Result<Vec<OutboxRow>> {
     let sql = format!(
