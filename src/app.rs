@@ -172,7 +172,6 @@ impl App {
                 &config.reconcile,
                 &config.retention,
             )
-            .with_allowances(allowances(&config))
         });
         let mut app = App {
             addr,
@@ -379,14 +378,6 @@ async fn dingtalk_client(
         ledger.clone(),
     )?;
     Ok((None, Some(client)))
-}
-
-/// `dingtalk.monthly_calls` and `monthly_deliveries`, as the planner reads them.
-pub fn allowances(config: &Config) -> planner::Allowances {
-    planner::Allowances {
-        monthly_calls: config.dingtalk.monthly_calls,
-        monthly_deliveries: config.dingtalk.monthly_deliveries,
-    }
 }
 
 /// The clock pacing decisions read: real time, except with the embedded emulator running faster

@@ -10,7 +10,7 @@ use sqlx::PgPool;
 use crate::{
     config::{ReconcileConfig, RetentionConfig},
     dingtalk,
-    planner::Allowances,
+    ledger::Allowances,
 };
 
 /// Everything a job needs; cheap to clone.
@@ -25,7 +25,6 @@ struct Inner {
     corp_id: String,
     config: ReconcileConfig,
     retention: RetentionConfig,
-    allowances: Allowances,
 }
 
 impl Context {
@@ -44,33 +43,13 @@ impl Context {
                 corp_id: corp_id.to_string(),
                 config: config.clone(),
                 retention: retention.clone(),
-                allowances: Allowances::default(),
             }),
         }
     }
 
-    /// The organisation's monthly allowances the planner paces background work by
-    /// (`dingtalk.monthly_calls`, `monthly_deliveries`; the defaults until set).
-    pub fn with_allowances(self, allowances: Allowances) -> Context {
-        let inner = Arc::try_unwrap(self.inner).unwrap_or_else(|shared| Inner {
-            pool: shared.pool.clone(),
-            client: shared.client.clone(),
-            corp_id: shared.corp_id.clone(),
-            config: shared.config.clone(),
-            retention: shared.retention.clone(),
-            allowances: shared.allowances,
-        });
-        Context {
-            inner: Arc::new(Inner {
-                allowances,
-                ..inner
-            }),
-        }
-    }
-
-    /// The monthly allowances.
+    /// The monthly allowances in force (the client's gate holds them; a reload changes them).
     pub fn allowances(&self) -> Allowances {
-        self.inner.allowances
+        self.inner.client.quota().allowances()
     }
 
     pub fn pool(&self) -> &PgPool {

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     clock::{self, Clock},
+    config::DingTalkConfig,
     store::usage::{self, Delta, UsageRow},
 };
 
@@ -107,6 +108,22 @@ impl Purpose {
                 | Purpose::Doctor
                 | Purpose::Token
         )
+    }
+}
+
+/// dingsync's share of the organisation's monthly allowances; 0: unmetered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allowances {
+    pub calls: u64,
+    pub deliveries: u64,
+}
+
+impl Allowances {
+    pub fn from_config(config: &DingTalkConfig) -> Allowances {
+        Allowances {
+            calls: config.monthly_calls,
+            deliveries: config.monthly_deliveries,
+        }
     }
 }
 

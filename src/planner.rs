@@ -38,7 +38,7 @@ use sqlx::PgPool;
 use crate::{
     clock::{self, Clock},
     config::ReconcileConfig,
-    ledger::{Ledger, Purpose, Usage},
+    ledger::{Allowances, Ledger, Purpose, Usage},
     metrics,
     store::{job_runs, sync_state, usage},
 };
@@ -57,23 +57,6 @@ const RESERVE_MARGIN: f64 = 1.25;
 
 /// `sync_state.name` of the planner's documents.
 const STATE: &str = "planner";
-
-/// DingTalk's monthly allowances of the organisation (`dingtalk.monthly_calls`,
-/// `dingtalk.monthly_deliveries`; 0 = unmetered / unlimited).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Allowances {
-    pub monthly_calls: u64,
-    pub monthly_deliveries: u64,
-}
-
-impl Default for Allowances {
-    fn default() -> Self {
-        Allowances {
-            monthly_calls: 5_000,
-            monthly_deliveries: 3_000,
-        }
-    }
-}
 
 /// What background work may spend today, from one reading of the ledger.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -436,7 +419,7 @@ pub fn next_mode(
             pushed.then_some(Switch::ToPush)
         }
         Mode::Push => {
-            let md = allowances.monthly_deliveries;
+            let md = allowances.deliveries;
             if md > 0 && signs.deliveries >= md as i64 && state.deliveries_disproved != Some(month)
             {
                 return Some(Switch::ToPolling(Missing::Deliveries));
@@ -536,7 +519,7 @@ pub async fn last_push(pool: &PgPool, corp_id: &str) -> sqlx::Result<Option<Date
 pub async fn plan(ledger: &Ledger, corp_id: &str, allowances: Allowances) -> sqlx::Result<Plan> {
     let now = ledger.clock().now();
     let usage = ledger.month(corp_id, now).await?;
-    Ok(Plan::compute(&usage, now, allowances.monthly_calls))
+    Ok(Plan::compute(&usage, now, allowances.calls))
 }
 
 /// `reconcile.gap_after_s` etc. as durations of the planner's clock.
@@ -722,7 +705,10 @@ mod tests {
     fn pushes_count_as_missing_for_three_reasons_and_come_back_with_a_push() {
         let now = at(10, 12);
         let quiet = Duration::from_secs(600);
-        let allowances = Allowances::default();
+        let allowances = Allowances {
+            calls: 5_000,
+            deliveries: 3_000,
+        };
         let healthy = PushSigns {
             deliveries: 100,
             silent: 1,

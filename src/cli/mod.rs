@@ -183,6 +183,5 @@ async fn jobs_context(config: &Config) -> anyhow::Result<crate::jobs::Context> {
         &config.dingtalk.corp_id,
         &config.reconcile,
         &config.retention,
-    )
-    .with_allowances(app::allowances(config)))
+    ))
 }

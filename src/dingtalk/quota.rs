@@ -40,7 +40,6 @@ use tokio::{sync::Mutex, time::Instant};
 use super::Error;
 use crate::{
     clock::{self, Clock},
-    config::DingTalkConfig,
     ledger::Ledger,
     store::usage::{self, Pause},
 };
@@ -62,21 +61,7 @@ pub fn is_metered(path: &str) -> bool {
     path.trim_start_matches('/') != "gettoken"
 }
 
-/// dingsync's share of the organisation's monthly allowances; 0: unmetered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Allowances {
-    pub calls: u64,
-    pub deliveries: u64,
-}
-
-impl Allowances {
-    pub fn from_config(config: &DingTalkConfig) -> Allowances {
-        Allowances {
-            calls: config.monthly_calls,
-            deliveries: config.monthly_deliveries,
-        }
-    }
-}
+pub use crate::ledger::Allowances;
 
 /// When metered calls resume by themselves: the start of the Beijing month after `now`'s.
 pub fn resumes_at(now: DateTime<Utc>) -> DateTime<Utc> {

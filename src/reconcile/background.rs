@@ -45,7 +45,7 @@ pub async fn sweep(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Resul
     let clock = ledger.clock();
     let now = clock.now();
     let usage = ledger.month(corp, now).await?;
-    let plan = Plan::compute(&usage, now, ctx.allowances().monthly_calls);
+    let plan = Plan::compute(&usage, now, ctx.allowances().calls);
     let mut budget = Budget::new(plan.left_today());
     let db_now = approvals::clock(pool).await?;
     let mut counts = Counts::new();
