@@ -335,9 +335,13 @@ impl Client {
             let token = inner.tokens.cached().unwrap_or(token);
             let outcome = self.attempt(&method, path, &token, body).await;
             // Counted as DingTalk counts (docs/dingtalk.md §7): not a call that never left, nor
-            // one refused for the rate limit; every other attempt, answered or not (one lost on
-            // the way back may have been counted: the stricter reading).
-            if !matches!(outcome, Outcome::NotSent(_) | Outcome::RetryRate(_)) {
+            // one refused for the rate limit or for its token (refused at the gateway, before
+            // the API ran); every other attempt, answered or not (one lost on the way back may
+            // have been counted: the stricter reading).
+            if !matches!(
+                outcome,
+                Outcome::NotSent(_) | Outcome::RetryRate(_) | Outcome::RetryToken(_)
+            ) {
                 inner
                     .ledger
                     .call(&inner.corp_id, path, purpose, inner.gate.is_metered(path));
