@@ -4,7 +4,7 @@
 # Run it on an otherwise idle machine: the daemon, the load generators and PostgreSQL share the
 # cores, so anything else running moves every figure.
 #
-#   benches/all.sh            # every benchmark (~15 minutes on 2 cores)
+#   benches/all.sh            # every benchmark (~30 minutes on 2 cores)
 #   benches/all.sh ingest     # only the ones named
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,8 +16,9 @@ declare -A ARGS=(
   [outbox]="--latency-rows 300 --rows 5000 --budget-rows 200 --lost-rows 1000 --search-rows 300 --concurrency 32"
   [sweep]="--approvals 10000 --qps 200 --converge 1000"
   [listener]="--connections 1500 --header-kb 380 --seconds 10 --probe-clients 50"
+  [month]="--day-seconds 10"
 )
-ORDER=(crypto ingest client outbox sweep listener)
+ORDER=(crypto ingest client outbox sweep listener month)
 if [ "$#" -gt 0 ]; then ORDER=("$@"); fi
 
 mkdir -p target

@@ -134,9 +134,17 @@ async fn until(clock: &Clock, at: DateTime<Utc>) {
     }
 }
 
-/// Approvals (and their tasks) whose database rows differ from the emulator's.
-async fn wrong(emu: &Handle, pool: &PgPool) -> (usize, Vec<String>) {
+/// Approvals whose status or result differ from the emulator's (missing rows count too), and
+/// approvals right in themselves but with a task that differs.
+struct Wrong {
+    instances: usize,
+    approvals: Vec<String>,
+    tasks_only: Vec<String>,
+}
+
+async fn wrong(emu: &Handle, pool: &PgPool) -> Wrong {
     let mut wrong = Vec::new();
+    let mut tasks_only = Vec::new();
     let instances = emu.instances();
     let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
         "SELECT process_instance_id, status, result FROM dingsync.approvals WHERE corp_id = $1",
@@ -165,11 +173,37 @@ async fn wrong(emu: &Handle, pool: &PgPool) -> (usize, Vec<String>) {
                 s == t.status.as_str() && r.as_deref().unwrap_or("NONE") == t.result.as_str()
             })
         });
-        if !(ok_instance && ok_tasks) {
-            wrong.push(i.process_instance_id.clone());
+        if !ok_instance {
+            let db = approvals.get(&i.process_instance_id);
+            wrong.push(format!(
+                "{}: status {:?} in the database, {} {:?} in DingTalk",
+                i.process_instance_id,
+                db,
+                i.status.as_str(),
+                i.result
+            ));
+        } else if !ok_tasks {
+            let t: Vec<String> = i
+                .tasks
+                .iter()
+                .map(|t| {
+                    format!(
+                        "{}: {:?} vs {} {}",
+                        t.taskid,
+                        tasks.get(&t.taskid),
+                        t.status.as_str(),
+                        t.result.as_str()
+                    )
+                })
+                .collect();
+            tasks_only.push(format!("{}: tasks {t:?}", i.process_instance_id));
         }
     }
-    (instances.len(), wrong)
+    Wrong {
+        instances: instances.len(),
+        approvals: wrong,
+        tasks_only,
+    }
 }
 
 /// One scenario, start to end.
@@ -198,7 +232,6 @@ async fn run(s: &Scenario, args: &Args) {
     // The month: from the next Beijing month start on the daemon's clock.
     let (_, month_start) = clock::month_span(clock.now());
     let (_, month_end) = clock::month_span(month_start);
-    let month_len = month_end - month_start;
     println!(
         "scenario {} approvals: waiting {:.0} s for the month {} (one day = {} s)",
         s.approvals,
@@ -273,7 +306,7 @@ async fn run(s: &Scenario, args: &Args) {
         .await
         .unwrap();
     let quota = emu.quota();
-    let (instances, wrong_at_end) = wrong(&emu, &pool).await;
+    let at_end = wrong(&emu, &pool).await;
     let outbox: Vec<(String, i64)> =
         sqlx::query_as("SELECT state, count(*) FROM dingsync.outbox GROUP BY state ORDER BY state")
             .fetch_all(&pool)
@@ -311,27 +344,36 @@ async fn run(s: &Scenario, args: &Args) {
         s.approvals
     );
     println!(
-        "wrong at month end: {} of {instances} ({:.2}%); outbox rows by state: {outbox:?}",
-        wrong_at_end.len(),
-        100.0 * wrong_at_end.len() as f64 / instances.max(1) as f64
+        "wrong at month end: {} of {} approvals ({:.2}%) with another status or result than DingTalk's; {} more right but with a task behind; outbox rows by state: {outbox:?}",
+        at_end.approvals.len(),
+        at_end.instances,
+        100.0 * at_end.approvals.len() as f64 / at_end.instances.max(1) as f64,
+        at_end.tasks_only.len(),
     );
+    for w in at_end.approvals.iter().chain(&at_end.tasks_only).take(6) {
+        println!("  {w}");
+    }
 
     // The next month: one reconciliation pass.
     emu.rollover();
     let deadline = month_end + TimeDelta::days(2);
-    let mut still = wrong_at_end.len();
+    let mut still = at_end;
     while clock.now() < deadline {
-        still = wrong(&emu, &pool).await.1.len();
-        if still == 0 {
+        still = wrong(&emu, &pool).await;
+        if still.approvals.is_empty() && still.tasks_only.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     println!(
-        "after the rollover and one reconciliation pass: {still} wrong ({:.1} days into the next month)",
+        "after the rollover and one reconciliation pass: {} approvals wrong, {} with a task behind ({:.1} days into the next month)",
+        still.approvals.len(),
+        still.tasks_only.len(),
         (clock.now() - month_end).num_seconds() as f64 / 86_400.0
     );
-    let _ = month_len;
+    for w in still.approvals.iter().chain(&still.tasks_only).take(6) {
+        println!("  {w}");
+    }
     app.stop().await.unwrap();
     drop_database(&name).await;
 }

@@ -8,7 +8,7 @@
 //! - [`Plan`]: the day's allowance of background calls (purposes that are not
 //!   `Purpose::is_live`): what is left of the month, minus a reserve for live work (creates,
 //!   searches, detail fetches: the live pace so far × days left × 1.25, at least 10% of the
-//!   allowance), spread over the days left.
+//!   allowance for the part of the month still ahead), spread over the days left.
 //! - [`drain_due`]: the failed-push list is drained on signs of missed pushes (refused
 //!   deliveries, downtime, a database outage, a gap the gap check found), [`SIGN_WAIT`] after
 //!   the sign (items reach the list 3-5 minutes after DingTalk's last retry, docs/dingtalk.md §3,
@@ -50,7 +50,8 @@ pub const SIGN_WAIT: Duration = Duration::from_secs(6 * 60);
 /// A daemon that last worked longer ago than this before a start missed pushes meanwhile.
 pub const DOWNTIME: Duration = Duration::from_secs(60);
 
-/// Share of the monthly calls always kept for live work.
+/// Share of the monthly calls kept for live work for a whole month ahead (less as the month
+/// goes by).
 const MIN_RESERVE: f64 = 0.10;
 /// Margin on the live pace for the rest of the month.
 const RESERVE_MARGIN: f64 = 1.25;
@@ -103,7 +104,11 @@ impl Plan {
         let elapsed_days =
             ((now - clock::start_of(first)).num_milliseconds() as f64 / 86_400_000.0).max(1.0);
         let live_pace = usage.metered_calls_for(&live, first) as f64 / elapsed_days;
-        let reserve = (live_pace * days_left * RESERVE_MARGIN).max(m * MIN_RESERVE);
+        // The floor shrinks with the month: a tenth of the allowance for a whole month ahead, a
+        // day's share of it on the last day (what is kept and not needed by then is wasted).
+        let month_days = clock::days_left(clock::start_of(first));
+        let floor = m * MIN_RESERVE * (days_left / month_days).min(1.0);
+        let reserve = (live_pace * days_left * RESERVE_MARGIN).max(floor);
         let per_day = ((m - used_before_today as f64 - reserve) / days_left).max(0.0);
         Plan {
             monthly_calls,
@@ -612,9 +617,14 @@ mod tests {
         };
         let plan = Plan::compute(&usage, at(21, 23), 5_000);
         assert!((plan.days_left - 10.0).abs() < 1e-9);
-        assert!((plan.per_day - 450.0).abs() < 1e-9, "{plan:?}");
+        // The reserve's floor: a tenth of the month for the third of it still ahead.
+        assert!((plan.reserve - 500.0 / 3.0).abs() < 1e-9, "{plan:?}");
+        assert!(
+            (plan.per_day - (5_000.0 - 500.0 / 3.0) / 10.0).abs() < 1e-9,
+            "{plan:?}"
+        );
         assert_eq!(plan.background_today, 40);
-        assert_eq!(plan.left_today(), 410);
+        assert_eq!(plan.left_today(), 483 - 40);
     }
 
     #[test]
@@ -638,15 +648,20 @@ mod tests {
     }
 
     #[test]
-    fn the_reserve_is_at_least_a_tenth_and_an_unmetered_organisation_is_not_paced() {
+    fn the_reserve_is_at_least_a_tenth_of_the_month_ahead_and_an_unmetered_organisation_is_not_paced()
+     {
         let usage = Usage {
             month: Some(day(1)),
             rows: vec![row(day(2), "call", Purpose::Poll, 4_400)],
         };
         let plan = Plan::compute(&usage, at(3, 12), 5_000);
-        assert!((plan.reserve - 500.0).abs() < 1e-9);
-        assert_eq!(plan.per_day, 100.0 / 28.0);
-        assert_eq!(plan.left_today(), 3);
+        let reserve = 500.0 * 28.0 / 30.0;
+        assert!((plan.reserve - reserve).abs() < 1e-9, "{plan:?}");
+        assert!(
+            (plan.per_day - (600.0 - reserve) / 28.0).abs() < 1e-9,
+            "{plan:?}"
+        );
+        assert_eq!(plan.left_today(), 4);
         let unmetered = Plan::compute(&usage, at(3, 12), 0);
         assert!(unmetered.unmetered());
         assert_eq!(unmetered.left_today(), u64::MAX);

@@ -160,6 +160,68 @@ async fn a_lost_instance_finish_event_is_caught_by_one_gap_check_and_the_approva
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_task_finish_of_a_finished_approval_is_caught_by_one_gap_check() {
+    let app = TestApp::spawn_with(|c| fast(c, 0.001)).await;
+    let emu = emulator(&app).state().clone();
+    let instance = emu.start_instance(start(CODE, &["manager1"])).unwrap();
+    let pid = instance.process_instance_id.clone();
+    eventually(Duration::from_secs(15), "the one detail fetch", || async {
+        let fetched: Option<bool> = sqlx::query_scalar(
+            "SELECT detail_synced_at IS NOT NULL AND EXISTS (SELECT 1 FROM dingsync.approval_tasks t
+               WHERE t.process_instance_id = a.process_instance_id AND t.status = 'RUNNING')
+             FROM dingsync.approvals a WHERE process_instance_id = $1",
+        )
+        .bind(&pid)
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap();
+        (fetched == Some(true)).then_some(())
+    })
+    .await;
+    assert_eq!(emu.calls(GET), 1);
+    let task = emu
+        .open_tasks()
+        .into_iter()
+        .find(|t| t.process_instance_id == pid)
+        .unwrap()
+        .task;
+    // DingTalk loses both events of the agree; the instance's finish is then pushed by hand, so
+    // the task's finish is the one lost for good: the approval ends with its task still running.
+    emu.set_faults(Faults {
+        push: PushFaults {
+            drop_forever_rate: 1.0,
+            ..PushFaults::default()
+        },
+        ..Faults::default()
+    });
+    emu.agree(task.taskid, TaskAction::default()).unwrap();
+    emu.reset_faults();
+    let created = instance.create_time.timestamp_millis();
+    let finish = json!({
+        "EventType": "bpms_instance_change", "processInstanceId": pid, "corpId": app.owner_key,
+        "createTime": created, "finishTime": created + 1000, "type": "finish", "result": "agree",
+        "staffId": "emp1", "processCode": CODE,
+    });
+    app.push_ok(&finish.to_string()).await;
+    eventually(Duration::from_secs(20), "the gap check", || async {
+        let task_status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM dingsync.approval_tasks WHERE task_id = $1")
+                .bind(task.taskid)
+                .fetch_optional(&app.pool)
+                .await
+                .unwrap();
+        (task_status.as_deref() == Some("COMPLETED")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        status(&app, &pid).await.unwrap(),
+        ("COMPLETED".to_string(), Some("agree".to_string()))
+    );
+    assert_eq!(emu.calls(GET), 2, "the detail fetch and one gap check");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_deliveries_bring_a_failed_list_drain_six_clock_minutes_later() {
     let scale = 0.01; // six minutes in 3.6 s, the floor (six hours) far away
     let app = TestApp::spawn_with(|c| fast(c, scale)).await;

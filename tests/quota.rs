@@ -678,3 +678,100 @@ async fn metrics_show_the_allowance_series_of_the_organisation() {
     .await;
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_beyond_dingtalks_allowance_stay_pending_and_are_all_created_once_the_month_rolls_over()
+ {
+    // A month passes in about 13 s of real time (one day in 0.43 s), on the daemon's planning
+    // clock and the emulator's timings alike; DingTalk's own allowance (the emulator's) is far
+    // below what the run needs, and dingsync is told nothing of it (its share is unmetered), so
+    // only DingTalk's 90020 stops it.
+    const SCALE: f64 = 0.000_005;
+    let app = TestApp::spawn_with(|c| {
+        embedded_emulator(c);
+        fast(c);
+        c.emulator.time_scale = SCALE;
+        c.emulator.monthly_calls = 6;
+        c.dingtalk.monthly_calls = 0;
+        c.outbox.concurrency = 1;
+    })
+    .await;
+    let daemon = app.app.as_ref().unwrap();
+    let emu = daemon.emulator.as_ref().unwrap().state().clone();
+    let clock = daemon.ledger.clock();
+    let mut ids = Vec::new();
+    for k in 0..10 {
+        ids.push(request_expense(&app.pool, &format!("rollover-{k}")).await);
+    }
+    let states = |pool: PgPool| async move {
+        sqlx::query_as::<_, (String, i64)>(
+            "SELECT state, count(*) FROM dingsync.outbox GROUP BY state ORDER BY state",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    // DingTalk refuses once its month's calls are used; the rows wait, saying why.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while emu.quota().calls.refused == 0 {
+        assert!(Instant::now() < deadline, "DingTalk never refused a call");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let waiting: Vec<Row> = futures_rows(&app.pool, &ids).await;
+    assert!(
+        waiting.iter().all(|r| r.state != "failed"),
+        "no row fails for the quota: {waiting:?}"
+    );
+    assert!(
+        waiting.iter().any(|r| r.state == "pending"
+            && r.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("allowance"))),
+        "a waiting row says why: {waiting:?}"
+    );
+    // Each time the daemon's month is about to turn, DingTalk's does too (a real DingTalk and
+    // dingsync share the calendar; here the emulator is told).
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let mut rollovers = 0;
+    loop {
+        let created = states(app.pool.clone())
+            .await
+            .iter()
+            .find(|(s, _)| s == "created")
+            .map_or(0, |(_, n)| *n);
+        if created == ids.len() as i64 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all created after {rollovers} rollovers: {:?}",
+            states(app.pool.clone()).await
+        );
+        let (_, month_end) = dingsync::clock::month_span(clock.now());
+        let left = (month_end - clock.now()).to_std().unwrap_or_default();
+        let real = clock.real_duration(left);
+        // A virtual hour before the turn.
+        tokio::time::sleep(real.saturating_sub(clock.real_duration(Duration::from_secs(3600))))
+            .await;
+        emu.rollover();
+        rollovers += 1;
+        tokio::time::sleep(clock.real_duration(Duration::from_secs(7200))).await;
+    }
+    let rows = futures_rows(&app.pool, &ids).await;
+    assert!(rows.iter().all(|r| r.state == "created"), "{rows:?}");
+    assert!(rollovers >= 1, "the run needed more than one month");
+    let instances = emu.instances();
+    assert_eq!(
+        instances.len(),
+        ids.len(),
+        "one approval per row, no duplicate"
+    );
+}
+
+async fn futures_rows(pool: &PgPool, ids: &[i64]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for id in ids {
+        rows.push(row(pool, *id).await);
+    }
+    rows
+}

@@ -1,8 +1,8 @@
 //! The `sweep` job: the planner's background tick. Each run reads the plan (the day's allowance
 //! of background calls, `planner::Plan`) and the push-health state, then spends within it, in
 //! this order:
-//! 1. gap checks (purpose `Gap`): open approvals without a RUNNING task whose events have been
-//!    quiet for `reconcile.gap_after_s` miss an event; each is fetched at most
+//! 1. gap checks (purpose `Gap`): open approvals without a RUNNING task, and finished ones with a
+//!    task still RUNNING (`store::approvals::gap_page`), whose events have been quiet for `reconcile.gap_after_s` miss an event; each is fetched at most
 //!    `reconcile.gap_checks` times, spaced `gap_after_s × 6^k`. A change found is a sign for the
 //!    failed-list drain and may say that pushes are missing;
 //! 2. push health (`planner::next_mode`), switching between push and polling mode;
@@ -34,6 +34,11 @@ use crate::{
 const LIST_OVERLAP_MS: i64 = 60_000;
 /// A polling tick carries at most a day's allowance over.
 const MAX_CREDIT_DAYS: f64 = 1.0;
+/// Calls a polling round waits to have before it spends them: the tick runs every minute while a
+/// day's allowance may be ~150 calls, and a round of one call would always be the `listids` and
+/// never a `get`. Ten: one listing per template and the rest on open approvals, a round every
+/// hour or two at the standard edition's allowance.
+const POLL_BATCH: f64 = 10.0;
 /// The outbox's silent approvals are looked for among those created in the last day.
 const SILENCE_WINDOW: TimeDelta = TimeDelta::days(1);
 
@@ -349,6 +354,12 @@ async fn poll(
     } else {
         (state.poll_credit + plan.share(tick)).min(plan.per_day * MAX_CREDIT_DAYS)
     };
+    // Credit gathers until a round is worth its listing (never more than a day can give).
+    let batch = POLL_BATCH.min(plan.per_day * MAX_CREDIT_DAYS).max(1.0);
+    if !plan.unmetered() && share < batch {
+        state.poll_credit = share.max(0.0);
+        return Ok(());
+    }
     let granted = budget.take_up_to(share.max(0.0).floor() as u64);
     let mut mine = Budget::new(granted);
     let corp = ctx.corp_id();

@@ -138,10 +138,9 @@ pub async fn fetch_and_apply(
 /// Whether `e` is DingTalk's monthly allowance used up (somewhere in its chain).
 pub fn is_paused(e: &anyhow::Error) -> bool {
     e.chain().any(|cause| {
-        matches!(
-            cause.downcast_ref::<dingtalk::Error>(),
-            Some(dingtalk::Error::QuotaExhausted { .. })
-        )
+        cause
+            .downcast_ref::<dingtalk::Error>()
+            .is_some_and(quota_exhausted)
     })
 }
 

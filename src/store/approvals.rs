@@ -152,10 +152,14 @@ pub async fn sweep_page(
     .await
 }
 
-/// The next page of approvals that miss an event, by `run_started`: open (NEW/RUNNING) in the
-/// database but without a RUNNING task (a running approval always waits for someone), fetched
-/// once already (the detail fetch comes first), quiet for `after_s × 6^checks` seconds (real
-/// time) since their last event or snapshot, fewer than `max_checks` gap checks so far.
+/// The next page of approvals that miss an event, by `run_started`, fetched once already (the
+/// detail fetch comes first), quiet for `after_s × 6^checks` seconds (real time) since their last
+/// event or snapshot, with fewer than `max_checks` gap checks so far; either
+/// - open (NEW/RUNNING) in the database without a RUNNING task: a running approval always waits
+///   for someone, so the next task's start or the instance's end went missing; or
+/// - finished in the database with a task still RUNNING: a finished approval waits for nobody, so
+///   that task's end went missing (found through the running tasks' partial index, migration V17,
+///   never by scanning the finished approvals).
 pub async fn gap_page(
     db: impl PgExecutor<'_>,
     corp_id: &str,
@@ -165,17 +169,28 @@ pub async fn gap_page(
     limit: u32,
 ) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
-        "SELECT a.process_instance_id FROM dingsync.approvals a
-         WHERE a.corp_id = $1 AND a.status IN ('NEW', 'RUNNING') AND a.gap_checks < $4
-           AND a.detail_wanted_at IS NULL
-           AND (a.next_check_at IS NULL OR a.next_check_at <= $2)
-           AND greatest(a.last_event_at, a.snapshot_at)
-               <= $2 - make_interval(secs => $3 * power(6, a.gap_checks))
-           AND NOT EXISTS (SELECT 1 FROM dingsync.approval_tasks t
-                           WHERE t.corp_id = a.corp_id
-                             AND t.process_instance_id = a.process_instance_id
-                             AND t.status = 'RUNNING')
-         ORDER BY greatest(a.last_event_at, a.snapshot_at), a.process_instance_id
+        "WITH suspect AS (
+             SELECT a.process_instance_id, greatest(a.last_event_at, a.snapshot_at) AS quiet_since,
+                    a.gap_checks, a.detail_wanted_at, a.next_check_at
+             FROM dingsync.approvals a
+             WHERE a.corp_id = $1 AND a.status IN ('NEW', 'RUNNING')
+               AND NOT EXISTS (SELECT 1 FROM dingsync.approval_tasks t
+                               WHERE t.corp_id = a.corp_id
+                                 AND t.process_instance_id = a.process_instance_id
+                                 AND t.status = 'RUNNING')
+             UNION
+             SELECT a.process_instance_id, greatest(a.last_event_at, a.snapshot_at),
+                    a.gap_checks, a.detail_wanted_at, a.next_check_at
+             FROM dingsync.approval_tasks t
+             JOIN dingsync.approvals a
+               ON a.corp_id = t.corp_id AND a.process_instance_id = t.process_instance_id
+             WHERE t.corp_id = $1 AND t.status = 'RUNNING'
+               AND a.status NOT IN ('NEW', 'RUNNING'))
+         SELECT process_instance_id FROM suspect
+         WHERE gap_checks < $4 AND detail_wanted_at IS NULL
+           AND (next_check_at IS NULL OR next_check_at <= $2)
+           AND quiet_since <= $2 - make_interval(secs => $3 * power(6, gap_checks))
+         ORDER BY quiet_since, process_instance_id
          LIMIT $5",
     )
     .bind(corp_id)
