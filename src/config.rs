@@ -81,7 +81,8 @@ pub struct ReconcileConfig {
     /// Gap checks of one approval at most.
     pub gap_checks: u32,
     /// The failed-push list is drained at least this often (planner's clock), signs or not.
-    pub failed_floor_h: u64,
+    /// Fractions allowed (tests run it in seconds); every drain is a background call.
+    pub failed_floor_h: f64,
     /// Approvals created through the outbox this long ago without any event: pushes missing.
     pub push_silence_s: u64,
     pub backfill_days: u32,
@@ -293,7 +294,7 @@ impl Default for Config {
                 sweep_first_check_h: 48,
                 gap_after_s: 600,
                 gap_checks: 2,
-                failed_floor_h: 6,
+                failed_floor_h: 6.0,
                 push_silence_s: 900,
                 backfill_days: 30,
                 backfill_window_days: 30,
@@ -717,10 +718,10 @@ impl Config {
         if r.gap_checks > 10 {
             return Err(invalid("reconcile.gap_checks", "must be 0 to 10"));
         }
-        if !(1..=24 * 31).contains(&r.failed_floor_h) {
+        if !(0.01..=744.0).contains(&r.failed_floor_h) {
             return Err(invalid(
                 "reconcile.failed_floor_h",
-                "must be 1 to 744 (DingTalk keeps failed pushes for days, docs/dingtalk.md §3)",
+                "must be 0.01 to 744 hours (DingTalk keeps failed pushes for days, docs/dingtalk.md §3)",
             ));
         }
         if !(60..=86_400).contains(&r.push_silence_s) {

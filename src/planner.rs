@@ -537,7 +537,7 @@ pub fn sweep_first_check(config: &ReconcileConfig) -> Duration {
 }
 
 pub fn failed_floor(config: &ReconcileConfig) -> Duration {
-    Duration::from_secs(config.failed_floor_h * 3600)
+    Duration::from_secs_f64(config.failed_floor_h * 3600.0)
 }
 
 pub fn push_silence(config: &ReconcileConfig) -> Duration {

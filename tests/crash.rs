@@ -293,7 +293,12 @@ async fn kill_9_again_and_again_loses_no_event_and_doubles_no_approval() {
         ("DINGSYNC_RECONCILE_BACKFILL_DAYS", "1".into()),
         ("DINGSYNC_SCHEDULER_RETENTION", DORMANT.into()),
         ("DINGSYNC_RECONCILE_DETAIL_QUIET_MS", "0".into()),
-        ("DINGSYNC_RECONCILE_SWEEP_MIN_INTERVAL_S", "2".into()),
+        // Events lost while the daemon was down end in the failed list (the emulator's retry
+        // ladder runs 100 times faster than DingTalk's; the daemon's clock does not): drained at
+        // least every 36 s instead of every 6 h, and a missing event found by the gap check after
+        // a second instead of ten minutes.
+        ("DINGSYNC_RECONCILE_FAILED_FLOOR_H", "0.01".into()),
+        ("DINGSYNC_RECONCILE_GAP_AFTER_S", "1".into()),
         ("DINGSYNC_LOG_FILTER", "warn".into()),
     ];
     let mut daemon = Daemon {
