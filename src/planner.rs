@@ -47,8 +47,12 @@ use crate::{
 /// §6): a drain this long after a sign finds what the sign was about.
 pub const SIGN_WAIT: Duration = Duration::from_secs(6 * 60);
 
-/// A daemon that last worked longer ago than this before a start missed pushes meanwhile.
-pub const DOWNTIME: Duration = Duration::from_secs(60);
+/// A daemon that last worked longer ago than this before a start may have missed pushes
+/// meanwhile. DingTalk parks a push in the failed list only after its retries, 10 s and then 30 s
+/// later (docs/dingtalk.md §6), have failed too, so a downtime shorter than 30 s (40 s on the
+/// other reading of the ladder) parks nothing; 20 s leaves room for the job log's granularity
+/// (a run every few seconds). A sign costs one drain.
+pub const DOWNTIME: Duration = Duration::from_secs(20);
 
 /// Share of the monthly calls kept for live work for a whole month ahead (less as the month
 /// goes by).
