@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use dingsync::config::Config;
-use dingsync_emulator::{Emulator, Faults, PushFaults, StartInstance, TaskAction};
+use dingsync_emulator::{
+    Emulator, Faults, Handle, Instance, PushFaults, StartInstance, Task, TaskAction,
+};
 use serde_json::json;
 
 const FAILED_LIST: &str = "call_back/get_call_back_failed_result";
@@ -98,8 +100,9 @@ async fn an_idle_daemon_on_a_fast_clock_spends_only_the_failed_list_floor() {
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_instance_finish_event_is_caught_by_one_gap_check_and_the_approval_ends_right() {
+/// A daemon on a fast clock, and one approval of one approver whose detail fetch (its one `get`
+/// so far) has been applied with the approver's task RUNNING.
+async fn one_approval_fetched_once() -> (TestApp, Handle, Instance, Task) {
     let app = TestApp::spawn_with(|c| fast(c, 0.001)).await;
     let emu = emulator(&app).state().clone();
     let instance = emu.start_instance(start(CODE, &["manager1"])).unwrap();
@@ -124,8 +127,11 @@ async fn a_lost_instance_finish_event_is_caught_by_one_gap_check_and_the_approva
         .find(|t| t.process_instance_id == pid)
         .unwrap()
         .task;
-    // DingTalk loses both events of the agree; the task's finish is then pushed by hand, so the
-    // instance's finish is the one lost for good.
+    (app, emu, instance, task)
+}
+
+/// The approver agrees and DingTalk loses every event of it for good.
+fn agree_losing_its_events(emu: &Handle, taskid: i64) {
     emu.set_faults(Faults {
         push: PushFaults {
             drop_forever_rate: 1.0,
@@ -133,8 +139,17 @@ async fn a_lost_instance_finish_event_is_caught_by_one_gap_check_and_the_approva
         },
         ..Faults::default()
     });
-    emu.agree(task.taskid, TaskAction::default()).unwrap();
+    emu.agree(taskid, TaskAction::default()).unwrap();
     emu.reset_faults();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_instance_finish_event_is_caught_by_one_gap_check_and_the_approval_ends_right() {
+    let (app, emu, instance, task) = one_approval_fetched_once().await;
+    let pid = instance.process_instance_id.clone();
+    // DingTalk loses both events of the agree; the task's finish is then pushed by hand, so the
+    // instance's finish is the one lost for good.
+    agree_losing_its_events(&emu, task.taskid);
     let created = instance.create_time.timestamp_millis();
     let finish = json!({
         "EventType": "bpms_task_change", "processInstanceId": pid, "corpId": app.owner_key,
@@ -161,41 +176,11 @@ async fn a_lost_instance_finish_event_is_caught_by_one_gap_check_and_the_approva
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_task_finish_of_a_finished_approval_is_caught_by_one_gap_check() {
-    let app = TestApp::spawn_with(|c| fast(c, 0.001)).await;
-    let emu = emulator(&app).state().clone();
-    let instance = emu.start_instance(start(CODE, &["manager1"])).unwrap();
+    let (app, emu, instance, task) = one_approval_fetched_once().await;
     let pid = instance.process_instance_id.clone();
-    eventually(Duration::from_secs(15), "the one detail fetch", || async {
-        let fetched: Option<bool> = sqlx::query_scalar(
-            "SELECT detail_synced_at IS NOT NULL AND EXISTS (SELECT 1 FROM dingsync.approval_tasks t
-               WHERE t.process_instance_id = a.process_instance_id AND t.status = 'RUNNING')
-             FROM dingsync.approvals a WHERE process_instance_id = $1",
-        )
-        .bind(&pid)
-        .fetch_optional(&app.pool)
-        .await
-        .unwrap();
-        (fetched == Some(true)).then_some(())
-    })
-    .await;
-    assert_eq!(emu.calls(GET), 1);
-    let task = emu
-        .open_tasks()
-        .into_iter()
-        .find(|t| t.process_instance_id == pid)
-        .unwrap()
-        .task;
     // DingTalk loses both events of the agree; the instance's finish is then pushed by hand, so
     // the task's finish is the one lost for good: the approval ends with its task still running.
-    emu.set_faults(Faults {
-        push: PushFaults {
-            drop_forever_rate: 1.0,
-            ..PushFaults::default()
-        },
-        ..Faults::default()
-    });
-    emu.agree(task.taskid, TaskAction::default()).unwrap();
-    emu.reset_faults();
+    agree_losing_its_events(&emu, task.taskid);
     let created = instance.create_time.timestamp_millis();
     let finish = json!({
         "EventType": "bpms_instance_change", "processInstanceId": pid, "corpId": app.owner_key,
