@@ -26,12 +26,15 @@
 //! ```
 //! Needs the local PostgreSQL (or DINGSYNC_TEST_DATABASE_URL).
 
+mod common;
+
 use std::{
     collections::{BTreeMap, HashMap},
     time::Duration,
 };
 
 use chrono::{DateTime, TimeDelta, Utc};
+use common::{drop_database, server_url};
 use dingsync::{
     app::{App, EMULATOR_CORP_ID},
     clock::{self, Clock},
@@ -39,7 +42,7 @@ use dingsync::{
 };
 use dingsync_emulator::{Faults, Handle, PushFaults, TaskAction};
 use rand::{Rng, SeedableRng, rngs::StdRng};
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 
 const CODE: &str = "PROC-EMU-EXPENSE";
 const APPROVERS: [&str; 3] = ["manager1", "fin1", "boss1"];
@@ -79,21 +82,6 @@ struct Scenario {
     approvals: usize,
     monthly_calls: u64,
     monthly_deliveries: u64,
-}
-
-fn server_url() -> String {
-    std::env::var("DINGSYNC_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-
-async fn drop_database(name: &str) {
-    let mut admin = PgConnection::connect(&format!("{}/postgres", server_url()))
-        .await
-        .unwrap();
-    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
 }
 
 fn config(db_url: &str, s: &Scenario, scale: f64) -> Config {

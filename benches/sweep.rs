@@ -17,6 +17,8 @@
 //! ```
 //! Needs the local PostgreSQL (or DINGSYNC_TEST_DATABASE_URL).
 
+mod common;
+
 use std::{
     sync::{
         Arc,
@@ -25,6 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::{drop_database, server_url};
 use dingsync::{
     app::App,
     callback::TAGS,
@@ -38,7 +41,7 @@ use dingsync_emulator::{
     DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig, Faults, PushFaults,
     StartInstance, TaskAction,
 };
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 const CORP: &str = "dingbenchcorp0000001";
@@ -78,21 +81,6 @@ fn args() -> Args {
         };
     }
     a
-}
-
-fn server_url() -> String {
-    std::env::var("DINGSYNC_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-
-async fn drop_database(name: &str) {
-    let mut admin = PgConnection::connect(&format!("{}/postgres", server_url()))
-        .await
-        .unwrap();
-    sqlx::raw_sql(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
 }
 
 /// `time_scale` < 1 also shortens the token's life (7200 s scaled): calls in flight when it
