@@ -215,14 +215,16 @@ impl Worker {
         // Rows of the claimed one's originator still being sent: their creates may be among the
         // instances, their answers on the way. Wait for them (they end within half the lease),
         // and so search once for the whole burst; but not for ever behind an originator who
-        // never stops sending.
+        // never stops sending: at most half a lease after the oldest row became searchable (a
+        // lost answer is then resolved about a lease and a half after its send at the latest,
+        // 90 s at the defaults, even while its originator keeps creating).
         let oldest = parties
             .iter()
             .filter(|p| p.settled)
             .map(|p| p.row.sent_at.unwrap_or(p.row.created_at))
             .min()
             .unwrap_or(now);
-        let patience = TimeDelta::from_std(2 * self.lease() + self.settle()).unwrap_or_default();
+        let patience = TimeDelta::from_std(self.lease() + self.settle()).unwrap_or_default();
         if parties.iter().any(|p| p.settled && p.blocked) && oldest + patience > now {
             let ids = self.settled_ids(&parties, claimed.id);
             store::record_unknown(
