@@ -226,9 +226,10 @@ async fn refused_deliveries_bring_a_failed_list_drain_six_clock_minutes_later() 
     )
     .await;
     let clock_minutes = refused.elapsed().as_secs_f64() / scale / 60.0;
-    // Six minutes, plus at most a tick (100 clock seconds) and the ledger's flush.
+    // Six minutes, plus at most a tick and the ledger's flush (a real second each: 100 clock
+    // seconds each) and the runs' own time on a busy machine.
     assert!(
-        (6.0..=9.0).contains(&clock_minutes),
+        (6.0..=10.5).contains(&clock_minutes),
         "drained {clock_minutes:.1} clock minutes after the refusal"
     );
     app.stop().await;
