@@ -9,7 +9,7 @@ mod common;
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, ExitStatus, Output, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
@@ -56,24 +56,6 @@ const REAL: [(&str, &str, &str); 7] = [
         "https://z7real.example.com/dingtalk/callback",
     ),
 ];
-
-/// Runs `command` to its end, which must come within 30 s.
-fn run_to_end(mut command: Command) -> Output {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("dingsync runs");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("dingsync did not exit within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
 
 async fn database_exists(name: &str) -> bool {
     let mut conn = PgConnection::connect(&format!("{}/postgres", server_url()))

@@ -481,26 +481,11 @@ async fn a_search_that_fetches_an_instance_leaves_its_snapshot_so_the_details_jo
 
 /// A standalone emulator (so that several daemons can share it).
 async fn standalone_emulator() -> Emulator {
-    install_crypto_provider();
-    Emulator::start(
-        EmulatorConfig {
-            corp_id: CORP_ID.into(),
-            time_scale: 0.01,
-            seed: 11,
-            ..EmulatorConfig::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap()
+    common::standalone_emulator(11).await
 }
 
 fn against(emu: &Emulator, db: &TestDb) -> Config {
-    let mut config = test_config(&db.url);
-    config.dingtalk.api_base = emu.base_url();
-    config.dingtalk.app_key = EmulatorConfig::default().app_key;
-    config.dingtalk.app_secret =
-        dingsync::config::Secret::new(EmulatorConfig::default().app_secret);
+    let mut config = config_against(emu, db);
     fast(&mut config);
     config
 }

@@ -5,21 +5,18 @@
 
 mod common;
 
-use std::{
-    process::{Command, Output, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use chrono::{NaiveDate, TimeZone, Utc};
 use common::*;
 use dingsync::{
     app::{App, EMULATOR_CORP_ID},
     cli::{doctor, quota},
-    config::{Config, Secret},
+    config::Config,
     dingtalk::{self, Client, Purpose, quota::Allowances},
     store::{self, outbox::PAUSED, usage::Delta},
 };
-use dingsync_emulator::{Emulator, EmulatorConfig, Handle, InjectedError};
+use dingsync_emulator::{Emulator, Handle, InjectedError};
 use sqlx::PgPool;
 
 const LIMIT_MESSAGE: &str = "您的企业本月api调用量已超过限制,调用量:5001次,额度:5000次,请登录开发者后台-资源管理-查看用量明细";
@@ -47,25 +44,12 @@ fn fast(c: &mut Config) {
 }
 
 async fn standalone_emulator() -> Emulator {
-    install_crypto_provider();
-    Emulator::start(
-        EmulatorConfig {
-            corp_id: CORP_ID.into(),
-            time_scale: 0.01,
-            ..EmulatorConfig::default()
-        },
-        "127.0.0.1:0".parse().unwrap(),
-    )
-    .await
-    .unwrap()
+    common::standalone_emulator(1).await
 }
 
 /// A configuration against the standalone emulator `emu`.
 fn against(emu: &Emulator, db: &TestDb) -> Config {
-    let mut config = test_config(&db.url);
-    config.dingtalk.api_base = emu.base_url();
-    config.dingtalk.app_key = EmulatorConfig::default().app_key;
-    config.dingtalk.app_secret = Secret::new(EmulatorConfig::default().app_secret);
+    let mut config = config_against(emu, db);
     fast(&mut config);
     config
 }
@@ -328,24 +312,6 @@ async fn a_pause_from_an_earlier_month_or_another_allowance_is_lifted_at_start_u
     assert!(store::usage::pause(&pool, CORP_ID).await.unwrap().is_none());
     app.stop().await.unwrap();
     pool.close().await;
-}
-
-/// Runs `command` to its end, which must come within 30 s.
-fn run_to_end(mut command: Command) -> Output {
-    let mut child = command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("dingsync runs");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("dingsync did not exit within 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
 }
 
 #[tokio::test]

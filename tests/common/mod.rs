@@ -53,6 +53,50 @@ pub fn dingsync_command_with(config: &std::path::Path, args: &[&str]) -> std::pr
     command
 }
 
+/// A standalone emulator of `CORP_ID` (several daemons can share it), DingTalk's timings 100
+/// times faster.
+pub async fn standalone_emulator(seed: u64) -> dingsync_emulator::Emulator {
+    install_crypto_provider();
+    let config = dingsync_emulator::EmulatorConfig {
+        corp_id: CORP_ID.into(),
+        time_scale: 0.01,
+        seed,
+        ..dingsync_emulator::EmulatorConfig::default()
+    };
+    dingsync_emulator::Emulator::start(config, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap()
+}
+
+/// A test configuration against the standalone emulator `emu`, with its app's credentials.
+pub fn config_against(emu: &dingsync_emulator::Emulator, db: &TestDb) -> Config {
+    let mut config = test_config(&db.url);
+    let defaults = dingsync_emulator::EmulatorConfig::default();
+    config.dingtalk.api_base = emu.base_url();
+    config.dingtalk.app_key = defaults.app_key;
+    config.dingtalk.app_secret = Secret::new(defaults.app_secret);
+    config
+}
+
+/// Runs `command` to its end, which must come within 30 s.
+pub fn run_to_end(mut command: std::process::Command) -> std::process::Output {
+    use std::process::Stdio;
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("dingsync runs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("dingsync did not exit within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// A database that exists for one test and is dropped afterwards.
 pub struct TestDb {
     pub name: String,
