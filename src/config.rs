@@ -14,6 +14,8 @@ use crate::crypto::CallbackCrypto;
 pub const EMULATOR: &str = "emulator";
 /// DingTalk's address, for the messages that tell an operator what to set.
 const DINGTALK_API: &str = "https://oapi.dingtalk.com";
+/// The v1.0 family's address (docs/dingtalk.md §8.1: the Stream gateway).
+const DINGTALK_OPENAPI: &str = "https://api.dingtalk.com";
 /// Prefix of environment overrides: `DINGSYNC_DATABASE_URL` sets `[database] url`.
 const ENV_PREFIX: &str = "DINGSYNC_";
 
@@ -27,6 +29,7 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub outbox: OutboxConfig,
     pub emulator: EmulatorSettings,
+    pub stream: StreamConfig,
     pub log: LogConfig,
     pub scheduler: SchedulerConfig,
     pub reconcile: ReconcileConfig,
@@ -105,6 +108,23 @@ pub struct EmulatorSettings {
     pub monthly_calls: u64,
     /// Event deliveries (push attempts) it may receive a month; 0 = no limit.
     pub monthly_deliveries: u64,
+    /// How the emulator delivers events: `http` (push to the callback) or `stream` (over the
+    /// app's Stream connections), as DingTalk's console chooses.
+    pub delivery: String,
+}
+
+/// Stream mode (`src/stream/`): events over outbound WebSocket connections to DingTalk's
+/// gateway instead of (or beside) HTTP push (docs/dingtalk.md §8).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    pub enabled: bool,
+    /// Connections this replica holds.
+    pub connections: usize,
+    /// A connection that receives nothing (no frame, no pong) for this long is presumed dead
+    /// and replaced; it is pinged after a third of it. Also how long `/readyz` tolerates no
+    /// connection up.
+    pub silence_limit_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,6 +171,9 @@ pub struct CallbackConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DingTalkConfig {
     pub api_base: String,
+    /// The v1.0 family's address (`api.dingtalk.com`): the Stream gateway's `connections/open`.
+    /// Ignored with the embedded emulator, which serves it.
+    pub openapi_base: String,
     pub app_key: String,
     pub app_secret: Secret,
     pub corp_id: String,
@@ -240,6 +263,7 @@ impl Default for Config {
                 // No default: the emulator runs only when a configuration asks for it by name
                 // (the shipped config.toml does), never because a key was left out.
                 api_base: String::new(),
+                openapi_base: DINGTALK_OPENAPI.into(),
                 app_key: String::new(),
                 app_secret: Secret::default(),
                 corp_id: String::new(),
@@ -272,6 +296,12 @@ impl Default for Config {
                 admin_token: Secret::default(),
                 monthly_calls: 0,
                 monthly_deliveries: 0,
+                delivery: "http".into(),
+            },
+            stream: StreamConfig {
+                enabled: false,
+                connections: 1,
+                silence_limit_ms: 30_000,
             },
             log: LogConfig {
                 format: LogFormat::Text,
@@ -326,6 +356,7 @@ default_from_config!(
     IngestConfig => ingest,
     OutboxConfig => outbox,
     EmulatorSettings => emulator,
+    StreamConfig => stream,
     LogConfig => log,
     SchedulerConfig => scheduler,
     ReconcileConfig => reconcile,
@@ -487,21 +518,29 @@ impl Config {
         }
         self.validate_outbox()?;
         self.validate_api_base()?;
+        self.validate_stream()?;
         let emulator = self.uses_emulator();
         // With the embedded emulator empty callback secrets are generated at start-up; against a
         // real DingTalk they must be the ones registered there.
         let token = self.callback.token.expose();
+        // Stream alone needs no callback secrets: then the HTTP callback refuses every push
+        // (`app` seals it with secrets nobody knows).
+        let stream_only = self.stream.enabled
+            && token.is_empty()
+            && self.callback.aes_key.is_empty()
+            && self.callback.owner_key.is_empty();
+        let secrets_optional = emulator || stream_only;
         let token_ok = !token.is_empty()
             && token.len() <= 64
             && token.bytes().all(|b| b.is_ascii_alphanumeric());
-        if (!token.is_empty() || !emulator) && !token_ok {
+        if (!token.is_empty() || !secrets_optional) && !token_ok {
             return Err(invalid(
                 "callback.token",
                 "must be 1 to 64 characters of A-Z, a-z, 0-9 (DingTalk's console takes 3 to 32; 32 is safest)",
             ));
         }
         let aes_key = self.callback.aes_key.expose();
-        if !aes_key.is_empty() || !emulator {
+        if !aes_key.is_empty() || !secrets_optional {
             CallbackCrypto::new("x", aes_key)
                 .map_err(|e| invalid("callback.aes_key", e.to_string()))?;
         }
@@ -509,7 +548,7 @@ impl Config {
             return Err(invalid("callback.owner_key", "contains an empty entry"));
         }
         if !emulator {
-            if self.callback.owner_key.is_empty() {
+            if self.callback.owner_key.is_empty() && !stream_only {
                 return Err(invalid(
                     "callback.owner_key",
                     "required: the CorpId (ding...) for a callback registered with register_call_back, the AppKey for a console event subscription; list both while unsure",
@@ -748,6 +787,43 @@ impl Config {
             return Err(invalid(
                 "reconcile.backfill_overlap_s",
                 "must be shorter than reconcile.backfill_window_days",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `stream.*`, `dingtalk.openapi_base` and `emulator.delivery`.
+    fn validate_stream(&self) -> Result<(), ConfigError> {
+        if !matches!(self.emulator.delivery.as_str(), "http" | "stream") {
+            return Err(invalid(
+                "emulator.delivery",
+                "must be \"http\" (push to the callback URL) or \"stream\" (over Stream connections)",
+            ));
+        }
+        let s = &self.stream;
+        if !(1..=64).contains(&s.connections) {
+            return Err(invalid("stream.connections", "must be 1 to 64"));
+        }
+        if !(500..=600_000).contains(&s.silence_limit_ms) {
+            return Err(invalid(
+                "stream.silence_limit_ms",
+                "must be 500 to 600000 (DingTalk pings about every 30 s; 30000 is a good limit)",
+            ));
+        }
+        let base = &self.dingtalk.openapi_base;
+        if !self.uses_emulator() && !(base.starts_with("https://") || base.starts_with("http://")) {
+            return Err(invalid(
+                "dingtalk.openapi_base",
+                format!("must be an http(s) URL ({DINGTALK_OPENAPI})"),
+            ));
+        }
+        if s.enabled
+            && !self.uses_emulator()
+            && (self.dingtalk.app_key.is_empty() || self.dingtalk.app_secret.is_empty())
+        {
+            return Err(invalid(
+                "stream.enabled",
+                "needs dingtalk.app_key and dingtalk.app_secret (a Stream connection is opened with the app's credentials)",
             ));
         }
         Ok(())

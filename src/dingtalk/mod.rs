@@ -17,6 +17,7 @@
 //! read here ([`read_answer`]), so that it inherits the quota and rate readings.
 
 mod budget;
+pub mod gateway;
 pub mod listing;
 pub mod quota;
 mod token;
@@ -449,7 +450,8 @@ pub fn priority(purpose: Purpose) -> Priority {
         | Purpose::Failed
         | Purpose::Callback
         | Purpose::Doctor
-        | Purpose::Token => Priority::Live,
+        | Purpose::Token
+        | Purpose::Stream => Priority::Live,
         Purpose::Gap | Purpose::Sweep | Purpose::Poll | Purpose::Backfill | Purpose::Drift => {
             Priority::Bulk
         }

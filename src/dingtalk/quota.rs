@@ -58,8 +58,12 @@ pub const V1_QUOTA_CODE: &str = "Forbidden.AccessDenied.ApiCountLimitForOrg";
 /// Whether a call to `path` is metered by DingTalk's list (see [`Gate::is_metered`] for what
 /// DingTalk's answers have added).
 pub fn is_metered(path: &str) -> bool {
-    path.trim_start_matches('/') != "gettoken"
+    !matches!(path.trim_start_matches('/'), "gettoken" | GATEWAY_OPEN)
 }
+
+/// Stream mode's `connections/open` (docs/dingtalk.md §8.1): connection management, not an OA
+/// approval API, so not metered by our reading (`dingtalk::gateway`).
+pub const GATEWAY_OPEN: &str = "v1.0/gateway/connections/open";
 
 pub use crate::ledger::Allowances;
 
