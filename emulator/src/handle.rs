@@ -408,6 +408,12 @@ impl Handle {
         self.shared.stream.acks()
     }
 
+    /// Stream mode: the events given up after their last redelivery (DingTalk lost them), as the
+    /// flat JSON an HTTP push of them would carry.
+    pub fn stream_given_up(&self) -> Vec<Value> {
+        self.shared.stream.given_up()
+    }
+
     /// Stream mode: tickets, connections, deliveries, pings and acks so far.
     pub fn stream_report(&self) -> crate::StreamReport {
         self.shared.stream.report()

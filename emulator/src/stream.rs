@@ -195,6 +195,8 @@ struct GatewayState {
     waiting: VecDeque<Message>,
     later: Vec<(Instant, Message)>,
     acks: Vec<AckRecord>,
+    /// Messages given up after the last redelivery, as flat events (what DingTalk lost).
+    given_up: Vec<Value>,
     ack_hook: Option<AckHook>,
     report: StreamReport,
 }
@@ -243,6 +245,10 @@ impl Gateway {
 
     pub fn acks(&self) -> Vec<AckRecord> {
         self.state().acks.clone()
+    }
+
+    pub fn given_up(&self) -> Vec<Value> {
+        self.state().given_up.clone()
     }
 
     pub fn report(&self) -> StreamReport {
@@ -447,12 +453,20 @@ async fn clock(shared: Arc<Shared>) {
 fn retry(state: &mut GatewayState, mut message: Message) {
     message.attempt += 1;
     if message.attempt as usize > REDELIVER_AFTER_SECS.len() {
-        state.report.given_up += 1;
-        tracing::info!(event_id = %message.event_id, "emulator stream: message never consumed; given up");
+        give_up(state, &message);
         return;
     }
     state.report.redeliveries += 1;
     state.waiting.push_back(message);
+}
+
+fn give_up(state: &mut GatewayState, message: &Message) {
+    state.report.given_up += 1;
+    tracing::info!(event_id = %message.event_id, "emulator stream: message never consumed; given up");
+    let mut flat: Map<String, Value> = serde_json::from_str(&message.data).unwrap_or_default();
+    flat.insert("EventType".into(), message.event_type.clone().into());
+    flat.insert("corpId".into(), message.corp_id.clone().into());
+    state.given_up.push(Value::Object(flat));
 }
 
 /// Hands the app's events to its Stream connections (in order; duplicates and reorders by the
@@ -717,7 +731,7 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream) {
                 // Dropping the socket closes TCP without a WebSocket close frame.
                 Some(Out::Drop) | None => break,
                 Some(Out::Silence) => {
-                    silent(&shared, &mut rx).await;
+                    silent(&shared, id, &mut rx).await;
                     break;
                 }
             },
@@ -754,11 +768,22 @@ async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream) {
 }
 
 /// The silent fault: the connection stays open, but nothing is sent or read (so WebSocket pings
-/// go unanswered too) until the emulator stops or the connection is dropped.
-async fn silent(shared: &Shared, rx: &mut mpsc::UnboundedReceiver<Out>) {
+/// go unanswered too). Messages still go to it and are lost there, as on a socket that died
+/// without closing, until the gateway's own keep-alive gives up on it: after one ping interval
+/// it gets no new messages and its TCP connection is dropped (how soon DingTalk notices a dead
+/// client is not documented).
+async fn silent(shared: &Shared, id: u64, rx: &mut mpsc::UnboundedReceiver<Out>) {
+    let noticed = tokio::time::sleep(shared.scaled(PING_EVERY_SECS));
+    tokio::pin!(noticed);
     loop {
         tokio::select! {
             () = shared.shutdown.cancelled() => return,
+            () = &mut noticed => {
+                if let Some(conn) = shared.stream.state().conns.get_mut(&id) {
+                    conn.accepting = false;
+                }
+                return;
+            }
             out = rx.recv() => match out {
                 Some(Out::Drop) | Some(Out::Close) | None => return,
                 Some(_) => {}
@@ -836,7 +861,7 @@ async fn on_ack(shared: &Arc<Shared>, connection: u64, text: &str) {
             let mut message = pending.message;
             message.attempt += 1;
             if message.attempt as usize > REDELIVER_AFTER_SECS.len() {
-                state.report.given_up += 1;
+                give_up(state, &message);
             } else {
                 state.report.redeliveries += 1;
                 state.later.push((at, message));
