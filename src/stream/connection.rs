@@ -184,6 +184,39 @@ fn jittered(base: Duration) -> Duration {
     base.mul_f64(rand::rng().random_range(0.5..=1.0))
 }
 
+/// What [`probe`] found: the gateway's endpoint and the first frame's kind, if one came.
+#[derive(Debug)]
+pub struct Probed {
+    pub endpoint: String,
+    pub first_frame: Option<&'static str>,
+}
+
+/// Opens one connection with `gateway` and waits up to `wait` for a first frame (`dingsync
+/// doctor`). `Err` says why not, and whether DingTalk refused the app's credentials.
+pub async fn probe(gateway: &gateway::Gateway, wait: Duration) -> Result<Probed, (bool, String)> {
+    let ticket = gateway
+        .open()
+        .await
+        .map_err(|e| (gateway::is_bad_credentials(&e), e.to_string()))?;
+    let url = ticket.connect_url().map_err(|e| (false, e.to_string()))?;
+    let connect = tokio_tungstenite::connect_async(url.as_str());
+    let (mut ws, _) = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => return Err((false, format!("WebSocket connect failed: {}", describe(&e)))),
+        Err(_) => return Err((false, "WebSocket connect timed out".into())),
+    };
+    // A frame that arrives is not acknowledged: the gateway redelivers it to `serve`.
+    let first_frame = match tokio::time::timeout(wait, ws.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => frame::read(text.as_str()).ok().map(|f| f.kind()),
+        _ => None,
+    };
+    let _ = ws.close(None).await;
+    Ok(Probed {
+        endpoint: ticket.endpoint,
+        first_frame,
+    })
+}
+
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 

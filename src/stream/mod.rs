@@ -13,6 +13,8 @@
 mod connection;
 pub mod frame;
 
+pub use connection::probe;
+
 use std::{
     sync::{
         Arc, Mutex,
