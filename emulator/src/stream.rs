@@ -97,7 +97,7 @@ const PING_EVERY_SECS: f64 = 30.0;
 /// From `disconnect` to the close, DingTalk seconds (docs/dingtalk.md §8.4).
 const CLOSE_AFTER_DISCONNECT_SECS: f64 = 10.0;
 /// Messages waiting for an ack on one connection at most.
-pub const WINDOW: usize = 128;
+pub const WINDOW: usize = 32;
 /// Default upper bound of the reorder delay.
 const REORDER_MAX_DEFAULT_MS: u64 = 500;
 /// How often due redeliveries and closes are looked for.
@@ -119,6 +119,8 @@ pub struct AckRecord {
     pub attempt: u32,
     /// Whether it consumed the message (code 200, not `LATER`).
     pub consumed: bool,
+    /// From sending the message to receiving this ack, in microseconds.
+    pub after_us: u64,
 }
 
 /// What happened to the app's Stream connections and messages, for tests.
@@ -180,6 +182,7 @@ struct Pending {
     message: Message,
     conn: u64,
     due: Instant,
+    sent_at: Instant,
 }
 
 #[derive(Default)]
@@ -622,6 +625,7 @@ fn pump(shared: &Arc<Shared>) {
                 message,
                 conn: conn_id,
                 due,
+                sent_at: Instant::now(),
             },
         );
     }
@@ -836,6 +840,7 @@ async fn on_ack(shared: &Arc<Shared>, connection: u64, text: &str) {
             status,
             attempt: pending.message.attempt,
             consumed,
+            after_us: pending.sent_at.elapsed().as_micros() as u64,
         };
         (record, state.ack_hook.clone())
     };

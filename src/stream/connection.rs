@@ -47,7 +47,7 @@ use crate::{
 
 /// Events of one connection handled at once; beyond it reading waits (the gateway's own window
 /// then holds the rest back).
-const IN_FLIGHT: usize = 512;
+const IN_FLIGHT: usize = 256;
 /// First wait before a replacement; doubled after each quick failure up to [`BACKOFF_MAX`].
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
