@@ -811,7 +811,7 @@ impl Config {
             ));
         }
         let base = &self.dingtalk.openapi_base;
-        if !self.uses_emulator() && !(base.starts_with("https://") || base.starts_with("http://")) {
+        if !(self.uses_emulator() || base.starts_with("https://") || base.starts_with("http://")) {
             return Err(invalid(
                 "dingtalk.openapi_base",
                 format!("must be an http(s) URL ({DINGTALK_OPENAPI})"),

@@ -669,6 +669,8 @@ fn percent_decode(s: &str) -> String {
 async fn serve_connection(shared: Arc<Shared>, tcp: TcpStream) {
     let gateway = &shared.stream;
     let mut events = false;
+    // The signature is tungstenite's (its error type is a whole HTTP response).
+    #[allow(clippy::result_large_err)]
     let check = |request: &Request, response: WsResponse| -> Result<WsResponse, ErrorResponse> {
         let ticket = ticket_of(request);
         let mut state = gateway.state();
