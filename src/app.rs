@@ -33,7 +33,7 @@ use crate::{
     ingest::Ingest,
     jobs,
     ledger::Ledger,
-    outbox, planner, scheduler, server, store,
+    outbox, planner, scheduler, server, store, stream,
 };
 
 /// CorpId the embedded emulator's organisation uses (and events without a corpId fall back to):
@@ -71,6 +71,7 @@ impl App {
         config.validate().context("invalid configuration")?;
         server::check_open_files(&config)?;
         resolve_emulator_defaults(&mut config);
+        seal_unused_callback(&mut config);
         let crypto = CallbackCrypto::new(
             config.callback.token.expose(),
             config.callback.aes_key.expose(),
@@ -109,12 +110,14 @@ impl App {
         let ingest_stop = CancellationToken::new();
         let (ingest, ingest_task) =
             Ingest::start(pool.clone(), &config.ingest, ingest_stop.clone());
+        // Stream connections, like callbacks in flight, finish before the ingest stops.
+        let streams = tokio_util::task::TaskTracker::new();
         let state = Arc::new(CallbackState {
             crypto,
             owner_keys: config.callback.owner_key.clone(),
             default_corp_id: config.dingtalk.corp_id.clone(),
             corps,
-            ingest,
+            ingest: ingest.clone(),
             ledger: ledger.clone(),
         });
         let health = health::Health::new(
@@ -128,8 +131,11 @@ impl App {
         let router = router(state, health.clone(), &config);
         let server_stop = shutdown.clone();
         let limits = server::Limits::new(&config.server);
+        let streams_done = streams.clone();
         let task = tokio::spawn(async move {
             server::serve(listener, router, limits, server_stop).await;
+            streams_done.close();
+            streams_done.wait().await;
             ingest_stop.cancel();
             ingest_task.await.ok();
             Ok(())
@@ -164,6 +170,28 @@ impl App {
         } else if config.outbox.enabled {
             tracing::warn!("no DingTalk client: dingsync.outbox rows are not sent by this replica");
         }
+        if let Some(client) = client.as_ref().filter(|_| config.stream.enabled) {
+            // The client's v1.0 address: the embedded emulator's, or `dingtalk.openapi_base`.
+            let openapi_base = client.v1_base().to_string();
+            let corps = store::corps::Served::load(pool.clone(), &config.dingtalk.corp_id)
+                .await
+                .context("reading dingsync.corps")?;
+            let deps = stream::Deps {
+                gateway: dingtalk::gateway::Gateway::new(client, &config.dingtalk, &openapi_base),
+                ingest,
+                corps,
+                ledger: ledger.clone(),
+                corp_id: config.dingtalk.corp_id.clone(),
+                silence: Duration::from_millis(config.stream.silence_limit_ms),
+            };
+            let running = stream::Stream::start(&config.stream, deps, &streams, shutdown.clone());
+            let status = running.status();
+            health.watch_stream(Arc::new(move || status.not_ready()));
+            tracing::info!(
+                connections = config.stream.connections,
+                "Stream mode on: receiving events over outbound connections to {openapi_base}"
+            );
+        }
         let jobs = client.as_ref().map(|client| {
             jobs::Context::new(
                 pool.clone(),
@@ -187,7 +215,13 @@ impl App {
             scheduler: None,
             health,
         };
-        if let (Some(emulator), Some(client)) = (&app.emulator, &app.client) {
+        let http_delivery = config.emulator.delivery != "stream";
+        if config.uses_emulator() && !http_delivery && !config.stream.enabled {
+            tracing::warn!(
+                "emulator.delivery = \"stream\" but stream.enabled = false: no events will arrive (set DINGSYNC_STREAM_ENABLED=true)"
+            );
+        }
+        if let (Some(emulator), Some(client), true) = (&app.emulator, &app.client, http_delivery) {
             let url = format!("http://{addr}/dingtalk/callback");
             if let Err(e) = register_with_emulator(client, &config, &url).await {
                 // Not left running behind the error: server, token job, emulator, pool.
@@ -352,6 +386,11 @@ async fn dingtalk_client(
                     .then(|| settings.admin_token.expose().to_string()),
                 monthly_calls: settings.monthly_calls,
                 monthly_deliveries: settings.monthly_deliveries,
+                delivery: if settings.delivery == "stream" {
+                    dingsync_emulator::Delivery::Stream
+                } else {
+                    dingsync_emulator::Delivery::Http
+                },
             },
             "127.0.0.1:0".parse().expect("literal address"),
         )
@@ -463,6 +502,19 @@ fn resolve_emulator_defaults(config: &mut Config) {
         corp_id = %config.dingtalk.corp_id,
         "dingtalk.api_base = \"emulator\": the emulator's organisation, callback token, AES key and app credentials generated for this run"
     );
+}
+
+/// With Stream mode alone a real organisation configures no callback secrets (validation allows
+/// it). The HTTP callback still listens, sealed with secrets made for this run and known to
+/// nobody, so that it refuses every push instead of needing a second code path.
+fn seal_unused_callback(config: &mut Config) {
+    if config.callback.token.is_empty() && config.callback.aes_key.is_empty() {
+        config.callback.token = Secret::new(crypto::random_nonce(32));
+        config.callback.aes_key = Secret::new(crypto::random_aes_key());
+        tracing::info!(
+            "no callback.token / aes_key: HTTP pushes are refused; events arrive over Stream only"
+        );
+    }
 }
 
 /// SIGHUP re-reads the configuration file: what `reload` applies.

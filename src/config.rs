@@ -14,6 +14,7 @@ use crate::crypto::CallbackCrypto;
 pub const EMULATOR: &str = "emulator";
 /// DingTalk's address, for the messages that tell an operator what to set.
 const DINGTALK_API: &str = "https://oapi.dingtalk.com";
+/// The v1.0 family's address (docs/dingtalk.md §8.1: the Stream gateway).
 /// Prefix of environment overrides: `DINGSYNC_DATABASE_URL` sets `[database] url`.
 const ENV_PREFIX: &str = "DINGSYNC_";
 
@@ -27,6 +28,7 @@ pub struct Config {
     pub ingest: IngestConfig,
     pub outbox: OutboxConfig,
     pub emulator: EmulatorSettings,
+    pub stream: StreamConfig,
     pub log: LogConfig,
     pub scheduler: SchedulerConfig,
     pub reconcile: ReconcileConfig,
@@ -105,6 +107,23 @@ pub struct EmulatorSettings {
     pub monthly_calls: u64,
     /// Event deliveries (push attempts) it may receive a month; 0 = no limit.
     pub monthly_deliveries: u64,
+    /// How the emulator delivers events: `http` (push to the callback) or `stream` (over the
+    /// app's Stream connections), as DingTalk's console chooses.
+    pub delivery: String,
+}
+
+/// Stream mode (`src/stream/`): events over outbound WebSocket connections to DingTalk's
+/// gateway instead of (or beside) HTTP push (docs/dingtalk.md §8).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    pub enabled: bool,
+    /// Connections this replica holds.
+    pub connections: usize,
+    /// A connection that receives nothing (no frame, no pong) for this long is presumed dead
+    /// and replaced; it is pinged after a third of it. Also how long `/readyz` tolerates no
+    /// connection up.
+    pub silence_limit_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -151,6 +170,10 @@ pub struct CallbackConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct DingTalkConfig {
     pub api_base: String,
+    /// Address of DingTalk's `api.dingtalk.com` APIs: the v1.0 family and the Stream gateway's
+    /// `connections/open`; empty: `https://api.dingtalk.com` when `api_base` is DingTalk's old
+    /// address, else `api_base` itself (the emulator serves both families). [`Self::v1_base`].
+    pub openapi_base: String,
     pub app_key: String,
     pub app_secret: Secret,
     pub corp_id: String,
@@ -166,9 +189,6 @@ pub struct DingTalkConfig {
     /// Which API family creates, reads and lists approvals (docs/dingtalk.md §11). Calls only
     /// the v1.0 family has (forecast, actions, form schemas) use it whatever this says.
     pub api_family: ApiFamily,
-    /// Address of the v1.0 family; empty: `https://api.dingtalk.com` when `api_base` is
-    /// DingTalk's old address, else `api_base` itself (the emulator serves both families).
-    pub api_base_v1: String,
 }
 
 /// DingTalk's two API families (docs/dingtalk.md §11).
@@ -204,12 +224,12 @@ pub const DINGTALK_API_V1: &str = "https://api.dingtalk.com";
 
 impl DingTalkConfig {
     /// Where v1.0 calls go when the old family is at `base` (`api_base`, or the embedded
-    /// emulator's URL): `api_base_v1` when set; DingTalk's v1.0 address when `base` is
+    /// emulator's URL): `openapi_base` when set; DingTalk's v1.0 address when `base` is
     /// DingTalk's old one; otherwise `base`, which then serves both families (the emulator, a
     /// test's proxy).
     pub fn v1_base(&self, base: &str) -> String {
-        if !self.api_base_v1.is_empty() {
-            return self.api_base_v1.trim_end_matches('/').to_string();
+        if !self.openapi_base.is_empty() {
+            return self.openapi_base.trim_end_matches('/').to_string();
         }
         let base = base.trim_end_matches('/');
         if base == DINGTALK_API {
@@ -299,6 +319,7 @@ impl Default for Config {
                 // No default: the emulator runs only when a configuration asks for it by name
                 // (the shipped config.toml does), never because a key was left out.
                 api_base: String::new(),
+                openapi_base: String::new(),
                 app_key: String::new(),
                 app_secret: Secret::default(),
                 corp_id: String::new(),
@@ -309,7 +330,6 @@ impl Default for Config {
                 monthly_calls: 5_000,
                 monthly_deliveries: 3_000,
                 api_family: ApiFamily::Legacy,
-                api_base_v1: String::new(),
             },
             ingest: IngestConfig {
                 max_batch: 256,
@@ -334,6 +354,12 @@ impl Default for Config {
                 admin_token: Secret::default(),
                 monthly_calls: 0,
                 monthly_deliveries: 0,
+                delivery: "http".into(),
+            },
+            stream: StreamConfig {
+                enabled: false,
+                connections: 1,
+                silence_limit_ms: 30_000,
             },
             log: LogConfig {
                 format: LogFormat::Text,
@@ -388,6 +414,7 @@ default_from_config!(
     IngestConfig => ingest,
     OutboxConfig => outbox,
     EmulatorSettings => emulator,
+    StreamConfig => stream,
     LogConfig => log,
     SchedulerConfig => scheduler,
     ReconcileConfig => reconcile,
@@ -556,22 +583,30 @@ impl Config {
         }
         self.validate_outbox()?;
         self.validate_api_base()?;
-        self.validate_api_base_v1()?;
+        self.validate_openapi_base()?;
+        self.validate_stream()?;
         let emulator = self.uses_emulator();
         // With the embedded emulator empty callback secrets are generated at start-up; against a
         // real DingTalk they must be the ones registered there.
         let token = self.callback.token.expose();
+        // Stream alone needs no callback secrets: then the HTTP callback refuses every push
+        // (`app` seals it with secrets nobody knows).
+        let stream_only = self.stream.enabled
+            && token.is_empty()
+            && self.callback.aes_key.is_empty()
+            && self.callback.owner_key.is_empty();
+        let secrets_optional = emulator || stream_only;
         let token_ok = !token.is_empty()
             && token.len() <= 64
             && token.bytes().all(|b| b.is_ascii_alphanumeric());
-        if (!token.is_empty() || !emulator) && !token_ok {
+        if (!token.is_empty() || !secrets_optional) && !token_ok {
             return Err(invalid(
                 "callback.token",
                 "must be 1 to 64 characters of A-Z, a-z, 0-9 (DingTalk's console takes 3 to 32; 32 is safest)",
             ));
         }
         let aes_key = self.callback.aes_key.expose();
-        if !aes_key.is_empty() || !emulator {
+        if !aes_key.is_empty() || !secrets_optional {
             CallbackCrypto::new("x", aes_key)
                 .map_err(|e| invalid("callback.aes_key", e.to_string()))?;
         }
@@ -579,7 +614,7 @@ impl Config {
             return Err(invalid("callback.owner_key", "contains an empty entry"));
         }
         if !emulator {
-            if self.callback.owner_key.is_empty() {
+            if self.callback.owner_key.is_empty() && !stream_only {
                 return Err(invalid(
                     "callback.owner_key",
                     "required: the CorpId (ding...) for a callback registered with register_call_back, the AppKey for a console event subscription; list both while unsure",
@@ -655,16 +690,16 @@ impl Config {
         Ok(())
     }
 
-    /// `dingtalk.api_base_v1`: empty, or an http(s) URL; never beside the embedded emulator,
-    /// which serves both families itself.
-    fn validate_api_base_v1(&self) -> Result<(), ConfigError> {
-        let v1 = &self.dingtalk.api_base_v1;
+    /// `dingtalk.openapi_base`: empty, or an http(s) URL; never beside the embedded emulator,
+    /// which serves both families and the Stream gateway itself.
+    fn validate_openapi_base(&self) -> Result<(), ConfigError> {
+        let v1 = &self.dingtalk.openapi_base;
         if v1.is_empty() {
             return Ok(());
         }
         if self.uses_emulator() {
             return Err(invalid(
-                "dingtalk.api_base_v1",
+                "dingtalk.openapi_base",
                 format!(
                     "must be empty with dingtalk.api_base = \"{EMULATOR}\" (the emulator serves both API families)"
                 ),
@@ -672,7 +707,7 @@ impl Config {
         }
         if !(v1.starts_with("https://") || v1.starts_with("http://")) {
             return Err(invalid(
-                "dingtalk.api_base_v1",
+                "dingtalk.openapi_base",
                 format!("must be empty or an http(s) URL such as {DINGTALK_API_V1}"),
             ));
         }
@@ -842,6 +877,36 @@ impl Config {
             return Err(invalid(
                 "reconcile.backfill_overlap_s",
                 "must be shorter than reconcile.backfill_window_days",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `stream.*` and `emulator.delivery` (`dingtalk.openapi_base`: `validate_openapi_base`).
+    fn validate_stream(&self) -> Result<(), ConfigError> {
+        if !matches!(self.emulator.delivery.as_str(), "http" | "stream") {
+            return Err(invalid(
+                "emulator.delivery",
+                "must be \"http\" (push to the callback URL) or \"stream\" (over Stream connections)",
+            ));
+        }
+        let s = &self.stream;
+        if !(1..=64).contains(&s.connections) {
+            return Err(invalid("stream.connections", "must be 1 to 64"));
+        }
+        if !(500..=600_000).contains(&s.silence_limit_ms) {
+            return Err(invalid(
+                "stream.silence_limit_ms",
+                "must be 500 to 600000 (DingTalk pings about every 30 s; 30000 is a good limit)",
+            ));
+        }
+        if s.enabled
+            && !self.uses_emulator()
+            && (self.dingtalk.app_key.is_empty() || self.dingtalk.app_secret.is_empty())
+        {
+            return Err(invalid(
+                "stream.enabled",
+                "needs dingtalk.app_key and dingtalk.app_secret (a Stream connection is opened with the app's credentials)",
             ));
         }
         Ok(())

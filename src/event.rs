@@ -17,6 +17,8 @@ use sha2::{Digest, Sha256};
 pub enum Source {
     HttpPush,
     FailedList,
+    /// Stream mode (`stream`).
+    Stream,
 }
 
 impl Source {
@@ -24,6 +26,7 @@ impl Source {
         match self {
             Source::HttpPush => "http_push",
             Source::FailedList => "failed_list",
+            Source::Stream => "stream",
         }
     }
 }

@@ -61,7 +61,13 @@ pub struct Health {
     ledger: Ledger,
     corp_id: String,
     allowances: Arc<std::sync::Mutex<Allowances>>,
+    /// With Stream mode: why it is not ready (no connection up for too long), asked at every
+    /// probe. A closure, so that `health` does not import the flow it reports on.
+    stream: Arc<OnceLock<StreamCheck>>,
 }
+
+/// Why Stream mode is not ready, or `None` (`stream::Status::not_ready`).
+pub type StreamCheck = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// What the database said, once, for every probe of the next [`READING_MAX_AGE`]. A failed
 /// query is kept as the kind of failure `/readyz` reports (`connection`, `query failed`).
@@ -93,7 +99,13 @@ impl Health {
             ledger,
             corp_id: corp_id.to_string(),
             allowances: Arc::new(std::sync::Mutex::new(allowances)),
+            stream: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// Stream mode is on: `/readyz` also fails while `check` says why.
+    pub fn watch_stream(&self, check: StreamCheck) {
+        let _ = self.stream.set(check);
     }
 
     /// The allowances `/metrics` compares the month with (a configuration reload).
@@ -249,6 +261,9 @@ async fn not_ready(health: &Health) -> Option<String> {
             return Some(format!("database migration V{newest} not applied"));
         }
         Err(kind) => return Some(db_error(kind)),
+    }
+    if let Some(why) = health.stream.get().and_then(|check| check()) {
+        return Some(why);
     }
     if !health.expects_client {
         return None;

@@ -60,10 +60,12 @@ pub enum Purpose {
     Callback,
     /// Fetching the access token.
     Token,
+    /// Opening a Stream connection (`v1.0/gateway/connections/open`).
+    Stream,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 12] = [
+    pub const ALL: [Purpose; 13] = [
         Purpose::Outbox,
         Purpose::Search,
         Purpose::Details,
@@ -76,6 +78,7 @@ impl Purpose {
         Purpose::Doctor,
         Purpose::Callback,
         Purpose::Token,
+        Purpose::Stream,
     ];
 
     pub fn name(self) -> &'static str {
@@ -92,6 +95,7 @@ impl Purpose {
             Purpose::Doctor => "doctor",
             Purpose::Callback => "callback",
             Purpose::Token => "token",
+            Purpose::Stream => "stream",
         }
     }
 
@@ -107,6 +111,7 @@ impl Purpose {
                 | Purpose::Callback
                 | Purpose::Doctor
                 | Purpose::Token
+                | Purpose::Stream
         )
     }
 }

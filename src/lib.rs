@@ -2,7 +2,8 @@
 //! the command line and calls `cli::run`; everything runs from here, so the tests start the same
 //! code as production.
 //!
-//! Three flows, each one way: push (`callback` → `crypto`, `event` → `ingest` → `store`),
+//! Three flows, each one way: push (`callback` → `crypto`, `event` → `ingest` → `store`; or
+//! `stream` → `event` → `ingest` → `store` over DingTalk's Stream mode),
 //! reconcile (`scheduler` → `reconcile`/`retention`, paced by `planner` → `dingtalk` → `store`)
 //! and outbox
 //! (`outbox` → `dingtalk` → `store`). `app` wires them for `serve`. The module map, what each
@@ -32,6 +33,7 @@ pub mod scheduler;
 mod server;
 pub mod snapshot;
 pub mod store;
+mod stream;
 mod telemetry;
 
 /// The callback crypto lives in its own crate so that the DingTalk emulator can share it without

@@ -69,6 +69,21 @@ struct StateLabel {
     state: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CauseLabel {
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FrameLabel {
+    frame: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: &'static str,
+}
+
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 struct Metrics {
@@ -84,6 +99,11 @@ struct Metrics {
     connections_open: Gauge,
     connections_shed: Family<ReasonLabel, Counter>,
     push_mode: Family<CorpLabel, Gauge>,
+    stream_connections: Family<StateLabel, Gauge>,
+    stream_reconnects: Family<CauseLabel, Counter>,
+    stream_frames: Family<FrameLabel, Counter>,
+    stream_acks: Family<StatusLabel, Counter>,
+    stream_ack_seconds: Histogram,
 }
 
 /// 1 ms … ~16 s: a callback ack must stay under DingTalk's 1.5 s.
@@ -110,7 +130,37 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         connections_open: Gauge::default(),
         connections_shed: Family::default(),
         push_mode: Family::default(),
+        stream_connections: Family::default(),
+        stream_reconnects: Family::default(),
+        stream_frames: Family::default(),
+        stream_acks: Family::default(),
+        stream_ack_seconds: fast_buckets(),
     };
+    m.registry.register(
+        "dingsync_stream_connections",
+        "Stream connections of this replica by state (connecting, up, draining: told to disconnect, kept until its replacement is up)",
+        m.stream_connections.clone(),
+    );
+    m.registry.register(
+        "dingsync_stream_reconnects",
+        "Stream connections replaced, by cause (closed, error, silent, disconnect, open_failed, connect_failed)",
+        m.stream_reconnects.clone(),
+    );
+    m.registry.register(
+        "dingsync_stream_frames",
+        "Stream frames received by kind (event, ping, disconnect, system, callback, malformed)",
+        m.stream_frames.clone(),
+    );
+    m.registry.register(
+        "dingsync_stream_acks",
+        "Stream acknowledgements sent by status (success, later, bad_request, not_found, error)",
+        m.stream_acks.clone(),
+    );
+    m.registry.register(
+        "dingsync_stream_ack_seconds",
+        "From an EVENT frame's arrival to its acknowledgement (after the commit)",
+        m.stream_ack_seconds.clone(),
+    );
     m.registry.register(
         "dingsync_events_received",
         "Callback pushes by event type and outcome (stored, duplicate, answered, refused_*, unavailable, failed)",
@@ -219,6 +269,39 @@ pub fn push_mode(corp_id: &str, polling: bool) {
             corp_id: corp_id.to_string(),
         })
         .set(i64::from(polling));
+}
+
+/// Stream connections of this replica now in `state` change by `delta`.
+pub fn stream_connections(state: &'static str, delta: i64) {
+    METRICS
+        .stream_connections
+        .get_or_create(&StateLabel { state })
+        .inc_by(delta);
+}
+
+/// A Stream connection is being replaced for `cause`.
+pub fn stream_reconnect(cause: &'static str) {
+    METRICS
+        .stream_reconnects
+        .get_or_create(&CauseLabel { cause })
+        .inc();
+}
+
+/// A Stream frame of `frame` kind arrived.
+pub fn stream_frame(frame: &'static str) {
+    METRICS
+        .stream_frames
+        .get_or_create(&FrameLabel { frame })
+        .inc();
+}
+
+/// A Stream acknowledgement with `status` was sent, `took` after its frame arrived.
+pub fn stream_ack(status: &'static str, took: Duration) {
+    METRICS
+        .stream_acks
+        .get_or_create(&StatusLabel { status })
+        .inc();
+    METRICS.stream_ack_seconds.observe(took.as_secs_f64());
 }
 
 /// A scheduled job run ended with `outcome` after `took`.

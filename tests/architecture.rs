@@ -437,7 +437,14 @@ fn each_module_imports_nothing_docs_architecture_forbids_it() {
         ("scheduler", &["app", "cli"]),
         ("callback", &["outbox", "reconcile", "dingtalk"]),
         ("error", &["outbox", "reconcile", "dingtalk"]),
-        ("health", &["callback", "ingest", "outbox", "reconcile"]),
+        (
+            "health",
+            &["callback", "ingest", "outbox", "reconcile", "stream"],
+        ),
+        (
+            "stream",
+            &["callback", "outbox", "reconcile", "health", "scheduler"],
+        ),
         ("outbox", &["callback", "ingest", "reconcile"]),
         ("reconcile", &["callback", "ingest", "outbox", "scheduler"]),
         ("retention", &["callback", "ingest", "outbox", "scheduler"]),
@@ -455,7 +462,7 @@ fn each_module_imports_nothing_docs_architecture_forbids_it() {
                 "outbox",
             ],
         ),
-        ("ingest", &["callback", "dingtalk"]),
+        ("ingest", &["callback", "dingtalk", "stream"]),
         (
             "dingtalk",
             &[

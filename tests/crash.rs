@@ -34,8 +34,8 @@ use dingsync::{
     reconcile::failed,
 };
 use dingsync_emulator::{
-    DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Emulator, EmulatorConfig, Faults, Handle, PushFaults,
-    StartInstance, TaskAction,
+    DEFAULT_APP_KEY, DEFAULT_APP_SECRET, Delivery, Emulator, EmulatorConfig, Faults, Handle,
+    PushFaults, StartInstance, StreamFaults, TaskAction,
 };
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use sqlx::PgPool;
@@ -228,6 +228,17 @@ async fn stored_keys(pool: &PgPool) -> Vec<String> {
 // synchronous bursts of work run on another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_again_and_again_loses_no_event_and_doubles_no_approval() {
+    kill_9_scenario(Delivery::Http).await;
+}
+
+/// The same with the events over Stream mode: every kill drops the daemon's connections with
+/// events in flight, unacknowledged, which the gateway redelivers to the next daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_again_and_again_over_stream_loses_no_event_and_doubles_no_approval() {
+    kill_9_scenario(Delivery::Stream).await;
+}
+
+async fn kill_9_scenario(delivery: Delivery) {
     install_crypto_provider();
     let scale = scale();
     let started_at = Instant::now();
@@ -237,6 +248,7 @@ async fn kill_9_again_and_again_loses_no_event_and_doubles_no_approval() {
             time_scale: 0.01,
             seed: 9,
             keep_events: true,
+            delivery,
             ..EmulatorConfig::default()
         },
         "127.0.0.1:0".parse().unwrap(),
@@ -253,6 +265,12 @@ async fn kill_9_again_and_again_loses_no_event_and_doubles_no_approval() {
             reorder_max_ms: 200,
             ..PushFaults::default()
         },
+        stream: StreamFaults {
+            duplicate_rate: 0.05,
+            reorder_rate: 0.1,
+            reorder_max_ms: 200,
+            ..StreamFaults::default()
+        },
         ..Faults::default()
     });
 
@@ -260,7 +278,7 @@ async fn kill_9_again_and_again_loses_no_event_and_doubles_no_approval() {
     let port = free_port();
     let base_url = format!("http://127.0.0.1:{port}");
     let log = std::env::temp_dir().join(format!("{}.log", db.name));
-    let env: Vec<(&str, String)> = vec![
+    let mut env: Vec<(&str, String)> = vec![
         ("DINGSYNC_DATABASE_URL", db.url.clone()),
         ("DINGSYNC_SERVER_LISTEN", format!("127.0.0.1:{port}")),
         ("DINGSYNC_CALLBACK_TOKEN", crypto::random_nonce(32)),
@@ -301,6 +319,14 @@ async fn kill_9_again_and_again_loses_no_event_and_doubles_no_approval() {
         ("DINGSYNC_RECONCILE_GAP_AFTER_S", "1".into()),
         ("DINGSYNC_LOG_FILTER", "warn".into()),
     ];
+    if delivery == Delivery::Stream {
+        env.extend([
+            ("DINGSYNC_STREAM_ENABLED", "true".into()),
+            ("DINGSYNC_STREAM_CONNECTIONS", "2".into()),
+            ("DINGSYNC_STREAM_SILENCE_LIMIT_MS", "3000".into()),
+            ("DINGSYNC_DINGTALK_OPENAPI_BASE", emu.base_url()),
+        ]);
+    }
     let mut daemon = Daemon {
         child: None,
         env: env.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
@@ -309,12 +335,14 @@ async fn kill_9_again_and_again_loses_no_event_and_doubles_no_approval() {
         http: reqwest::Client::new(),
     };
     daemon.start().await;
-    let registered = daemon.command(&["callback", "register"]).output().unwrap();
-    assert!(
-        registered.status.success(),
-        "callback register: {}",
-        String::from_utf8_lossy(&registered.stderr)
-    );
+    if delivery == Delivery::Http {
+        let registered = daemon.command(&["callback", "register"]).output().unwrap();
+        assert!(
+            registered.status.success(),
+            "callback register: {}",
+            String::from_utf8_lossy(&registered.stderr)
+        );
+    }
     let pool = PgPool::connect(&db.url).await.unwrap();
 
     // Work for about 2.5 s per kill, in 200 ms rounds, while the daemon is killed.
@@ -353,7 +381,10 @@ async fn kill_9_again_and_again_loses_no_event_and_doubles_no_approval() {
             .fetch_one(&pool)
             .await
             .unwrap(),
-            pushes_in_flight: state.pushes_in_flight(),
+            pushes_in_flight: state.pushes_in_flight() + {
+                let stream = state.stream_report();
+                stream.in_flight + stream.waiting
+            },
             failed_list_pending: state.failed_pending(),
             ..Progress::default()
         };
@@ -366,6 +397,14 @@ async fn kill_9_again_and_again_loses_no_event_and_doubles_no_approval() {
             .cloned()
             .collect();
         lost_in_failed_list = read_once_losses(&pool, &missing, state, &kills).await;
+        // Stream: a message the gateway gave up redelivering is DingTalk's loss too.
+        lost_in_failed_list.extend(
+            state
+                .stream_given_up()
+                .iter()
+                .map(dedup_key)
+                .filter(|k| missing.contains(k)),
+        );
         progress.events_missing = missing.len() - lost_in_failed_list.len();
         progress.approval_differences =
             mirror::differences(&pool, CORP_ID, &state.instances()).await;

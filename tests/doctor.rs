@@ -295,3 +295,34 @@ async fn the_api_family_check_says_which_family_the_apps_permissions_allow() {
     assert_eq!(status(&report, "api family"), Status::Fail, "{report}");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn with_stream_on_doctor_opens_a_connection_and_a_wrong_secret_gets_the_credentials_fix() {
+    let s = registered().await;
+    let mut config = s.config.clone();
+    config.stream.enabled = true;
+    config.dingtalk.openapi_base = s.emulator.base_url();
+    let report = doctor::run(&config).await;
+    let stream = report.get("stream").expect("a stream finding");
+    assert_eq!(stream.status, Status::Ok, "{report}");
+    assert!(
+        stream.finding.contains("connection opened at ws://"),
+        "{report}"
+    );
+    assert_eq!(s.emulator.state().stream_report().connections_opened, 1);
+
+    config.dingtalk.app_secret = Secret::new("not-the-secret");
+    let report = doctor::run(&config).await;
+    let stream = report.get("stream").unwrap();
+    assert_eq!(stream.status, Status::Fail, "{report}");
+    let fix = stream.fix.as_deref().unwrap_or_default();
+    assert!(
+        fix.contains("dingtalk.app_key / dingtalk.app_secret"),
+        "{report}"
+    );
+    assert!(!report.to_string().contains("not-the-secret"), "{report}");
+    // Off by default: skipped.
+    let report = doctor::run(&s.config).await;
+    assert_eq!(status(&report, "stream"), Status::Skip);
+    s.stop().await;
+}

@@ -60,6 +60,10 @@ pub(crate) fn router(handle: Handle, token: &str) -> Router {
         .route("/_emulator/callback", get(callback))
         .route("/_emulator/templates", get(templates).post(add_template))
         .route("/_emulator/people", get(people).post(add_person))
+        .route("/_emulator/stream", get(stream_report))
+        .route("/_emulator/stream/acks", get(stream_acks))
+        .route("/_emulator/stream/delivery", post(set_delivery))
+        .route("/_emulator/stream/{action}", post(stream_action))
         // route_layer: only matched admin routes are guarded; anything else falls through to
         // DingTalk's own "no such API" answer, as before.
         .route_layer(middleware::from_fn_with_state(token, require_token))
@@ -316,4 +320,66 @@ async fn add_person(
 ) -> Result<StatusCode, AdminError> {
     handle.add_person(person).map_err(AdminError::Rejected)?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+async fn stream_report(State(handle): State<Handle>) -> Response {
+    Json(handle.stream_report()).into_response()
+}
+
+async fn stream_acks(State(handle): State<Handle>) -> Response {
+    Json(handle.stream_acks()).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeliveryBody {
+    delivery: crate::Delivery,
+}
+
+async fn set_delivery(State(handle): State<Handle>, Json(body): Json<DeliveryBody>) -> Response {
+    handle.set_delivery(body.delivery);
+    Json(json!({ "delivery": body.delivery })).into_response()
+}
+
+/// `{"connection": id}` names one connection; an empty body, all of them.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConnectionBody {
+    #[serde(default)]
+    connection: Option<u64>,
+}
+
+/// `POST /_emulator/stream/{drop|disconnect|silence}`.
+async fn stream_action(
+    State(handle): State<Handle>,
+    Path(action): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let body: ConnectionBody = if body.is_empty() {
+        ConnectionBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    Json(json!({ "error": e.to_string() })),
+                )
+                    .into_response();
+            }
+        }
+    };
+    let told = match action.as_str() {
+        "drop" => handle.stream_drop(body.connection),
+        "disconnect" => handle.stream_disconnect(body.connection),
+        "silence" => handle.stream_silence(body.connection),
+        other => {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(json!({ "error": format!("no stream action {other}: drop, disconnect, silence") })),
+            )
+                .into_response();
+        }
+    };
+    Json(json!({ "connections": told })).into_response()
 }

@@ -43,6 +43,23 @@ pub struct Faults {
     /// `Forbidden.AccessDenied.AccessTokenPermissionDenied`, docs/dingtalk.md §11.7). Token and
     /// callback calls are not affected. Refused at the gateway, so not metered.
     pub denied_families: Vec<String>,
+    /// Faults of Stream deliveries (the connection faults are actions: `Handle::stream_drop`,
+    /// `stream_disconnect`, `stream_silence`).
+    pub stream: StreamFaults,
+}
+
+/// Faults of Stream mode (`stream`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamFaults {
+    /// Per event: the message is delivered twice (two messages, one `eventId`).
+    pub duplicate_rate: f64,
+    /// Per event: the message is held back by a random delay up to `reorder_max_ms`.
+    pub reorder_rate: f64,
+    /// Upper bound of the reorder delay; 0 means 500 ms.
+    pub reorder_max_ms: u64,
+    /// The next N tickets `connections/open` hands out are already expired.
+    pub expire_tickets: u32,
 }
 
 /// Faults of pushes. Probabilities are per event or per delivery attempt, as documented.

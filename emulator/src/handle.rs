@@ -409,6 +409,64 @@ impl Handle {
         self.shared.world().failed.len()
     }
 
+    /// How events are delivered now (`EmulatorConfig::delivery`, changeable as in the console).
+    pub fn delivery(&self) -> crate::Delivery {
+        self.shared.stream.delivery()
+    }
+
+    /// Switches how later events are delivered (messages already in flight keep their way).
+    pub fn set_delivery(&self, delivery: crate::Delivery) {
+        self.shared.stream.set_delivery(delivery);
+    }
+
+    /// Stream mode: every ack received for an `EVENT` message so far.
+    pub fn stream_acks(&self) -> Vec<crate::AckRecord> {
+        self.shared.stream.acks()
+    }
+
+    /// Stream mode: the events given up after their last redelivery (DingTalk lost them), as the
+    /// flat JSON an HTTP push of them would carry.
+    pub fn stream_given_up(&self) -> Vec<Value> {
+        self.shared.stream.given_up()
+    }
+
+    /// Stream mode: tickets, connections, deliveries, pings and acks so far.
+    pub fn stream_report(&self) -> crate::StreamReport {
+        self.shared.stream.report()
+    }
+
+    /// Stream mode: each ack is sent to `hook` before the gateway acts on it, and the gateway
+    /// waits for the reply (a test checks what is true at the moment of the ack). `None` removes it.
+    pub fn set_stream_ack_hook(&self, hook: Option<crate::AckHook>) {
+        self.shared.stream.set_ack_hook(hook);
+    }
+
+    /// Stream fault: closes the connection (`None`: every connection) abruptly, without a close
+    /// frame. How many were open.
+    pub fn stream_drop(&self, connection: Option<u64>) -> usize {
+        super::stream::drop_connections(&self.shared, connection)
+    }
+
+    /// Stream: sends `disconnect` (the connection is closed 10 s × `time_scale` later).
+    pub fn stream_disconnect(&self, connection: Option<u64>) -> usize {
+        super::stream::disconnect(&self.shared, connection)
+    }
+
+    /// Stream fault: the connection stays open but goes silent (nothing sent or read).
+    pub fn stream_silence(&self, connection: Option<u64>) -> usize {
+        super::stream::silence(&self.shared, connection)
+    }
+
+    /// Stream: delivers these flat events (HTTP-push JSON with `EventType`) as DingTalk would.
+    pub fn stream_publish(&self, events: Vec<serde_json::Map<String, Value>>) {
+        super::stream::publish_flat(&self.shared, events);
+    }
+
+    /// Stream: sends `text` as a frame on one open connection, as it is (malformed frames).
+    pub fn stream_send_raw(&self, text: &str) -> bool {
+        super::stream::send_raw(&self.shared, text.to_string())
+    }
+
     /// Waits until no delivery is running, up to `within`. True when idle.
     pub async fn settle(&self, within: Duration) -> bool {
         let deadline = Instant::now() + within;

@@ -12,7 +12,10 @@
 //!   behind a bearer token ([`Emulator::admin_token`]), also available from Rust through
 //!   [`Handle`];
 //! - optionally simulated people who keep approvals moving (`people`);
-//! - DingTalk's monthly allowances, enforced on metered calls and on pushes (`quota`).
+//! - DingTalk's monthly allowances, enforced on metered calls and on pushes (`quota`);
+//! - Stream mode (`stream`): `v1.0/gateway/connections/open`, a WebSocket gateway on a port of
+//!   its own, and delivery of the events over it instead of HTTP push when
+//!   [`EmulatorConfig::delivery`] says so.
 //!
 //! Files: `model` (organisation, templates, instances, approval rules, event payloads), `state`
 //! (memory, tokens, failed list, call log), `handle` ([`Handle`]: acting on it from Rust),
@@ -29,6 +32,7 @@ mod people;
 mod push;
 mod quota;
 mod state;
+mod stream;
 
 use std::{
     net::SocketAddr,
@@ -41,7 +45,7 @@ use axum::Router;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
-pub use faults::{Faults, InjectedError, Injection, PushFaults};
+pub use faults::{Faults, InjectedError, Injection, PushFaults, StreamFaults};
 pub use handle::{Handle, OpenTask, StartInstance, TaskAction};
 pub use model::{
     ActionType, CcPosition, Control, DEFAULT_APPROVER, FormEntry, FormInput, Instance,
@@ -51,6 +55,7 @@ pub use model::{
 pub use push::DEADLINE as PUSH_DEADLINE;
 pub use quota::{Allowances, CallsUsage, DeliveriesUsage, OVER_ALLOWANCE, QuotaReport, is_metered};
 pub use state::{AdminError, FAILED_PAGE, PushOutcome, PushRecord, Registration, TOKEN_EXPIRES_IN};
+pub use stream::{AckHook, AckRecord, Delivery, StreamReport, WINDOW as STREAM_WINDOW};
 
 /// CorpId of the emulated organisation by default (same as `dingsync::app::EMULATOR_CORP_ID`).
 pub const DEFAULT_CORP_ID: &str = "dingemulatorcorp0000";
@@ -90,6 +95,9 @@ pub struct EmulatorConfig {
     /// Event deliveries (HTTP push attempts) the organisation may receive a month (the standard
     /// edition allows 3 000); past it events are dropped for good. 0 = no limit.
     pub monthly_deliveries: u64,
+    /// How events are delivered: HTTP push (the default) or Stream, as the console's event
+    /// subscription chooses (docs/dingtalk.md §8).
+    pub delivery: Delivery,
 }
 
 impl std::fmt::Debug for EmulatorConfig {
@@ -105,6 +113,7 @@ impl std::fmt::Debug for EmulatorConfig {
             .field("admin_token", &self.admin_token.as_ref().map(|_| "***"))
             .field("monthly_calls", &self.monthly_calls)
             .field("monthly_deliveries", &self.monthly_deliveries)
+            .field("delivery", &self.delivery)
             .finish()
     }
 }
@@ -122,6 +131,7 @@ impl Default for EmulatorConfig {
             admin_token: None,
             monthly_calls: 0,
             monthly_deliveries: 0,
+            delivery: Delivery::Http,
         }
     }
 }
@@ -183,12 +193,17 @@ impl Emulator {
             push_http: push::http_client().context("building the emulator's push client")?,
             shutdown: CancellationToken::new(),
             in_flight: AtomicUsize::new(0),
+            stream: stream::Gateway::new(config.delivery, config.seed),
             config,
         });
+        stream::start(shared.clone(), addr.ip())
+            .await
+            .context("binding the emulator's Stream gateway")?;
         let handle = Handle {
             shared: shared.clone(),
         };
         let router: Router = api::router(shared.clone())
+            .merge(stream::router(shared.clone()))
             .merge(admin::router(handle.clone(), &admin_token))
             .fallback(api::fallback);
         let stop = shared.shutdown.clone();

@@ -163,6 +163,14 @@ pub(crate) fn dispatch(shared: &Arc<Shared>, events: Vec<Event>) {
     if shared.shutdown.is_cancelled() {
         return;
     }
+    // The console's choice (docs/dingtalk.md §8): over Stream instead, or both while switching.
+    let delivery = shared.stream.delivery();
+    if delivery.uses_stream() {
+        super::stream::dispatch(shared, events.clone());
+    }
+    if !delivery.uses_http() {
+        return;
+    }
     for event in events {
         let mut deliveries = Vec::new();
         {

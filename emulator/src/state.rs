@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     pub push_http: reqwest::Client,
     pub shutdown: CancellationToken,
     pub in_flight: AtomicUsize,
+    /// The Stream gateway (`stream`): its own lock, never taken while `world` is held.
+    pub stream: super::stream::Gateway,
 }
 
 impl Shared {

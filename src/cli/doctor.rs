@@ -159,6 +159,7 @@ pub async fn run(config: &Config) -> Report {
         Some(client) => Some(client.get_callback(Purpose::Doctor).await),
         None => None,
     };
+    findings.push(stream(config, client.as_ref(), pool.as_ref().filter(|_| migrated)).await);
     findings.push(crypto_round_trip(config));
     findings.push(api_families(config, &client).await);
     let registered = matches!(registration, Some(Ok(_)));
@@ -573,6 +574,65 @@ async fn permitted(client: &Client) -> Permitted {
             }
         }
         Err(e) => Permitted::Unknown(e.to_string()),
+    }
+}
+
+/// With `stream.enabled`: opens one Stream connection (a ticket from
+/// `{openapi_base}/v1.0/gateway/connections/open`, then the WebSocket) and waits briefly for a
+/// first frame (docs/dingtalk.md §8).
+async fn stream(config: &Config, client: Option<&Client>, pool: Option<&PgPool>) -> Finding {
+    const CHECK: &str = "stream";
+    if !config.stream.enabled {
+        return Finding::new(
+            Status::Skip,
+            CHECK,
+            "stream.enabled = false (HTTP push only)",
+        );
+    }
+    if config.uses_emulator() {
+        return Finding::new(
+            Status::Skip,
+            CHECK,
+            "dingtalk.api_base is \"emulator\": the embedded emulator only exists inside `serve`",
+        );
+    }
+    // The gateway call is counted in the allowance ledger, which needs the database.
+    let client = match (client, pool) {
+        (Some(client), _) => client.clone(),
+        (None, Some(pool)) => {
+            match Client::new(pool.clone(), &config.dingtalk, &config.dingtalk.api_base) {
+                Ok(client) => client,
+                Err(e) => return Finding::new(Status::Fail, CHECK, format!("{e:#}")),
+            }
+        }
+        (None, None) => {
+            let why = "the call is counted in the allowance ledger, in the database, which is not ready (see database)";
+            return Finding::new(Status::Skip, CHECK, why);
+        }
+    };
+    let gateway = dingtalk::gateway::Gateway::new(&client, &config.dingtalk, client.v1_base());
+    let probed = crate::stream::probe(&gateway, Duration::from_secs(3)).await;
+    if let Err(e) = client.ledger().flush().await {
+        tracing::warn!(error = %e, "could not count doctor's calls in the allowance ledger");
+    }
+    match probed {
+        Ok(p) => Finding::new(
+            Status::Ok,
+            CHECK,
+            format!(
+                "connection opened at {}{}",
+                p.endpoint,
+                p.first_frame
+                    .map(|k| format!("; first frame: {k}"))
+                    .unwrap_or_default()
+            ),
+        ),
+        Err((true, why)) => Finding::new(Status::Fail, CHECK, why).fix(
+            "DingTalk refused dingtalk.app_key / dingtalk.app_secret: set them to the app's AppKey and AppSecret (developer console -> app -> credentials)",
+        ),
+        Err((false, why)) => Finding::new(Status::Fail, CHECK, why).fix(
+            "check that dingtalk.openapi_base (empty: https://api.dingtalk.com) and the endpoint it hands out (wss://...:443) are reachable from this machine, and that the app's event subscription is set to Stream mode",
+        ),
     }
 }
 

@@ -43,6 +43,11 @@ pub async fn command(
             .then(|| settings.admin_token.expose().to_string()),
         monthly_calls: settings.monthly_calls,
         monthly_deliveries: settings.monthly_deliveries,
+        delivery: if settings.delivery == "stream" {
+            dingsync_emulator::Delivery::Stream
+        } else {
+            dingsync_emulator::Delivery::Http
+        },
         ..Default::default()
     };
     if !config.dingtalk.corp_id.is_empty() {

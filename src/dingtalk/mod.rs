@@ -23,6 +23,7 @@
 //! read differ ([`Wire`]).
 
 mod budget;
+pub mod gateway;
 pub mod listing;
 pub mod quota;
 mod token;
@@ -207,6 +208,11 @@ impl Client {
                 max_attempts: config.max_attempts,
             }),
         })
+    }
+
+    /// Where v1.0 calls and the Stream gateway go (`DingTalkConfig::v1_base`).
+    pub fn v1_base(&self) -> &str {
+        &self.inner.v1_base
     }
 
     /// The family that creates, reads and lists (`dingtalk.api_family`).
@@ -687,7 +693,8 @@ pub fn priority(purpose: Purpose) -> Priority {
         | Purpose::Failed
         | Purpose::Callback
         | Purpose::Doctor
-        | Purpose::Token => Priority::Live,
+        | Purpose::Token
+        | Purpose::Stream => Priority::Live,
         Purpose::Gap | Purpose::Sweep | Purpose::Poll | Purpose::Backfill | Purpose::Drift => {
             Priority::Bulk
         }

@@ -61,9 +61,13 @@ pub const V1_QUOTA_CODE: &str = "Forbidden.AccessDenied.ApiCountLimitForOrg";
 pub fn is_metered(path: &str) -> bool {
     !matches!(
         path.trim_start_matches('/'),
-        "gettoken" | "v1.0/oauth2/accessToken"
+        "gettoken" | "v1.0/oauth2/accessToken" | GATEWAY_OPEN
     )
 }
+
+/// Stream mode's `connections/open` (docs/dingtalk.md §8.1): connection management, not an OA
+/// approval API, so not metered by our reading (`dingtalk::gateway`).
+pub const GATEWAY_OPEN: &str = "v1.0/gateway/connections/open";
 
 pub use crate::ledger::Allowances;
 
