@@ -21,6 +21,7 @@
 
 mod admin;
 mod api;
+mod api_v1;
 mod faults;
 mod handle;
 mod model;
@@ -44,8 +45,8 @@ pub use faults::{Faults, InjectedError, Injection, PushFaults};
 pub use handle::{Handle, OpenTask, StartInstance, TaskAction};
 pub use model::{
     ActionType, CcPosition, Control, DEFAULT_APPROVER, FormEntry, FormInput, Instance,
-    InstanceStatus, NodeSpec, Person, Record, Rejection, Task, TaskResult, TaskStatus, Template,
-    errcode,
+    InstanceStatus, NodeSpec, Person, Record, Rejection, SelectNode, Task, TaskResult, TaskStatus,
+    Template, errcode,
 };
 pub use push::DEADLINE as PUSH_DEADLINE;
 pub use quota::{Allowances, CallsUsage, DeliveriesUsage, OVER_ALLOWANCE, QuotaReport, is_metered};
