@@ -45,11 +45,13 @@ const LIST_EVERY: Duration = Duration::from_secs(6 * 3600);
 /// never a `get`. Ten: one listing per template and the rest on open approvals, a round every
 /// hour or two at the standard edition's allowance.
 const POLL_BATCH: f64 = 10.0;
-/// The finished probe lists from this long before a template's oldest open approval, and
-/// concludes nothing about approvals created this close to the listing's end: v1.0 gives
-/// creation times to the minute (docs/dingtalk.md §11.3), and an instance created a moment ago
-/// may not be listed yet.
+/// The finished probe lists from this long before a template's oldest open approval: v1.0 gives
+/// creation times to the minute (docs/dingtalk.md §11.3), so a stored creation time can be up to
+/// a minute early, and DingTalk's clock may differ from the database's.
 const PROBE_MARGIN: TimeDelta = TimeDelta::minutes(2);
+/// The probe concludes nothing about approvals created this close to its listing's end: one
+/// created a moment ago may not be listed yet, or DingTalk's clock may be behind.
+const PROBE_SETTLE: TimeDelta = TimeDelta::seconds(10);
 /// listids reaches 120 days per window (docs/dingtalk.md §2.4): the probe lists the last 119.
 const PROBE_REACH: TimeDelta = TimeDelta::days(119);
 /// The outbox's silent approvals are looked for among those created in the last day.
@@ -566,7 +568,7 @@ async fn finished_probe(
             continue;
         }
         let open_ids =
-            approvals::open_created_between(ctx.pool(), corp, &code, from, db_now - PROBE_MARGIN)
+            approvals::open_created_between(ctx.pool(), corp, &code, from, db_now - PROBE_SETTLE)
                 .await?;
         let finished: Vec<String> = open_ids
             .into_iter()
