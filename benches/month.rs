@@ -23,6 +23,7 @@
 //!
 //! ```sh
 //! cargo bench --bench month -- [--day-seconds 20] [--scenario 300|1000|all] [--idle-days 3]
+//!     [--api-family legacy|v1]
 //! ```
 //! Needs the local PostgreSQL (or DINGSYNC_TEST_DATABASE_URL).
 
@@ -38,7 +39,7 @@ use common::{drop_database, server_url};
 use dingsync::{
     app::{App, EMULATOR_CORP_ID},
     clock::{self, Clock},
-    config::{Config, Secret},
+    config::{ApiFamily, Config, Secret},
 };
 use dingsync_emulator::{Faults, Handle, PushFaults, TaskAction};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -51,6 +52,7 @@ struct Args {
     day_seconds: f64,
     scenario: String,
     idle_days: f64,
+    api_family: ApiFamily,
 }
 
 fn args() -> Args {
@@ -58,6 +60,7 @@ fn args() -> Args {
         day_seconds: 20.0,
         scenario: "all".into(),
         idle_days: 3.0,
+        api_family: ApiFamily::Legacy,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -67,6 +70,13 @@ fn args() -> Args {
             "--day-seconds" => a.day_seconds = value().parse().expect("a number"),
             "--scenario" => a.scenario = value(),
             "--idle-days" => a.idle_days = value().parse().expect("a number"),
+            "--api-family" => {
+                a.api_family = match value().as_str() {
+                    "legacy" => ApiFamily::Legacy,
+                    "v1" => ApiFamily::V1,
+                    other => panic!("--api-family legacy|v1, not {other}"),
+                }
+            }
             _ => {} // cargo bench passes --bench
         }
         i += if argv[i].starts_with("--") && argv[i] != "--bench" {
@@ -84,8 +94,9 @@ struct Scenario {
     monthly_deliveries: u64,
 }
 
-fn config(db_url: &str, s: &Scenario, scale: f64) -> Config {
+fn config(db_url: &str, s: &Scenario, scale: f64, api_family: ApiFamily) -> Config {
     let mut c = Config::default();
+    c.dingtalk.api_family = api_family;
     c.database.url = Secret::new(db_url);
     c.server.listen = "127.0.0.1:0".into();
     c.dingtalk.api_base = "emulator".into();
@@ -207,7 +218,9 @@ async fn run(s: &Scenario, args: &Args) {
     );
     let url = format!("{}/{name}", server_url());
     drop_database(&name).await;
-    let app = App::start(config(&url, s, scale)).await.unwrap();
+    let app = App::start(config(&url, s, scale, args.api_family))
+        .await
+        .unwrap();
     let clock = app.ledger.clock();
     let emu = app.emulator.as_ref().unwrap().state().clone();
     emu.set_faults(Faults {
@@ -224,8 +237,9 @@ async fn run(s: &Scenario, args: &Args) {
     let (_, month_start) = clock::month_span(clock.now());
     let (_, month_end) = clock::month_span(month_start);
     println!(
-        "scenario {} approvals: waiting {:.0} s for the month {} (one day = {} s)",
+        "scenario {} approvals, API family {:?}: waiting {:.0} s for the month {} (one day = {} s)",
         s.approvals,
+        args.api_family,
         clock
             .real_duration((month_start - clock.now()).to_std().unwrap_or_default())
             .as_secs_f64(),

@@ -291,3 +291,93 @@ async fn exhausted_deliveries_switch_to_polling_which_keeps_approvals_right_unti
     .await;
     app.stop().await;
 }
+
+/// What the sweep job's runs counted under `name`, all runs summed.
+async fn sweep_count(app: &TestApp, name: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT coalesce(sum((counts->>$1)::bigint), 0)::bigint FROM dingsync.job_runs
+         WHERE job = 'sweep'",
+    )
+    .bind(name)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_polling_with_the_v1_family_finishes_no_push_announced_are_found_by_listing_running_instances()
+ {
+    let app = TestApp::spawn_with(|c| {
+        fast(c, 0.001);
+        c.dingtalk.api_family = dingsync::config::ApiFamily::V1;
+        c.dingtalk.monthly_deliveries = 2;
+        c.reconcile.process_codes = vec![CODE.into()];
+    })
+    .await;
+    let emu = emulator(&app).state().clone();
+    let open: Vec<Instance> = (0..30)
+        .map(|_| emu.start_instance(start(CODE, &["manager1"])).unwrap())
+        .collect();
+    eventually(Duration::from_secs(20), "polling mode", || async {
+        (mode(&app).await.as_deref() == Some("polling")).then_some(())
+    })
+    .await;
+    // Each approval's one detail fetch done first, so that only polling can see what follows.
+    eventually(
+        Duration::from_secs(40),
+        "all 30 approvals stored and fetched",
+        || async {
+            let fetched: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM dingsync.approvals
+                 WHERE status = 'RUNNING' AND detail_synced_at IS NOT NULL",
+            )
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+            (fetched == 30).then_some(())
+        },
+    )
+    .await;
+    // DingTalk delivers nothing from here on; three approvals finish.
+    emu.set_faults(Faults {
+        push: PushFaults {
+            drop_forever_rate: 1.0,
+            ..PushFaults::default()
+        },
+        ..Faults::default()
+    });
+    let finishing: Vec<&Instance> = open.iter().step_by(10).collect();
+    for instance in &finishing {
+        let task = emu
+            .open_tasks()
+            .into_iter()
+            .find(|t| t.process_instance_id == instance.process_instance_id)
+            .unwrap()
+            .task;
+        emu.agree(task.taskid, TaskAction::default()).unwrap();
+    }
+    let found_before = sweep_count(&app, "probe_finished").await;
+    eventually(Duration::from_secs(60), "the three finishes", || async {
+        let mut all = true;
+        for i in &finishing {
+            all &= status(&app, &i.process_instance_id).await
+                == Some(("COMPLETED".into(), Some("agree".into())));
+        }
+        all.then_some(())
+    })
+    .await;
+    // The probe listed RUNNING instances and named the finished ones (the least recently checked
+    // `get`s may have reached one of them first in the same round; not all three).
+    // The probe listed RUNNING instances and named the finished ones (the least recently checked
+    // `get`s may have reached one of them first; not all three), as the runs record once they end.
+    eventually(
+        Duration::from_secs(10),
+        "the finished probe to have named at least two of the three finishes",
+        || async {
+            let found = sweep_count(&app, "probe_finished").await - found_before;
+            (found >= 2 && sweep_count(&app, "probe_pages").await > 0).then_some(())
+        },
+    )
+    .await;
+    app.stop().await;
+}

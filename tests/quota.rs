@@ -754,3 +754,149 @@ async fn futures_rows(pool: &PgPool, ids: &[i64]) -> Vec<Row> {
     }
     rows
 }
+
+/// `dingsync serve` as a child process with its own copy of config.toml, `monthly_calls` set in
+/// the file (not by the environment, which SIGHUP would read again unchanged).
+struct HupDaemon {
+    child: std::process::Child,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+    metrics_url: String,
+}
+
+impl HupDaemon {
+    fn write_config(path: &std::path::Path, monthly_calls: &str) {
+        let shipped =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
+        // The first `monthly_calls` is [dingtalk]'s (the emulator's comes later in the file).
+        let text = shipped.replacen(
+            "monthly_calls = 5000",
+            &format!("monthly_calls = {monthly_calls}"),
+            1,
+        );
+        assert!(
+            shipped.contains("\nmonthly_calls = 5000\n"),
+            "config.toml's dingtalk.monthly_calls line moved"
+        );
+        std::fs::write(path, text).unwrap();
+    }
+
+    /// The value of `dingsync_allowance_limit` for calls, as `/metrics` shows it now.
+    async fn calls_limit(&self, http: &reqwest::Client) -> Option<String> {
+        let page = http
+            .get(&self.metrics_url)
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        page.lines()
+            .find(|l| l.starts_with("dingsync_allowance_limit{") && l.contains("kind=\"call\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_string)
+    }
+
+    fn hangup(&self) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) with a pid this test spawned and still owns (not yet waited for).
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    }
+}
+
+impl Drop for HupDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+#[tokio::test]
+async fn sighup_applies_a_new_monthly_calls_from_the_file_and_keeps_the_old_one_on_a_bad_file() {
+    let emu = standalone_emulator().await;
+    let db = TestDb::new();
+    let port = free_port();
+    let config = std::env::temp_dir().join(format!("{}.toml", db.name));
+    let log = std::env::temp_dir().join(format!("{}.log", db.name));
+    HupDaemon::write_config(&config, "5000");
+    let defaults = dingsync_emulator::EmulatorConfig::default();
+    let base_url = format!("http://127.0.0.1:{port}");
+    let mut command = dingsync_command_with(&config, &["serve"]);
+    command
+        .env("DINGSYNC_DATABASE_URL", &db.url)
+        .env("DINGSYNC_SERVER_LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "DINGSYNC_CALLBACK_TOKEN",
+            dingsync::crypto::random_nonce(32),
+        )
+        .env(
+            "DINGSYNC_CALLBACK_AES_KEY",
+            dingsync::crypto::random_aes_key(),
+        )
+        .env("DINGSYNC_CALLBACK_OWNER_KEY", CORP_ID)
+        .env(
+            "DINGSYNC_CALLBACK_PUBLIC_URL",
+            format!("{base_url}/dingtalk/callback"),
+        )
+        .env("DINGSYNC_DINGTALK_API_BASE", emu.base_url())
+        .env("DINGSYNC_DINGTALK_APP_KEY", &defaults.app_key)
+        .env("DINGSYNC_DINGTALK_APP_SECRET", &defaults.app_secret)
+        .env("DINGSYNC_DINGTALK_CORP_ID", CORP_ID)
+        .env("DINGSYNC_LOG_FILTER", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let daemon = HupDaemon {
+        child: command.spawn().expect("dingsync serve starts"),
+        config: config.clone(),
+        log,
+        metrics_url: format!("{base_url}/metrics"),
+    };
+    let http = reqwest::Client::new();
+    let limit = |want: &'static str| {
+        let (daemon, http) = (&daemon, &http);
+        async move {
+            eventually(
+                Duration::from_secs(30),
+                &format!("dingsync_allowance_limit of calls at {want}"),
+                || async {
+                    daemon
+                        .calls_limit(http)
+                        .await
+                        .filter(|v| v == want)
+                        .map(|_| ())
+                },
+            )
+            .await
+        }
+    };
+    limit("5000").await;
+
+    HupDaemon::write_config(&config, "7000");
+    daemon.hangup();
+    limit("7000").await;
+
+    // A file the configuration refuses changes nothing: the daemon says so and keeps 7000.
+    HupDaemon::write_config(&config, "-1");
+    daemon.hangup();
+    eventually(
+        Duration::from_secs(30),
+        "the refused reload in the log",
+        || async {
+            let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+            log.contains("configuration reload (SIGHUP) failed")
+                .then_some(())
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    assert!(
+        log.contains("dingtalk.monthly_calls"),
+        "the refusal names the key: {log}"
+    );
+    assert_eq!(daemon.calls_limit(&http).await.as_deref(), Some("7000"));
+    HupDaemon::write_config(&config, "6000");
+    daemon.hangup();
+    limit("6000").await;
+}

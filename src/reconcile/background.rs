@@ -9,8 +9,11 @@
 //! 3. the reconciliation pass after a month in polling mode (purpose `Sweep`): every open
 //!    approval not fetched since the month turned, once;
 //! 4. in polling mode (purpose `Poll`): `listids` of `reconcile.process_codes` since the last
-//!    listing for approvals no event announced, then open approvals, least recently checked
-//!    first; a tick spends its share of the day's allowance (allowance × tick / 24 h);
+//!    listing for approvals no event announced; with the v1.0 family, the finished probe (each
+//!    template's `RUNNING` instances listed over its open approvals' window: an open approval
+//!    missing from the listing has finished and is fetched); then open approvals, least
+//!    recently checked first; a tick spends its share of the day's allowance (allowance × tick
+//!    / 24 h);
 //! 5. in push mode (purpose `Sweep`): each open approval re-checked at most
 //!    `reconcile.sweep_checks` times over its life, at ages `sweep_first_check_h × 4^k`.
 //!
@@ -42,6 +45,15 @@ const LIST_EVERY: Duration = Duration::from_secs(6 * 3600);
 /// never a `get`. Ten: one listing per template and the rest on open approvals, a round every
 /// hour or two at the standard edition's allowance.
 const POLL_BATCH: f64 = 10.0;
+/// The finished probe lists from this long before a template's oldest open approval: v1.0 gives
+/// creation times to the minute (docs/dingtalk.md §11.3), so a stored creation time can be up to
+/// a minute early, and DingTalk's clock may differ from the database's.
+const PROBE_MARGIN: TimeDelta = TimeDelta::minutes(2);
+/// The probe concludes nothing about approvals created this close to its listing's end: one
+/// created a moment ago may not be listed yet, or DingTalk's clock may be behind.
+const PROBE_SETTLE: TimeDelta = TimeDelta::seconds(10);
+/// listids reaches 120 days per window (docs/dingtalk.md §2.4): the probe lists the last 119.
+const PROBE_REACH: TimeDelta = TimeDelta::days(119);
 /// The outbox's silent approvals are looked for among those created in the last day.
 const SILENCE_WINDOW: TimeDelta = TimeDelta::days(1);
 
@@ -467,8 +479,22 @@ async fn poll(
         }
     }
 
-    // Then open approvals, least recently checked first.
-    let limit = mine.left().min(u64::from(c.batch_size)) as u32;
+    // With the v1.0 family, which open approvals finished, for a page per 20 of them.
+    if ctx.client().filters_by_status() && !stopped(counts, shutdown) {
+        finished_probe(ctx, &mut mine, db_now, shutdown, counts).await?;
+    }
+
+    // Then open approvals, least recently checked first (for what the probe cannot see: a task
+    // decided while its approval goes on). With the probe, half of what is left: the other half
+    // stays for the next rounds, so that the probe comes round more often; it finds a finish for
+    // a few calls, where a `get` of a running approval finds one for dozens (the month benchmark,
+    // docs/BENCHMARKS.md).
+    let left = if ctx.client().filters_by_status() {
+        mine.left() / 2
+    } else {
+        mine.left()
+    };
+    let limit = left.min(u64::from(c.batch_size)) as u32;
     if limit > 0 && !stopped(counts, shutdown) {
         let ids = approvals::unchecked_since_page(ctx.pool(), corp, db_now, limit).await?;
         mine.take_up_to(ids.len() as u64);
@@ -481,5 +507,88 @@ async fn poll(
     } else {
         (share - (granted - mine.left()) as f64).max(0.0)
     };
+    Ok(())
+}
+
+/// The finished probe (v1.0 family, while polling): for each template with open approvals, list
+/// its `RUNNING` instances created since the oldest of them (`instanceIds/query` with `statuses`,
+/// docs/dingtalk.md §11.4), 20 a call; an open approval that a complete listing does not hold
+/// has finished (or was terminated) in DingTalk and is fetched. About 90 open approvals cost 5
+/// calls a round this way instead of 90 `get`s, which is what keeps finishes no push announced
+/// (deliveries used up) from waiting most of a day. A template whose listing the round cannot pay
+/// for, or that ends incomplete (an error, the budget, DingTalk's 10,000-id cap), concludes
+/// nothing: its approvals are left to the `get`s after it.
+async fn finished_probe(
+    ctx: &Context,
+    mine: &mut Budget,
+    db_now: DateTime<Utc>,
+    shutdown: &CancellationToken,
+    counts: &mut Counts,
+) -> anyhow::Result<()> {
+    let corp = ctx.corp_id();
+    for (code, oldest, open) in approvals::open_by_template(ctx.pool(), corp).await? {
+        if stopped(counts, shutdown) {
+            break;
+        }
+        let from = (oldest - PROBE_MARGIN).max(db_now - PROBE_REACH);
+        // The open approvals' pages, one more for instances dingsync does not know yet, and as
+        // much again for the fetches it may find: otherwise the round's `get`s are worth more.
+        let pages = u64::try_from(open).unwrap_or(0).div_ceil(20) + 1;
+        if mine.left() < 2 * pages {
+            continue;
+        }
+        let mut listing = ctx
+            .client()
+            .list_ids(
+                &code,
+                (from.timestamp_millis(), db_now.timestamp_millis()),
+                None,
+                Purpose::Poll,
+            )
+            .with_statuses(&["RUNNING"]);
+        let mut running = std::collections::HashSet::new();
+        let mut complete = true;
+        loop {
+            if !mine.take() {
+                complete = false;
+                break;
+            }
+            *counts.entry("probe_pages").or_default() += 1;
+            match listing.next_page().await {
+                Ok(Some(ids)) => running.extend(ids),
+                Ok(None) => break,
+                Err(e) if quota_exhausted(&e) => {
+                    tracing::warn!(error = %e, "the month's DingTalk calls are used up; stopping the run");
+                    counts.insert(Fetched::Paused.name(), 1);
+                    complete = false;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(process_code = %code, error = %e, "the finished probe's listing failed; the next round lists again");
+                    complete = false;
+                    break;
+                }
+            }
+            if listing.finished() {
+                break;
+            }
+        }
+        if !complete || listing.capped() {
+            continue;
+        }
+        let open_ids =
+            approvals::open_created_between(ctx.pool(), corp, &code, from, db_now - PROBE_SETTLE)
+                .await?;
+        let finished: Vec<String> = open_ids
+            .into_iter()
+            .filter(|id| !running.contains(id))
+            .collect();
+        let paid = mine.take_up_to(finished.len() as u64) as usize;
+        *counts.entry("probe_finished").or_default() += finished.len() as u64;
+        let ids = finished.into_iter().take(paid).collect::<Vec<_>>();
+        if !ids.is_empty() {
+            fetch_ids(ctx, ids, POLL, shutdown, counts).await?;
+        }
+    }
     Ok(())
 }

@@ -356,6 +356,46 @@ pub async fn stored(
     .await
 }
 
+/// Open approvals (`NEW`, `RUNNING`) by template: each template's oldest creation time and how
+/// many are open. Approvals without a template or a creation time are not here (the polling
+/// round's `get`s reach them).
+pub async fn open_by_template(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+) -> sqlx::Result<Vec<(String, DateTime<Utc>, i64)>> {
+    sqlx::query_as(
+        "SELECT process_code, min(created_at), count(*) FROM dingsync.approvals
+         WHERE corp_id = $1 AND status IN ('NEW', 'RUNNING')
+           AND process_code IS NOT NULL AND created_at IS NOT NULL
+         GROUP BY process_code
+         ORDER BY process_code",
+    )
+    .bind(corp_id)
+    .fetch_all(db)
+    .await
+}
+
+/// Ids of the open approvals of `process_code` created in `[from, to]`.
+pub async fn open_created_between(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+    process_code: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT process_instance_id FROM dingsync.approvals
+         WHERE corp_id = $1 AND status IN ('NEW', 'RUNNING')
+           AND process_code = $2 AND created_at BETWEEN $3 AND $4",
+    )
+    .bind(corp_id)
+    .bind(process_code)
+    .bind(from)
+    .bind(to)
+    .fetch_all(db)
+    .await
+}
+
 /// Ids of approvals of `process_code` created in `[from, to]` (what a listing should return).
 pub async fn ids_created_between(
     db: impl PgExecutor<'_>,
