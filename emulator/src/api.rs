@@ -38,7 +38,7 @@ use dingsync_crypto::CallbackCrypto;
 
 /// How long a create whose response is "lost" holds the connection (real time): far longer than
 /// any client waits; the emulator's shutdown ends it sooner.
-const LOST_RESPONSE_HOLD: std::time::Duration = std::time::Duration::from_secs(300);
+pub(crate) const LOST_RESPONSE_HOLD: std::time::Duration = std::time::Duration::from_secs(300);
 /// `listids` window and age limits (docs/dingtalk.md §2.4).
 const LISTIDS_MAX_WINDOW_MS: i64 = 120 * 24 * 3600 * 1000;
 const LISTIDS_MAX_AGE_MS: i64 = 365 * 24 * 3600 * 1000;

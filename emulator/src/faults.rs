@@ -33,6 +33,11 @@ pub struct Faults {
     /// Probability (0..=1) that a `processinstance/create` is committed but its response lost,
     /// as with `lose_create_response` (for load runs with a share of lost answers).
     pub lose_create_response_rate: f64,
+    /// Per write endpoint of the v1.0 family (`"v1.0/workflow/processInstances/execute"`,
+    /// `…/terminate`, `…/comments`, `"v1.0/workflow/tasks/redirect"`): the next N calls are
+    /// carried out (the change is made, its events pushed) but the answer is never sent, as
+    /// `lose_create_response` does for creates (docs/dingtalk.md §12.6).
+    pub lose_response: BTreeMap<String, u32>,
     /// Faults of the HTTP pushes to the registered callback URL.
     pub push: PushFaults,
 }
@@ -109,6 +114,17 @@ impl Faults {
             self.inject.remove(index);
         }
         Some(error)
+    }
+
+    /// Whether this call of `endpoint` loses its answer (`lose_response`), using one up.
+    pub(crate) fn take_lost_response(&mut self, endpoint: &str) -> bool {
+        match self.lose_response.get_mut(endpoint) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The QPS limit that applies to `endpoint`, if any.
