@@ -40,6 +40,8 @@ pub enum Purpose {
     Outbox,
     /// Looking for the instance of a create whose answer was lost.
     Search,
+    /// Carrying out an action on an approval (`dingsync.actions`), and reading it back.
+    Action,
     /// The detail fetch of an approval an event announced.
     Details,
     /// Checking an approval whose events suggest one went missing.
@@ -63,9 +65,10 @@ pub enum Purpose {
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 12] = [
+    pub const ALL: [Purpose; 13] = [
         Purpose::Outbox,
         Purpose::Search,
+        Purpose::Action,
         Purpose::Details,
         Purpose::Gap,
         Purpose::Sweep,
@@ -82,6 +85,7 @@ impl Purpose {
         match self {
             Purpose::Outbox => "outbox",
             Purpose::Search => "search",
+            Purpose::Action => "action",
             Purpose::Details => "details",
             Purpose::Gap => "gap",
             Purpose::Sweep => "sweep",

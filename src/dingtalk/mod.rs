@@ -444,7 +444,7 @@ impl Client {
 /// outbox creates a little, background work only takes a slot that is free now.
 pub fn priority(purpose: Purpose) -> Priority {
     match purpose {
-        Purpose::Outbox | Purpose::Search => Priority::Outbox,
+        Purpose::Outbox | Purpose::Search | Purpose::Action => Priority::Outbox,
         Purpose::Details
         | Purpose::Failed
         | Purpose::Callback

@@ -415,6 +415,8 @@ pub enum SnapshotSource {
     Backfill,
     /// The outbox's search for an instance whose create got no answer (migration V15).
     Search,
+    /// An action reading its approval back (migration V20).
+    Action,
 }
 
 impl SnapshotSource {
@@ -426,6 +428,7 @@ impl SnapshotSource {
             SnapshotSource::Poll => "poll",
             SnapshotSource::Backfill => "backfill",
             SnapshotSource::Search => "search",
+            SnapshotSource::Action => "action",
         }
     }
 }
