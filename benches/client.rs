@@ -75,13 +75,16 @@ async fn main() {
                     name: "Reason".into(),
                     value: "trip".into(),
                     ext_value: None,
+                    ..FormValue::default()
                 },
                 FormValue {
                     name: "Amount".into(),
                     value: "100".into(),
                     ext_value: None,
+                    ..FormValue::default()
                 },
             ],
+            ..CreateInstance::default()
         })
         .await
         .unwrap();

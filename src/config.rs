@@ -163,6 +163,61 @@ pub struct DingTalkConfig {
     /// dingsync's share of the organisation's event deliveries a month; 0: unmetered. Shown,
     /// forecast, and used up it means pushes are missing (`planner`); never refused by dingsync.
     pub monthly_deliveries: u64,
+    /// Which API family creates, reads and lists approvals (docs/dingtalk.md §11). Calls only
+    /// the v1.0 family has (forecast, actions, form schemas) use it whatever this says.
+    pub api_family: ApiFamily,
+    /// Address of the v1.0 family; empty: `https://api.dingtalk.com` when `api_base` is
+    /// DingTalk's old address, else `api_base` itself (the emulator serves both families).
+    pub api_base_v1: String,
+}
+
+/// DingTalk's two API families (docs/dingtalk.md §11).
+///
+/// The default is `legacy`: a deployment that upgrades without touching its configuration keeps
+/// making exactly the calls its app has permissions for today. An app created for the old API
+/// may hold none of the v1.0 scopes (`Workflow.Instance.Read`/`Write`), and with `v1` every
+/// create and read of such an app would be refused (a refused create fails its row). DingTalk
+/// recommends v1.0 for new apps, and only v1.0 can create with self-selected approvers or run
+/// the forecast: new deployments set `v1` (config.toml says so), and `dingsync doctor` shows
+/// which family the app's permissions allow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApiFamily {
+    /// `oapi.dingtalk.com`: `gettoken`, `topapi/processinstance/*`.
+    #[default]
+    Legacy,
+    /// `api.dingtalk.com`: `/v1.0/oauth2/accessToken`, `/v1.0/workflow/*`.
+    V1,
+}
+
+impl ApiFamily {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiFamily::Legacy => "legacy",
+            ApiFamily::V1 => "v1",
+        }
+    }
+}
+
+/// The v1.0 family's address at DingTalk (docs/dingtalk.md §11).
+pub const DINGTALK_API_V1: &str = "https://api.dingtalk.com";
+
+impl DingTalkConfig {
+    /// Where v1.0 calls go when the old family is at `base` (`api_base`, or the embedded
+    /// emulator's URL): `api_base_v1` when set; DingTalk's v1.0 address when `base` is
+    /// DingTalk's old one; otherwise `base`, which then serves both families (the emulator, a
+    /// test's proxy).
+    pub fn v1_base(&self, base: &str) -> String {
+        if !self.api_base_v1.is_empty() {
+            return self.api_base_v1.trim_end_matches('/').to_string();
+        }
+        let base = base.trim_end_matches('/');
+        if base == DINGTALK_API {
+            DINGTALK_API_V1.to_string()
+        } else {
+            base.to_string()
+        }
+    }
 }
 
 /// The smallest nonzero `dingtalk.monthly_calls`: what one outbox row can cost in a month. Its
@@ -195,6 +250,10 @@ pub struct OutboxConfig {
     pub lease_ms: u64,
     pub lost_settle_ms: u64,
     pub poll_ms: u64,
+    /// Ask DingTalk's forecast (v1.0 `processes/forecast`, docs/dingtalk.md §11.5) before each
+    /// create: a row whose route DingTalk refuses fails at once with DingTalk's reason, without
+    /// a create. One extra metered call per row; off by default.
+    pub forecast_check: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -249,6 +308,8 @@ impl Default for Config {
                 // DingTalk's standard (free) edition: 5 000 calls and 3 000 deliveries a month.
                 monthly_calls: 5_000,
                 monthly_deliveries: 3_000,
+                api_family: ApiFamily::Legacy,
+                api_base_v1: String::new(),
             },
             ingest: IngestConfig {
                 max_batch: 256,
@@ -263,6 +324,7 @@ impl Default for Config {
                 lease_ms: 60_000,
                 lost_settle_ms: 10_000,
                 poll_ms: 1_000,
+                forecast_check: false,
             },
             emulator: EmulatorSettings {
                 listen: "127.0.0.1:9090".into(),
@@ -487,6 +549,7 @@ impl Config {
         }
         self.validate_outbox()?;
         self.validate_api_base()?;
+        self.validate_api_base_v1()?;
         let emulator = self.uses_emulator();
         // With the embedded emulator empty callback secrets are generated at start-up; against a
         // real DingTalk they must be the ones registered there.
@@ -580,6 +643,30 @@ impl Config {
             return Err(invalid(
                 "dingtalk.api_base",
                 format!("must be \"{EMULATOR}\" or an http(s) URL such as {DINGTALK_API}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// `dingtalk.api_base_v1`: empty, or an http(s) URL; never beside the embedded emulator,
+    /// which serves both families itself.
+    fn validate_api_base_v1(&self) -> Result<(), ConfigError> {
+        let v1 = &self.dingtalk.api_base_v1;
+        if v1.is_empty() {
+            return Ok(());
+        }
+        if self.uses_emulator() {
+            return Err(invalid(
+                "dingtalk.api_base_v1",
+                format!(
+                    "must be empty with dingtalk.api_base = \"{EMULATOR}\" (the emulator serves both API families)"
+                ),
+            ));
+        }
+        if !(v1.starts_with("https://") || v1.starts_with("http://")) {
+            return Err(invalid(
+                "dingtalk.api_base_v1",
+                format!("must be empty or an http(s) URL such as {DINGTALK_API_V1}"),
             ));
         }
         Ok(())

@@ -82,13 +82,16 @@ fn expense() -> CreateInstance {
                 name: "Reason".into(),
                 value: "trip".into(),
                 ext_value: None,
+                ..FormValue::default()
             },
             FormValue {
                 name: "Amount".into(),
                 value: "100".into(),
                 ext_value: None,
+                ..FormValue::default()
             },
         ],
+        ..CreateInstance::default()
     }
 }
 
@@ -113,6 +116,7 @@ async fn create_get_and_listids_round_trip_through_the_emulator() {
                 size: 20,
                 cursor: 0,
                 userid_list: None,
+                statuses: Vec::new(),
             },
             Purpose::Backfill,
         )
@@ -134,7 +138,9 @@ async fn a_business_rejection_is_permanent_and_carries_errcode_and_errmsg() {
     let mut bad = expense();
     bad.process_code = "PROC-DOES-NOT-EXIST".into();
     match s.client.create_instance(&bad).await {
-        Err(Error::Rejected { errcode, errmsg }) => assert!(errcode != 0 && !errmsg.is_empty()),
+        Err(Error::Rejected {
+            errcode, errmsg, ..
+        }) => assert!(errcode != 0 && !errmsg.is_empty()),
         other => panic!("expected a rejection, got {other:?}"),
     }
     assert_eq!(

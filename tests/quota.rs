@@ -102,13 +102,16 @@ fn expense() -> dingtalk::types::CreateInstance {
                 name: "Reason".into(),
                 value: "quota".into(),
                 ext_value: None,
+                ..FormValue::default()
             },
             FormValue {
                 name: "Amount".into(),
                 value: "1".into(),
                 ext_value: None,
+                ..FormValue::default()
             },
         ],
+        ..CreateInstance::default()
     }
 }
 

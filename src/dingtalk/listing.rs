@@ -1,4 +1,5 @@
-//! The one paginator of `topapi/processinstance/listids` (docs/dingtalk.md §2.4): the instance ids of one
+//! The one paginator of instance ids, either family (`topapi/processinstance/listids`,
+//! docs/dingtalk.md §2.4; v1.0 `processes/instanceIds/query`, §11.4): the instance ids of one
 //! template created in a window, optionally only one originator's, page by page. The outbox's
 //! lost-answer search, the backfill job and the drift report all list through it.
 //!
@@ -43,6 +44,7 @@ impl Client {
                 size: PAGE,
                 cursor: 0,
                 userid_list: originator.map(str::to_string),
+                statuses: Vec::new(),
             },
             purpose,
             finished: false,
@@ -52,6 +54,14 @@ impl Client {
 }
 
 impl IdListing<'_> {
+    /// Lists only instances in `statuses` (`RUNNING`, `TERMINATED`, `COMPLETED`): v1.0 only
+    /// (docs/dingtalk.md §11.4); with the old family the first page is refused unsent
+    /// ([`Client::filters_by_status`] says which).
+    pub fn with_statuses(mut self, statuses: &[&str]) -> Self {
+        self.request.statuses = statuses.iter().map(|s| (*s).to_string()).collect();
+        self
+    }
+
     /// Continues a listing at `cursor` (a value of [`IdListing::cursor`] saved earlier).
     pub fn resume_at(mut self, cursor: u64) -> Self {
         self.request.cursor = cursor;

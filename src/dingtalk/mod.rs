@@ -1,6 +1,12 @@
-//! DingTalk API client (the old oapi/topapi family, docs/dingtalk.md §1–§3): typed requests and responses,
-//! one shared access token (`token`), one shared request budget (`budget`), and errors classified
-//! so that callers can act on them. Every outbound feature talks to DingTalk through [`Client`].
+//! DingTalk API client for both API families (the old oapi/topapi one, docs/dingtalk.md §1–§3, and
+//! v1.0, §11): typed requests and responses, one shared access token (`token`), one shared request
+//! budget (`budget`), and errors classified so that callers can act on them. Every outbound
+//! feature talks to DingTalk through [`Client`].
+//!
+//! `dingtalk.api_family` picks the family of create, get and list ids; callers see the same
+//! types and errors whichever it is (`v1` translates). Calls only v1.0 has (forecast, form
+//! schemas, task actions) go through [`Client::v1`], whatever the family: one token serves both
+//! (docs/dingtalk.md §11.1).
 //!
 //! Retries happen here, within bounds: an invalid token is refreshed once and the call retried
 //! once; a rate-limit answer backs off (≥ 1 s, with jitter) and retries; a transient failure
@@ -12,15 +18,16 @@
 //! `Forbidden.AccessDenied.ApiCountLimitForOrg`) pauses metered calls for the month and ends the
 //! call with [`Error::QuotaExhausted`], never retried.
 //!
-//! The v1.0 family (api.dingtalk.com, header token, HTTP-status errors) would be a second
-//! `Family` in `send`; callers only see typed methods and [`Error`]. Its error bodies are already
-//! read here ([`read_answer`]), so that it inherits the quota and rate readings.
+//! Both families share one path ([`Client::send`]): the gate, the token, the budget, the ledger
+//! and the retries are the same; only how a request is put on the wire and how its answer is
+//! read differ ([`Wire`]).
 
 mod budget;
 pub mod listing;
 pub mod quota;
 mod token;
 pub mod types;
+pub mod v1;
 
 use std::{sync::Arc, time::Duration};
 
@@ -35,15 +42,22 @@ pub use budget::{Budget, Priority};
 pub use token::Tokens;
 use types::*;
 
+pub use crate::config::ApiFamily;
 use crate::{clock::Clock, config::DingTalkConfig, ledger::Ledger};
 
 /// What went wrong with a DingTalk call, by what the caller should do about it.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
     /// DingTalk refused the request for a business reason (bad parameter, unknown template,
-    /// callback already registered…): permanent, do not retry.
-    #[error("DingTalk rejected the request: errcode {errcode}: {errmsg}")]
-    Rejected { errcode: i64, errmsg: String },
+    /// callback already registered…): permanent, do not retry. The old family gives a numeric
+    /// `errcode` and no `code`; v1.0 gives its string `code` (`processCodeError`…) and the HTTP
+    /// status as `errcode` (docs/dingtalk.md §11.6).
+    #[error("DingTalk rejected the request: {}", rejection_text(*errcode, code.as_deref(), errmsg))]
+    Rejected {
+        errcode: i64,
+        code: Option<String>,
+        errmsg: String,
+    },
     /// The access token was refused even after one refresh.
     #[error("DingTalk refused the access token (errcode {errcode}) after a refresh")]
     InvalidToken { errcode: i64 },
@@ -73,6 +87,32 @@ pub enum Error {
     },
 }
 
+fn rejection_text(errcode: i64, code: Option<&str>, errmsg: &str) -> String {
+    match code {
+        None => format!("errcode {errcode}: {errmsg}"),
+        Some(code) => format!("errcode {code} (HTTP {errcode}): {errmsg}"),
+    }
+}
+
+impl Error {
+    /// The v1.0 family's error code of a rejection (`aflowProcessInstStatusException`…).
+    pub fn v1_code(&self) -> Option<&str> {
+        match self {
+            Error::Rejected { code, .. } => code.as_deref(),
+            _ => None,
+        }
+    }
+}
+
+/// How a request goes on the wire and how its answer is read (docs/dingtalk.md §1.3, §11.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wire {
+    /// `dingtalk.api_base`, `?access_token=`, HTTP 200 with `errcode`.
+    Legacy,
+    /// The v1.0 address, the `x-acs-dingtalk-access-token` header, HTTP-status errors.
+    V1,
+}
+
 /// DingTalk's client; cheap to clone.
 #[derive(Clone)]
 pub struct Client {
@@ -82,6 +122,9 @@ pub struct Client {
 struct Inner {
     http: reqwest::Client,
     base: String,
+    /// Where v1.0 calls go (`DingTalkConfig::v1_base`).
+    v1_base: String,
+    family: ApiFamily,
     tokens: Tokens,
     budget: Budget,
     gate: Arc<quota::Gate>,
@@ -128,6 +171,7 @@ impl Client {
             .timeout(Duration::from_millis(config.timeout_ms))
             .connect_timeout(Duration::from_secs(5))
             .build()?;
+        let v1_base = config.v1_base(base);
         let base = base.trim_end_matches('/').to_string();
         let gate = Arc::new(quota::Gate::new(
             pool.clone(),
@@ -138,7 +182,10 @@ impl Client {
         let tokens = Tokens::new(
             pool.clone(),
             http.clone(),
-            &base,
+            match config.api_family {
+                ApiFamily::Legacy => &base,
+                ApiFamily::V1 => &v1_base,
+            },
             config,
             ledger.clone(),
             gate.clone(),
@@ -148,6 +195,8 @@ impl Client {
             inner: Arc::new(Inner {
                 http,
                 base,
+                v1_base,
+                family: config.api_family,
                 tokens,
                 budget,
                 gate,
@@ -156,6 +205,11 @@ impl Client {
                 max_attempts: config.max_attempts,
             }),
         })
+    }
+
+    /// The family that creates, reads and lists (`dingtalk.api_family`).
+    pub fn family(&self) -> ApiFamily {
+        self.inner.family
     }
 
     pub fn tokens(&self) -> &Tokens {
@@ -177,56 +231,203 @@ impl Client {
         &self.inner.corp_id
     }
 
-    /// `topapi/processinstance/create` (docs/dingtalk.md §2.1). Not idempotent: never repeated after it may
-    /// have reached DingTalk.
+    /// Creates an approval: `topapi/processinstance/create` (docs/dingtalk.md §2.1) or v1.0
+    /// `POST /v1.0/workflow/processInstances` (§11.2). Not idempotent: never repeated after it
+    /// may have reached DingTalk. Self-selected approvers need the v1.0 family: with the old
+    /// one such a request is refused here, unsent.
     pub async fn create_instance(&self, request: &CreateInstance) -> Result<String, Error> {
-        let r: CreateInstanceResponse = self
-            .call(
-                Purpose::Outbox,
-                Method::POST,
-                "/topapi/processinstance/create",
-                Some(request),
-                false,
-            )
-            .await?;
-        Ok(r.process_instance_id)
+        match self.inner.family {
+            ApiFamily::Legacy => {
+                if !request.target_select_actioners.is_empty() {
+                    return Err(Error::Rejected {
+                        errcode: 0,
+                        code: None,
+                        errmsg: "self-selected approvers (targetSelectActioners) need dingtalk.api_family = \"v1\"; nothing was sent".into(),
+                    });
+                }
+                let r: CreateInstanceResponse = self
+                    .call(
+                        Purpose::Outbox,
+                        Method::POST,
+                        "/topapi/processinstance/create",
+                        Some(request),
+                        false,
+                    )
+                    .await?;
+                Ok(r.process_instance_id)
+            }
+            ApiFamily::V1 => {
+                let body = v1::create_body(request);
+                let r: v1::CreateAnswer = self
+                    .v1(
+                        Purpose::Outbox,
+                        Method::POST,
+                        v1::CREATE_PATH,
+                        &[],
+                        Some(&body),
+                        false,
+                    )
+                    .await?;
+                Ok(r.instance_id)
+            }
+        }
     }
 
-    /// `topapi/processinstance/get` (docs/dingtalk.md §2.3).
+    /// Reads one approval: `topapi/processinstance/get` (docs/dingtalk.md §2.3) or v1.0
+    /// `GET /v1.0/workflow/processInstances` (§11.3), read into the old family's shape.
     pub async fn get_instance(
         &self,
         process_instance_id: &str,
         purpose: Purpose,
     ) -> Result<ProcessInstance, Error> {
-        let body = serde_json::json!({ "process_instance_id": process_instance_id });
-        let r: GetInstanceResponse = self
-            .call(
-                purpose,
-                Method::POST,
-                "/topapi/processinstance/get",
-                Some(&body),
-                true,
-            )
-            .await?;
-        Ok(r.process_instance)
+        match self.inner.family {
+            ApiFamily::Legacy => {
+                let body = serde_json::json!({ "process_instance_id": process_instance_id });
+                let r: GetInstanceResponse = self
+                    .call(
+                        purpose,
+                        Method::POST,
+                        "/topapi/processinstance/get",
+                        Some(&body),
+                        true,
+                    )
+                    .await?;
+                Ok(r.process_instance)
+            }
+            ApiFamily::V1 => {
+                let r: v1::GetAnswer = self
+                    .v1::<(), _>(
+                        purpose,
+                        Method::GET,
+                        v1::GET_PATH,
+                        &[("processInstanceId", process_instance_id)],
+                        None,
+                        true,
+                    )
+                    .await?;
+                Ok(r.result.into_legacy())
+            }
+        }
     }
 
-    /// `topapi/processinstance/listids` (docs/dingtalk.md §2.4): one page.
+    /// One page of instance ids: `topapi/processinstance/listids` (docs/dingtalk.md §2.4) or
+    /// v1.0 `processes/instanceIds/query` (§11.4). A status filter (`request.statuses`) exists
+    /// only in v1.0: with the old family such a request is refused here, unsent (see
+    /// [`Client::filters_by_status`]).
     pub async fn list_instance_ids(
         &self,
         request: &ListIds,
         purpose: Purpose,
     ) -> Result<IdPage, Error> {
-        let r: ListIdsResponse = self
-            .call(
+        match self.inner.family {
+            ApiFamily::Legacy => {
+                if !request.statuses.is_empty() {
+                    return Err(Error::Rejected {
+                        errcode: 0,
+                        code: None,
+                        errmsg:
+                            "listing by status needs dingtalk.api_family = \"v1\"; nothing was sent"
+                                .into(),
+                    });
+                }
+                let r: ListIdsResponse = self
+                    .call(
+                        purpose,
+                        Method::POST,
+                        "/topapi/processinstance/listids",
+                        Some(request),
+                        true,
+                    )
+                    .await?;
+                Ok(r.result)
+            }
+            ApiFamily::V1 => {
+                let body = v1::list_ids_body(request);
+                let r: v1::ListIdsAnswer = self
+                    .v1(
+                        purpose,
+                        Method::POST,
+                        v1::LIST_IDS_PATH,
+                        &[],
+                        Some(&body),
+                        true,
+                    )
+                    .await?;
+                r.result.into_page()
+            }
+        }
+    }
+
+    /// Whether listings can be filtered by status (v1.0 only, docs/dingtalk.md §11.4).
+    pub fn filters_by_status(&self) -> bool {
+        self.inner.family == ApiFamily::V1
+    }
+
+    /// v1.0 `POST /v1.0/workflow/processes/forecast` (docs/dingtalk.md §11.5): the route DingTalk
+    /// would give the create `request`, without creating anything. v1.0 only, whatever
+    /// `dingtalk.api_family` says; metered; changes nothing, so it is repeated like a read.
+    pub async fn forecast(
+        &self,
+        request: &CreateInstance,
+        purpose: Purpose,
+    ) -> Result<v1::Forecast, Error> {
+        let body = v1::forecast_body(request);
+        let r: v1::ForecastAnswer = self
+            .v1(
                 purpose,
                 Method::POST,
-                "/topapi/processinstance/listids",
-                Some(request),
+                v1::FORECAST_PATH,
+                &[],
+                Some(&body),
+                true,
+            )
+            .await?;
+        Ok(r.into_forecast())
+    }
+
+    /// v1.0 `GET /v1.0/workflow/forms/schemas/processCodes?processCode=` (docs/dingtalk.md §2.5,
+    /// §11.7): the template's form schema, `result` as DingTalk sent it. v1.0 only; metered.
+    pub async fn form_schema(&self, process_code: &str, purpose: Purpose) -> Result<Value, Error> {
+        #[derive(serde::Deserialize)]
+        struct Answer {
+            result: Value,
+        }
+        let r: Answer = self
+            .v1::<(), _>(
+                purpose,
+                Method::GET,
+                v1::SCHEMA_PATH,
+                &[("processCode", process_code)],
+                None,
                 true,
             )
             .await?;
         Ok(r.result)
+    }
+
+    /// One v1.0 call (docs/dingtalk.md §11.1): `method` `path` (from `/v1.0/`) on the v1.0
+    /// address, with `query` parameters and, when given, `body` as JSON; the 2xx body read as `T`
+    /// (`serde_json::Value` for any). The token goes in the `x-acs-dingtalk-access-token` header.
+    /// It passes the same gate, budget and ledger as every call, and its errors are the same
+    /// [`Error`] classes; a rejection carries v1.0's code ([`Error::v1_code`]).
+    ///
+    /// `idempotent`: whether the call may be repeated after it may have reached DingTalk without
+    /// an answer (a read). A write that is not (every v1.0 workflow write, docs/dingtalk.md
+    /// §11.6) ends with [`Error::NoResponse`] instead: the caller looks before it retries.
+    ///
+    /// New v1.0 calls are thin methods over this one, e.g.
+    /// `self.v1(Purpose::Outbox, Method::POST, "/v1.0/workflow/processInstances/comments", &[], Some(&body), false)`.
+    pub async fn v1<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        purpose: Purpose,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
+        body: Option<&B>,
+        idempotent: bool,
+    ) -> Result<T, Error> {
+        self.send(purpose, Wire::V1, method, path, query, body, idempotent)
+            .await
     }
 
     /// `call_back/register_call_back` (docs/dingtalk.md §3). DingTalk first sends `check_url` to the URL.
@@ -291,11 +492,28 @@ impl Client {
         .await
     }
 
+    /// One call of the old family (`?access_token=`, errcode answers).
     async fn call<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         purpose: Purpose,
         method: Method,
         path: &str,
+        body: Option<&B>,
+        idempotent: bool,
+    ) -> Result<T, Error> {
+        self.send(purpose, Wire::Legacy, method, path, &[], body, idempotent)
+            .await
+    }
+
+    /// The one path of every call, either family: gate, token, budget, attempt, ledger, retries.
+    #[allow(clippy::too_many_arguments)]
+    async fn send<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        purpose: Purpose,
+        wire: Wire,
+        method: Method,
+        path: &str,
+        query: &[(&str, &str)],
         body: Option<&B>,
         idempotent: bool,
     ) -> Result<T, Error> {
@@ -333,7 +551,7 @@ impl Client {
             // call is refused for a token this process already knows is dead (and a second
             // refusal after the one refresh allowed fails the call).
             let token = inner.tokens.cached().unwrap_or(token);
-            let outcome = self.attempt(&method, path, &token, body).await;
+            let outcome = self.attempt(wire, &method, path, query, &token, body).await;
             // Counted as DingTalk counts (docs/dingtalk.md §7): not a call that never left, nor
             // one refused for the rate limit or for its token (refused at the gateway, before
             // the API ran); every other attempt, answered or not (one lost on the way back may
@@ -393,16 +611,25 @@ impl Client {
     /// One HTTP exchange, classified.
     async fn attempt<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
+        wire: Wire,
         method: &Method,
         path: &str,
+        query: &[(&str, &str)],
         token: &str,
         body: Option<&B>,
     ) -> Outcome<T> {
-        let mut request = self
-            .inner
-            .http
-            .request(method.clone(), format!("{}{path}", self.inner.base))
-            .query(&[("access_token", token)]);
+        let http = &self.inner.http;
+        let mut request = match wire {
+            Wire::Legacy => http
+                .request(method.clone(), format!("{}{path}", self.inner.base))
+                .query(&[("access_token", token)]),
+            Wire::V1 => http
+                .request(method.clone(), format!("{}{path}", self.inner.v1_base))
+                .header(v1::TOKEN_HEADER, token),
+        };
+        if !query.is_empty() {
+            request = request.query(query);
+        }
         if let Some(body) = body {
             request = request.json(body);
         }
@@ -426,7 +653,11 @@ impl Client {
             Ok(t) => t,
             Err(e) => return Outcome::Uncertain(e.without_url().to_string()),
         };
-        match read_answer(status.as_u16(), &text) {
+        let read = match wire {
+            Wire::Legacy => read_answer(status.as_u16(), &text),
+            Wire::V1 => v1::read_answer(status.as_u16(), &text),
+        };
+        match read {
             Ok(()) => match serde_json::from_str(&text) {
                 Ok(v) => Outcome::Done(v),
                 Err(e) => Outcome::Uncertain(format!("unreadable answer: {e}")),
@@ -539,7 +770,11 @@ fn classify(text: &str) -> Result<(), Classified> {
         (-1 | 15, _) | (88, None | Some("")) => {
             Err(Classified::Gateway(format!("errcode {errcode}: {errmsg}")))
         }
-        _ => Err(Classified::Rejected(Error::Rejected { errcode, errmsg })),
+        _ => Err(Classified::Rejected(Error::Rejected {
+            errcode,
+            code: None,
+            errmsg,
+        })),
     }
 }
 
@@ -566,7 +801,12 @@ pub(crate) fn count_call(endpoint: &str, answer: Option<(u16, &str)>) {
                 _ => format!("http_{status}"),
             }
         }
-        Some((status, _)) => format!("http_{status}"),
+        // A v1.0 error names its code (docs/dingtalk.md §11.6): `http_403_<code>`. Codes are
+        // DingTalk's short fixed names, so the label set stays small.
+        Some((status, body)) => match serde_json::from_str::<v1::ErrorBody>(body) {
+            Ok(e) if e.code.len() <= 64 => format!("http_{status}_{}", e.code),
+            _ => format!("http_{status}"),
+        },
     };
     crate::metrics::dingtalk_call(endpoint, errcode);
 }

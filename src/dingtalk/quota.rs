@@ -1,8 +1,9 @@
 //! The monthly allowance gate (docs/dingtalk.md §7): which DingTalk calls count against the
 //! organisation's monthly allowance, and whether a metered call may be sent now.
 //!
-//! Metered: the OA approval APIs. Not metered: the token API (and SSO and contacts, which
-//! dingsync does not call). The callback-management APIs (`call_back/*`, the failed-push list
+//! Metered: the OA approval APIs, of both families. Not metered: the token APIs (`gettoken`,
+//! `/v1.0/oauth2/accessToken`), and SSO and contacts, which dingsync does not call. The
+//! callback-management APIs (`call_back/*`, the failed-push list
 //! included) are not on DingTalk's exempt list, so they are taken as metered: the stricter
 //! reading. A path DingTalk answers with 90020 although dingsync took it for unmetered is
 //! metered from then on ([`Gate::is_metered`]).
@@ -58,7 +59,10 @@ pub const V1_QUOTA_CODE: &str = "Forbidden.AccessDenied.ApiCountLimitForOrg";
 /// Whether a call to `path` is metered by DingTalk's list (see [`Gate::is_metered`] for what
 /// DingTalk's answers have added).
 pub fn is_metered(path: &str) -> bool {
-    path.trim_start_matches('/') != "gettoken"
+    !matches!(
+        path.trim_start_matches('/'),
+        "gettoken" | "v1.0/oauth2/accessToken"
+    )
 }
 
 pub use crate::ledger::Allowances;
@@ -308,6 +312,8 @@ mod tests {
     #[test]
     fn only_the_token_api_is_unmetered() {
         assert!(!is_metered("/gettoken"));
+        assert!(!is_metered("/v1.0/oauth2/accessToken"));
+        assert!(is_metered("/v1.0/workflow/processInstances"));
         assert!(is_metered("/topapi/processinstance/get"));
         assert!(is_metered("call_back/get_call_back_failed_result"));
     }

@@ -1,4 +1,7 @@
 //! The access token, shared by every replica through `dingsync.access_tokens` (docs/dingtalk.md §1.1).
+//! It comes from the configured family's token API (`gettoken`, or v1.0's
+//! `/v1.0/oauth2/accessToken`, §1.2) and serves calls of both families (§11.1): one row per app,
+//! whichever family fetched it.
 //!
 //! In a process, callers share a cached copy; when it must be fetched, one task fetches while the
 //! others wait (a local mutex). Across processes one replica fetches while the others wait: it
@@ -16,9 +19,9 @@ use serde::Deserialize;
 use sqlx::PgPool;
 use tokio::{sync::Mutex, time::Instant};
 
-use super::{Classified, Error, Purpose, classify, quota::Gate};
+use super::{Classified, Error, Purpose, classify, quota::Gate, v1};
 use crate::{
-    config::{DingTalkConfig, Secret},
+    config::{ApiFamily, DingTalkConfig, Secret},
     ledger::Ledger,
     store,
 };
@@ -39,7 +42,9 @@ const POLL_MAX: Duration = Duration::from_millis(200);
 pub struct Tokens {
     pool: PgPool,
     http: reqwest::Client,
+    /// The address of `family`'s token API.
     base: String,
+    family: ApiFamily,
     corp_id: String,
     app_key: String,
     app_secret: Secret,
@@ -71,6 +76,7 @@ impl Tokens {
             pool,
             http,
             base: base.to_string(),
+            family: config.api_family,
             corp_id: config.corp_id.clone(),
             app_key: config.app_key.clone(),
             app_secret: config.app_secret.clone(),
@@ -240,6 +246,9 @@ impl Tokens {
     /// token fetch failed transiently); an answer with a business errcode (bad credentials) is
     /// final. Busy, gateway and rate-limit answers are not: they say nothing about the credentials.
     async fn fetch(&self) -> Result<(String, DateTime<Utc>), Error> {
+        if self.family == ApiFamily::V1 {
+            return self.fetch_v1().await;
+        }
         // Unmetered, so it passes, unless DingTalk has answered it with 90020 before.
         self.gate.check("/gettoken").await?;
         let started = Utc::now();
@@ -291,6 +300,7 @@ impl Tokens {
                     .unwrap_or_default();
                 return Err(Error::Rejected {
                     errcode,
+                    code: None,
                     errmsg: format!(
                         "gettoken: {errmsg} (check dingtalk.app_key and dingtalk.app_secret)"
                     ),
@@ -310,6 +320,88 @@ impl Tokens {
             .filter(|_| expires_in > 0)
             .and_then(|d| started.checked_add_signed(d))
             .ok_or_else(|| Error::Protocol(format!("gettoken answered expires_in {expires_in}")))?;
+        Ok((token, expires_at))
+    }
+}
+
+impl Tokens {
+    /// `POST /v1.0/oauth2/accessToken` (docs/dingtalk.md §1.2), with the same rules as
+    /// `gettoken`: not retried here, a business refusal (`invalidClientIdOrSecret`) is final,
+    /// rate-limit, busy and gateway answers are not.
+    async fn fetch_v1(&self) -> Result<(String, DateTime<Utc>), Error> {
+        let path = v1::TOKEN_PATH;
+        self.gate.check(path).await?;
+        let started = Utc::now();
+        let body = serde_json::json!({
+            "appKey": self.app_key,
+            "appSecret": self.app_secret.expose(),
+        });
+        let response = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .inspect_err(|_| super::count_call(path, None))
+            .map_err(|e| Error::Transient(format!("accessToken: {}", e.without_url())))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .inspect_err(|_| super::count_call(path, None))
+            .map_err(|e| Error::Transient(format!("accessToken: {}", e.without_url())))?;
+        super::count_call(path, Some((status.as_u16(), &text)));
+        // Not metered (docs/dingtalk.md §7), but counted: the ledger shows every call.
+        self.ledger.call(
+            &self.corp_id,
+            path,
+            Purpose::Token,
+            self.gate.is_metered(path),
+        );
+        match v1::read_answer(status.as_u16(), &text) {
+            Ok(()) => {}
+            Err(Classified::Rate(errcode)) => return Err(Error::RateLimited { errcode }),
+            Err(Classified::Gateway(why)) => {
+                return Err(Error::Transient(format!("accessToken: {why}")));
+            }
+            Err(Classified::Quota(why)) => return Err(self.gate.exhausted(path, &why).await),
+            // A token refusal here can only be about the credentials.
+            Err(Classified::Token(errcode)) => {
+                return Err(Error::Rejected {
+                    errcode,
+                    code: None,
+                    errmsg: "accessToken refused (check dingtalk.app_key and dingtalk.app_secret)"
+                        .into(),
+                });
+            }
+            Err(Classified::Rejected(Error::Rejected {
+                errcode,
+                code,
+                errmsg,
+            })) => {
+                return Err(Error::Rejected {
+                    errcode,
+                    code,
+                    errmsg: format!(
+                        "accessToken: {errmsg} (check dingtalk.app_key and dingtalk.app_secret)"
+                    ),
+                });
+            }
+            Err(Classified::Rejected(e)) => return Err(e),
+        }
+        let answer: v1::TokenAnswer = serde_json::from_str(&text)
+            .map_err(|e| Error::Protocol(format!("accessToken answer: {e}")))?;
+        let (Some(token), Some(expires_in)) = (answer.access_token, answer.expire_in) else {
+            return Err(Error::Protocol(
+                "accessToken answered without accessToken/expireIn".into(),
+            ));
+        };
+        let expires_at = chrono::TimeDelta::try_seconds(expires_in)
+            .filter(|_| expires_in > 0)
+            .and_then(|d| started.checked_add_signed(d))
+            .ok_or_else(|| {
+                Error::Protocol(format!("accessToken answered expireIn {expires_in}"))
+            })?;
         Ok((token, expires_at))
     }
 }

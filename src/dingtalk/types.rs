@@ -1,9 +1,12 @@
 //! Requests and responses of the oapi/topapi calls, with DingTalk's field names (docs/dingtalk.md §2–§3).
+//! They are also what callers hand the v1.0 family (`v1` turns them into its camelCase shapes,
+//! docs/dingtalk.md §11): fields only v1.0 can send are `#[serde(skip)]` here, so the old
+//! family's JSON stays exactly what it was.
 
 use serde::{Deserialize, Serialize};
 
 /// `topapi/processinstance/create` body (docs/dingtalk.md §2.1).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct CreateInstance {
     pub process_code: String,
     pub originator_user_id: String,
@@ -20,6 +23,18 @@ pub struct CreateInstance {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cc_position: Option<String>,
     pub form_component_values: Vec<FormValue>,
+    /// Approvers chosen for the template's self-selected approver nodes (v1.0
+    /// `targetSelectActioners`, docs/dingtalk.md §11.2); the old API cannot send them.
+    #[serde(skip)]
+    pub target_select_actioners: Vec<SelectActioner>,
+}
+
+/// The approvers picked for one self-selected approver node: its `actionerKey` (the forecast's
+/// `workflowActor.actorKey`, docs/dingtalk.md §11.5) and the userids.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SelectActioner {
+    pub actioner_key: String,
+    pub user_ids: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -29,12 +44,17 @@ pub struct ApproverNode {
 }
 
 /// One form value: `value` is always a string (docs/dingtalk.md §2.2).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct FormValue {
     pub name: String,
     pub value: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ext_value: Option<String>,
+    /// A table's rows, each a list of cells, for v1.0's `details` (docs/dingtalk.md §11.2);
+    /// empty for any other control. `value` holds the same rows as JSON text, which is all the
+    /// old API takes.
+    #[serde(skip)]
+    pub details: Vec<Vec<FormValue>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,7 +111,7 @@ pub struct InstanceTask {
 }
 
 /// `processinstance/listids` body (docs/dingtalk.md §2.4): times in epoch ms, `size` ≤ 20.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ListIds {
     pub process_code: String,
     pub start_time: i64,
@@ -101,6 +121,10 @@ pub struct ListIds {
     pub cursor: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub userid_list: Option<String>,
+    /// Only instances in these statuses (`RUNNING`, `TERMINATED`, `COMPLETED`): v1.0 only
+    /// (`statuses`, docs/dingtalk.md §11.4); empty lists every status.
+    #[serde(skip)]
+    pub statuses: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

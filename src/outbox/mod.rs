@@ -325,9 +325,9 @@ impl Worker {
                         "outbox: approval created, but the row was already resolved elsewhere");
                 }
             }
-            Ok(Err(dingtalk::Error::Rejected { errcode, errmsg })) => {
-                let why = format!("DingTalk rejected the request: errcode {errcode}: {errmsg}");
-                tracing::info!(outbox_id = row.id, errcode, "outbox: {why}");
+            Ok(Err(e @ dingtalk::Error::Rejected { .. })) => {
+                let why = e.to_string();
+                tracing::info!(outbox_id = row.id, "outbox: {why}");
                 store::record_failed(pool, corp, row.id, &why).await?;
             }
             // DingTalk certainly did not process these: nothing was sent, or it was refused

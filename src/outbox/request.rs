@@ -25,6 +25,7 @@ pub fn create_request(row: &OutboxRow) -> Result<CreateInstance, String> {
         cc_list: row.cc_list.as_ref().map(|cc| cc.join(",")),
         cc_position: row.cc_position.clone(),
         form_component_values: form_values(&row.form_values)?,
+        target_select_actioners: Vec::new(),
     })
 }
 
@@ -49,10 +50,12 @@ pub fn form_values(values: &Value) -> Result<Vec<FormValue>, String> {
                 .get("ext_value")
                 .and_then(Value::as_str)
                 .map(str::to_string);
+            let details = item.get("value").map(table_rows).unwrap_or_default();
             Ok(FormValue {
                 name,
                 value,
                 ext_value,
+                details,
             })
         })
         .collect()
@@ -69,6 +72,37 @@ fn value_text(value: &Value) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// A table's rows (an array of rows, each an array of `{"name", "value"}` cells) as the cells
+/// v1.0 sends in `details` (docs/dingtalk.md §11.2); empty for a value that is no table.
+fn table_rows(value: &Value) -> Vec<Vec<FormValue>> {
+    let Some(rows) = value.as_array() else {
+        return Vec::new();
+    };
+    let cells = |row: &Value| -> Option<Vec<FormValue>> {
+        row.as_array()?
+            .iter()
+            .map(|cell| {
+                Some(FormValue {
+                    name: cell.get("name")?.as_str()?.to_string(),
+                    value: match cell.get("value")? {
+                        Value::String(s) => s.clone(),
+                        Value::Number(n) => n.to_string(),
+                        _ => return None,
+                    },
+                    ..FormValue::default()
+                })
+            })
+            .collect()
+    };
+    if rows.is_empty() || !rows.iter().all(Value::is_array) {
+        return Vec::new();
+    }
+    rows.iter()
+        .map(cells)
+        .collect::<Option<_>>()
+        .unwrap_or_default()
 }
 
 /// Inside a table row (an array of `{"name", "value"}`), numbers become strings.

@@ -96,7 +96,9 @@ pub async fn fetch_and_apply(
             tracing::warn!(%process_instance_id, error = %e, "the month's DingTalk calls are used up; stopping the run");
             return Ok(Fetched::Paused);
         }
-        Err(dingtalk::Error::Rejected { errcode, errmsg }) => {
+        Err(dingtalk::Error::Rejected {
+            errcode, errmsg, ..
+        }) => {
             tracing::warn!(%process_instance_id, errcode, %errmsg, "processinstance/get refused; not asking again soon");
             // Not before the sweep's first check would come (planner's clock, in real time).
             let clock = ctx.client().ledger().clock();
