@@ -22,6 +22,7 @@
 //! and the retries are the same; only how a request is put on the wire and how its answer is
 //! read differ ([`Wire`]).
 
+pub mod actions;
 mod budget;
 pub mod listing;
 pub mod quota;

@@ -150,19 +150,21 @@ pub async fn resend(pool: &PgPool, corp_id: &str, id: i64, lease: Duration) -> s
     Ok(done.rows_affected() > 0)
 }
 
-/// DingTalk carried the action out: `done`.
-pub async fn record_done(pool: &PgPool, corp_id: &str, id: i64) -> sqlx::Result<bool> {
+/// DingTalk carried these actions out: `done`, in one statement (one commit for the batch:
+/// PostgreSQL serialises the commits of transactions that NOTIFY, and each row's change does).
+/// Returns the ids that changed (the others were resolved elsewhere).
+pub async fn record_done(pool: &PgPool, corp_id: &str, ids: &[i64]) -> sqlx::Result<Vec<i64>> {
     let sql = format!(
         "UPDATE dingsync.actions SET state = 'done', last_error = NULL, done_at = now(),
                 next_attempt_at = now(), updated_at = now()
-         WHERE corp_id = $1 AND id = $2 AND state IN {OPEN}"
+         WHERE corp_id = $1 AND id = ANY($2) AND state IN {OPEN}
+         RETURNING id"
     );
-    let done = sqlx::query(&sql)
+    sqlx::query_scalar(&sql)
         .bind(corp_id)
-        .bind(id)
-        .execute(pool)
-        .await?;
-    Ok(done.rows_affected() > 0)
+        .bind(ids)
+        .fetch_all(pool)
+        .await
 }
 
 /// DingTalk refused the action for good: `failed` with its reason.
