@@ -165,6 +165,16 @@ async fn admit(shared: Arc<Shared>, req: Request, next: Next) -> Response {
                 code: "serviceBusy",
                 message: "系统繁忙".into(),
             },
+            // The old family's 90020 is v1.0's ApiCountLimitForOrg (docs/dingtalk.md §7).
+            InjectedError::Custom {
+                errcode: 90020,
+                errmsg,
+                ..
+            } => V1Error {
+                status: 403,
+                code: "Forbidden.AccessDenied.ApiCountLimitForOrg",
+                message: errmsg,
+            },
             InjectedError::Custom { errmsg, .. } => V1Error::bad("invalidParameter", errmsg),
         }
         .into_response();
