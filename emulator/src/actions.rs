@@ -16,17 +16,16 @@
 //! §12.6: a write whose answer is lost).
 //!
 //! Owns: these four endpoints, their validation, codes and answers. Does not own: the approval
-//! rules (`model`), pushes (`push`), the v1.0 gate in front of them (the token header, faults,
-//! the allowance: `v1_gate` here until the v1.0 family's own gate takes them).
+//! rules (`model`), pushes (`push`), the gate in front of them (`api`: the token header, faults,
+//! the allowance, rendered in v1.0's shapes by `api_v1`).
 
-use std::{collections::HashMap, sync::Arc, time::Instant};
+use std::{collections::HashMap, sync::Arc};
 
 use axum::{
     Router,
     body::Bytes,
-    extract::{Request, State},
+    extract::State,
     http::StatusCode,
-    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::post,
 };
@@ -35,16 +34,17 @@ use serde_json::{Map, Value, json};
 
 use super::{
     api::LOST_RESPONSE_HOLD,
-    faults::InjectedError,
     model::{ActError, Action, Ctx, Event, InstanceStatus, TaskStatus},
     push,
-    state::{Shared, TokenProblem, World},
+    state::{Shared, World},
 };
 
-pub const EXECUTE: &str = "v1.0/workflow/processInstances/execute";
-pub const TERMINATE: &str = "v1.0/workflow/processInstances/terminate";
-pub const COMMENTS: &str = "v1.0/workflow/processInstances/comments";
-pub const REDIRECT: &str = "v1.0/workflow/tasks/redirect";
+/// The four APIs as the gate names them (method and path): for call counts, injected errors and
+/// the `lose_response` fault.
+pub const EXECUTE: &str = "POST v1.0/workflow/processInstances/execute";
+pub const TERMINATE: &str = "POST v1.0/workflow/processInstances/terminate";
+pub const COMMENTS: &str = "POST v1.0/workflow/processInstances/comments";
+pub const REDIRECT: &str = "POST v1.0/workflow/tasks/redirect";
 
 /// Longest remark of an execute or terminate, and comment text (docs/dingtalk.md §12).
 const MAX_REMARK: usize = 1024;
@@ -55,15 +55,13 @@ const TERMINATE_GUARD_SECS: f64 = 15.0;
 /// The message DingTalk gives for a terminate within those 15 s (docs/dingtalk.md §12.3).
 pub const TOO_SOON: &str = "提交审批后 15 秒内不允许撤销";
 
-/// The action routes, behind the v1.0 gate.
-pub(crate) fn router(shared: Arc<Shared>) -> Router {
+/// The action routes; `api` puts them behind its gate with the rest of the v1.0 family.
+pub(crate) fn routes() -> Router<Arc<Shared>> {
     Router::new()
-        .route(&format!("/{EXECUTE}"), post(execute))
-        .route(&format!("/{TERMINATE}"), post(terminate))
-        .route(&format!("/{COMMENTS}"), post(comments))
-        .route(&format!("/{REDIRECT}"), post(redirect))
-        .route_layer(middleware::from_fn_with_state(shared.clone(), v1_gate))
-        .with_state(shared)
+        .route("/v1.0/workflow/processInstances/execute", post(execute))
+        .route("/v1.0/workflow/processInstances/terminate", post(terminate))
+        .route("/v1.0/workflow/processInstances/comments", post(comments))
+        .route("/v1.0/workflow/tasks/redirect", post(redirect))
 }
 
 /// A v1.0 error answer: the HTTP status and `{"code", "message", "requestid"}`.
@@ -107,105 +105,6 @@ fn request_id() -> String {
         rng.random::<u16>(),
         rng.random::<u64>() & 0xffff_ffff_ffff
     )
-}
-
-/// The v1.0 gate for these routes: counts the call, applies the API faults in v1.0's shapes,
-/// checks `x-acs-dingtalk-access-token` (docs/dingtalk.md §1.3), meters the call against the
-/// monthly allowance, and runs the handler on a task of its own (DingTalk finishes a request it
-/// has received even when the caller hangs up, as the old family's gate does).
-async fn v1_gate(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Response {
-    let (parts, body) = req.into_parts();
-    let Ok(body) = axum::body::to_bytes(body, 1024 * 1024).await else {
-        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
-    };
-    let req = Request::from_parts(parts, axum::body::Body::from(body));
-    tokio::spawn(admit(shared, req, next))
-        .await
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
-}
-
-async fn admit(shared: Arc<Shared>, req: Request, next: Next) -> Response {
-    let endpoint = req.uri().path().trim_start_matches('/').to_string();
-    let admission = shared.world().admit(&endpoint, Instant::now());
-    if !admission.latency.is_zero() {
-        tokio::select! {
-            () = shared.shutdown.cancelled() => {}
-            () = tokio::time::sleep(admission.latency) => {}
-        }
-    }
-    if admission.http_5xx {
-        return (
-            StatusCode::BAD_GATEWAY,
-            [("content-type", "text/html")],
-            "<html><body><h1>502 Bad Gateway</h1></body></html>",
-        )
-            .into_response();
-    }
-    let rate = || V1Error {
-        status: 403,
-        code: "Forbidden.AccessDenied.QpsLimitForAppkeyAndApi",
-        message: "app and api qps exceeded".into(),
-    };
-    if admission.rate_limited {
-        return rate().into_response();
-    }
-    if let Some(injected) = admission.injected {
-        return match injected {
-            InjectedError::RateLimit => rate(),
-            InjectedError::TokenInvalid => {
-                V1Error::bad("InvalidAuthentication", "不合法的access_token")
-            }
-            InjectedError::GatewayTimeout => V1Error {
-                status: 504,
-                code: "operationTimeout",
-                message: "gateway timeout".into(),
-            },
-            InjectedError::Busy => V1Error {
-                status: 503,
-                code: "serviceBusy",
-                message: "系统繁忙".into(),
-            },
-            // The old family's 90020 is v1.0's ApiCountLimitForOrg (docs/dingtalk.md §7).
-            InjectedError::Custom {
-                errcode: 90020,
-                errmsg,
-                ..
-            } => V1Error {
-                status: 403,
-                code: "Forbidden.AccessDenied.ApiCountLimitForOrg",
-                message: errmsg,
-            },
-            InjectedError::Custom { errmsg, .. } => V1Error::bad("invalidParameter", errmsg),
-        }
-        .into_response();
-    }
-    let token = req
-        .headers()
-        .get("x-acs-dingtalk-access-token")
-        .and_then(|v| v.to_str().ok());
-    match shared.world().check_token(token, Instant::now()) {
-        Ok(()) => {}
-        Err(TokenProblem::Missing) => {
-            return V1Error::bad(
-                "AuthenticationFailed.MissingParameter",
-                "x-acs-dingtalk-access-token is mandatory for this action.",
-            )
-            .into_response();
-        }
-        Err(TokenProblem::Invalid) => {
-            return V1Error::bad("InvalidAuthentication", "不合法的access_token").into_response();
-        }
-    }
-    if let Err(refusal) = shared.world().quota.meter_call(&endpoint, Utc::now()) {
-        // The v1.0 code of 90020; its HTTP status is presumably 403 (docs/dingtalk.md §7).
-        return V1Error {
-            status: 403,
-            code: "Forbidden.AccessDenied.ApiCountLimitForOrg",
-            message: refusal.errmsg,
-        }
-        .into_response();
-    }
-    next.run(req).await
 }
 
 fn object(body: &Bytes) -> Result<Map<String, Value>, V1Error> {

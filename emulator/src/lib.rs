@@ -23,6 +23,7 @@
 mod actions;
 mod admin;
 mod api;
+mod api_v1;
 mod faults;
 mod handle;
 mod model;
@@ -47,8 +48,8 @@ pub use faults::{Faults, InjectedError, Injection, PushFaults};
 pub use handle::{Handle, OpenTask, StartInstance, TaskAction};
 pub use model::{
     ActionType, CcPosition, Control, DEFAULT_APPROVER, FormEntry, FormInput, Instance,
-    InstanceStatus, NodeSpec, Person, Record, Rejection, Task, TaskResult, TaskStatus, Template,
-    errcode,
+    InstanceStatus, NodeSpec, Person, Record, Rejection, SelectNode, Task, TaskResult, TaskStatus,
+    Template, errcode,
 };
 pub use push::DEADLINE as PUSH_DEADLINE;
 pub use quota::{Allowances, CallsUsage, DeliveriesUsage, OVER_ALLOWANCE, QuotaReport, is_metered};
@@ -191,7 +192,6 @@ impl Emulator {
             shared: shared.clone(),
         };
         let router: Router = api::router(shared.clone())
-            .merge(actions::router(shared.clone()))
             .merge(admin::router(handle.clone(), &admin_token))
             .fallback(api::fallback);
         let stop = shared.shutdown.clone();
