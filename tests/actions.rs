@@ -6,7 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use dingsync::{cli::actions as manage, config::Config};
+use dingsync::{
+    cli::actions as manage,
+    config::{ApiFamily, Config},
+};
 use dingsync_emulator::{Handle, InjectedError, Instance, TaskAction};
 use sqlx::PgPool;
 
@@ -353,7 +356,17 @@ async fn refuse_redirect_terminate_and_comment_each_take_effect_once() {
 
 #[tokio::test]
 async fn a_lost_answer_on_every_action_kind_is_read_back_and_takes_effect_exactly_once() {
-    let app = daemon(|_| {}).await;
+    lost_answers(ApiFamily::Legacy).await;
+}
+
+#[tokio::test]
+async fn with_the_v1_family_a_lost_answer_on_every_action_kind_takes_effect_exactly_once() {
+    lost_answers(ApiFamily::V1).await;
+}
+
+/// Every action kind with its answer lost, the approvals created and read back in `family`.
+async fn lost_answers(family: ApiFamily) {
+    let app = daemon(|c| c.dingtalk.api_family = family).await;
     let emu = emulator(&app);
     emu.update_faults(|f| {
         for endpoint in [
@@ -798,4 +811,150 @@ async fn an_app_listening_on_dingsync_action_done_hears_the_row_id_and_reports_s
     .unwrap();
     assert_eq!((state.as_str(), rows), ("done", 1));
     app.stop().await;
+}
+
+/// The client alone against a standalone emulator: DingTalk's codes for each action.
+async fn client_and_emulator() -> (
+    dingsync_emulator::Emulator,
+    dingsync::dingtalk::Client,
+    TestDb,
+) {
+    let emu = standalone_emulator(7).await;
+    let db = TestDb::new();
+    let mut config = config_against(&emu, &db);
+    config.dingtalk.qps = 0;
+    config.dingtalk.max_attempts = 1;
+    let pool = dingsync::store::connect_and_migrate(&config.database)
+        .await
+        .unwrap();
+    let client = dingsync::dingtalk::Client::new(pool, &config.dingtalk, &emu.base_url()).unwrap();
+    (emu, client, db)
+}
+
+fn code(e: dingsync::dingtalk::Error) -> String {
+    e.v1_code()
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{e}"))
+}
+
+#[tokio::test]
+async fn the_emulator_answers_each_action_with_dingtalks_codes_and_acts_like_the_app() {
+    use dingsync::dingtalk::actions::ActionRequest;
+    let (emu, client, _db) = client_and_emulator().await;
+    let state = emu.state();
+    let inst = state
+        .start_instance(dingsync_emulator::StartInstance {
+            process_code: "PROC-EMU-EXPENSE".into(),
+            originator_userid: "emp1".into(),
+            approvers: Some(vec!["manager1".into(), "fin1".into()]),
+            ..Default::default()
+        })
+        .unwrap();
+    let pid = inst.process_instance_id.clone();
+    let task = inst.tasks[0].taskid;
+    let execute = |user: &str, agree: bool| ActionRequest::Execute {
+        process_instance_id: pid.clone(),
+        task_id: task,
+        actioner_user_id: user.into(),
+        agree,
+        remark: None,
+    };
+    // Not the approver; then the approver; then the same task again.
+    assert_eq!(
+        code(client.act(&execute("emp2", true)).await.unwrap_err()),
+        "needAuth"
+    );
+    client.act(&execute("manager1", true)).await.unwrap();
+    assert_eq!(
+        code(client.act(&execute("manager1", false)).await.unwrap_err()),
+        "aflowProcessInstCanNotBeExecuted"
+    );
+    let after = state.instance(&pid).unwrap();
+    assert_eq!(after.tasks.len(), 2, "the next node opened for fin1");
+    let next = after.tasks[1].taskid;
+
+    // Redirect: only the current handler, only a running task; the answer has no `success`.
+    let redirect = |from: &str, task_id: i64| ActionRequest::Redirect {
+        task_id,
+        operate_user_id: from.into(),
+        to_user_id: "boss1".into(),
+        remark: None,
+    };
+    assert_eq!(
+        code(client.act(&redirect("manager1", next)).await.unwrap_err()),
+        "param.illegal.operator"
+    );
+    assert_eq!(
+        code(client.act(&redirect("manager1", task)).await.unwrap_err()),
+        "task.status.error"
+    );
+    client.act(&redirect("fin1", next)).await.unwrap();
+
+    // Comments append; terminate only by the originator, once.
+    let comment = ActionRequest::Comment {
+        process_instance_id: pid.clone(),
+        comment_user_id: "hr1".into(),
+        text: "noted".into(),
+    };
+    client.act(&comment).await.unwrap();
+    client.act(&comment).await.unwrap();
+    let terminate = |user: Option<&str>| ActionRequest::Terminate {
+        process_instance_id: pid.clone(),
+        operating_user_id: user.map(str::to_string),
+        remark: None,
+    };
+    assert_eq!(
+        code(client.act(&terminate(Some("emp2"))).await.unwrap_err()),
+        "needAuth"
+    );
+    past_terminate_guard(state, &pid).await;
+    client.act(&terminate(Some("emp1"))).await.unwrap();
+    assert_eq!(
+        code(client.act(&terminate(None)).await.unwrap_err()),
+        "aflowProcessInstStatusException"
+    );
+    assert_eq!(
+        code(client.act(&comment).await.unwrap_err()),
+        "aflowProcessInstCanNotBeExecuted"
+    );
+    let done = state.instance(&pid).unwrap();
+    let kinds: Vec<&str> = done
+        .operation_records
+        .iter()
+        .map(|r| r.operation_type)
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "START_PROCESS_INSTANCE",
+            "EXECUTE_TASK_NORMAL",
+            "REDIRECT_TASK",
+            "ADD_REMARK",
+            "ADD_REMARK",
+            "TERMINATE_PROCESS_INSTANCE"
+        ]
+    );
+    assert_eq!(done.status.as_str(), "TERMINATED");
+
+    // A fresh approval cannot be withdrawn within 15 s (scaled) of its submission.
+    let fresh = state
+        .start_instance(dingsync_emulator::StartInstance {
+            process_code: "PROC-EMU-EXPENSE".into(),
+            originator_userid: "emp1".into(),
+            ..Default::default()
+        })
+        .unwrap();
+    let early = client
+        .act(&ActionRequest::Terminate {
+            process_instance_id: fresh.process_instance_id,
+            operating_user_id: None,
+            remark: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        early.to_string().contains(dingsync_emulator::TOO_SOON),
+        "{early}"
+    );
+    emu.stop().await;
 }

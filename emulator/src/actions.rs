@@ -317,6 +317,16 @@ async fn terminate(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
                 "审批单已结束",
             ));
         }
+        // Who may withdraw before when: the operator is checked first.
+        let userid = match operator {
+            Some(operator) if operator != instance.originator_userid => {
+                return Err(V1Error::bad("needAuth", "只有发起人可以撤销审批"));
+            }
+            Some(operator) => operator,
+            // Who the record names for the system is not documented [UNCONFIRMED]: the
+            // originator, as the approval is withdrawn in their name.
+            None => instance.originator_userid.clone(),
+        };
         let now = Utc::now();
         let age = (now - instance.create_time).to_std().unwrap_or_default();
         if age < guard {
@@ -333,15 +343,6 @@ async fn terminate(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
                 "没有撤销审批的任务权限：模板未开启允许撤销审批中的单据",
             ));
         }
-        let userid = match operator {
-            Some(operator) if operator != instance.originator_userid => {
-                return Err(V1Error::bad("needAuth", "只有发起人可以撤销审批"));
-            }
-            Some(operator) => operator,
-            // Who the record names for the system is not documented [UNCONFIRMED]: the
-            // originator, as the approval is withdrawn in their name.
-            None => instance.originator_userid.clone(),
-        };
         instance
             .terminate(&userid, remark, corp_id, now)
             .map_err(internal)
