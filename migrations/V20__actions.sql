@@ -1,7 +1,7 @@
 -- Actions: business apps act on running approvals from SQL (agree, refuse, redirect a task;
 -- terminate an instance; comment on one) by inserting rows (or calling dingsync.request_action);
 -- dingsync carries each out in DingTalk exactly once. DingTalk's action APIs have no idempotency
--- key (docs/dingtalk.md §13), so exactly-once is built as for the outbox: a unique idempotency_key
+-- key (docs/dingtalk.md §12.6), so exactly-once is built as for the outbox: a unique idempotency_key
 -- per organisation, claims with a lease, and a read-back of the instance (never a blind resend)
 -- when an action may have reached DingTalk without an answer.
 
@@ -48,7 +48,7 @@ CREATE TABLE dingsync.actions (
     CONSTRAINT actions_to_user_check
         CHECK ((action = 'redirect') = (to_user_id IS NOT NULL)
                AND (to_user_id IS NULL OR (btrim(to_user_id) <> '' AND to_user_id <> actor_user_id))),
-    -- DingTalk's limits (docs/dingtalk.md §13): 1024 characters of remark or comment text, 256
+    -- DingTalk's limits (docs/dingtalk.md §12): 1024 characters of remark or comment text, 256
     -- for a redirect's remark; a comment needs its text.
     CONSTRAINT actions_remark_check
         CHECK (length(remark) <= CASE WHEN action = 'redirect' THEN 256 ELSE 1024 END
@@ -151,7 +151,7 @@ BEGIN
             ELSIF NEW.actor_user_id IS NULL AND task.userid IS NULL THEN
                 problem := format('actor_user_id is required: the approver of task_id %s is not known yet', NEW.task_id);
             ELSIF NEW.actor_user_id IS NULL THEN
-                -- On behalf of the task's approver: DingTalk takes only them (docs/dingtalk.md §13).
+                -- On behalf of the task's approver: DingTalk takes only them (docs/dingtalk.md §12.2).
                 NEW.actor_user_id := task.userid;
             ELSIF task.userid IS NOT NULL AND NEW.actor_user_id <> task.userid THEN
                 problem := format('actor_user_id %s is not the approver of task_id %s (%s): only the approver can act on a task',
