@@ -81,7 +81,10 @@ impl Run {
             if known as u64 >= n {
                 return;
             }
-            assert!(started.elapsed() < Duration::from_secs(300), "tasks not known");
+            assert!(
+                started.elapsed() < Duration::from_secs(300),
+                "tasks not known"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -94,7 +94,7 @@ enum Sent {
     Done,
     Refused(dingtalk::Error),
     /// Certainly not carried out (nothing sent, or refused before processing).
-    NotSent(String),
+    Untouched(String),
     Paused(DateTime<Utc>, String),
     /// May have been carried out.
     Unknown(String),
@@ -308,7 +308,7 @@ impl Worker {
                 e @ (dingtalk::Error::Transient(_)
                 | dingtalk::Error::RateLimited { .. }
                 | dingtalk::Error::InvalidToken { .. }),
-            )) => Sent::NotSent(e.to_string()),
+            )) => Sent::Untouched(e.to_string()),
             Ok(Err(dingtalk::Error::QuotaExhausted { until, reason })) => {
                 Sent::Paused(until, reason)
             }
@@ -327,7 +327,7 @@ impl Worker {
                 }
             }
             Sent::Refused(e) => self.refused(row, &e, deadline).await?,
-            Sent::NotSent(why) => self.not_done(row, &why).await?,
+            Sent::Untouched(why) => self.not_done(row, &why).await?,
             Sent::Paused(until, reason) => self.paused(row, until, &reason).await?,
             Sent::Unknown(why) => {
                 tracing::info!(action_id = row.id, reason = %why, "actions: no answer; will read the approval back before any retry");
@@ -584,7 +584,7 @@ impl Sent {
         match self {
             Sent::Done => "done",
             Sent::Refused(_) => "refused",
-            Sent::NotSent(_) => "not_sent",
+            Sent::Untouched(_) => "not_sent",
             Sent::Paused(..) => "paused",
             Sent::Unknown(_) => "no_response",
         }
