@@ -655,3 +655,32 @@ async fn every_v1_attempt_is_counted_in_the_ledger_and_the_token_call_is_unmeter
     );
     s.emulator.stop().await;
 }
+
+/// A stand-in for DingTalk's v1.0 token API that answers with fixed JSON.
+async fn fixed_token(answer: serde_json::Value) -> String {
+    use axum::{Json, Router, routing::post};
+    let router = Router::new().route(
+        "/v1.0/oauth2/accessToken",
+        post(move || async move { Json(answer) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn an_absurd_or_missing_expire_in_from_the_v1_token_api_is_an_error_not_a_panic() {
+    let s = setup(|_| {}).await;
+    for answer in [
+        serde_json::json!({"accessToken": "t0", "expireIn": i64::MAX}),
+        serde_json::json!({"accessToken": "t0", "expireIn": 0}),
+        serde_json::json!({"accessToken": "t0"}),
+    ] {
+        let base = fixed_token(answer.clone()).await;
+        let client = Client::new(s.pool.clone(), &s.config.dingtalk, &base).unwrap();
+        let err = client.tokens().get().await.unwrap_err();
+        assert!(matches!(err, Error::Protocol(_)), "{answer}: {err:?}");
+    }
+    s.emulator.stop().await;
+}

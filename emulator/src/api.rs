@@ -289,6 +289,27 @@ async fn admit(shared: Arc<Shared>, req: Request, next: Next) -> Response {
             return failure(family, Failure::Token(problem));
         }
     }
+    let denied = |name: &str| {
+        shared
+            .world()
+            .faults
+            .denied_families
+            .iter()
+            .any(|f| f == name)
+    };
+    match family {
+        Family::V1 if path.starts_with("v1.0/workflow/") && denied("v1") => {
+            return api_v1::error(
+                StatusCode::FORBIDDEN,
+                "Forbidden.AccessDenied.AccessTokenPermissionDenied",
+                "没有调用该接口的权限",
+            );
+        }
+        Family::Top if path.starts_with("topapi/processinstance/") && denied("legacy") => {
+            return ok_json(Family::Top, top_wrapped("60011", "没有调用该接口的权限"));
+        }
+        _ => {}
+    }
     // Counted here, before the handler runs: a call past the allowance is not carried out (a
     // create refused with 90020 creates nothing), and one that is carried out counts even when
     // its answer is lost.

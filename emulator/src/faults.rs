@@ -43,6 +43,12 @@ pub struct Faults {
     pub lose_response: BTreeMap<String, u32>,
     /// Faults of the HTTP pushes to the registered callback URL.
     pub push: PushFaults,
+    /// API families whose approval calls the app has no permission for: `"legacy"`
+    /// (`topapi/processinstance/*`: errcode 88, sub_code 60011 [UNCONFIRMED: DingTalk documents
+    /// no number for it]) and `"v1"` (`v1.0/workflow/*`: HTTP 403
+    /// `Forbidden.AccessDenied.AccessTokenPermissionDenied`, docs/dingtalk.md §11.7). Token and
+    /// callback calls are not affected. Refused at the gateway, so not metered.
+    pub denied_families: Vec<String>,
 }
 
 /// Faults of pushes. Probabilities are per event or per delivery attempt, as documented.

@@ -282,6 +282,7 @@ mod tests {
             created_at: None,
             finished_at: None,
             form_values: json!([]),
+            whole_minutes: false,
             operation_records: json!([
                 {"userid": "emp1", "date": "2026-12-01 10:00:00", "operation_type": "TERMINATE_PROCESS_INSTANCE"}
             ]),

@@ -50,6 +50,10 @@ pub fn dingsync_command_with(config: &std::path::Path, args: &[&str]) -> std::pr
             command.env_remove(key);
         }
     }
+    // The family of this test run (DINGSYNC_TEST_API_FAMILY) is the child's too.
+    if std::env::var_os("DINGSYNC_TEST_API_FAMILY").is_some() {
+        command.env("DINGSYNC_DINGTALK_API_FAMILY", api_family().as_str());
+    }
     command
 }
 
