@@ -99,14 +99,15 @@ impl Purpose {
         }
     }
 
-    /// Work that cannot wait for a better day: creates (a business app waits for them), their
-    /// searches, and the one detail fetch that brings an approval's form. The rest is background
-    /// work, paced by what is left of the month (`planner`).
+    /// Work that cannot wait for a better day: creates and actions (a business app waits for
+    /// them), their searches and read-backs, and the one detail fetch that brings an approval's
+    /// form. The rest is background work, paced by what is left of the month (`planner`).
     pub fn is_live(self) -> bool {
         matches!(
             self,
             Purpose::Outbox
                 | Purpose::Search
+                | Purpose::Action
                 | Purpose::Details
                 | Purpose::Callback
                 | Purpose::Doctor
