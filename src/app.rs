@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::{
+    actions,
     callback::{self, CallbackState},
     clock::Clock,
     config::{Config, Secret},
@@ -166,6 +167,14 @@ impl App {
                     config.outbox.clone(),
                 );
                 workers.push(tokio::spawn(worker.run(shutdown.clone())));
+                // Actions on approvals: the same switch and timings as the outbox's creates.
+                let actions = actions::Worker::new(
+                    pool.clone(),
+                    client.clone(),
+                    config.dingtalk.corp_id.clone(),
+                    config.outbox.clone(),
+                );
+                workers.push(tokio::spawn(actions.run(shutdown.clone())));
             }
         } else if config.outbox.enabled {
             tracing::warn!("no DingTalk client: dingsync.outbox rows are not sent by this replica");
@@ -319,6 +328,16 @@ async fn resume_outbox(pool: &PgPool, corp_id: &str) {
         ),
         Err(e) => {
             tracing::warn!(error = %e, "could not make the outbox rows waiting for the allowance due; they are tried within 10 minutes anyway")
+        }
+    }
+    match store::actions::resume_paused(pool, corp_id, quota::PAUSE_RECHECK).await {
+        Ok(0) => {}
+        Ok(rows) => tracing::info!(
+            rows,
+            "actions waiting for the monthly allowance are due again"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not make the actions waiting for the allowance due; they are tried within 10 minutes anyway")
         }
     }
 }

@@ -18,6 +18,13 @@ fn beijing() -> FixedOffset {
     FixedOffset::east_opt(8 * 3600).expect("a valid offset")
 }
 
+/// A time of the old API (and of a v1.0 answer read into its shape): `"yyyy-MM-dd HH:mm:ss"`
+/// in Beijing time (docs/dingtalk.md §2.3); None for anything else.
+pub fn parse_beijing(text: &str) -> Option<DateTime<Utc>> {
+    let local = chrono::NaiveDateTime::parse_from_str(text.trim(), "%Y-%m-%d %H:%M:%S").ok()?;
+    Some((local - chrono::Duration::hours(8)).and_utc())
+}
+
 /// The Beijing calendar day `t` falls on.
 pub fn day(t: DateTime<Utc>) -> NaiveDate {
     t.with_timezone(&beijing()).date_naive()

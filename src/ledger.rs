@@ -40,6 +40,8 @@ pub enum Purpose {
     Outbox,
     /// Looking for the instance of a create whose answer was lost.
     Search,
+    /// Carrying out an action on an approval (`dingsync.actions`), and reading it back.
+    Action,
     /// The detail fetch of an approval an event announced.
     Details,
     /// Checking an approval whose events suggest one went missing.
@@ -65,9 +67,10 @@ pub enum Purpose {
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 13] = [
+    pub const ALL: [Purpose; 14] = [
         Purpose::Outbox,
         Purpose::Search,
+        Purpose::Action,
         Purpose::Details,
         Purpose::Gap,
         Purpose::Sweep,
@@ -85,6 +88,7 @@ impl Purpose {
         match self {
             Purpose::Outbox => "outbox",
             Purpose::Search => "search",
+            Purpose::Action => "action",
             Purpose::Details => "details",
             Purpose::Gap => "gap",
             Purpose::Sweep => "sweep",
@@ -99,14 +103,15 @@ impl Purpose {
         }
     }
 
-    /// Work that cannot wait for a better day: creates (a business app waits for them), their
-    /// searches, and the one detail fetch that brings an approval's form. The rest is background
-    /// work, paced by what is left of the month (`planner`).
+    /// Work that cannot wait for a better day: creates and actions (a business app waits for
+    /// them), their searches and read-backs, and the one detail fetch that brings an approval's
+    /// form. The rest is background work, paced by what is left of the month (`planner`).
     pub fn is_live(self) -> bool {
         matches!(
             self,
             Purpose::Outbox
                 | Purpose::Search
+                | Purpose::Action
                 | Purpose::Details
                 | Purpose::Callback
                 | Purpose::Doctor

@@ -10,6 +10,7 @@
 //! module owns and must not import, and where each rule lives: `docs/ARCHITECTURE.md` (checked by
 //! `tests/architecture.rs`). Only what the binary and the tests use is public.
 
+pub mod actions;
 pub mod app;
 mod batching;
 pub mod callback;

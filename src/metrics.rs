@@ -60,6 +60,12 @@ struct AllowanceLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabels {
+    action: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CorpLabel {
     corp_id: String,
 }
@@ -92,6 +98,8 @@ struct Metrics {
     ack_seconds: Histogram,
     outbox_creates: Family<OutcomeLabel, Counter>,
     outbox_create_seconds: Histogram,
+    actions_sent: Family<ActionLabels, Counter>,
+    action_seconds: Histogram,
     dingtalk_calls: Family<CallLabels, Counter>,
     budget_wait_seconds: Histogram,
     job_runs: Family<JobLabels, Counter>,
@@ -123,6 +131,8 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         ack_seconds: fast_buckets(),
         outbox_creates: Family::default(),
         outbox_create_seconds: slow_buckets(),
+        actions_sent: Family::default(),
+        action_seconds: slow_buckets(),
         dingtalk_calls: Family::default(),
         budget_wait_seconds: fast_buckets(),
         job_runs: Family::default(),
@@ -180,6 +190,16 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "dingsync_outbox_create_seconds",
         "Time from an outbox row's INSERT until DingTalk created its approval",
         m.outbox_create_seconds.clone(),
+    );
+    m.registry.register(
+        "dingsync_actions_sent",
+        "Actions on approvals sent to DingTalk by action and outcome (done, refused, not_sent, no_response, paused)",
+        m.actions_sent.clone(),
+    );
+    m.registry.register(
+        "dingsync_action_seconds",
+        "Time from an action's INSERT until DingTalk carried it out (answered sends only)",
+        m.action_seconds.clone(),
     );
     m.registry.register(
         "dingsync_dingtalk_calls",
@@ -241,6 +261,24 @@ pub fn outbox_create(outcome: &'static str, insert_to_created: Option<Duration>)
     METRICS
         .outbox_creates
         .get_or_create(&OutcomeLabel { outcome })
+        .inc();
+}
+
+/// One action sent to DingTalk came back with `outcome`; when `done`, its INSERT-to-done latency
+/// since `inserted_at` is observed.
+pub fn action(action: &str, outcome: &'static str, inserted_at: chrono::DateTime<chrono::Utc>) {
+    if outcome == "done" {
+        let age = (chrono::Utc::now() - inserted_at)
+            .to_std()
+            .unwrap_or_default();
+        METRICS.action_seconds.observe(age.as_secs_f64());
+    }
+    METRICS
+        .actions_sent
+        .get_or_create(&ActionLabels {
+            action: action.to_string(),
+            outcome,
+        })
         .inc();
 }
 

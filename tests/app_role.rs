@@ -359,6 +359,67 @@ async fn every_function_pins_its_search_path_unless_it_is_an_inlined_sql_body() 
 }
 
 #[tokio::test]
+async fn an_app_role_requests_actions_and_can_forge_no_outcome() {
+    let (db, pool) = migrated(Some(CORP_ID)).await;
+    sqlx::raw_sql(
+        "INSERT INTO dingsync.approvals (corp_id, process_instance_id, status, originator_userid)
+             VALUES ('dingtestcorp00000001', 'inst-1', 'RUNNING', 'emp1');
+         INSERT INTO dingsync.approval_tasks (corp_id, task_id, process_instance_id, userid, status)
+             VALUES ('dingtestcorp00000001', 61920249919, 'inst-1', 'manager1', 'RUNNING')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let app = LoginRole::create(&db, &pool, Some("dingsync_app")).await;
+    let id: i64 = sqlx::query_scalar(
+        "SELECT dingsync.request_action('erp-1', 'agree', 'inst-1', task_id => 61920249919)",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let (state, actor): (String, String) =
+        sqlx::query_as("SELECT state, actor_user_id FROM dingsync.actions WHERE id = $1")
+            .bind(id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!((state.as_str(), actor.as_str()), ("pending", "manager1"));
+    sqlx::raw_sql(
+        "INSERT INTO dingsync.actions (idempotency_key, action, process_instance_id, actor_user_id, remark)
+         VALUES ('erp-2', 'comment', 'inst-1', 'fin1', 'paid')",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    for (column, value) in [
+        ("state", "'done'"),
+        ("attempts", "1"),
+        ("superseded_how", "'AGREE'"),
+        ("done_at", "now()"),
+    ] {
+        let (code, _) = refusal(
+            &app.pool,
+            &format!(
+                "INSERT INTO dingsync.actions (idempotency_key, action, process_instance_id, actor_user_id, remark, {column})
+                 VALUES ('forged-{column}', 'comment', 'inst-1', 'fin1', 'x', {value})"
+            ),
+        )
+        .await;
+        assert_eq!(code, "42501", "{column} was accepted from the app");
+    }
+    let (code, _) = refusal(&app.pool, "UPDATE dingsync.actions SET state = 'cancelled'").await;
+    assert_eq!(code, "42501");
+    // The reporting role sees the view, not the table.
+    let report = LoginRole::create(&db, &pool, Some("dingsync_report")).await;
+    assert_eq!(
+        count(&report.pool, "SELECT count(*) FROM dingsync.report_actions").await,
+        2
+    );
+    let (code, _) = refusal(&report.pool, "SELECT * FROM dingsync.actions").await;
+    assert_eq!(code, "42501");
+}
+
+#[tokio::test]
 async fn an_app_role_may_name_self_selected_approvers_in_a_call_or_an_insert() {
     let (db, pool) = migrated(Some(CORP_ID)).await;
     let app = LoginRole::create(&db, &pool, Some("dingsync_app")).await;

@@ -4,7 +4,9 @@
 //! convergence:
 //! - every event DingTalk pushed is in `dingsync.events` exactly once;
 //! - every approval row (and its tasks) equals the emulator's instance;
-//! - every outbox row is `created`, with exactly one instance in the emulator.
+//! - every outbox row is `created`, with exactly one instance in the emulator;
+//! - every action apps asked for (agrees and comments, `dingsync.actions`) ended `done` or
+//!   `superseded`, and took effect in the emulator exactly once (none if superseded).
 //!
 //! The one window no receiver can close is DingTalk's own: the failed list is read-once (docs/dingtalk.md
 //! §3, the stricter reading), so items handed out to a `failed` job run that is then killed
@@ -162,6 +164,28 @@ async fn people_and_apps(state: Handle, pool: PgPool, scale: Scale, rounds: usiz
             .unwrap();
             requested += batch;
         }
+        // Apps act too: agree some tasks dingsync knows to be open, comment on some approvals.
+        // The people below act on the same tasks, so some actions are superseded. An insert that
+        // finds its task or approval closed meanwhile is refused: the app's loss, not a failure.
+        let _ = sqlx::query(
+            "SELECT dingsync.request_action('crash-agree-' || t.task_id, 'agree',
+                                            t.process_instance_id, task_id => t.task_id)
+             FROM dingsync.approval_tasks t
+             WHERE t.status = 'RUNNING' AND t.task_id % 3 = 0
+             ORDER BY t.task_id DESC LIMIT 8",
+        )
+        .execute(&pool)
+        .await;
+        let _ = sqlx::query(
+            "SELECT dingsync.request_action('crash-comment-' || a.process_instance_id, 'comment',
+                                            a.process_instance_id, actor_user_id => 'hr1',
+                                            remark => 'crash comment ' || a.process_instance_id)
+             FROM dingsync.approvals a
+             WHERE a.status = 'RUNNING' AND a.created_at IS NOT NULL
+             ORDER BY a.created_at DESC LIMIT 4",
+        )
+        .execute(&pool)
+        .await;
         let open = state.open_tasks();
         if started == scale.instances && requested == scale.outbox_rows && open.is_empty() {
             return;
@@ -198,6 +222,7 @@ fn dedup_key(payload: &serde_json::Value) -> String {
 #[derive(Debug, Default)]
 struct Progress {
     outbox_not_created: i64,
+    actions_open: i64,
     pushes_in_flight: usize,
     failed_list_pending: usize,
     events_missing: usize,
@@ -207,6 +232,7 @@ struct Progress {
 impl Progress {
     fn done(&self) -> bool {
         self.outbox_not_created == 0
+            && self.actions_open == 0
             && self.pushes_in_flight == 0
             && self.failed_list_pending == 0
             && self.events_missing == 0
@@ -271,6 +297,12 @@ async fn kill_9_scenario(delivery: Delivery) {
             reorder_max_ms: 200,
             ..StreamFaults::default()
         },
+        // Some actions' answers are lost besides those the kills cut off.
+        lose_response: [
+            (dingsync_emulator::EXECUTE.to_string(), 3),
+            (dingsync_emulator::COMMENTS.to_string(), 3),
+        ]
+        .into(),
         ..Faults::default()
     });
 
@@ -381,6 +413,12 @@ async fn kill_9_scenario(delivery: Delivery) {
             .fetch_one(&pool)
             .await
             .unwrap(),
+            actions_open: sqlx::query_scalar(
+                "SELECT count(*) FROM dingsync.actions WHERE state IN ('pending', 'sending', 'unknown')",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap(),
             pushes_in_flight: state.pushes_in_flight() + {
                 let stream = state.stream_report();
                 stream.in_flight + stream.waiting
@@ -476,6 +514,68 @@ async fn kill_9_scenario(delivery: Delivery) {
         );
     }
 
+    // Every action ended done or superseded, and took effect exactly once (none if superseded).
+    // (action, state, process_instance_id, task_id, remark)
+    type ActionRow = (String, String, String, Option<i64>, Option<String>);
+    let actions: Vec<ActionRow> = sqlx::query_as(
+        "SELECT action, state, process_instance_id, task_id, remark FROM dingsync.actions",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert!(!actions.is_empty(), "the apps asked for actions");
+    let instances: HashMap<String, dingsync_emulator::Instance> = state
+        .instances()
+        .into_iter()
+        .map(|i| (i.process_instance_id.clone(), i))
+        .collect();
+    for (action, row_state, pid, task_id, remark) in &actions {
+        assert!(
+            row_state == "done" || row_state == "superseded",
+            "{action} on {pid} ended {row_state}"
+        );
+        let inst = &instances[pid];
+        if action == "comment" {
+            let n = inst
+                .operation_records
+                .iter()
+                .filter(|r| r.operation_type == "ADD_REMARK" && r.remark == *remark)
+                .count();
+            let expected = usize::from(row_state == "done");
+            assert_eq!(
+                n, expected,
+                "comment on {pid} ({row_state}) is in DingTalk {n} times"
+            );
+        } else if row_state == "done" {
+            let task = inst
+                .tasks
+                .iter()
+                .find(|t| Some(t.taskid) == *task_id)
+                .unwrap();
+            assert_eq!(
+                (task.status.as_str(), task.result.as_str()),
+                ("COMPLETED", "AGREE"),
+                "agree of task {task_id:?}"
+            );
+        }
+    }
+    // Never doubled: each approver decides each approval at most once (every approval here has
+    // a flow of distinct approvers).
+    for inst in instances.values() {
+        let mut decided: HashMap<&str, usize> = HashMap::new();
+        for r in &inst.operation_records {
+            if r.operation_type == "EXECUTE_TASK_NORMAL" {
+                *decided.entry(r.userid.as_str()).or_default() += 1;
+            }
+        }
+        assert!(
+            decided.values().all(|n| *n == 1),
+            "{} decided twice by one approver: {decided:?}",
+            inst.process_instance_id
+        );
+    }
+    let done_actions = actions.iter().filter(|a| a.1 == "done").count();
+
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
         !log_text.contains("panicked"),
@@ -484,8 +584,8 @@ async fn kill_9_scenario(delivery: Delivery) {
     let failed_items = state.failed_handed_out().len();
     println!(
         "{} kills in {:?}; {} events pushed ({} distinct), {} stored, {} lost in the read-once \
-         failed list, {} failed-list items read; {} approvals; {} outbox rows; converged {:?} \
-         after the last restart",
+         failed list, {} failed-list items read; {} approvals; {} outbox rows; {} actions ({} done, \
+         the rest superseded); converged {:?} after the last restart",
         scale.kills,
         started_at.elapsed() - converged_in,
         pushed.len(),
@@ -495,6 +595,8 @@ async fn kill_9_scenario(delivery: Delivery) {
         failed_items,
         state.instances().len(),
         rows.len(),
+        actions.len(),
+        done_actions,
         converged_in
     );
     let _ = std::fs::remove_file(&log);

@@ -97,6 +97,7 @@ fn expense() -> CreateInstance {
 /// A template with a fixed approver and a self-selected finance node (fin1 or emp3).
 fn travel_template() -> Template {
     Template {
+        allow_revoke: true,
         process_code: "PROC-EMU-TRAVEL".into(),
         name: "出差".into(),
         controls: vec![

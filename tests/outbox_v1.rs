@@ -46,6 +46,7 @@ async fn daemon(family: ApiFamily, adjust: impl FnOnce(&mut Config)) -> (TestApp
         .state()
         .clone();
     emu.add_template(Template {
+        allow_revoke: true,
         process_code: "PROC-EMU-TRAVEL".into(),
         name: "出差".into(),
         controls: vec![Control {

@@ -27,7 +27,7 @@ use rand::{Rng, distr::Alphanumeric};
 use serde_json::{Map, Value, json};
 
 use super::{
-    api_v1,
+    actions, api_v1,
     faults::{self, InjectedError},
     model::{
         ActionType, CcPosition, Ctx, FormInput, Instance, MAX_APPROVERS, NodeSpec, Rejection,
@@ -40,7 +40,7 @@ use dingsync_crypto::CallbackCrypto;
 
 /// How long a create whose response is "lost" holds the connection (real time): far longer than
 /// any client waits; the emulator's shutdown ends it sooner.
-const LOST_RESPONSE_HOLD: std::time::Duration = std::time::Duration::from_secs(300);
+pub(crate) const LOST_RESPONSE_HOLD: std::time::Duration = std::time::Duration::from_secs(300);
 /// `listids` window and age limits (docs/dingtalk.md §2.4).
 pub(crate) const LISTIDS_MAX_WINDOW_MS: i64 = 120 * 24 * 3600 * 1000;
 pub(crate) const LISTIDS_MAX_AGE_MS: i64 = 365 * 24 * 3600 * 1000;
@@ -68,6 +68,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/call_back/delete_call_back", get(delete_callback))
         .route("/call_back/get_call_back_failed_result", get(failed_result))
         .merge(api_v1::routes())
+        .merge(actions::routes())
         .route_layer(middleware::from_fn_with_state(shared.clone(), gate))
         .with_state(shared)
 }

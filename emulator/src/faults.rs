@@ -35,6 +35,12 @@ pub struct Faults {
     /// Probability (0..=1) that a create (either family) is committed but its response lost,
     /// as with `lose_create_response` (for load runs with a share of lost answers).
     pub lose_create_response_rate: f64,
+    /// Per v1.0 action API, named as the gate names it (`"POST
+    /// v1.0/workflow/processInstances/execute"`, `…/terminate`, `…/comments`, `"POST
+    /// v1.0/workflow/tasks/redirect"`; the `EXECUTE`… constants): the next N calls are
+    /// carried out (the change is made, its events pushed) but the answer is never sent, as
+    /// `lose_create_response` does for creates (docs/dingtalk.md §12.6).
+    pub lose_response: BTreeMap<String, u32>,
     /// Faults of the HTTP pushes to the registered callback URL.
     pub push: PushFaults,
     /// API families whose approval calls the app has no permission for: `"legacy"`
@@ -144,6 +150,17 @@ impl Faults {
             self.inject.remove(index);
         }
         Some(error)
+    }
+
+    /// Whether this call of `endpoint` loses its answer (`lose_response`), using one up.
+    pub(crate) fn take_lost_response(&mut self, endpoint: &str) -> bool {
+        match self.lose_response.get_mut(endpoint) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The QPS limit that applies to `endpoint`, if any.

@@ -327,6 +327,20 @@ impl Handle {
         })
     }
 
+    /// `userid` comments on an approval (an `ADD_REMARK` record), as in the app.
+    pub fn comment(
+        &self,
+        process_instance_id: &str,
+        userid: &str,
+        text: &str,
+    ) -> Result<Instance, AdminError> {
+        self.change(Change::Comment {
+            id: process_instance_id.into(),
+            userid: userid.into(),
+            text: text.into(),
+        })
+    }
+
     fn change(&self, change: Change) -> Result<Instance, AdminError> {
         let (instance, events) = self
             .shared

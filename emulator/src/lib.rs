@@ -6,6 +6,7 @@
 //! What it serves (one axum server):
 //! - DingTalk's old API (`api`): `gettoken`, `topapi/processinstance/{create,get,listids}`,
 //!   `call_back/{register,update,get,delete}_call_back`, `call_back/get_call_back_failed_result`;
+//! - DingTalk's v1.0 actions on approvals (`actions`): execute, terminate, comments, redirect;
 //! - encrypted pushes of every approval change to the registered URL, with DingTalk's retry
 //!   ladder and failed-push list (`push`);
 //! - an admin API under `/_emulator/…` to act as people, look inside and set faults (`admin`),
@@ -22,6 +23,7 @@
 //! `faults` (knobs), `quota` (monthly allowances), `api`, `push`, `admin`, `people`. This file
 //! owns configuration, start and stop, and choosing the admin API's token.
 
+mod actions;
 mod admin;
 mod api;
 mod api_v1;
@@ -45,6 +47,7 @@ use axum::Router;
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
+pub use actions::{COMMENTS, EXECUTE, REDIRECT, TERMINATE, TOO_SOON};
 pub use faults::{Faults, InjectedError, Injection, PushFaults, StreamFaults};
 pub use handle::{Handle, OpenTask, StartInstance, TaskAction};
 pub use model::{

@@ -109,6 +109,10 @@ pub struct Template {
     /// names no approvers (docs/dingtalk.md §2.1).
     #[serde(default)]
     pub default_approvers: Vec<String>,
+    /// The OA console's "allow the submitter to revoke an in-progress form" (docs/dingtalk.md
+    /// §12.3): without it a terminate through the API fails. Ticked unless said otherwise.
+    #[serde(default = "ticked")]
+    pub allow_revoke: bool,
     /// Self-selected approver nodes ("发起人自选"), after `default_approvers` in the flow: the
     /// originator names their approvers in the create (v1.0 `targetSelectActioners`,
     /// docs/dingtalk.md §11.2), and the forecast lists them (§11.5).
@@ -151,6 +155,10 @@ pub struct SelectChoice {
 pub mod select_code {
     pub const MISSING: &str = "targetSelectApproverMissing";
     pub const SCOPE: &str = "targetSelectApproverScopeError";
+}
+
+fn ticked() -> bool {
+    true
 }
 
 /// One form control. For `DDDateRangeField` the label is the JSON text of both labels, which is
@@ -237,6 +245,7 @@ impl Org {
                     Control::new("DDPhotoField", "Receipts", false, &[]),
                 ],
                 default_approvers: vec![DEFAULT_APPROVER.into()],
+                allow_revoke: true,
                 select_nodes: Vec::new(),
             },
             Template {
@@ -253,6 +262,7 @@ impl Org {
                     Control::new("TextareaField", "Reason", false, &[]),
                 ],
                 default_approvers: vec![DEFAULT_APPROVER.into()],
+                allow_revoke: true,
                 select_nodes: Vec::new(),
             },
             Template {
@@ -267,6 +277,7 @@ impl Org {
                     Control::new("TableField", "Details", false, &[]),
                 ],
                 default_approvers: vec![DEFAULT_APPROVER.into()],
+                allow_revoke: true,
                 select_nodes: Vec::new(),
             },
         ]
@@ -870,6 +881,45 @@ impl Instance {
         self.record(userid, now, "TERMINATE_PROCESS_INSTANCE", "NONE", remark);
         self.finish(None, InstanceStatus::Terminated, now);
         events.push(self.instance_event(corp_id, "terminate", now));
+        Ok(events)
+    }
+
+    /// Someone adds a comment (an `ADD_REMARK` operation record, docs/dingtalk.md §12.4). Each
+    /// call appends one: a repeated comment is a second comment. Taken on running and completed
+    /// approvals, refused on withdrawn or cancelled ones [UNCONFIRMED: DingTalk does not say
+    /// which states refuse; comments after completion are what apps need, e.g. "paid"]. If the
+    /// commenter holds an open task of the approval, a `bpms_task_change` of type `comment`
+    /// carries the text (docs/dingtalk.md §5.3 lists the type; when DingTalk sends it is
+    /// [UNCONFIRMED]); otherwise nothing is pushed.
+    pub fn comment(
+        &mut self,
+        userid: &str,
+        text: &str,
+        corp_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Event>, ActError> {
+        if matches!(
+            self.status,
+            InstanceStatus::Terminated | InstanceStatus::Canceled
+        ) {
+            return Err(ActError::Conflict(format!(
+                "instance {} is {}: no comments",
+                self.process_instance_id,
+                self.status.as_str()
+            )));
+        }
+        self.record(userid, now, "ADD_REMARK", "NONE", Some(text.to_string()));
+        let mut events = Vec::new();
+        if let Some(index) = self
+            .tasks
+            .iter()
+            .position(|t| t.userid == userid && t.status == TaskStatus::Running)
+        {
+            let mut event = self.task_event(corp_id, index, "comment", None);
+            event.payload.insert("remark".into(), text.into());
+            event.event_time_ms = now.timestamp_millis();
+            events.push(event);
+        }
         Ok(events)
     }
 

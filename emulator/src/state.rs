@@ -391,7 +391,7 @@ impl World {
                 .get(taskid)
                 .cloned()
                 .ok_or(AdminError::NotFound(format!("no task {taskid}")))?,
-            Change::Terminate { id, .. } => id.clone(),
+            Change::Terminate { id, .. } | Change::Comment { id, .. } => id.clone(),
         };
         let World {
             org,
@@ -435,6 +435,11 @@ impl World {
                     .map_err(|e| AdminError::Invalid(e.errmsg))?;
                 instance.terminate(&userid, remark, corp_id, now)?
             }
+            Change::Comment { userid, text, .. } => {
+                org.person(&userid)
+                    .map_err(|e| AdminError::Invalid(e.errmsg))?;
+                instance.comment(&userid, &text, corp_id, now)?
+            }
         };
         for t in &instance.tasks {
             task_index
@@ -457,6 +462,11 @@ pub(crate) enum Change {
         id: String,
         userid: Option<String>,
         remark: Option<String>,
+    },
+    Comment {
+        id: String,
+        userid: String,
+        text: String,
     },
 }
 

@@ -5,6 +5,7 @@
 //! Exit codes: 0 success; 1 a command that failed or found a problem (`doctor` FAIL, `drift`
 //! differences); 2 the configuration or the arguments are wrong (and `drift` errors).
 
+pub mod actions;
 pub mod backfill;
 pub mod callback;
 pub mod doctor;
@@ -50,6 +51,11 @@ pub enum Command {
     Outbox {
         #[command(subcommand)]
         action: OutboxCommand,
+    },
+    /// Look at and unblock actions on approvals in dingsync.actions.
+    Actions {
+        #[command(subcommand)]
+        action: ActionsCommand,
     },
     /// List instance ids of a template at DingTalk and fetch the approvals the database lacks
     /// (resumes an interrupted run with the same --since).
@@ -104,6 +110,24 @@ pub enum OutboxCommand {
 }
 
 #[derive(Subcommand)]
+pub enum ActionsCommand {
+    /// List actions, newest first.
+    List {
+        /// Only actions in this state (pending, sending, unknown, done, failed, superseded,
+        /// cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+    },
+    /// Carry out a failed or cancelled action again (its attempts start over).
+    Retry { id: i64 },
+    /// Cancel a pending or failed action.
+    Cancel { id: i64 },
+}
+
+#[derive(Subcommand)]
 pub enum QuotaCommand {
     /// Lift the pause DingTalk's 90020 started (after an upgrade of the edition, say): metered
     /// calls resume at once on every replica.
@@ -152,6 +176,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Callback { action } => callback::command(&config, action).await,
         Command::Emulator { listen } => emulator::command(&config, listen).await,
         Command::Outbox { action } => outbox::command(&config, action).await,
+        Command::Actions { action } => actions::command(&config, action).await,
         Command::Quota { action } => quota::command(&config, action).await,
         Command::Backfill {
             process_code,

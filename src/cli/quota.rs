@@ -171,14 +171,15 @@ pub async fn resume(
 ) -> anyhow::Result<String> {
     let lifted = store::usage::clear_pause(pool, corp_id).await?;
     let rows = store::outbox::resume_paused(pool, corp_id, quota::PAUSE_RECHECK).await?;
+    let actions = store::actions::resume_paused(pool, corp_id, quota::PAUSE_RECHECK).await?;
     let mut out = if lifted {
         format!(
-            "pause lifted: metered DingTalk calls resume on every replica within {} s; {rows} outbox rows waiting for the allowance are due again",
+            "pause lifted: metered DingTalk calls resume on every replica within {} s; {rows} outbox rows and {actions} actions waiting for the allowance are due again",
             quota::PAUSE_RECHECK.as_secs()
         )
     } else {
         format!(
-            "{corp_id} was not paused; {rows} outbox rows waiting for the allowance are due again"
+            "{corp_id} was not paused; {rows} outbox rows and {actions} actions waiting for the allowance are due again"
         )
     };
     let used = Ledger::new(pool.clone(), Clock::real())

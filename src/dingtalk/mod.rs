@@ -22,6 +22,7 @@
 //! and the retries are the same; only how a request is put on the wire and how its answer is
 //! read differ ([`Wire`]).
 
+pub mod actions;
 mod budget;
 pub mod gateway;
 pub mod listing;
@@ -688,7 +689,7 @@ impl Client {
 /// outbox creates a little, background work only takes a slot that is free now.
 pub fn priority(purpose: Purpose) -> Priority {
     match purpose {
-        Purpose::Outbox | Purpose::Search => Priority::Outbox,
+        Purpose::Outbox | Purpose::Search | Purpose::Action => Priority::Outbox,
         Purpose::Details
         | Purpose::Failed
         | Purpose::Callback

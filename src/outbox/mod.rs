@@ -494,15 +494,8 @@ impl Worker {
         Ok(())
     }
 
-    /// Exponential backoff with jitter: `base · 2^(attempt-1)`, capped, then between half and all
-    /// of it, so that rows failing together do not come back together.
     fn backoff(&self, attempt: u32) -> Duration {
-        let base = Duration::from_millis(self.config.backoff_base_ms);
-        let max = Duration::from_millis(self.config.backoff_max_ms);
-        let full = base
-            .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
-            .min(max);
-        full.mul_f64(rand::rng().random_range(0.5..=1.0))
+        backoff(&self.config, attempt)
     }
 
     /// How long an unanswerable search waits: half the time since the send, at least the settle
@@ -513,6 +506,17 @@ impl Worker {
         let max = Duration::from_millis(self.config.backoff_max_ms);
         (elapsed / 2).clamp(self.settle().min(max), max)
     }
+}
+
+/// Exponential backoff with jitter: `base · 2^(attempt-1)`, capped, then between half and all
+/// of it, so that rows failing together do not come back together. Also the actions worker's.
+pub fn backoff(config: &OutboxConfig, attempt: u32) -> Duration {
+    let base = Duration::from_millis(config.backoff_base_ms);
+    let max = Duration::from_millis(config.backoff_max_ms);
+    let full = base
+        .saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1)))
+        .min(max);
+    full.mul_f64(rand::rng().random_range(0.5..=1.0))
 }
 
 /// Records successful creates in batches: whatever arrived while the previous batch was

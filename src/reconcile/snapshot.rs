@@ -3,7 +3,7 @@
 //! snapshot's types are in `crate::snapshot` (so that `store` needs nothing from `reconcile`);
 //! applying it is `store::approvals::apply_snapshot`'s job.
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use crate::{
@@ -118,8 +118,7 @@ fn non_empty(v: &Option<String>) -> Option<String> {
 /// The old API's times: `"yyyy-MM-dd HH:mm:ss"` in Beijing time, UTC+8 all year (China has no
 /// daylight saving), docs/dingtalk.md §2.3. Anything else reads as unknown rather than as a wrong time.
 pub fn beijing(text: &str) -> Option<DateTime<Utc>> {
-    let local = NaiveDateTime::parse_from_str(text.trim(), "%Y-%m-%d %H:%M:%S").ok()?;
-    Some((local - chrono::Duration::hours(8)).and_utc())
+    crate::clock::parse_beijing(text)
 }
 
 #[cfg(test)]

@@ -455,6 +455,8 @@ pub enum SnapshotSource {
     Backfill,
     /// The outbox's search for an instance whose create got no answer (migration V15).
     Search,
+    /// An action reading its approval back (migration V20).
+    Action,
 }
 
 impl SnapshotSource {
@@ -466,6 +468,7 @@ impl SnapshotSource {
             SnapshotSource::Poll => "poll",
             SnapshotSource::Backfill => "backfill",
             SnapshotSource::Search => "search",
+            SnapshotSource::Action => "action",
         }
     }
 }

@@ -2,6 +2,7 @@
 //! caller decides the transaction. This module also owns connecting (creating the database when
 //! it is missing) and applying the migrations.
 
+pub mod actions;
 pub mod approvals;
 pub mod batch;
 pub mod corps;
