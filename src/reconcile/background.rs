@@ -579,6 +579,7 @@ async fn finished_probe(
         let open_ids =
             approvals::open_created_between(ctx.pool(), corp, &code, from, db_now - PROBE_SETTLE)
                 .await?;
+        *counts.entry("probe_checked").or_default() += open_ids.len() as u64;
         let finished: Vec<String> = open_ids
             .into_iter()
             .filter(|id| !running.contains(id))
