@@ -60,10 +60,12 @@ pub enum Purpose {
     Callback,
     /// Fetching the access token.
     Token,
+    /// Fetching a template's form schema (the typed form views).
+    Forms,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 12] = [
+    pub const ALL: [Purpose; 13] = [
         Purpose::Outbox,
         Purpose::Search,
         Purpose::Details,
@@ -76,6 +78,7 @@ impl Purpose {
         Purpose::Doctor,
         Purpose::Callback,
         Purpose::Token,
+        Purpose::Forms,
     ];
 
     pub fn name(self) -> &'static str {
@@ -92,12 +95,14 @@ impl Purpose {
             Purpose::Doctor => "doctor",
             Purpose::Callback => "callback",
             Purpose::Token => "token",
+            Purpose::Forms => "forms",
         }
     }
 
     /// Work that cannot wait for a better day: creates (a business app waits for them), their
-    /// searches, and the one detail fetch that brings an approval's form. The rest is background
-    /// work, paced by what is left of the month (`planner`).
+    /// searches, the one detail fetch that brings an approval's form, and the schema of a form
+    /// (a few calls a month; without it no form view). The rest is background work, paced by what
+    /// is left of the month (`planner`).
     pub fn is_live(self) -> bool {
         matches!(
             self,
@@ -107,6 +112,7 @@ impl Purpose {
                 | Purpose::Callback
                 | Purpose::Doctor
                 | Purpose::Token
+                | Purpose::Forms
         )
     }
 }

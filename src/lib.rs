@@ -19,6 +19,7 @@ mod demo;
 pub mod dingtalk;
 mod error;
 pub mod event;
+pub mod forms;
 mod health;
 mod ingest;
 pub mod jobs;

@@ -183,5 +183,6 @@ async fn jobs_context(config: &Config) -> anyhow::Result<crate::jobs::Context> {
         &config.dingtalk.corp_id,
         &config.reconcile,
         &config.retention,
-    ))
+    )
+    .with_forms(&config.forms))
 }

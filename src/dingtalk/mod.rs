@@ -681,7 +681,12 @@ pub fn priority(purpose: Purpose) -> Priority {
         | Purpose::Callback
         | Purpose::Doctor
         | Purpose::Token => Priority::Live,
-        Purpose::Gap | Purpose::Sweep | Purpose::Poll | Purpose::Backfill | Purpose::Drift => {
+        Purpose::Gap
+        | Purpose::Sweep
+        | Purpose::Poll
+        | Purpose::Backfill
+        | Purpose::Drift
+        | Purpose::Forms => {
             Priority::Bulk
         }
     }

@@ -5,6 +5,7 @@
 pub mod approvals;
 pub mod batch;
 pub mod corps;
+pub mod forms;
 pub mod job_runs;
 mod migrate;
 pub mod outbox;
