@@ -1048,10 +1048,13 @@ fn apply_env(
             toml::Value::Table(_) => {
                 let mut pairs = toml::Table::new();
                 for pair in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    let (k, v) = pair
-                        .split_once('=')
-                        .ok_or_else(|| invalid(&dotted, "must be key=value pairs separated by commas"))?;
-                    pairs.insert(k.trim().to_string(), toml::Value::String(v.trim().to_string()));
+                    let (k, v) = pair.split_once('=').ok_or_else(|| {
+                        invalid(&dotted, "must be key=value pairs separated by commas")
+                    })?;
+                    pairs.insert(
+                        k.trim().to_string(),
+                        toml::Value::String(v.trim().to_string()),
+                    );
                 }
                 toml::Value::Table(pairs)
             }

@@ -8,6 +8,7 @@
 //!   `call_back/{register,update,get,delete}_call_back`, `call_back/get_call_back_failed_result`;
 //! - encrypted pushes of every approval change to the registered URL, with DingTalk's retry
 //!   ladder and failed-push list (`push`);
+//! - DingTalk's v1.0 form schema call (`forms`), `GET /v1.0/workflow/forms/schemas/processCodes`;
 //! - an admin API under `/_emulator/…` to act as people, look inside and set faults (`admin`),
 //!   behind a bearer token ([`Emulator::admin_token`]), also available from Rust through
 //!   [`Handle`];
@@ -22,6 +23,7 @@
 mod admin;
 mod api;
 mod faults;
+mod forms;
 mod handle;
 mod model;
 mod people;
@@ -41,6 +43,7 @@ use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
 pub use faults::{Faults, InjectedError, Injection, PushFaults};
+pub use forms::schema_result;
 pub use handle::{Handle, OpenTask, StartInstance, TaskAction};
 pub use model::{
     ActionType, CcPosition, Control, DEFAULT_APPROVER, FormEntry, FormInput, Instance,
@@ -188,6 +191,7 @@ impl Emulator {
             shared: shared.clone(),
         };
         let router: Router = api::router(shared.clone())
+            .merge(forms::router(shared.clone()))
             .merge(admin::router(handle.clone(), &admin_token))
             .fallback(api::fallback);
         let stop = shared.shutdown.clone();

@@ -38,7 +38,9 @@ pub const OVER_ALLOWANCE: i64 = 90020;
 /// metered; callback management is not on the exempt list, so it is metered too (the stricter
 /// reading).
 pub fn is_metered(endpoint: &str) -> bool {
-    endpoint.starts_with("topapi/processinstance/") || endpoint.starts_with("call_back/")
+    endpoint.starts_with("topapi/processinstance/")
+        || endpoint.starts_with("call_back/")
+        || endpoint.starts_with("v1.0/workflow/")
 }
 
 /// New allowances, effective at once (the organisation upgraded); a field left out keeps its

@@ -10,6 +10,7 @@ pub mod callback;
 pub mod doctor;
 pub mod drift;
 pub mod emulator;
+pub mod forms;
 pub mod outbox;
 pub mod quota;
 
@@ -74,6 +75,12 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<QuotaCommand>,
     },
+    /// The typed form views of schema dingsync_forms: fetch schemas now, list templates, show
+    /// a view's columns.
+    Forms {
+        #[command(subcommand)]
+        action: FormsCommand,
+    },
     /// Compare the database with a fresh DingTalk listing of reconcile.process_codes; print
     /// missing, extra and disagreeing approvals; exit 1 when there are any.
     Drift {
@@ -101,6 +108,23 @@ pub enum OutboxCommand {
     Retry { id: i64 },
     /// Cancel a pending or failed row.
     Cancel { id: i64 },
+}
+
+#[derive(Subcommand)]
+pub enum FormsCommand {
+    /// Fetch the schemas of these templates now (default: every template seen) and regenerate
+    /// their views; one metered DingTalk call each.
+    Sync {
+        /// Templates (PROC-...).
+        process_code: Vec<String>,
+    },
+    /// Every template seen: its view, schema version, approvals and last fetch.
+    List,
+    /// A template's views: columns, types, the control of each, sample values.
+    Show {
+        /// The template (PROC-...).
+        process_code: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -153,6 +177,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Emulator { listen } => emulator::command(&config, listen).await,
         Command::Outbox { action } => outbox::command(&config, action).await,
         Command::Quota { action } => quota::command(&config, action).await,
+        Command::Forms { action } => forms::command(&config, action).await,
         Command::Backfill {
             process_code,
             since,

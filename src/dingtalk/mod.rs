@@ -686,9 +686,7 @@ pub fn priority(purpose: Purpose) -> Priority {
         | Purpose::Poll
         | Purpose::Backfill
         | Purpose::Drift
-        | Purpose::Forms => {
-            Priority::Bulk
-        }
+        | Purpose::Forms => Priority::Bulk,
     }
 }
 

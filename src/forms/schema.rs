@@ -60,8 +60,9 @@ impl FormSchema {
         let content = match result.get("schemaContent") {
             // Seen as an object in the SDK; accept JSON text too (the stricter reading of
             // "unconfirmed" is to read both).
-            Some(Value::String(text)) => serde_json::from_str(text)
-                .map_err(|e| format!("schemaContent is not JSON: {e}"))?,
+            Some(Value::String(text)) => {
+                serde_json::from_str(text).map_err(|e| format!("schemaContent is not JSON: {e}"))?
+            }
             Some(v @ Value::Object(_)) => v.clone(),
             _ => return Err("result.schemaContent is missing".into()),
         };

@@ -178,7 +178,10 @@ pub const CHILD_IDENTITY: [(&str, &str); 5] = [
         "process_instance_id",
         "The approval the line item belongs to (the form view's process_instance_id).",
     ),
-    ("row_number", "Position of the line item in the table, from 1."),
+    (
+        "row_number",
+        "Position of the line item in the table, from 1.",
+    ),
     ("_raw", "The line item as DingTalk sent it."),
     (
         "_parse_errors",
@@ -368,7 +371,9 @@ fn assign(
 
 /// The plan of `process_code`'s views from all its stored versions (oldest first).
 pub fn plan(corp_id: &str, process_code: &str, versions: &[Version], naming: &Naming) -> ViewPlan {
-    let newest = versions.last().expect("a template with a view has a version");
+    let newest = versions
+        .last()
+        .expect("a template with a view has a version");
     let reserved: Vec<&str> = IDENTITY.iter().map(|(n, _)| *n).collect();
     let top: Vec<(i32, Vec<Control>)> = versions
         .iter()
@@ -395,7 +400,10 @@ pub fn plan(corp_id: &str, process_code: &str, versions: &[Version], naming: &Na
                 .collect();
             let (cells, _) = assign(&rows, naming, &child_reserved);
             let base = unique(&table_name, &mut taken_columns);
-            let child = unique(&identifier(&format!("{name}_{base}"), MAX_IDENT), &mut child_names);
+            let child = unique(
+                &identifier(&format!("{name}_{base}"), MAX_IDENT),
+                &mut child_names,
+            );
             ChildView {
                 name: child,
                 control_id: table.id.clone(),
@@ -437,7 +445,13 @@ fn view_name(process_code: &str, first_name: &str, naming: &Naming) -> String {
 /// the first keeps its name.
 pub fn dedupe_views(plans: &mut [ViewPlan], configured: &HashSet<String>) {
     plans.sort_by(|a, b| {
-        let key = |p: &ViewPlan| (!configured.contains(&p.process_code), p.corp_id.clone(), p.process_code.clone());
+        let key = |p: &ViewPlan| {
+            (
+                !configured.contains(&p.process_code),
+                p.corp_id.clone(),
+                p.process_code.clone(),
+            )
+        };
         key(a).cmp(&key(b))
     });
     let mut taken = HashSet::new();
@@ -524,7 +538,10 @@ fn parse_errors(columns: &[Column], sql: &[(String, String)]) -> String {
         .chunks(50)
         .map(|chunk| format!("jsonb_build_object({})", chunk.join(", ")))
         .collect();
-    format!("NULLIF(jsonb_strip_nulls({}), '{{}}'::jsonb)", parts.join(" || "))
+    format!(
+        "NULLIF(jsonb_strip_nulls({}), '{{}}'::jsonb)",
+        parts.join(" || ")
+    )
 }
 
 fn raw_of(form_values: &str) -> impl Fn(&Column) -> (String, String) + '_ {
@@ -578,10 +595,7 @@ pub fn select(plan: &ViewPlan) -> String {
         format!("{} AS _parse_errors", parse_errors(&plan.columns, &sql)),
     ];
     for (column, (value, _)) in plan.columns.iter().zip(&sql) {
-        select.push(format!(
-            "{value} AS {}",
-            quote_ident(&column.name)
-        ));
+        select.push(format!("{value} AS {}", quote_ident(&column.name)));
     }
     format!(
         "SELECT {}\nFROM dingsync.approvals a\nWHERE a.corp_id = {} AND a.process_code = {}",
@@ -796,7 +810,10 @@ mod tests {
         assert_eq!(identifier("2nd approver", 63), "c_2nd_approver");
         assert_eq!(identifier("  --  ", 63), "");
         let long = identifier(&"金".repeat(40), 63);
-        assert!(long.len() <= 63 && long.chars().all(|c| c == '金'), "{long}");
+        assert!(
+            long.len() <= 63 && long.chars().all(|c| c == '金'),
+            "{long}"
+        );
     }
 
     #[test]
@@ -812,7 +829,11 @@ mod tests {
                 control("TextField-2", "TextField", "reason"),
                 amount,
                 when,
-                control("DDDateRangeField-3", "DDDateRangeField", r#"["开始时间","结束时间"]"#),
+                control(
+                    "DDDateRangeField-3",
+                    "DDDateRangeField",
+                    r#"["开始时间","结束时间"]"#,
+                ),
                 control("DDMultiSelectField-4", "DDMultiSelectField", "Tags"),
                 control("DDAttachment-5", "DDAttachment", "Files"),
                 control("X-6", "SomethingNew", "Status"),
@@ -861,7 +882,14 @@ mod tests {
         let got: Vec<(&str, &str, i32, i32)> = plan
             .columns
             .iter()
-            .map(|c| (c.name.as_str(), c.label.as_str(), c.first_version, c.last_version))
+            .map(|c| {
+                (
+                    c.name.as_str(),
+                    c.label.as_str(),
+                    c.first_version,
+                    c.last_version,
+                )
+            })
             .collect();
         assert_eq!(
             got,
@@ -883,7 +911,11 @@ mod tests {
         ];
         let v = version(
             1,
-            vec![control("TextField-1", "TextField", "Reason"), control("TextField-2", "TextField", "Why"), table],
+            vec![
+                control("TextField-1", "TextField", "Reason"),
+                control("TextField-2", "TextField", "Why"),
+                table,
+            ],
         );
         let naming = Naming {
             view: Some("expense".into()),
@@ -904,7 +936,12 @@ mod tests {
     fn view_names_are_deduplicated_across_templates() {
         let v = version(1, vec![control("TextField-1", "TextField", "Reason")]);
         let mut plans = vec![
-            plan("corp", "PROC-B", std::slice::from_ref(&v), &Naming::default()),
+            plan(
+                "corp",
+                "PROC-B",
+                std::slice::from_ref(&v),
+                &Naming::default(),
+            ),
             plan("corp", "PROC-A", &[v], &Naming::default()),
         ];
         dedupe_views(&mut plans, &HashSet::new());

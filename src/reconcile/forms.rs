@@ -20,7 +20,10 @@ use std::collections::{BTreeMap, HashSet};
 use chrono::{DateTime, TimeDelta, Utc};
 use tokio_util::sync::CancellationToken;
 
+use sqlx::PgPool;
+
 use crate::{
+    config::FormsConfig,
     dingtalk::{self, Purpose},
     forms::{self, FormSchema, Naming, Version, ViewPlan, view},
     jobs::{Context, Counts},
@@ -132,14 +135,20 @@ pub async fn fetch(ctx: &Context, process_code: &str) -> anyhow::Result<Fetch> {
         Err(e) if super::quota_exhausted(&e) => return Ok(Fetch::Paused),
         Err(e @ dingtalk::Error::Rejected { .. }) => {
             tracing::warn!(%process_code, error = %e, "DingTalk refused the form schema; asking again in a day");
-            store::record_failure(pool, corp, process_code, &e.to_string(), REFUSED_RETRY_S, true)
-                .await?;
+            store::record_failure(
+                pool,
+                corp,
+                process_code,
+                &e.to_string(),
+                REFUSED_RETRY_S,
+                true,
+            )
+            .await?;
             return Ok(Fetch::Rejected);
         }
         Err(e) => {
             tracing::warn!(%process_code, error = %e, "form schema fetch failed; retrying later");
-            store::record_failure(pool, corp, process_code, &e.to_string(), RETRY_S, false)
-                .await?;
+            store::record_failure(pool, corp, process_code, &e.to_string(), RETRY_S, false).await?;
             return Ok(Fetch::Failed);
         }
     };
@@ -173,8 +182,7 @@ pub async fn fetch(ctx: &Context, process_code: &str) -> anyhow::Result<Fetch> {
 }
 
 /// The `[forms]` naming for one template.
-fn naming(ctx: &Context, process_code: &str) -> Naming {
-    let f = ctx.forms();
+fn naming(f: &FormsConfig, process_code: &str) -> Naming {
     let prefix = format!("{process_code}:");
     Naming {
         view: f.names.get(process_code).cloned(),
@@ -189,9 +197,13 @@ fn naming(ctx: &Context, process_code: &str) -> Naming {
     }
 }
 
-/// The plans of every template with a stored schema, names deduplicated.
-pub async fn plans(ctx: &Context) -> anyhow::Result<Vec<ViewPlan>> {
-    let (pool, corp) = (ctx.pool(), ctx.corp_id());
+/// The plans of every template of `corp` with a stored schema, names deduplicated. Reads the
+/// database only.
+pub async fn plans(
+    pool: &PgPool,
+    corp: &str,
+    forms: &FormsConfig,
+) -> anyhow::Result<Vec<ViewPlan>> {
     let mut plans = Vec::new();
     for template in store::templates(pool, corp).await? {
         let stored = store::versions(pool, corp, &template.process_code).await?;
@@ -204,15 +216,17 @@ pub async fn plans(ctx: &Context) -> anyhow::Result<Vec<ViewPlan>> {
                 Ok(Version {
                     version: v.version,
                     name: v.name,
-                    fetched_at: v.fetched_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    fetched_at: v
+                        .fetched_at
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                     controls: serde_json::from_value(v.controls)?,
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let naming = naming(ctx, &template.process_code);
+        let naming = naming(forms, &template.process_code);
         plans.push(view::plan(corp, &template.process_code, &versions, &naming));
     }
-    let configured: HashSet<String> = ctx.forms().names.keys().cloned().collect();
+    let configured: HashSet<String> = forms.names.keys().cloned().collect();
     view::dedupe_views(&mut plans, &configured);
     Ok(plans)
 }
@@ -226,12 +240,18 @@ pub async fn regenerate(ctx: &Context) -> anyhow::Result<(u64, u64)> {
         .into_iter()
         .map(|t| (t.process_code, t.view_hash))
         .collect();
-    let plans = plans(ctx).await?;
+    let plans = plans(pool, corp, ctx.forms()).await?;
     let mut regenerated = 0;
     for plan in &plans {
         let views = view::views(plan);
         let hash = view::views_hash(&views);
-        if generated.get(&plan.process_code).cloned().flatten().as_deref() == Some(hash.as_str()) {
+        if generated
+            .get(&plan.process_code)
+            .cloned()
+            .flatten()
+            .as_deref()
+            == Some(hash.as_str())
+        {
             continue;
         }
         let ddl: Vec<store::ViewDdl> = views
@@ -268,14 +288,6 @@ pub async fn regenerate(ctx: &Context) -> anyhow::Result<(u64, u64)> {
         }
     }
     Ok((regenerated, indexed))
-}
-
-/// The plan of one template's views (for `dingsync forms show`).
-pub async fn plan_of(ctx: &Context, process_code: &str) -> anyhow::Result<Option<ViewPlan>> {
-    Ok(plans(ctx)
-        .await?
-        .into_iter()
-        .find(|p| p.process_code == process_code))
 }
 
 pub use forms::view::SCHEMA;

@@ -309,11 +309,13 @@ pub async fn replace_views(
     hash: &str,
 ) -> sqlx::Result<()> {
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('dingsync.forms:' || $1 || ':' || $2, 0))")
-        .bind(corp_id)
-        .bind(process_code)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(hashtextextended('dingsync.forms:' || $1 || ':' || $2, 0))",
+    )
+    .bind(corp_id)
+    .bind(process_code)
+    .execute(&mut *tx)
+    .await?;
     let old: Vec<String> = sqlx::query_scalar(
         "SELECT unnest(views) FROM dingsync.form_templates WHERE corp_id = $1 AND process_code = $2",
     )
