@@ -58,12 +58,18 @@ CREATE SCHEMA dingsync_forms;
 COMMENT ON SCHEMA dingsync_forms IS 'One generated view per approval template (typed columns per form control) and one per table control (line items); written by dingsync only, readable by dingsync_report and dingsync_app.';
 
 -- The safe parse functions. Each answers NULL for a value that does not parse, never an error,
--- so that no text DingTalk sends can make a query on a form view fail. The ones the views call
--- per row are SQL-standard bodies the planner inlines (bound when created, so no search_path
--- can redirect them, and no SET clause that would stop the inlining); a regular expression
--- decides before any cast, so a cast never sees text it would refuse. Only form_jsonb needs an
--- exception block (JSON cannot be checked by a regular expression): PL/pgSQL, with a fixed
--- search_path, PARALLEL RESTRICTED (a parallel worker cannot start the subtransaction).
+-- so that no text DingTalk sends can make a query on a form view fail: a regular expression
+-- decides before any conversion, so a conversion never sees text it would refuse.
+--
+-- Speed matters (a report evaluates them per approval; benches/forms.rs). The ones that can be
+-- are SQL-standard bodies the planner inlines: bound when created (no search_path can redirect
+-- them, no SET clause that would stop the inlining), each using its argument once (an argument
+-- used twice is evaluated twice), built only of immutable functions (a stable one, such as
+-- jsonb_build_object or a text-to-date cast, stops the inlining). Dates, times and JSON need
+-- more than one expression: PL/pgSQL with a fixed search_path. Regular expressions use no
+-- bounded repetition ({1,200}) or lookahead: PostgreSQL's engine makes those a hundred times
+-- slower. form_jsonb alone needs an exception block (JSON cannot be checked by a regular
+-- expression): PARALLEL RESTRICTED, since a parallel worker cannot start the subtransaction.
 
 -- The value text of control `control_id` in an approval's form values (DingTalk's strings;
 -- a non-string value as its JSON text). lax mode and silent: any shape of form_values is read,
@@ -71,15 +77,12 @@ COMMENT ON SCHEMA dingsync_forms IS 'One generated view per approval template (t
 CREATE FUNCTION dingsync.form_value(form_values jsonb, control_id text) RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN jsonb_path_query_first(form_values, 'lax $[*] ? (@.id == $id)',
-                                  jsonb_build_object('id', control_id), true) ->> 'value';
+                                  jsonb_object(ARRAY['id', control_id]), true) ->> 'value';
 
 CREATE FUNCTION dingsync.form_ext(form_values jsonb, control_id text) RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN coalesce(
-        jsonb_path_query_first(form_values, 'lax $[*] ? (@.id == $id)',
-                               jsonb_build_object('id', control_id), true) ->> 'ext_value',
-        jsonb_path_query_first(form_values, 'lax $[*] ? (@.id == $id)',
-                               jsonb_build_object('id', control_id), true) ->> 'extValue');
+    RETURN jsonb_path_query_first(form_values, 'lax $[*] ? (@.id == $id).ext_value',
+                                  jsonb_object(ARRAY['id', control_id]), true) #>> '{}';
 
 CREATE FUNCTION dingsync.form_text(t text) RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
@@ -88,15 +91,15 @@ CREATE FUNCTION dingsync.form_text(t text) RETURNS text
 -- An empty multi-line text reads back as the literal "null" (docs/dingtalk.md §2.3).
 CREATE FUNCTION dingsync.form_textarea(t text) RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN CASE WHEN t = '' OR t = 'null' THEN NULL ELSE t END;
+    RETURN NULLIF(NULLIF(t, ''), 'null');
 
--- Plain decimal notation only (an optional sign, digits, a point, an exponent): a currency sign,
--- thousands separators or words make it NULL. The digit bounds keep the cast within numeric's
--- limits (131072 digits before the point, 16383 after).
+-- Plain decimal notation only (an optional sign, digits, a point): a currency sign, thousands
+-- separators, an exponent or words make it NULL. Without an exponent no text of DingTalk's
+-- 65,535 characters exceeds numeric's range (131,072 digits before the point; digits after it
+-- beyond its scale are rounded, not refused).
 CREATE FUNCTION dingsync.form_numeric(t text) RETURNS numeric
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN CASE WHEN t ~ '^\s*[-+]?([0-9]{1,200}(\.[0-9]{0,200})?|\.[0-9]{1,200})([eE][-+]?[0-9]{1,3})?\s*$'
-                THEN t::numeric END;
+    RETURN substring(t FROM '^\s*([-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))\s*$')::numeric;
 
 -- A day of the proleptic calendar from its parts, or NULL when there is no such day.
 CREATE FUNCTION dingsync.form_ymd(y integer, m integer, d integer) RETURNS date
@@ -109,26 +112,42 @@ CREATE FUNCTION dingsync.form_ymd(y integer, m integer, d integer) RETURNS date
 
 -- yyyy-MM-dd, optionally followed by a time (dropped), as DingTalk writes a date control.
 CREATE FUNCTION dingsync.form_date(t text) RETURNS date
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN CASE WHEN t ~ '^\s*[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}([ T][0-9]{1,2}:[0-9]{2}(:[0-9]{2})?)?\s*$'
-                THEN dingsync.form_ymd(substring(t FROM '([0-9]{4})-')::integer,
-                                       substring(t FROM '[0-9]{4}-([0-9]{1,2})-')::integer,
-                                       substring(t FROM '[0-9]{4}-[0-9]{1,2}-([0-9]{1,2})')::integer) END;
+    LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+    SET search_path = pg_catalog, dingsync, pg_temp
+AS $$
+DECLARE
+    p text[] := regexp_match(t, '^\s*([0-9]{4})-([0-9][0-9]?)-([0-9][0-9]?)(?:[ T][0-9][0-9]?:[0-9][0-9](?::[0-9][0-9])?)?\s*$');
+BEGIN
+    IF p IS NULL THEN
+        RETURN NULL;
+    END IF;
+    RETURN dingsync.form_ymd(p[1]::integer, p[2]::integer, p[3]::integer);
+END;
+$$;
 
 -- yyyy-MM-dd HH:mm[:ss] in Beijing time (DingTalk's zone for form values); a bare date is its
 -- midnight.
 CREATE FUNCTION dingsync.form_timestamptz(t text) RETURNS timestamptz
-    LANGUAGE sql IMMUTABLE PARALLEL SAFE
-    RETURN CASE WHEN dingsync.form_date(t) IS NULL THEN NULL
-                WHEN t ~ '^\s*[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}\s*$'
-                THEN dingsync.form_date(t)::timestamp AT TIME ZONE 'Asia/Shanghai'
-                WHEN t ~ '[ T]([01]?[0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9])?\s*$'
-                THEN (dingsync.form_date(t)
-                      + make_interval(hours => substring(t FROM '[ T]([0-9]{1,2}):')::integer,
-                                      mins => substring(t FROM '[ T][0-9]{1,2}:([0-9]{2})')::integer,
-                                      secs => coalesce(substring(t FROM '[ T][0-9]{1,2}:[0-9]{2}:([0-9]{2})')::integer, 0)))
-                     AT TIME ZONE 'Asia/Shanghai'
-           END;
+    LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL SAFE
+    SET search_path = pg_catalog, dingsync, pg_temp
+AS $$
+DECLARE
+    p text[] := regexp_match(t, '^\s*([0-9]{4})-([0-9][0-9]?)-([0-9][0-9]?)(?:[ T]([0-9][0-9]?):([0-9][0-9])(?::([0-9][0-9]))?)?\s*$');
+    day date;
+BEGIN
+    IF p IS NULL THEN
+        RETURN NULL;
+    END IF;
+    day := dingsync.form_ymd(p[1]::integer, p[2]::integer, p[3]::integer);
+    IF day IS NULL OR coalesce(p[4]::integer, 0) > 23 OR coalesce(p[5]::integer, 0) > 59
+       OR coalesce(p[6]::integer, 0) > 59 THEN
+        RETURN NULL;
+    END IF;
+    RETURN (day + make_interval(hours => coalesce(p[4]::integer, 0), mins => coalesce(p[5]::integer, 0),
+                                secs => coalesce(p[6]::integer, 0)))
+           AT TIME ZONE 'Asia/Shanghai';
+END;
+$$;
 
 -- Part n (1 or 2) of a date range's value, JSON text of two strings ["2026-01-01","2026-01-05"].
 CREATE FUNCTION dingsync.form_range_part(t text, n integer) RETURNS text
@@ -153,34 +172,66 @@ $$;
 
 -- A JSON array's elements as text (multi select, related approvals, userids).
 CREATE FUNCTION dingsync.form_text_array(t text) RETURNS text[]
-    LANGUAGE sql IMMUTABLE PARALLEL RESTRICTED
-    RETURN (SELECT CASE WHEN jsonb_typeof(j) = 'array'
-                        THEN ARRAY(SELECT jsonb_array_elements_text(j)) END
-            FROM (SELECT dingsync.form_jsonb(t) AS j) s);
+    LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL RESTRICTED
+    SET search_path = pg_catalog, dingsync, pg_temp
+AS $$
+DECLARE
+    j jsonb := dingsync.form_jsonb(t);
+BEGIN
+    IF jsonb_typeof(j) IS DISTINCT FROM 'array' THEN
+        RETURN NULL;
+    END IF;
+    RETURN ARRAY(SELECT jsonb_array_elements_text(j));
+END;
+$$;
 
 -- Departments: a JSON array, or ids separated by commas (docs/dingtalk.md §2.2).
 CREATE FUNCTION dingsync.form_list(t text) RETURNS text[]
-    LANGUAGE sql IMMUTABLE PARALLEL RESTRICTED
-    RETURN CASE WHEN NULLIF(btrim(t), '') IS NULL THEN NULL
-                WHEN t ~ '^\s*\[' THEN dingsync.form_text_array(t)
-                ELSE ARRAY(SELECT btrim(x) FROM unnest(string_to_array(t, ',')) AS x WHERE btrim(x) <> '') END;
+    LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL RESTRICTED
+    SET search_path = pg_catalog, dingsync, pg_temp
+AS $$
+BEGIN
+    IF btrim(t) = '' THEN
+        RETURN NULL;
+    END IF;
+    IF t ~ '^\s*\[' THEN
+        RETURN dingsync.form_text_array(t);
+    END IF;
+    RETURN ARRAY(SELECT btrim(x) FROM unnest(string_to_array(t, ',')) AS x WHERE btrim(x) <> '');
+END;
+$$;
 
 -- People: the userids (emplId) of ext_value [{"emplId","name"}]; else the value as a JSON array
 -- of userids (as a create sends it). The value itself reads back as display names.
 CREATE FUNCTION dingsync.form_userids(ext text, t text) RETURNS text[]
-    LANGUAGE sql IMMUTABLE PARALLEL RESTRICTED
-    RETURN coalesce(
-        (SELECT CASE WHEN jsonb_typeof(j) = 'array'
-                     THEN ARRAY(SELECT e ->> 'emplId' FROM jsonb_array_elements(j) AS e
-                                WHERE jsonb_typeof(e) = 'object' AND e ? 'emplId') END
-         FROM (SELECT dingsync.form_jsonb(ext) AS j) s),
-        dingsync.form_text_array(t));
+    LANGUAGE plpgsql IMMUTABLE PARALLEL RESTRICTED
+    SET search_path = pg_catalog, dingsync, pg_temp
+AS $$
+DECLARE
+    j jsonb := dingsync.form_jsonb(ext);
+BEGIN
+    IF jsonb_typeof(j) = 'array' THEN
+        RETURN ARRAY(SELECT e ->> 'emplId' FROM jsonb_array_elements(j) AS e
+                     WHERE jsonb_typeof(e) = 'object' AND e ? 'emplId');
+    END IF;
+    RETURN dingsync.form_text_array(t);
+END;
+$$;
 
 -- A table control's line items: its value's JSON array, or an empty one.
 CREATE FUNCTION dingsync.form_rows(t text) RETURNS jsonb
-    LANGUAGE sql IMMUTABLE PARALLEL RESTRICTED
-    RETURN (SELECT CASE WHEN jsonb_typeof(j) = 'array' THEN j ELSE '[]'::jsonb END
-            FROM (SELECT dingsync.form_jsonb(t) AS j) s);
+    LANGUAGE plpgsql IMMUTABLE PARALLEL RESTRICTED
+    SET search_path = pg_catalog, dingsync, pg_temp
+AS $$
+DECLARE
+    j jsonb := dingsync.form_jsonb(t);
+BEGIN
+    IF jsonb_typeof(j) = 'array' THEN
+        RETURN j;
+    END IF;
+    RETURN '[]'::jsonb;
+END;
+$$;
 
 -- One cell of a line item: by the column's control id (key), else by its label; read back as
 -- {"rowValue": [{"key", "label", "value", ...}]} (docs/dingtalk.md §2.3), or a row as a create
@@ -188,9 +239,9 @@ CREATE FUNCTION dingsync.form_rows(t text) RETURNS jsonb
 CREATE FUNCTION dingsync.form_cell(item jsonb, key text, label text) RETURNS text
     LANGUAGE sql IMMUTABLE PARALLEL SAFE
     RETURN coalesce(
-        jsonb_path_query_first(item, 'lax $.rowValue[*] ? (@.key == $k)', jsonb_build_object('k', key), true),
-        jsonb_path_query_first(item, 'lax $.rowValue[*] ? (@.label == $l)', jsonb_build_object('l', label), true),
-        jsonb_path_query_first(item, 'strict $[*] ? (@.name == $l)', jsonb_build_object('l', label), true)) ->> 'value';
+        jsonb_path_query_first(item, 'lax $.rowValue[*] ? (@.key == $k)', jsonb_object(ARRAY['k', key]), true),
+        jsonb_path_query_first(item, 'lax $.rowValue[*] ? (@.label == $l)', jsonb_object(ARRAY['l', label]), true),
+        jsonb_path_query_first(item, 'strict $[*] ? (@.name == $l)', jsonb_object(ARRAY['l', label]), true)) ->> 'value';
 
 COMMENT ON FUNCTION dingsync.form_value(jsonb, text) IS 'The value text of control control_id in approvals.form_values; NULL when absent. Never raises.';
 COMMENT ON FUNCTION dingsync.form_ext(jsonb, text) IS 'The ext_value text of control control_id in approvals.form_values; NULL when absent. Never raises.';
