@@ -236,10 +236,12 @@ async fn main() {
             CORP,
             &format!("PROC-BENCH-{t:02}"),
             now,
-            &schema.fingerprint(),
-            "报销",
-            None,
-            &controls,
+            forms_store::FetchedSchema {
+                fingerprint: &schema.fingerprint(),
+                name: "报销",
+                modified: None,
+                controls: &controls,
+            },
         )
         .await
         .unwrap();

@@ -1246,6 +1246,54 @@ mod tests {
     }
 
     #[test]
+    fn forms_names_and_columns_come_from_the_file_or_the_environment_and_are_checked() {
+        let file = SHIPPED.replace(
+            "names = {}",
+            "names = { \"PROC-A\" = \"expense\", \"PROC-B\" = \"请假\" }",
+        );
+        let config = load(&file, &[]).unwrap();
+        assert_eq!(config.forms.names["PROC-B"], "请假");
+        let config = load(
+            SHIPPED,
+            &[
+                ("DINGSYNC_FORMS_NAMES", "PROC-A=expense, PROC-B=leave"),
+                ("DINGSYNC_FORMS_COLUMNS", "PROC-A:TextField-1=reason"),
+                ("DINGSYNC_FORMS_INDEXES", "expense.amount"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.forms.names["PROC-A"], "expense");
+        assert_eq!(config.forms.columns["PROC-A:TextField-1"], "reason");
+        assert_eq!(config.forms.indexes, ["expense.amount"]);
+        for (env, value, key) in [
+            (
+                "DINGSYNC_FORMS_NAMES",
+                "PROC-A=Expense",
+                "forms.names.\"PROC-A\"",
+            ),
+            (
+                "DINGSYNC_FORMS_NAMES",
+                "PROC-A=x,PROC-B=x",
+                "forms.names.\"PROC-B\"",
+            ),
+            (
+                "DINGSYNC_FORMS_NAMES",
+                "PROC-A",
+                "forms.names (from DINGSYNC_FORMS_NAMES)",
+            ),
+            (
+                "DINGSYNC_FORMS_COLUMNS",
+                "TextField-1=reason",
+                "forms.columns.\"TextField-1\"",
+            ),
+            ("DINGSYNC_FORMS_INDEXES", "amount", "forms.indexes"),
+        ] {
+            let e = load(SHIPPED, &[(env, value)]).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{env}={value}: {e}");
+        }
+    }
+
+    #[test]
     fn unknown_environment_key_is_named_in_the_error() {
         let err = load(SHIPPED, &[("DINGSYNC_DATABASE_URI", "x")])
             .unwrap_err()

@@ -57,10 +57,12 @@ async fn store_schema(pool: &PgPool, code: &str, name: &str, items: Vec<Value>) 
         CORP_ID,
         code,
         started,
-        &schema.fingerprint(),
-        &schema.name,
-        None,
-        &serde_json::to_value(&schema.controls).unwrap(),
+        forms_store::FetchedSchema {
+            fingerprint: &schema.fingerprint(),
+            name: &schema.name,
+            modified: None,
+            controls: &serde_json::to_value(&schema.controls).unwrap(),
+        },
     )
     .await
     .unwrap();
@@ -235,7 +237,8 @@ async fn malformed_values_become_null_with_their_text_kept_and_never_break_a_que
     );
     assert_eq!(good.get::<Option<Value>, _>("_parse_errors"), None);
 
-    let rows: Vec<(String, Option<String>, Option<String>, Option<Value>)> = sqlx::query_as(
+    type Parsed = (String, Option<String>, Option<String>, Option<Value>);
+    let rows: Vec<Parsed> = sqlx::query_as(
         r#"SELECT process_instance_id, amount::text, date::text, _parse_errors FROM dingsync_forms."报销"
            WHERE process_instance_id IN ('yuan', 'thousands', 'exponent', 'words', 'nan') ORDER BY 1"#,
     )
@@ -325,7 +328,8 @@ async fn a_schema_change_renames_nothing_adds_a_column_keeps_a_removed_one_and_c
         ("project".to_string(), "text".to_string())
     );
 
-    let rows: Vec<(String, Option<String>, Option<String>, Option<String>)> = sqlx::query_as(
+    type Evolved = (String, Option<String>, Option<String>, Option<String>);
+    let rows: Vec<Evolved> = sqlx::query_as(
         r#"SELECT process_instance_id, reason, type, project FROM dingsync_forms."报销" ORDER BY 1"#,
     )
     .fetch_all(pool)
@@ -521,8 +525,10 @@ async fn a_configured_index_serves_a_filter_on_a_typed_column() {
         )
         .await;
     }
-    let mut forms = dingsync::config::FormsConfig::default();
-    forms.indexes = vec!["报销.amount".into()];
+    let forms = dingsync::config::FormsConfig {
+        indexes: vec!["报销.amount".into()],
+        ..Default::default()
+    };
     let ctx = ctx.clone().with_forms(&forms);
     let (_, indexed) = job::regenerate(&ctx).await.unwrap();
     assert_eq!(indexed, 1);
@@ -696,7 +702,8 @@ async fn every_control_type_round_trips_from_request_approval_into_its_typed_col
         assert_eq!(type_of(column), Some(sql_type), "{column}");
     }
 
-    let items: Vec<(i32, Option<String>, Option<String>, Option<f64>)> = sqlx::query_as(
+    type Item = (i32, Option<String>, Option<String>, Option<f64>);
+    let items: Vec<Item> = sqlx::query_as(
         r#"SELECT row_number, 日期::text, 城市, 费用::float8 FROM dingsync_forms."出差申请_行程明细"
            WHERE process_instance_id = $1 ORDER BY row_number"#,
     )

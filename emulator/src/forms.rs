@@ -82,19 +82,11 @@ fn item(template: &Template, control: &Control) -> Value {
     if let Some(format) = &control.format {
         props["format"] = format.clone().into();
     }
-    let mut item = json!({"componentName": control.component_type, "props": props});
+    let mut answer = json!({"componentName": control.component_type, "props": props});
     if !control.children.is_empty() {
-        item["children"] = control
-            .children
-            .iter()
-            .map(|c| item_of_child(template, c))
-            .collect();
+        answer["children"] = control.children.iter().map(|c| item(template, c)).collect();
     }
-    item
-}
-
-fn item_of_child(template: &Template, control: &Control) -> Value {
-    item(template, control)
+    answer
 }
 
 fn v1_error(status: StatusCode, code: &str, message: &str) -> Response {

@@ -1,5 +1,5 @@
 //! A template's form schema as dingsync keeps it: the controls of one version, read from
-//! DingTalk's `forms/schemas/processCodes` answer (docs/dingtalk.md §2.7), and the fingerprint
+//! DingTalk's `forms/schemas/processCodes` answer (docs/dingtalk.md §2.5), and the fingerprint
 //! that tells two versions apart. Pure: no I/O.
 
 use serde::{Deserialize, Serialize};
@@ -36,7 +36,7 @@ pub struct Control {
 pub struct FormSchema {
     /// The template's name (`result.name`), e.g. `报销`.
     pub name: String,
-    /// `result.gmtModified` as DingTalk wrote it (its format is unconfirmed, docs/dingtalk.md §2.7).
+    /// `result.gmtModified` as DingTalk wrote it (its format is unconfirmed, docs/dingtalk.md §2.5).
     pub modified: Option<String>,
     pub controls: Vec<Control>,
 }
@@ -141,7 +141,7 @@ fn control(item: &Value) -> Option<Control> {
     })
 }
 
-/// An option as its text. DingTalk's encoding is unconfirmed (docs/dingtalk.md §2.7): a plain
+/// An option as its text. DingTalk's encoding is unconfirmed (docs/dingtalk.md §2.5): a plain
 /// string, an object `{"value", "key"}`, or that object as JSON text; all three are read.
 fn option_text(option: &Value) -> Option<String> {
     match option {

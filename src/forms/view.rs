@@ -271,13 +271,22 @@ fn wanted_name(control: &Control, naming: &Naming) -> String {
     }
 }
 
+/// A table control met while assigning columns: as the newest version describes it, its first
+/// and last version, and the name its line-item view is made from.
+struct Table {
+    control: Control,
+    first: i32,
+    last: i32,
+    name: String,
+}
+
 /// Columns for a list of controls over all versions, in order of first appearance. `versions`
 /// yields each version's controls (the top-level ones, or one table's children).
 fn assign(
     versions: &[(i32, Vec<Control>)],
     naming: &Naming,
     reserved: &[&str],
-) -> (Vec<Column>, Vec<(Control, i32, i32, String)>) {
+) -> (Vec<Column>, Vec<Table>) {
     // The control as it first appeared (its name is chosen from that and kept), as the newest
     // version describes it (type, label), and its first and last version, in order of first
     // appearance.
@@ -320,7 +329,12 @@ fn assign(
                 .get(id.as_str())
                 .cloned()
                 .unwrap_or_else(|| wanted_name(&first_seen[id], naming));
-            tables.push((control.clone(), *first, *last, name));
+            tables.push(Table {
+                control: control.clone(),
+                first: *first,
+                last: *last,
+                name,
+            });
             continue;
         }
         let sql_type = column_type(control);
@@ -387,32 +401,39 @@ pub fn plan(corp_id: &str, process_code: &str, versions: &[Version], naming: &Na
     taken_columns.extend(reserved.iter().map(|s| s.to_string()));
     let children = tables
         .into_iter()
-        .map(|(table, first, last, table_name)| {
-            // The children of this table in every version that has it.
-            let rows: Vec<(i32, Vec<Control>)> = versions
-                .iter()
-                .filter_map(|v| {
-                    v.controls
-                        .iter()
-                        .find(|c| c.id == table.id)
-                        .map(|c| (v.version, c.children.clone()))
-                })
-                .collect();
-            let (cells, _) = assign(&rows, naming, &child_reserved);
-            let base = unique(&table_name, &mut taken_columns);
-            let child = unique(
-                &identifier(&format!("{name}_{base}"), MAX_IDENT),
-                &mut child_names,
-            );
-            ChildView {
-                name: child,
-                control_id: table.id.clone(),
-                label: table.label.clone(),
-                first_version: first,
-                last_version: last,
-                columns: cells,
-            }
-        })
+        .map(
+            |Table {
+                 control: table,
+                 first,
+                 last,
+                 name: table_name,
+             }| {
+                // The children of this table in every version that has it.
+                let rows: Vec<(i32, Vec<Control>)> = versions
+                    .iter()
+                    .filter_map(|v| {
+                        v.controls
+                            .iter()
+                            .find(|c| c.id == table.id)
+                            .map(|c| (v.version, c.children.clone()))
+                    })
+                    .collect();
+                let (cells, _) = assign(&rows, naming, &child_reserved);
+                let base = unique(&table_name, &mut taken_columns);
+                let child = unique(
+                    &identifier(&format!("{name}_{base}"), MAX_IDENT),
+                    &mut child_names,
+                );
+                ChildView {
+                    name: child,
+                    control_id: table.id.clone(),
+                    label: table.label.clone(),
+                    first_version: first,
+                    last_version: last,
+                    columns: cells,
+                }
+            },
+        )
         .collect();
     ViewPlan {
         corp_id: corp_id.to_string(),

@@ -162,17 +162,14 @@ pub async fn fetch(ctx: &Context, process_code: &str) -> anyhow::Result<Fetch> {
         }
     };
     let controls = serde_json::to_value(&schema.controls)?;
-    let stored = store::store_version(
-        pool,
-        corp,
-        process_code,
-        started,
-        &schema.fingerprint(),
-        &schema.name,
-        schema.modified.as_deref(),
-        &controls,
-    )
-    .await?;
+    let fingerprint = schema.fingerprint();
+    let fetched = store::FetchedSchema {
+        fingerprint: &fingerprint,
+        name: &schema.name,
+        modified: schema.modified.as_deref(),
+        controls: &controls,
+    };
+    let stored = store::store_version(pool, corp, process_code, started, fetched).await?;
     if stored.new {
         tracing::info!(%process_code, version = stored.version, "stored a new version of the form schema");
         Ok(Fetch::NewVersion)

@@ -138,6 +138,16 @@ pub async fn want(db: impl PgExecutor<'_>, corp_id: &str, process_code: &str) ->
     Ok(())
 }
 
+/// A fetched schema to store.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchedSchema<'a> {
+    /// SHA-256 of the controls (equal: the same version).
+    pub fingerprint: &'a str,
+    pub name: &'a str,
+    pub modified: Option<&'a str>,
+    pub controls: &'a Value,
+}
+
 /// What storing a fetched schema came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stored {
@@ -155,11 +165,14 @@ pub async fn store_version(
     corp_id: &str,
     process_code: &str,
     started: DateTime<Utc>,
-    fingerprint: &str,
-    name: &str,
-    modified: Option<&str>,
-    controls: &Value,
+    schema: FetchedSchema<'_>,
 ) -> sqlx::Result<Stored> {
+    let FetchedSchema {
+        fingerprint,
+        name,
+        modified,
+        controls,
+    } = schema;
     let mut tx = pool.begin().await?;
     sqlx::query(
         "INSERT INTO dingsync.form_templates (corp_id, process_code) VALUES ($1, $2)
