@@ -69,7 +69,9 @@ COMMENT ON SCHEMA dingsync_forms IS 'One generated view per approval template (t
 -- more than one expression: PL/pgSQL with a fixed search_path. Regular expressions use no
 -- bounded repetition ({1,200}) or lookahead: PostgreSQL's engine makes those a hundred times
 -- slower. form_jsonb alone needs an exception block (JSON cannot be checked by a regular
--- expression): PARALLEL RESTRICTED, since a parallel worker cannot start the subtransaction.
+-- expression): it and the functions that call it are PARALLEL UNSAFE, since no process of a
+-- parallel query, the leader included, may start the subtransaction (RESTRICTED is not enough:
+-- such a query fails with "cannot start subtransactions during a parallel operation").
 
 -- The value text of control `control_id` in an approval's form values (DingTalk's strings;
 -- a non-string value as its JSON text). lax mode and silent: any shape of form_values is read,
@@ -156,7 +158,7 @@ CREATE FUNCTION dingsync.form_range_part(t text, n integer) RETURNS text
 
 -- JSON text as jsonb, or NULL when it is not JSON (also: nested too deep, \u0000).
 CREATE FUNCTION dingsync.form_jsonb(t text) RETURNS jsonb
-    LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL RESTRICTED
+    LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL UNSAFE
     SET search_path = pg_catalog, dingsync, pg_temp
 AS $$
 BEGIN
@@ -172,7 +174,7 @@ $$;
 
 -- A JSON array's elements as text (multi select, related approvals, userids).
 CREATE FUNCTION dingsync.form_text_array(t text) RETURNS text[]
-    LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL RESTRICTED
+    LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL UNSAFE
     SET search_path = pg_catalog, dingsync, pg_temp
 AS $$
 DECLARE
@@ -187,7 +189,7 @@ $$;
 
 -- Departments: a JSON array, or ids separated by commas (docs/dingtalk.md §2.2).
 CREATE FUNCTION dingsync.form_list(t text) RETURNS text[]
-    LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL RESTRICTED
+    LANGUAGE plpgsql IMMUTABLE STRICT PARALLEL UNSAFE
     SET search_path = pg_catalog, dingsync, pg_temp
 AS $$
 BEGIN
@@ -204,7 +206,7 @@ $$;
 -- People: the userids (emplId) of ext_value [{"emplId","name"}]; else the value as a JSON array
 -- of userids (as a create sends it). The value itself reads back as display names.
 CREATE FUNCTION dingsync.form_userids(ext text, t text) RETURNS text[]
-    LANGUAGE plpgsql IMMUTABLE PARALLEL RESTRICTED
+    LANGUAGE plpgsql IMMUTABLE PARALLEL UNSAFE
     SET search_path = pg_catalog, dingsync, pg_temp
 AS $$
 DECLARE
@@ -220,7 +222,7 @@ $$;
 
 -- A table control's line items: its value's JSON array, or an empty one.
 CREATE FUNCTION dingsync.form_rows(t text) RETURNS jsonb
-    LANGUAGE plpgsql IMMUTABLE PARALLEL RESTRICTED
+    LANGUAGE plpgsql IMMUTABLE PARALLEL UNSAFE
     SET search_path = pg_catalog, dingsync, pg_temp
 AS $$
 DECLARE

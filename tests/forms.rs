@@ -218,6 +218,28 @@ async fn malformed_values_become_null_with_their_text_kept_and_never_break_a_que
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    // Also when PostgreSQL runs the query in parallel (the JSON parse must not be in one: its
+    // exception block is a subtransaction, which no process of a parallel query may start).
+    let mut conn = pool.acquire().await.unwrap();
+    sqlx::raw_sql(
+        "SET parallel_setup_cost = 0; SET parallel_tuple_cost = 0; SET min_parallel_table_scan_size = 0;
+         SET max_parallel_workers_per_gather = 2; SET enable_indexscan = off; SET enable_bitmapscan = off",
+    )
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    for sql in [
+        r#"SELECT count(*), sum(amount) FROM dingsync_forms."报销" WHERE amount > 0"#,
+        r#"SELECT count(tags), count(receipts), count(_parse_errors) FROM dingsync_forms."报销""#,
+        r#"SELECT count(*), sum(金额) FROM dingsync_forms."报销_明细""#,
+    ] {
+        sqlx::query(sql)
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap_or_else(|e| panic!("parallel {sql}: {e}"));
+    }
+    drop(conn);
+
     let good = sqlx::query(
         r#"SELECT amount, date, type, tags, receipts, _parse_errors FROM dingsync_forms."报销" WHERE process_instance_id = 'good'"#,
     )
