@@ -775,6 +775,37 @@ async fn a_view_appears_after_the_first_instance_and_evolves_with_its_template()
     assert_eq!(row["amount"], json!(88.80));
     assert_eq!(row["remark"], "before the rename");
     assert_eq!(schema_calls(&app).await, 1);
+    // What README "For DBAs" shows of the embedded default's expense template.
+    let names = |cols: Vec<(String, String)>| -> Vec<String> {
+        cols.into_iter().map(|(n, t)| format!("{n} {t}")).collect()
+    };
+    assert_eq!(
+        names(columns(&app.pool, "报销").await)[10..],
+        [
+            "_raw jsonb",
+            "_parse_errors jsonb",
+            "reason text",
+            "amount numeric",
+            "expense_type text",
+            "expense_date date",
+            "remark text",
+            "receipts jsonb",
+            "cost_center text[]",
+        ]
+    );
+    assert_eq!(
+        names(columns(&app.pool, "报销_items").await),
+        [
+            "corp_id text",
+            "process_instance_id text",
+            "row_number integer",
+            "_raw jsonb",
+            "_parse_errors jsonb",
+            "item text",
+            "amount numeric",
+            "date date",
+        ]
+    );
 
     // More approvals: no more schema calls.
     for i in 0..3 {
@@ -863,4 +894,82 @@ async fn a_view_appears_after_the_first_instance_and_evolves_with_its_template()
         "older approvals keep their values"
     );
     app.stop().await;
+}
+
+#[tokio::test]
+async fn forms_list_and_show_print_the_views_columns_types_and_sample_values() {
+    install_crypto_provider();
+    let db = TestDb::new();
+    let config = test_config(&db.url);
+    let pool = store::connect_and_migrate(&config.database).await.unwrap();
+    // The shipped config.toml serves the embedded emulator's organisation.
+    let corp = dingsync::app::EMULATOR_CORP_ID;
+    let client =
+        dingtalk::Client::new(pool.clone(), &config.dingtalk, "http://127.0.0.1:9").unwrap();
+    let ctx = Context::new(
+        pool.clone(),
+        client,
+        corp,
+        &config.reconcile,
+        &config.retention,
+    );
+    let schema =
+        FormSchema::from_result(&json!({"name": "报销", "schemaContent": {"items": expense_v1()}}))
+            .unwrap();
+    let started = store::server_time(&pool).await.unwrap();
+    forms_store::store_version(
+        &pool,
+        corp,
+        "PROC-X",
+        started,
+        forms_store::FetchedSchema {
+            fingerprint: &schema.fingerprint(),
+            name: &schema.name,
+            modified: None,
+            controls: &serde_json::to_value(&schema.controls).unwrap(),
+        },
+    )
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO dingsync.approvals (corp_id, process_instance_id, process_code, status, form_values, created_at)
+         VALUES ($1, 'p1', 'PROC-X', 'RUNNING', $2, now())",
+    )
+    .bind(corp)
+    .bind(json!([entry("MoneyField-A", "Amount", "1280.50"), entry("TextField-R", "Reason", "出差杭州")]))
+    .execute(&pool)
+    .await
+    .unwrap();
+    job::regenerate(&ctx).await.unwrap();
+
+    let run = |args: &[&str]| {
+        let mut command = dingsync_command(args);
+        command.env("DINGSYNC_DATABASE_URL", &db.url);
+        let output = run_to_end(command);
+        let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        assert!(
+            output.status.success(),
+            "{args:?}: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+    };
+    let list = run(&["forms", "list"]);
+    assert!(
+        list.contains("PROC-X") && list.contains("dingsync_forms.报销"),
+        "{list}"
+    );
+    let show = run(&["forms", "show", "PROC-X"]);
+    for expected in [
+        "dingsync_forms.报销",
+        "dingsync_forms.报销_明细",
+        "amount",
+        "numeric",
+        "MoneyField-A \"Amount\"",
+        "1280.5",
+        "出差杭州",
+    ] {
+        assert!(show.contains(expected), "{expected:?} not in:\n{show}");
+    }
+    pool.close().await;
 }
