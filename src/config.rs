@@ -527,11 +527,18 @@ impl Config {
             return Err(invalid("dingtalk.max_attempts", "must be at least 1"));
         }
         let calls = self.dingtalk.monthly_calls;
-        if calls != 0 && calls < MIN_MONTHLY_CALLS {
+        // The forecast pre-check is one more metered call per row.
+        let least = MIN_MONTHLY_CALLS + u64::from(self.outbox.forecast_check);
+        if calls != 0 && calls < least {
+            let forecast = if self.outbox.forecast_check {
+                ", and outbox.forecast_check one more"
+            } else {
+                ""
+            };
             return Err(invalid(
                 "dingtalk.monthly_calls",
                 format!(
-                    "is {calls}, too few for one approval (a create, its detail fetch and a search for a lost answer take up to {MIN_MONTHLY_CALLS} calls): set at least {MIN_MONTHLY_CALLS}, or 0 for an unmetered (paid) edition"
+                    "is {calls}, too few for one approval (a create, its detail fetch and a search for a lost answer take up to {MIN_MONTHLY_CALLS} calls{forecast}): set at least {least}, or 0 for an unmetered (paid) edition"
                 ),
             ));
         }

@@ -23,6 +23,9 @@ pub struct Snapshot {
     pub form_values: Value,
     pub operation_records: Value,
     pub tasks: Vec<SnapshotTask>,
+    /// Times given to the minute (a v1.0 `get`, docs/dingtalk.md §11.3): a stored time in the
+    /// same minute is finer and kept, as a stored time in the same second is for the old `get`.
+    pub whole_minutes: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]

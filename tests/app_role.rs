@@ -369,3 +369,49 @@ async fn every_function_pins_its_search_path_unless_it_is_an_inlined_sql_body() 
     assert!(wrong.is_empty(), "{wrong:#?}");
     pool.close().await;
 }
+
+#[tokio::test]
+async fn an_app_role_may_name_self_selected_approvers_in_a_call_or_an_insert() {
+    let (db, pool) = migrated(Some(CORP_ID)).await;
+    let app = LoginRole::create(&db, &pool, Some("dingsync_app")).await;
+    let requested: i64 = sqlx::query_scalar(&format!(
+        "SELECT dingsync.request_approval('sel-1', 'PROC-1', 'emp1', {FORM},
+             select_approvers => '{{\"manual_1\": [\"fin1\"]}}')"
+    ))
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let inserted: i64 = sqlx::query_scalar(&format!(
+        "INSERT INTO dingsync.outbox (idempotency_key, process_code, originator_user_id,
+                                      form_values, select_approvers)
+         VALUES ('sel-2', 'PROC-1', 'emp1', {FORM}, '{{\"manual_1\": [\"emp3\"]}}')
+         RETURNING id"
+    ))
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        count(
+            &pool,
+            &format!(
+                "SELECT count(*) FROM dingsync.outbox WHERE id IN ({requested}, {inserted})
+                 AND state = 'pending' AND select_approvers ? 'manual_1'"
+            )
+        )
+        .await,
+        2
+    );
+    // A malformed one is refused for an app role as for anyone, naming the field.
+    let (code, _) = refusal(
+        &app.pool,
+        &format!(
+            "SELECT dingsync.request_approval('sel-3', 'PROC-1', 'emp1', {FORM},
+                 select_approvers => '[\"fin1\"]')"
+        ),
+    )
+    .await;
+    assert_eq!(
+        code, "23514",
+        "a malformed select_approvers is a check_violation"
+    );
+}

@@ -6,11 +6,12 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    CORP_ID, TestApp, TestDb, embedded_emulator, eventually, install_crypto_provider, test_config,
+    CORP_ID, TestApp, TestDb, api, api_family, embedded_emulator, eventually,
+    install_crypto_provider, test_config,
 };
 use dingsync::{
     cli::callback::{self as manage, Action},
-    config::{Config, Secret},
+    config::{ApiFamily, Config, Secret},
     dingtalk::{
         Client, Error, Purpose,
         types::{CreateInstance, FormValue, ListIds},
@@ -125,7 +126,7 @@ async fn create_get_and_listids_round_trip_through_the_emulator() {
     assert_eq!(page.list, vec![id]);
     assert_eq!(page.next_cursor, None);
     assert_eq!(
-        s.emulator.state().calls("gettoken"),
+        s.emulator.state().calls(api::token()),
         1,
         "one token for all three calls"
     );
@@ -143,11 +144,7 @@ async fn a_business_rejection_is_permanent_and_carries_errcode_and_errmsg() {
         }) => assert!(errcode != 0 && !errmsg.is_empty()),
         other => panic!("expected a rejection, got {other:?}"),
     }
-    assert_eq!(
-        s.emulator.state().calls("topapi/processinstance/create"),
-        1,
-        "not retried"
-    );
+    assert_eq!(s.emulator.state().calls(api::create()), 1, "not retried");
     s.emulator.stop().await;
 }
 
@@ -157,11 +154,11 @@ async fn a_revoked_token_is_refreshed_once_and_the_call_retried() {
     let id = s.client.create_instance(&expense()).await.unwrap();
     s.emulator.state().revoke_token();
     s.client.get_instance(&id, Purpose::Details).await.unwrap();
-    assert_eq!(s.emulator.state().calls("gettoken"), 2);
+    assert_eq!(s.emulator.state().calls(api::token()), 2);
     // A token refused again right after the refresh is reported, not retried forever.
     s.emulator
         .state()
-        .inject("topapi/processinstance/get", InjectedError::TokenInvalid, 5);
+        .inject(api::get(), InjectedError::TokenInvalid, 5);
     assert!(matches!(
         s.client.get_instance(&id, Purpose::Details).await,
         Err(Error::InvalidToken { .. })
@@ -175,7 +172,7 @@ async fn rate_limits_back_off_and_retry_within_the_attempt_bound() {
     let id = s.client.create_instance(&expense()).await.unwrap();
     s.emulator
         .state()
-        .inject("topapi/processinstance/get", InjectedError::RateLimit, 1);
+        .inject(api::get(), InjectedError::RateLimit, 1);
     let started = std::time::Instant::now();
     s.client.get_instance(&id, Purpose::Details).await.unwrap();
     assert!(
@@ -184,7 +181,7 @@ async fn rate_limits_back_off_and_retry_within_the_attempt_bound() {
     );
     s.emulator
         .state()
-        .inject("topapi/processinstance/get", InjectedError::RateLimit, 5);
+        .inject(api::get(), InjectedError::RateLimit, 5);
     assert!(matches!(
         s.client.get_instance(&id, Purpose::Details).await,
         Err(Error::RateLimited { .. })
@@ -196,11 +193,9 @@ async fn rate_limits_back_off_and_retry_within_the_attempt_bound() {
 async fn transient_failures_are_retried_for_reads_but_not_for_create() {
     let s = setup(|_| {}).await;
     let id = s.client.create_instance(&expense()).await.unwrap();
-    s.emulator.state().inject(
-        "topapi/processinstance/get",
-        InjectedError::GatewayTimeout,
-        1,
-    );
+    s.emulator
+        .state()
+        .inject(api::get(), InjectedError::GatewayTimeout, 1);
     s.client.get_instance(&id, Purpose::Details).await.unwrap();
     s.emulator.state().update_faults(|f| f.http_5xx_rate = 1.0);
     assert!(matches!(
@@ -209,11 +204,9 @@ async fn transient_failures_are_retried_for_reads_but_not_for_create() {
     ));
     s.emulator.state().reset_faults();
     // A create that hit a gateway timeout may have been processed: no blind retry.
-    s.emulator.state().inject(
-        "topapi/processinstance/create",
-        InjectedError::GatewayTimeout,
-        1,
-    );
+    s.emulator
+        .state()
+        .inject(api::create(), InjectedError::GatewayTimeout, 1);
     assert!(matches!(
         s.client.create_instance(&expense()).await,
         Err(Error::NoResponse(_))
@@ -237,11 +230,7 @@ async fn a_create_whose_response_is_lost_reports_no_response_and_the_instance_ex
         before + 1,
         "created, exactly once"
     );
-    assert_eq!(
-        s.emulator.state().calls("topapi/processinstance/create"),
-        1,
-        "not retried"
-    );
+    assert_eq!(s.emulator.state().calls(api::create()), 1, "not retried");
     s.emulator.stop().await;
 }
 
@@ -263,7 +252,7 @@ async fn two_replicas_needing_a_token_at_once_make_exactly_one_gettoken() {
     );
     let tokens = [a.unwrap(), b.unwrap(), c.unwrap(), d.unwrap()];
     assert!(tokens.iter().all(|t| t == &tokens[0]));
-    assert_eq!(s.emulator.state().calls("gettoken"), 1);
+    assert_eq!(s.emulator.state().calls(api::token()), 1);
     other_pool.close().await;
     s.emulator.stop().await;
 }
@@ -303,7 +292,7 @@ async fn no_replica_holds_a_connection_or_a_transaction_while_dingtalk_answers_g
     };
     let checks = async {
         eventually(Duration::from_secs(5), "gettoken on its way", || async {
-            (s.emulator.state().calls("gettoken") == 1).then_some(())
+            (s.emulator.state().calls(api::token()) == 1).then_some(())
         })
         .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -331,7 +320,7 @@ async fn no_replica_holds_a_connection_or_a_transaction_while_dingtalk_answers_g
         "the checks ran while gettoken was answering"
     );
     assert_eq!(
-        s.emulator.state().calls("gettoken"),
+        s.emulator.state().calls(api::token()),
         1,
         "one fetch for both"
     );
@@ -365,13 +354,13 @@ async fn a_replica_that_died_holding_the_fetch_lease_delays_the_next_one_by_the_
         waited >= lease - Duration::from_millis(100) && waited < Duration::from_secs(5),
         "waited {waited:?} for a lease of {lease:?}"
     );
-    assert_eq!(s.emulator.state().calls("gettoken"), 1);
+    assert_eq!(s.emulator.state().calls(api::token()), 1);
     // The lease is gone with the token stored: the next replica takes the token at once.
     let other = Client::new(pool.clone(), &s.config.dingtalk, &s.emulator.base_url()).unwrap();
     let started = Instant::now();
     assert_eq!(other.tokens().get().await.unwrap(), token);
     assert!(started.elapsed() < Duration::from_millis(500));
-    assert_eq!(s.emulator.state().calls("gettoken"), 1);
+    assert_eq!(s.emulator.state().calls(api::token()), 1);
     pool.close().await;
     s.emulator.stop().await;
 }
@@ -385,10 +374,13 @@ async fn wrong_app_secret_is_a_clear_rejection_without_the_secret() {
         .await
         .unwrap_err();
     let text = err.to_string();
-    assert!(
-        matches!(err, Error::Rejected { errcode: 40096, .. }),
-        "{text}"
-    );
+    match api_family() {
+        ApiFamily::Legacy => assert!(
+            matches!(err, Error::Rejected { errcode: 40096, .. }),
+            "{text}"
+        ),
+        ApiFamily::V1 => assert_eq!(err.v1_code(), Some("invalidClientIdOrSecret"), "{text}"),
+    }
     assert!(
         text.contains("dingtalk.app_secret") && !text.contains("wrong-secret-value"),
         "{text}"
@@ -418,7 +410,7 @@ async fn the_rate_budget_is_never_exceeded_at_the_emulator() {
     let busiest = s
         .emulator
         .state()
-        .max_calls_within("topapi/processinstance/get", Duration::from_secs(1));
+        .max_calls_within(api::get(), Duration::from_secs(1));
     assert!(busiest <= 20, "{busiest} calls in one second");
     s.emulator.stop().await;
 }
@@ -600,15 +592,15 @@ async fn a_busy_rate_limited_or_failing_gettoken_is_retried_and_never_a_rejectio
     // errcode -1 from gettoken says nothing about the credentials: the call goes through.
     s.emulator
         .state()
-        .inject("gettoken", InjectedError::Busy, 1);
+        .inject(api::token(), InjectedError::Busy, 1);
     let id = s.client.create_instance(&expense()).await.unwrap();
-    assert_eq!(s.emulator.state().calls("gettoken"), 2);
-    assert_eq!(s.emulator.state().calls("topapi/processinstance/create"), 1);
+    assert_eq!(s.emulator.state().calls(api::token()), 2);
+    assert_eq!(s.emulator.state().calls(api::create()), 1);
     // Still rate limited after backing off: reported as such, not as bad credentials.
     s.emulator.state().revoke_token();
     s.emulator
         .state()
-        .inject("gettoken", InjectedError::RateLimit, 2);
+        .inject(api::token(), InjectedError::RateLimit, 2);
     let err = s
         .client
         .get_instance(&id, Purpose::Details)
@@ -642,7 +634,12 @@ async fn fixed_answers(gettoken: serde_json::Value, api: serde_json::Value) -> S
 
 #[tokio::test]
 async fn an_answer_without_errcode_is_never_taken_for_success() {
-    let s = setup(|c| c.dingtalk.max_attempts = 1).await;
+    // The fixed answers are the old family's (gettoken, errcode), whichever family this run uses.
+    let s = setup(|c| {
+        c.dingtalk.max_attempts = 1;
+        c.dingtalk.api_family = ApiFamily::Legacy;
+    })
+    .await;
     let token = serde_json::json!({"errcode": 0, "access_token": "t0", "expires_in": 7200});
     // The gateway's flood-ban page (docs/dingtalk.md §7).
     let ban = serde_json::json!({"status": 1111, "wait": 5, "source": "x5", "punish": "deny"});
@@ -662,7 +659,7 @@ async fn an_answer_without_errcode_is_never_taken_for_success() {
 
 #[tokio::test]
 async fn an_absurd_expires_in_from_gettoken_is_an_error_not_a_panic() {
-    let s = setup(|_| {}).await;
+    let s = setup(|c| c.dingtalk.api_family = ApiFamily::Legacy).await;
     for expires_in in [i64::MAX, 0, -5] {
         let base = fixed_answers(
             serde_json::json!({"errcode": 0, "access_token": "t0", "expires_in": expires_in}),

@@ -218,7 +218,10 @@ async fn a_missing_database_fails_and_is_not_created() {
 #[tokio::test]
 async fn a_wrong_app_secret_or_a_missing_ip_whitelist_fails_the_token_with_its_fix() {
     let s = registered().await;
-    let mut config = s.config.clone();
+    // The old family's codes (40096, 60020 from gettoken), whichever family this run uses.
+    let mut legacy = s.config.clone();
+    legacy.dingtalk.api_family = dingsync::config::ApiFamily::Legacy;
+    let mut config = legacy.clone();
     let wrong = "not-the-emulator-secret-0001";
     config.dingtalk.app_secret = Secret::new(wrong);
     let report = doctor::run(&config).await;
@@ -241,7 +244,7 @@ async fn a_wrong_app_secret_or_a_missing_ip_whitelist_fails_the_token_with_its_f
         },
         1,
     );
-    let report = doctor::run(&s.config).await;
+    let report = doctor::run(&legacy).await;
     let finding = report.get("token").expect("a token finding");
     assert_eq!(finding.status, Status::Fail, "{report}");
     assert!(
@@ -251,5 +254,44 @@ async fn a_wrong_app_secret_or_a_missing_ip_whitelist_fails_the_token_with_its_f
             .is_some_and(|fix| fix.contains("IP whitelist")),
         "{finding}"
     );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn the_api_family_check_says_which_family_the_apps_permissions_allow() {
+    let s = registered().await;
+    let mut config = s.config.clone();
+    config.dingtalk.api_family = dingsync::config::ApiFamily::Legacy;
+    let report = doctor::run(&config).await;
+    assert_eq!(status(&report, "api family"), Status::Ok, "{report}");
+    // One probe in each family, each one metered call.
+    let state = s.emulator.state();
+    assert_eq!(state.calls("topapi/processinstance/get"), 1);
+    assert_eq!(state.calls("GET v1.0/workflow/processInstances"), 1);
+
+    // An app with only v1.0 permissions, configured for the old family: fail, and say so.
+    state.update_faults(|f| f.denied_families = vec!["legacy".into()]);
+    let report = doctor::run(&config).await;
+    let finding = report.get("api family").unwrap();
+    assert_eq!(finding.status, Status::Fail, "{report}");
+    assert!(
+        finding
+            .fix
+            .as_deref()
+            .is_some_and(|f| f.contains("dingtalk.api_family = \"v1\"")),
+        "{finding}"
+    );
+    config.dingtalk.api_family = dingsync::config::ApiFamily::V1;
+    let report = doctor::run(&config).await;
+    assert_eq!(status(&report, "api family"), Status::Ok, "{report}");
+
+    // An app with only the old permissions: fine for legacy, with a warning of what v1 adds.
+    state.update_faults(|f| f.denied_families = vec!["v1".into()]);
+    config.dingtalk.api_family = dingsync::config::ApiFamily::Legacy;
+    let report = doctor::run(&config).await;
+    assert_eq!(status(&report, "api family"), Status::Warn, "{report}");
+    config.outbox.forecast_check = true;
+    let report = doctor::run(&config).await;
+    assert_eq!(status(&report, "api family"), Status::Fail, "{report}");
     s.stop().await;
 }

@@ -27,11 +27,7 @@ use dingsync_emulator::{
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-const CREATE: &str = "topapi/processinstance/create";
-const LISTIDS: &str = "topapi/processinstance/listids";
-const GET: &str = "topapi/processinstance/get";
 const FAILED_LIST: &str = "call_back/get_call_back_failed_result";
-const GETTOKEN: &str = "gettoken";
 /// The app's budget, shared by both replicas.
 const QPS: u32 = 20;
 /// DingTalk's own limit on creates, below the budget: the budget alone cannot keep the app out of
@@ -161,7 +157,13 @@ struct Chaos {
 /// going on; a limit below the budget all the time has its own test below.
 fn chaos(emu: Handle, stop: CancellationToken) -> tokio::task::JoinHandle<Chaos> {
     tokio::spawn(async move {
-        let endpoints = [CREATE, LISTIDS, GET, GETTOKEN, FAILED_LIST];
+        let endpoints = [
+            api::create(),
+            api::list_ids(),
+            api::get(),
+            api::token(),
+            FAILED_LIST,
+        ];
         let mut tick = tokio::time::interval(Duration::from_millis(1_500));
         let mut done = Chaos {
             revocations: 0,
@@ -180,14 +182,14 @@ fn chaos(emu: Handle, stop: CancellationToken) -> tokio::task::JoinHandle<Chaos>
             let endpoint = endpoints[round as usize % endpoints.len()];
             emu.inject(endpoint, InjectedError::RateLimit, 2);
             // gettoken takes no access token: refusing one there would be no DingTalk answer.
-            if endpoint != GETTOKEN {
+            if endpoint != api::token() {
                 emu.inject(endpoint, InjectedError::TokenInvalid, 1);
             }
             done.injection_rounds += 1;
             let limit = round.is_multiple_of(3);
             emu.update_faults(|f| {
                 if limit {
-                    f.rate_limit_qps.insert(CREATE.into(), CREATE_LIMIT);
+                    f.rate_limit_qps.insert(api::create().into(), CREATE_LIMIT);
                 } else {
                     f.rate_limit_qps.clear();
                 }
@@ -384,18 +386,21 @@ async fn five_xx_rate_limits_token_revocations_and_lost_creates_at_once_double_n
     let calls = state.all_calls();
     let mut budgeted: Vec<Instant> = calls
         .keys()
-        .filter(|e| e.as_str() != GETTOKEN)
+        .filter(|e| e.as_str() != api::token())
         .flat_map(|e| state.call_times(e))
         .collect();
     let busiest = busiest_second(&mut budgeted);
     let mut all: Vec<Instant> = calls.keys().flat_map(|e| state.call_times(e)).collect();
     let busiest_with_gettoken = busiest_second(&mut all);
 
-    let create_times = state.call_times(CREATE);
+    let create_times = state.call_times(api::create());
     let code = |endpoint: &str, errcode: &str| {
-        seen.get(&(format!("/{endpoint}"), errcode.to_string()))
-            .copied()
-            .unwrap_or(0)
+        seen.get(&(
+            format!("/{}", api::ledger_path(endpoint)),
+            errcode.to_string(),
+        ))
+        .copied()
+        .unwrap_or(0)
     };
     let sum_code = |errcode: &str| -> u64 {
         seen.iter()
@@ -414,15 +419,15 @@ async fn five_xx_rate_limits_token_revocations_and_lost_creates_at_once_double_n
          busiest second {busiest} (with gettoken {busiest_with_gettoken})",
         rows.len(),
         sum_code("http_502"),
-        code(CREATE, "transport"),
+        code(api::create(), "transport"),
         limited_by_dingtalk(&create_times, CREATE_LIMIT, &chaos.limiter_on),
         sum_code("88"),
         sum_code("90002"),
         sum_code("40014"),
         chaos.revocations,
         chaos.injection_rounds,
-        calls.get(LISTIDS).copied().unwrap_or(0),
-        calls.get(GET).copied().unwrap_or(0),
+        calls.get(api::list_ids()).copied().unwrap_or(0),
+        calls.get(api::get()).copied().unwrap_or(0),
     );
     assert!(
         busiest <= QPS as usize,
@@ -446,7 +451,7 @@ async fn a_dingtalk_limit_below_the_budget_slows_the_outbox_down_without_failing
     let state = emu.state().clone();
     originators(&state, 6);
     state.update_faults(|f| {
-        f.rate_limit_qps.insert(CREATE.into(), LIMIT);
+        f.rate_limit_qps.insert(api::create().into(), LIMIT);
     });
     let db = TestDb::new();
     let mut config = replica(&emu, &db);
@@ -472,7 +477,7 @@ async fn a_dingtalk_limit_below_the_budget_slows_the_outbox_down_without_failing
         })
         .await;
     let took = started.elapsed();
-    let creates = state.calls(CREATE);
+    let creates = state.calls(api::create());
     let refused = creates - ROWS as usize;
     eprintln!(
         "{ROWS} rows under a DingTalk limit of {LIMIT} creates/s (budget {QPS}): {took:.1?}, \

@@ -637,14 +637,14 @@ async fn view_row(app: &TestApp, view: &str, pid: &str, column: &str) -> Value {
 }
 
 async fn schema_calls(app: &TestApp) -> usize {
-    emulator(app).calls("v1.0/workflow/forms/schemas/processCodes")
+    emulator(app).calls("GET v1.0/workflow/forms/schemas/processCodes")
 }
 
 #[tokio::test]
 async fn every_control_type_round_trips_from_request_approval_into_its_typed_column() {
     let app = daemon().await;
     let id: i64 = sqlx::query_scalar(
-        "SELECT dingsync.request_approval('trip-1', 'PROC-EMU-TRAVEL', 'emp1', $1)",
+        "SELECT dingsync.request_approval('trip-1', 'PROC-EMU-TRIP', 'emp1', $1)",
     )
     .bind(json!([
         {"name": "出差事由", "value": "客户拜访"},

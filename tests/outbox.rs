@@ -179,7 +179,7 @@ async fn an_outbox_row_becomes_one_approval_that_follows_dingtalk_to_completed()
     )
     .await;
     assert_eq!(status, ("COMPLETED".into(), Some("agree".into()), Some(id)));
-    assert_eq!(emu.calls("topapi/processinstance/create"), 1);
+    assert_eq!(emu.calls(api::create()), 1);
     app.stop().await;
 }
 
@@ -217,7 +217,7 @@ async fn the_same_idempotency_key_twice_returns_the_same_row_and_creates_one_app
     wait_for_state(&app.pool, first, "created").await;
     assert_eq!(app.count("outbox").await, 1);
     assert_eq!(instances_with_reason(&emu, "printer paper").len(), 1);
-    assert_eq!(emu.calls("topapi/processinstance/create"), 1);
+    assert_eq!(emu.calls(api::create()), 1);
     app.stop().await;
 }
 
@@ -238,7 +238,7 @@ async fn a_request_dingtalk_rejects_fails_at_once_with_its_errcode_and_message()
     let error = failed.last_error.unwrap();
     assert!(error.contains("errcode"), "{error}");
     assert!(error.contains("PROC-DOES-NOT-EXIST"), "{error}");
-    assert_eq!(emu.calls("topapi/processinstance/create"), 1);
+    assert_eq!(emu.calls(api::create()), 1);
     assert!(emu.instances().is_empty());
     app.stop().await;
 }
@@ -248,7 +248,7 @@ async fn transient_errors_are_retried_with_backoff_until_the_create_succeeds() {
     let app = daemon(|_| {}).await;
     let emu = emulator(&app);
     // Refused before processing: certainly not created, so simply sent again.
-    emu.inject("topapi/processinstance/create", InjectedError::RateLimit, 2);
+    emu.inject(api::create(), InjectedError::RateLimit, 2);
     let id = request_expense(&app.pool, "retry-1", "after two rate limits").await;
     let created = wait_for_state(&app.pool, id, "created").await;
     assert_eq!(created.attempts, 3);
@@ -256,7 +256,7 @@ async fn transient_errors_are_retried_with_backoff_until_the_create_succeeds() {
         instances_with_reason(&emu, "after two rate limits").len(),
         1
     );
-    assert_eq!(emu.calls("topapi/processinstance/create"), 3);
+    assert_eq!(emu.calls(api::create()), 3);
     app.stop().await;
 }
 
@@ -264,11 +264,7 @@ async fn transient_errors_are_retried_with_backoff_until_the_create_succeeds() {
 async fn transient_errors_give_up_as_failed_after_max_attempts() {
     let app = daemon(|c| c.outbox.max_attempts = 3).await;
     let emu = emulator(&app);
-    emu.inject(
-        "topapi/processinstance/create",
-        InjectedError::RateLimit,
-        10,
-    );
+    emu.inject(api::create(), InjectedError::RateLimit, 10);
     let id = request_expense(&app.pool, "retry-2", "never through").await;
     let failed = wait_for_state(&app.pool, id, "failed").await;
     assert_eq!(failed.attempts, 3);
@@ -298,8 +294,8 @@ async fn a_lost_create_response_is_searched_for_and_adopted_never_sent_twice() {
         Some(made[0].process_instance_id.as_str())
     );
     assert_eq!(created.attempts, 1, "adopted, not sent again");
-    assert_eq!(emu.calls("topapi/processinstance/create"), 1);
-    assert!(emu.calls("topapi/processinstance/listids") >= 1);
+    assert_eq!(emu.calls(api::create()), 1);
+    assert!(emu.calls(api::list_ids()) >= 1);
     app.stop().await;
 }
 
@@ -334,14 +330,14 @@ async fn an_unanswered_create_that_dingtalk_never_made_is_sent_again_once_certai
     let app = daemon(|_| {}).await;
     let emu = emulator(&app);
     // "System busy": DingTalk may or may not have processed it, so the worker must look first.
-    emu.inject("topapi/processinstance/create", InjectedError::Busy, 1);
+    emu.inject(api::create(), InjectedError::Busy, 1);
     let id = request_expense(&app.pool, "busy-1", "busy first").await;
     let created = wait_for_state(&app.pool, id, "created").await;
     assert_eq!(
         created.attempts, 2,
         "sent again after the search found nothing"
     );
-    assert!(emu.calls("topapi/processinstance/listids") >= 1);
+    assert!(emu.calls(api::list_ids()) >= 1);
     assert_eq!(instances_with_reason(&emu, "busy first").len(), 1);
     assert_eq!(
         search_calls(&app).await,
@@ -363,8 +359,8 @@ async fn search_calls(app: &TestApp) -> (i64, i64) {
         .unwrap();
     let of = |api: &str| usage.sum(|r| r.kind == "call" && r.purpose == "search" && r.api == api);
     (
-        of("topapi/processinstance/listids"),
-        of("topapi/processinstance/get"),
+        of(api::ledger_path(api::list_ids())),
+        of(api::ledger_path(api::get())),
     )
 }
 
@@ -398,7 +394,7 @@ async fn several_lost_answers_to_identical_requests_are_each_adopted_once_in_at_
     }
     let made = instances_with_reason(&emu, "the same request");
     assert_eq!(made.len(), 8, "one instance per row, no duplicate");
-    assert_eq!(emu.calls("topapi/processinstance/create"), 8);
+    assert_eq!(emu.calls(api::create()), 8);
     let (distinct, rows): (i64, i64) = sqlx::query_as(
         "SELECT count(DISTINCT process_instance_id), count(*) FROM dingsync.outbox
          WHERE state = 'created'",
@@ -417,7 +413,7 @@ async fn several_lost_answers_to_identical_requests_are_each_adopted_once_in_at_
     println!("search calls for {lost} lost answers: {listids} listids, {gets} get");
     assert!(listids >= 1);
     assert_eq!(
-        emu.calls("topapi/processinstance/listids") as i64,
+        emu.calls(api::list_ids()) as i64,
         listids,
         "only the search lists"
     );
@@ -501,7 +497,7 @@ async fn two_workers_on_one_table_create_every_row_exactly_once() {
     wait_all_created(&pool, Duration::from_secs(30)).await;
     let state = emu.state();
     assert_eq!(state.instances().len(), 200);
-    assert_eq!(state.calls("topapi/processinstance/create"), 200);
+    assert_eq!(state.calls(api::create()), 200);
     let (distinct, attempts): (i64, i64) = sqlx::query_as(
         "SELECT count(DISTINCT process_instance_id), sum(attempts) FROM dingsync.outbox",
     )
@@ -565,11 +561,7 @@ async fn a_worker_killed_while_sending_is_rescued_without_a_second_instance() {
         );
         // Adopted when the dead worker had sent it; sent (once more) when it had not.
         assert_eq!(created.attempts, if sent { 1 } else { 2 }, "sent = {sent}");
-        assert_eq!(
-            emu.state().calls("topapi/processinstance/create"),
-            1,
-            "sent = {sent}"
-        );
+        assert_eq!(emu.state().calls(api::create()), 1, "sent = {sent}");
         app.stop().await.unwrap();
         pool.close().await;
         emu.stop().await;
@@ -875,7 +867,7 @@ async fn a_stopped_daemon_leaves_no_row_sending_and_the_next_one_finishes_the_re
     let second = App::start(config).await.unwrap();
     wait_all_created(&pool, Duration::from_secs(15)).await;
     assert_eq!(emu.state().instances().len(), 30);
-    assert_eq!(emu.state().calls("topapi/processinstance/create"), 30);
+    assert_eq!(emu.state().calls(api::create()), 30);
     second.stop().await.unwrap();
     pool.close().await;
     emu.stop().await;

@@ -481,7 +481,7 @@ async fn an_interrupted_backfill_resumes_from_its_cursor_without_listing_finishe
     .await;
     let ctx = ctx(&app);
     let since = now - TimeDelta::days(11);
-    let listids = || state.calls("topapi/processinstance/listids");
+    let listids = || state.calls(api::list_ids());
 
     let dry = reconcile::backfill::run(&ctx, CODES[0], since, true, &CancellationToken::new())
         .await
@@ -581,7 +581,7 @@ async fn a_burst_of_100_events_for_one_instance_is_one_detail_fetch() {
         (later >= 2).then_some(())
     })
     .await;
-    assert_eq!(emu.state().calls("topapi/processinstance/get"), 1);
+    assert_eq!(emu.state().calls(api::get()), 1);
     app.stop().await;
     emu.stop().await;
 }
@@ -607,7 +607,7 @@ async fn an_event_arriving_during_the_detail_fetch_is_applied_without_a_second_f
     eventually(
         Duration::from_secs(5),
         "the fetch reaching DingTalk",
-        || async { (emu.state().calls("topapi/processinstance/get") == 1).then_some(()) },
+        || async { (emu.state().calls(api::get()) == 1).then_some(()) },
     )
     .await;
     app.push_ok(&task_event(&pid, 9_001, "start", None, created, None))
@@ -631,7 +631,7 @@ async fn an_event_arriving_during_the_detail_fetch_is_applied_without_a_second_f
         "a later event asks for no fetch"
     );
     run_now(&ctx, Job::Details).await;
-    assert_eq!(emu.state().calls("topapi/processinstance/get"), 1);
+    assert_eq!(emu.state().calls(api::get()), 1);
     assert_eq!(app.task(9_001).await.status, "COMPLETED");
     app.stop().await;
     emu.stop().await;
@@ -688,7 +688,7 @@ async fn drift_reports_missing_approvals_and_exits_non_zero_until_a_backfill_rep
     assert!(!too_old.status.success());
     assert!(err.contains("365 days"), "{err}");
     assert_eq!(
-        emu.state().calls("topapi/processinstance/listids"),
+        emu.state().calls(api::list_ids()),
         2,
         "drift listed both codes once"
     );
@@ -749,6 +749,7 @@ async fn a_snapshot_corrects_a_terminal_state_but_never_an_older_one_a_newer_and
         form_values: json!([{"name": "Reason", "value": "trip"}]),
         operation_records: json!([]),
         tasks: Vec::new(),
+        whole_minutes: false,
     };
     let at = |s: &str| -> DateTime<Utc> { s.parse().unwrap() };
     let mut conn = pool.acquire().await.unwrap();

@@ -156,6 +156,7 @@ async fn the_status_rule_is_inlined_into_every_statement_that_writes_approvals()
             created_at: None,
             finished_at: None,
         }],
+        whole_minutes: false,
     };
     apply_snapshot(
         &mut tx,

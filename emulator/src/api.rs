@@ -1,7 +1,8 @@
 //! DingTalk's HTTP API as the daemon sees it: `gettoken` (docs/dingtalk.md §1.1), the old topapi approval
 //! calls (§2.1, §2.3, §2.4) and callback management (§3), with DingTalk's exact shapes: errors
 //! are HTTP 200 with a non-zero `errcode`; topapi wraps gateway errors in errcode 88 with a
-//! `sub_code` (§1.3, §7).
+//! `sub_code` (§1.3, §7). The v1.0 family's routes (`api_v1`, §11) share the gate, so every fault
+//! knob, the token and the allowance apply to both, each in its family's shape.
 //!
 //! Every call passes the gate first (the `gate` middleware): it is counted, delayed, maybe
 //! answered with a 502, a rate-limit or an injected error, its `access_token` is checked, and a
@@ -26,6 +27,7 @@ use rand::{Rng, distr::Alphanumeric};
 use serde_json::{Map, Value, json};
 
 use super::{
+    api_v1,
     faults::{self, InjectedError},
     model::{
         ActionType, CcPosition, Ctx, FormInput, Instance, MAX_APPROVERS, NodeSpec, Rejection,
@@ -40,13 +42,13 @@ use dingsync_crypto::CallbackCrypto;
 /// any client waits; the emulator's shutdown ends it sooner.
 const LOST_RESPONSE_HOLD: std::time::Duration = std::time::Duration::from_secs(300);
 /// `listids` window and age limits (docs/dingtalk.md §2.4).
-const LISTIDS_MAX_WINDOW_MS: i64 = 120 * 24 * 3600 * 1000;
-const LISTIDS_MAX_AGE_MS: i64 = 365 * 24 * 3600 * 1000;
+pub(crate) const LISTIDS_MAX_WINDOW_MS: i64 = 120 * 24 * 3600 * 1000;
+pub(crate) const LISTIDS_MAX_AGE_MS: i64 = 365 * 24 * 3600 * 1000;
 /// `listids` `size`: the doc says at most 20, the Java SDK comment 10 [UNCONFIRMED]; 20 is
 /// accepted, more is an error, the stricter reading.
-const LISTIDS_MAX_SIZE: i64 = 20;
+pub(crate) const LISTIDS_MAX_SIZE: i64 = 20;
 /// `userid_list` holds at most 10 userids (docs/dingtalk.md §2.4).
-const LISTIDS_MAX_USERS: usize = 10;
+pub(crate) const LISTIDS_MAX_USERS: usize = 10;
 /// Largest request body the emulated API reads (DingTalk's limits are not documented; a create
 /// with 150 values of 65535 characters is about 10 MiB).
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -65,23 +67,28 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/call_back/get_call_back", get(get_callback))
         .route("/call_back/delete_call_back", get(delete_callback))
         .route("/call_back/get_call_back_failed_result", get(failed_result))
+        .merge(api_v1::routes())
         .route_layer(middleware::from_fn_with_state(shared.clone(), gate))
         .with_state(shared)
 }
 
-/// Which error style an endpoint has (docs/dingtalk.md §1.3, §7).
+/// Which error style an endpoint has (docs/dingtalk.md §1.3, §7, §11.6).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Family {
+pub(crate) enum Family {
     /// `topapi/...`: gateway errors wrapped in errcode 88 + `sub_code`; a `request_id`.
     Top,
     /// Classic oapi (`gettoken`, `call_back/...`): the code itself.
     Oapi,
+    /// `v1.0/...`: HTTP 4xx/5xx with `{"code", "message", "requestid"}`.
+    V1,
 }
 
 impl Family {
     fn of(endpoint: &str) -> Family {
         if endpoint.starts_with("topapi/") {
             Family::Top
+        } else if endpoint.starts_with("v1.0/") {
+            Family::V1
         } else {
             Family::Oapi
         }
@@ -89,13 +96,13 @@ impl Family {
 }
 
 /// Something DingTalk answers instead of doing what was asked.
-enum Failure {
+pub(crate) enum Failure {
     Token(TokenProblem),
     Injected(InjectedError),
     Rejected(Rejection),
 }
 
-fn request_id() -> String {
+pub(crate) fn request_id() -> String {
     rand::rng()
         .sample_iter(Alphanumeric)
         .take(13)
@@ -142,6 +149,9 @@ fn plain(errcode: i64, errmsg: &str) -> Map<String, Value> {
 }
 
 fn failure(family: Family, f: Failure) -> Response {
+    if family == Family::V1 {
+        return api_v1::failure(f);
+    }
     const BAD_TOKEN: &str = "不合法的access_token";
     const RATE: &str = "接口调用过于频繁，请稍后重试";
     let body = match (family, f) {
@@ -184,6 +194,15 @@ fn failure(family: Family, f: Failure) -> Response {
             m
         }
         (_, Failure::Rejected(r)) => plain(r.errcode, &r.errmsg),
+        (
+            _,
+            Failure::Injected(InjectedError::V1 {
+                status,
+                code,
+                message,
+            }),
+        ) => plain(i64::from(status), &format!("{code}: {message}")),
+        (Family::V1, _) => unreachable!("answered by api_v1::failure"),
     };
     ok_json(family, body)
 }
@@ -209,8 +228,14 @@ async fn gate(State(shared): State<Arc<Shared>>, req: Request, next: Next) -> Re
 
 /// Counts the call, applies the API faults, checks the access token.
 async fn admit(shared: Arc<Shared>, req: Request, next: Next) -> Response {
-    let endpoint = req.uri().path().trim_start_matches('/').to_string();
-    let family = Family::of(&endpoint);
+    let path = req.uri().path().trim_start_matches('/');
+    let family = Family::of(path);
+    // A v1.0 API is a method and a path: create and get share `v1.0/workflow/processInstances`
+    // and are two APIs, each with its own count, rate window and injected errors.
+    let endpoint = match family {
+        Family::V1 => format!("{} {path}", req.method()),
+        _ => path.to_string(),
+    };
     let query: HashMap<String, String> = Query::try_from_uri(req.uri())
         .map(|Query(q)| q)
         .unwrap_or_default();
@@ -239,21 +264,50 @@ async fn admit(shared: Arc<Shared>, req: Request, next: Next) -> Response {
         // names no organisation). An error DingTalk itself answers with (busy, a business
         // error) does: counting it is the stricter reading. Past the allowance 90020 answers
         // instead, and the queued error is used up all the same.
-        if matches!(injected, InjectedError::Busy | InjectedError::Custom { .. })
-            && let Err(refusal) = shared.world().quota.meter_call(&endpoint, Utc::now())
+        if matches!(
+            injected,
+            InjectedError::Busy | InjectedError::Custom { .. } | InjectedError::V1 { .. }
+        ) && let Err(refusal) = shared.world().quota.meter_call(&endpoint, Utc::now())
         {
             return over_allowance(family, refusal);
         }
         return failure(family, Failure::Injected(injected));
     }
-    if endpoint != "gettoken" {
-        let checked = shared.world().check_token(
-            query.get("access_token").map(String::as_str),
-            Instant::now(),
-        );
+    if endpoint != "gettoken" && endpoint != api_v1::TOKEN_ENDPOINT {
+        // Each family takes the token where it expects it only (docs/dingtalk.md §1.3): a v1.0
+        // call with `?access_token=` is one without a token.
+        let given = match family {
+            Family::V1 => req
+                .headers()
+                .get(api_v1::TOKEN_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            _ => query.get("access_token").map(String::as_str),
+        };
+        let checked = shared.world().check_token(given, Instant::now());
         if let Err(problem) = checked {
             return failure(family, Failure::Token(problem));
         }
+    }
+    let denied = |name: &str| {
+        shared
+            .world()
+            .faults
+            .denied_families
+            .iter()
+            .any(|f| f == name)
+    };
+    match family {
+        Family::V1 if path.starts_with("v1.0/workflow/") && denied("v1") => {
+            return api_v1::error(
+                StatusCode::FORBIDDEN,
+                "Forbidden.AccessDenied.AccessTokenPermissionDenied",
+                "没有调用该接口的权限",
+            );
+        }
+        Family::Top if path.starts_with("topapi/processinstance/") && denied("legacy") => {
+            return ok_json(Family::Top, top_wrapped("60011", "没有调用该接口的权限"));
+        }
+        _ => {}
     }
     // Counted here, before the handler runs: a call past the allowance is not carried out (a
     // create refused with 90020 creates nothing), and one that is carried out counts even when
@@ -270,6 +324,9 @@ async fn admit(shared: Arc<Shared>, req: Request, next: Next) -> Response {
 /// "request_id"}` on topapi and `{"errcode":90020,"errmsg"}` on classic paths.
 fn over_allowance(family: Family, refusal: Rejection) -> Response {
     tracing::debug!(errmsg = %refusal.errmsg, "emulator: monthly calls allowance used up (90020)");
+    if family == Family::V1 {
+        return api_v1::over_allowance(&refusal);
+    }
     rejected(family, refusal)
 }
 
@@ -307,14 +364,14 @@ async fn gettoken(
 }
 
 /// Parses a topapi JSON body; anything but a JSON object is a parameter error.
-fn body_object(body: &Bytes) -> Result<Map<String, Value>, Rejection> {
+pub(crate) fn body_object(body: &Bytes) -> Result<Map<String, Value>, Rejection> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(m)) => Ok(m),
         _ => Err(Rejection::param("请求体不是合法的 JSON 对象")),
     }
 }
 
-fn required_str<'a>(m: &'a Map<String, Value>, key: &str) -> Result<&'a str, Rejection> {
+pub(crate) fn required_str<'a>(m: &'a Map<String, Value>, key: &str) -> Result<&'a str, Rejection> {
     match m.get(key) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s),
         None | Some(Value::Null) => Err(Rejection::param(format!("缺少参数 {key}"))),
@@ -323,7 +380,10 @@ fn required_str<'a>(m: &'a Map<String, Value>, key: &str) -> Result<&'a str, Rej
     }
 }
 
-fn optional_str<'a>(m: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, Rejection> {
+pub(crate) fn optional_str<'a>(
+    m: &'a Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a str>, Rejection> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -332,7 +392,7 @@ fn optional_str<'a>(m: &'a Map<String, Value>, key: &str) -> Result<Option<&'a s
 }
 
 /// A JSON integer (`dept_id` is a Number, docs/dingtalk.md §2.1). A string is refused: the stricter reading.
-fn optional_int(m: &Map<String, Value>, key: &str) -> Result<Option<i64>, Rejection> {
+pub(crate) fn optional_int(m: &Map<String, Value>, key: &str) -> Result<Option<i64>, Rejection> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v
@@ -442,6 +502,7 @@ fn parse_create(m: &Map<String, Value>) -> Result<StartRequest, Rejection> {
         originator_userid,
         dept_id,
         nodes,
+        select: None,
         cc,
         cc_position,
         form,
@@ -454,6 +515,20 @@ async fn create(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(r) => return rejected(Family::Top, r),
     };
+    match start_instance(&shared, request).await {
+        Ok(id) => success(Family::Top, json!({ "process_instance_id": id })),
+        Err(Ok(lost)) => lost,
+        Err(Err(r)) => rejected(Family::Top, r),
+    }
+}
+
+/// Starts the instance a create asked for, in either family, and pushes its events. `Ok`: its
+/// id, to answer with; `Err(Ok(_))`: the answer is lost (the `lose_create_response` knobs): the
+/// instance exists, and this is what the held connection ends with; `Err(Err(_))`: refused.
+pub(crate) async fn start_instance(
+    shared: &Arc<Shared>,
+    request: StartRequest,
+) -> Result<String, Result<Response, Rejection>> {
     let (id, events, lose_response) = {
         let mut world = shared.world();
         let world = &mut *world;
@@ -465,7 +540,7 @@ async fn create(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         };
         let (instance, events) = match Instance::start(&mut ctx, request) {
             Ok(started) => started,
-            Err(r) => return rejected(Family::Top, r),
+            Err(r) => return Err(Err(r)),
         };
         let id = instance.process_instance_id.clone();
         world.insert_instance(instance);
@@ -479,7 +554,7 @@ async fn create(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
         (id, events, lose)
     };
     tracing::debug!(process_instance_id = %id, "emulator: approval created through the API");
-    push::dispatch(&shared, events);
+    push::dispatch(shared, events);
     if lose_response {
         // Committed, but the answer never comes (docs/dingtalk.md §9, item 3): hold the
         // connection until the client gives up or the emulator stops.
@@ -488,9 +563,9 @@ async fn create(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
             () = shared.shutdown.cancelled() => {}
             () = tokio::time::sleep(LOST_RESPONSE_HOLD) => {}
         }
-        return StatusCode::GATEWAY_TIMEOUT.into_response();
+        return Err(Ok(StatusCode::GATEWAY_TIMEOUT.into_response()));
     }
-    success(Family::Top, json!({ "process_instance_id": id }))
+    Ok(id)
 }
 
 /// `POST /topapi/processinstance/get` (docs/dingtalk.md §2.3).
@@ -552,6 +627,7 @@ async fn listids(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
             start,
             end,
             &users,
+            &[],
             cursor as u64,
             size as u64,
         ))

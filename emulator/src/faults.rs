@@ -21,20 +21,28 @@ pub struct Faults {
     pub http_5xx_rate: f64,
     /// Per-endpoint limit of calls per trailing second (`"topapi/processinstance/get"` → 20);
     /// `"*"` limits every endpoint separately. Calls over the limit get errcode 88 / sub_code
-    /// 90002 (topapi) or 90002 (oapi), docs/dingtalk.md §7. Rejected calls count too: DingTalk's counter
+    /// 90002 (topapi), 90002 (oapi) or HTTP 403 `Forbidden.AccessDenied.QpsLimitForAppkeyAndApi`
+    /// (v1.0), docs/dingtalk.md §7, §11.6. Rejected calls count too: DingTalk's counter
     /// sees every request. Empty = no limit (the default: real numbers are [UNCONFIRMED]).
     pub rate_limit_qps: BTreeMap<String, u32>,
     /// Errors queued for the next calls of an endpoint.
     pub inject: Vec<Injection>,
-    /// The next N `processinstance/create` calls create the instance (it exists, its events are
+    /// The next N creates (`topapi/processinstance/create` or v1.0 `POST
+    /// /v1.0/workflow/processInstances`) create the instance (it exists, its events are
     /// pushed) but the HTTP response is never sent: the request hangs until the client gives up
     /// (docs/dingtalk.md §9, item 3: timeout after committing).
     pub lose_create_response: u32,
-    /// Probability (0..=1) that a `processinstance/create` is committed but its response lost,
+    /// Probability (0..=1) that a create (either family) is committed but its response lost,
     /// as with `lose_create_response` (for load runs with a share of lost answers).
     pub lose_create_response_rate: f64,
     /// Faults of the HTTP pushes to the registered callback URL.
     pub push: PushFaults,
+    /// API families whose approval calls the app has no permission for: `"legacy"`
+    /// (`topapi/processinstance/*`: errcode 88, sub_code 60011 [UNCONFIRMED: DingTalk documents
+    /// no number for it]) and `"v1"` (`v1.0/workflow/*`: HTTP 403
+    /// `Forbidden.AccessDenied.AccessTokenPermissionDenied`, docs/dingtalk.md §11.7). Token and
+    /// callback calls are not affected. Refused at the gateway, so not metered.
+    pub denied_families: Vec<String>,
 }
 
 /// Faults of pushes. Probabilities are per event or per delivery attempt, as documented.
@@ -64,7 +72,8 @@ pub struct PushFaults {
 #[serde(deny_unknown_fields)]
 pub struct Injection {
     /// Path without the leading slash (`"gettoken"`, `"topapi/processinstance/create"`,
-    /// `"call_back/get_call_back_failed_result"`), or `"*"` for any endpoint.
+    /// `"call_back/get_call_back_failed_result"`; a v1.0 API by method and path, `"POST
+    /// v1.0/workflow/processInstances"`), or `"*"` for any endpoint.
     pub endpoint: String,
     pub error: InjectedError,
     /// How many calls still get it.
@@ -85,7 +94,16 @@ pub enum InjectedError {
     TokenInvalid,
     /// DingTalk's generic "system busy", errcode -1.
     Busy,
-    /// Anything else, verbatim (e.g. a business error with a made-up errcode).
+    /// A v1.0 error verbatim: HTTP `status` with `{"code", "message"}` (docs/dingtalk.md §11.6).
+    /// On an old-family endpoint it is answered as errcode `status`, errmsg `code: message`.
+    V1 {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// Anything else, verbatim (e.g. a business error with a made-up errcode). On a v1.0
+    /// endpoint: 90020 is the allowance's 403, any other an HTTP 400 whose code is `sub_code`
+    /// (or the errcode as text).
     Custom {
         errcode: i64,
         #[serde(default)]

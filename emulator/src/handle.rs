@@ -236,7 +236,23 @@ impl Handle {
                         .collect()
                 })
             });
+            // People in the emulator pick the first candidate of each self-selected node (or
+            // the default approver when anyone may be picked).
+            let select = template
+                .select_nodes
+                .iter()
+                .map(|n| model::SelectChoice {
+                    actor_key: n.actor_key.clone(),
+                    user_ids: vec![
+                        n.candidates
+                            .first()
+                            .cloned()
+                            .unwrap_or_else(|| model::DEFAULT_APPROVER.to_string()),
+                    ],
+                })
+                .collect();
             let start = StartRequest {
+                select: Some(select),
                 process_code: request.process_code,
                 originator_userid: request.originator_userid,
                 dept_id: request

@@ -8,7 +8,6 @@
 //!   `call_back/{register,update,get,delete}_call_back`, `call_back/get_call_back_failed_result`;
 //! - encrypted pushes of every approval change to the registered URL, with DingTalk's retry
 //!   ladder and failed-push list (`push`);
-//! - DingTalk's v1.0 form schema call (`forms`), `GET /v1.0/workflow/forms/schemas/processCodes`;
 //! - an admin API under `/_emulator/…` to act as people, look inside and set faults (`admin`),
 //!   behind a bearer token ([`Emulator::admin_token`]), also available from Rust through
 //!   [`Handle`];
@@ -22,6 +21,7 @@
 
 mod admin;
 mod api;
+mod api_v1;
 mod faults;
 mod forms;
 mod handle;
@@ -47,8 +47,8 @@ pub use forms::schema_result;
 pub use handle::{Handle, OpenTask, StartInstance, TaskAction};
 pub use model::{
     ActionType, CcPosition, Control, DEFAULT_APPROVER, FormEntry, FormInput, Instance,
-    InstanceStatus, NodeSpec, Person, Record, Rejection, Task, TaskResult, TaskStatus, Template,
-    errcode,
+    InstanceStatus, NodeSpec, Person, Record, Rejection, SelectNode, Task, TaskResult, TaskStatus,
+    Template, errcode,
 };
 pub use push::DEADLINE as PUSH_DEADLINE;
 pub use quota::{Allowances, CallsUsage, DeliveriesUsage, OVER_ALLOWANCE, QuotaReport, is_metered};
@@ -191,7 +191,6 @@ impl Emulator {
             shared: shared.clone(),
         };
         let router: Router = api::router(shared.clone())
-            .merge(forms::router(shared.clone()))
             .merge(admin::router(handle.clone(), &admin_token))
             .fallback(api::fallback);
         let stop = shared.shutdown.clone();

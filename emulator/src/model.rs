@@ -84,6 +84,11 @@ pub fn beijing(t: DateTime<Utc>) -> String {
         .to_string()
 }
 
+/// The v1.0 family's times: UTC, `yyyy-MM-ddTHH:mmZ`, without seconds (docs/dingtalk.md §11.3).
+pub fn v1_time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%MZ").to_string()
+}
+
 /// A person in the emulated organisation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -108,6 +113,48 @@ pub struct Template {
     /// The schema answer's `gmtModified` is derived from it.
     #[serde(default = "first_revision")]
     pub revision: u32,
+    /// Self-selected approver nodes ("发起人自选"), after `default_approvers` in the flow: the
+    /// originator names their approvers in the create (v1.0 `targetSelectActioners`,
+    /// docs/dingtalk.md §11.2), and the forecast lists them (§11.5).
+    #[serde(default)]
+    pub select_nodes: Vec<SelectNode>,
+}
+
+/// A self-selected approver node of a template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectNode {
+    /// `actorKey` (the create's `actionerKey`), e.g. `manual_e203_14a3_895a_45ad`.
+    pub actor_key: String,
+    /// The node's name (`activityName`).
+    pub name: String,
+    /// Must the originator choose someone? DingTalk's default for such nodes.
+    #[serde(default = "yes")]
+    pub required: bool,
+    /// May the originator choose several (each approves in turn)?
+    #[serde(default)]
+    pub allowed_multi: bool,
+    /// Who may be chosen; empty: anyone in the organisation (`allStaff`).
+    #[serde(default)]
+    pub candidates: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Who the originator chose for one self-selected node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectChoice {
+    pub actor_key: String,
+    pub user_ids: Vec<String>,
+}
+
+/// Prefixes of the emulator's refusals of self-selected approvers: v1.0's codes
+/// (docs/dingtalk.md §11.2), which the v1.0 routes answer with.
+pub mod select_code {
+    pub const MISSING: &str = "targetSelectApproverMissing";
+    pub const SCOPE: &str = "targetSelectApproverScopeError";
 }
 
 fn first_revision() -> u32 {
@@ -116,7 +163,7 @@ fn first_revision() -> u32 {
 
 /// One form control. For `DDDateRangeField` the label is the JSON text of both labels, which is
 /// what a create must send as `name` (docs/dingtalk.md §2.2, stricter reading).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Control {
     pub component_type: String,
@@ -264,6 +311,7 @@ impl Org {
                 ],
                 default_approvers: vec![DEFAULT_APPROVER.into()],
                 revision: 1,
+                select_nodes: Vec::new(),
             },
             Template {
                 process_code: "PROC-EMU-LEAVE".into(),
@@ -281,6 +329,7 @@ impl Org {
                 ],
                 default_approvers: vec![DEFAULT_APPROVER.into()],
                 revision: 1,
+                select_nodes: Vec::new(),
             },
             Template {
                 process_code: "PROC-EMU-PURCHASE".into(),
@@ -298,11 +347,12 @@ impl Org {
                 ],
                 default_approvers: vec![DEFAULT_APPROVER.into()],
                 revision: 1,
+                select_nodes: Vec::new(),
             },
             // Chinese labels and no bizAlias, as most templates made in DingTalk's console are;
             // every kind of control the form views type.
             Template {
-                process_code: "PROC-EMU-TRAVEL".into(),
+                process_code: "PROC-EMU-TRIP".into(),
                 name: "出差申请".into(),
                 controls: vec![
                     Control::new("TextField", "出差事由", true, &[]),
@@ -339,6 +389,7 @@ impl Org {
                 ],
                 default_approvers: vec![DEFAULT_APPROVER.into()],
                 revision: 1,
+                select_nodes: Vec::new(),
             },
         ]
         .into_iter()
@@ -709,6 +760,9 @@ pub struct StartRequest {
     pub dept_id: i64,
     /// `None` = the template's flow.
     pub nodes: Option<Vec<NodeSpec>>,
+    /// The originator's choices for the template's self-selected nodes; `None`: the request came
+    /// through the old API, which cannot carry them (docs/dingtalk.md §2.1).
+    pub select: Option<Vec<SelectChoice>>,
     pub cc: Vec<String>,
     pub cc_position: Option<CcPosition>,
     pub form: Vec<FormInput>,
@@ -770,16 +824,21 @@ impl Instance {
         let form = validate_form(org, template, &req.form)?;
 
         let explicit = req.nodes.is_some();
-        let specs = req.nodes.unwrap_or_else(|| {
-            template
-                .default_approvers
-                .iter()
-                .map(|u| NodeSpec {
-                    task_action_type: ActionType::None,
-                    user_ids: vec![u.clone()],
-                })
-                .collect()
-        });
+        let specs = match req.nodes {
+            Some(nodes) => nodes,
+            None => {
+                let mut specs: Vec<NodeSpec> = template
+                    .default_approvers
+                    .iter()
+                    .map(|u| NodeSpec {
+                        task_action_type: ActionType::None,
+                        user_ids: vec![u.clone()],
+                    })
+                    .collect();
+                specs.extend(select_specs(org, template, req.select.as_deref())?);
+                specs
+            }
+        };
         let specs = if specs.is_empty() {
             vec![NodeSpec {
                 task_action_type: ActionType::None,
@@ -1207,6 +1266,227 @@ impl Instance {
     }
 }
 
+/// The nodes the originator's choices make of `template`'s self-selected nodes, one approver per
+/// node in the order chosen (ONE_BY_ONE). `choices` is `None` for the old API, which cannot name
+/// them: a template with a required self-selected node is then refused (docs/dingtalk.md §2.1
+/// says such templates need v1.0; how the old API answers is [UNCONFIRMED], refusing is the
+/// stricter reading).
+fn select_specs(
+    org: &Org,
+    template: &Template,
+    choices: Option<&[SelectChoice]>,
+) -> Result<Vec<NodeSpec>, Rejection> {
+    let Some(choices) = choices else {
+        if let Some(node) = template.select_nodes.iter().find(|n| n.required) {
+            return Err(Rejection::param(format!(
+                "模板含发起人自选审批节点 {}，须通过 v1.0 接口的 targetSelectActioners 指定审批人",
+                node.name
+            )));
+        }
+        return Ok(Vec::new());
+    };
+    if let Some(unknown) = choices.iter().find(|c| {
+        !template
+            .select_nodes
+            .iter()
+            .any(|n| n.actor_key == c.actor_key)
+    }) {
+        return Err(Rejection::param(format!(
+            "targetSelectActioners 中的 actionerKey 不存在 actionerKey={}",
+            unknown.actor_key
+        )));
+    }
+    let mut specs = Vec::new();
+    for node in &template.select_nodes {
+        let chosen: Vec<&String> = choices
+            .iter()
+            .filter(|c| c.actor_key == node.actor_key)
+            .flat_map(|c| &c.user_ids)
+            .collect();
+        if chosen.is_empty() {
+            if node.required {
+                return Err(Rejection::param(format!(
+                    "{}: 自选审批人节点 {} 未指定审批人 actionerKey={}",
+                    select_code::MISSING,
+                    node.name,
+                    node.actor_key
+                )));
+            }
+            continue;
+        }
+        if chosen.len() > 1 && !node.allowed_multi {
+            return Err(Rejection::param(format!(
+                "{}: 自选审批人节点 {} 只能选择一人",
+                select_code::SCOPE,
+                node.name
+            )));
+        }
+        for userid in chosen {
+            org.person(userid)?;
+            if !node.candidates.is_empty() && !node.candidates.contains(userid) {
+                return Err(Rejection::param(format!(
+                    "{}: {userid} 不在自选审批人节点 {} 的可选范围内",
+                    select_code::SCOPE,
+                    node.name
+                )));
+            }
+            specs.push(NodeSpec {
+                task_action_type: ActionType::None,
+                user_ids: vec![userid.clone()],
+            });
+        }
+    }
+    Ok(specs)
+}
+
+impl Instance {
+    /// `result` of the v1.0 get (docs/dingtalk.md §11.3): the fields of [`Instance::get_view`] in
+    /// camelCase, UTC `yyyy-MM-ddTHH:mmZ` times, `taskId` a number, `originatorDeptId` text.
+    pub fn v1_view(&self) -> Value {
+        let legacy = self.get_view();
+        let approvers = legacy["approver_userids"].clone();
+        let mut v = json!({
+            "title": self.title,
+            "createTime": v1_time(self.create_time),
+            "originatorUserId": self.originator_userid,
+            "originatorDeptId": self.originator_dept_id.to_string(),
+            "originatorDeptName": self.originator_dept_name,
+            "status": self.status.as_str(),
+            "result": self.result.unwrap_or(""),
+            "businessId": self.business_id,
+            "bizAction": "NONE",
+            "bizData": "",
+            "approverUserIds": approvers,
+            "ccUserIds": self.cc_userids,
+            "attachedProcessInstanceIds": [],
+            "mainProcessInstanceId": "",
+            "formComponentValues": self.form_component_values.iter().map(|f| json!({
+                "id": f.id,
+                "name": f.name,
+                "value": f.value,
+                "extValue": f.ext_value,
+                "componentType": f.component_type,
+                "bizAlias": "",
+            })).collect::<Vec<_>>(),
+            "operationRecords": self.operation_records.iter().map(|r| {
+                let mut rec = json!({
+                    "userId": r.userid,
+                    "date": v1_time(r.date),
+                    "type": r.operation_type,
+                    "result": r.operation_result,
+                    "showName": "",
+                    "ccUserIds": [],
+                    "images": [],
+                    "attachments": [],
+                });
+                if let Some(remark) = &r.remark {
+                    rec["remark"] = remark.clone().into();
+                }
+                rec
+            }).collect::<Vec<_>>(),
+            "tasks": self.tasks.iter().map(|t| {
+                let mut task = json!({
+                    "taskId": t.taskid,
+                    "userId": t.userid,
+                    "status": t.status.as_str(),
+                    "result": t.result.as_str(),
+                    "createTime": v1_time(t.create_time),
+                    "activityId": t.activity_id,
+                    "processInstanceId": self.process_instance_id,
+                    "pcUrl": format!("{}&taskId={}", self.url, t.taskid),
+                    "mobileUrl": format!("{}&taskId={}", self.url, t.taskid),
+                    "taskGroupName": "",
+                });
+                if let Some(f) = t.finish_time {
+                    task["finishTime"] = v1_time(f).into();
+                }
+                task
+            }).collect::<Vec<_>>(),
+        });
+        if let Some(f) = self.finish_time {
+            v["finishTime"] = v1_time(f).into();
+        }
+        v
+    }
+}
+
+impl Org {
+    /// v1.0 `processes/forecast` (docs/dingtalk.md §11.5): the route a create of `process_code`
+    /// by `userid` with `form` would take, from the template's flow (fixed approvers, then its
+    /// self-selected nodes), after the same checks a create makes of the form. `ids` makes the
+    /// activity ids; the answer is `result`.
+    pub fn forecast(
+        &self,
+        process_code: &str,
+        userid: &str,
+        form: &[FormInput],
+        ids: &mut Ids,
+    ) -> Result<Value, Rejection> {
+        let template = self.templates.get(process_code).ok_or_else(|| {
+            Rejection::not_found(format!("审批模板不存在 process_code={process_code}"))
+        })?;
+        self.person(userid)?;
+        validate_form(self, template, form)?;
+        let mut rules = Vec::new();
+        for approver in &template.default_approvers {
+            let person = self.person(approver)?;
+            rules.push(json!({
+                "activityId": ids.activity_id(),
+                "activityName": "审批人",
+                "activityType": "target_approval",
+                "isTargetSelect": false,
+                "workflowActor": {
+                    "actorKey": format!("approver_{approver}"),
+                    "actorType": "approver",
+                    "actorSelectionType": "approvals",
+                    "actorSelectionRange": {"approvals": [{"workNo": approver, "userName": person.name}], "labels": []},
+                    "allowedMulti": false,
+                    "approvalType": "MANUAL",
+                    "approvalMethod": "ONE_BY_ONE",
+                    "actorActivateType": "ALL",
+                    "required": true,
+                },
+                "activityActioners": [{"userId": approver, "name": person.name, "avatar": ""}],
+            }));
+        }
+        for node in &template.select_nodes {
+            let range: Vec<Value> = node
+                .candidates
+                .iter()
+                .filter_map(|u| self.people.get(u))
+                .map(|p| json!({"workNo": p.userid, "userName": p.name}))
+                .collect();
+            rules.push(json!({
+                "activityId": ids.activity_id(),
+                "activityName": node.name,
+                "activityType": "target_select",
+                "isTargetSelect": true,
+                "workflowActor": {
+                    "actorKey": node.actor_key,
+                    "actorType": "approver",
+                    "actorSelectionType": if node.candidates.is_empty() { "allStaff" } else { "approvals" },
+                    "actorSelectionRange": {"approvals": range, "labels": []},
+                    "allowedMulti": node.allowed_multi,
+                    "approvalType": "MANUAL",
+                    "approvalMethod": "ONE_BY_ONE",
+                    "actorActivateType": "ALL",
+                    "required": node.required,
+                },
+                "activityActioners": [],
+            }));
+        }
+        Ok(json!({
+            "isForecastSuccess": true,
+            "processCode": process_code,
+            "userId": userid,
+            "processId": 0,
+            "isStaticWorkflow": template.select_nodes.is_empty(),
+            "workflowActivityRules": rules,
+            "workflowForecastNodes": [],
+        }))
+    }
+}
+
 /// Checks the form values of a create against the template (docs/dingtalk.md §2.1/§2.2) and turns them
 /// into what `processinstance/get` reads back (docs/dingtalk.md §2.3 "Read-back form values").
 fn validate_form(
@@ -1355,7 +1635,7 @@ fn read_back(
 }
 
 /// A stable control id like DingTalk's `TextField-K2AD4O5B`.
-fn component_id(process_code: &str, component_type: &str, label: &str) -> String {
+pub(crate) fn component_id(process_code: &str, component_type: &str, label: &str) -> String {
     let digest = Sha256::digest(format!("{process_code}/{label}").as_bytes());
     format!("{component_type}-{}", hex::encode_upper(&digest[..4]))
 }

@@ -34,13 +34,13 @@ use super::model::{Rejection, beijing_offset};
 pub const OVER_ALLOWANCE: i64 = 90020;
 
 /// Whether a call of `endpoint` (the path without its leading slash) counts against the
-/// monthly calls allowance. The token API is exempt (docs/dingtalk.md §7); the approval APIs are
-/// metered; callback management is not on the exempt list, so it is metered too (the stricter
-/// reading).
+/// monthly calls allowance. The token APIs are exempt (docs/dingtalk.md §7); the approval APIs
+/// of both families are metered; callback management is not on the exempt list, so it is
+/// metered too (the stricter reading).
 pub fn is_metered(endpoint: &str) -> bool {
     endpoint.starts_with("topapi/processinstance/")
         || endpoint.starts_with("call_back/")
-        || endpoint.starts_with("v1.0/workflow/")
+        || endpoint.contains("v1.0/workflow/")
 }
 
 /// New allowances, effective at once (the organisation upgraded); a field left out keeps its

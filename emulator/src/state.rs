@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     EmulatorConfig,
     faults::{Faults, InjectedError, probability},
-    model::{ActError, Action, Ctx, Event, Ids, Instance, Org, Rejection},
+    model::{ActError, Action, Ctx, Event, Ids, Instance, InstanceStatus, Org, Rejection},
     quota::Quota,
 };
 
@@ -291,12 +291,15 @@ impl World {
     /// `listids` (docs/dingtalk.md §2.4): instances of `process_code` created in `[start, end]` (ms),
     /// optionally only by `userids`, ordered by create time, `size` from `cursor`. The second
     /// value is the next cursor, `None` on the last page. At most `MAX_REACHABLE` ids per query.
+    /// `statuses` (v1.0 only, docs/dingtalk.md §11.4): only instances in one of them; empty: all.
+    #[allow(clippy::too_many_arguments)]
     pub fn list_ids(
         &self,
         process_code: &str,
         start_ms: i64,
         end_ms: i64,
         userids: &[String],
+        statuses: &[InstanceStatus],
         cursor: u64,
         size: u64,
     ) -> (Vec<String>, Option<u64>) {
@@ -311,6 +314,7 @@ impl World {
                 start_ms <= t && t <= end_ms
             })
             .filter(|i| userids.is_empty() || userids.contains(&i.originator_userid))
+            .filter(|i| statuses.is_empty() || statuses.contains(&i.status))
             .collect();
         // Stable: instances created in the same millisecond keep their creation order.
         matching.sort_by_key(|i| i.create_time);

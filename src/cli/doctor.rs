@@ -14,7 +14,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::{PgPool, postgres::PgConnectOptions};
 
 use crate::{
-    config::{Config, ConfigError},
+    config::{ApiFamily, Config, ConfigError},
     crypto::{self, CallbackCrypto},
     dingtalk::{self, Client, Purpose, types::CallbackRegistration},
     store,
@@ -160,6 +160,7 @@ pub async fn run(config: &Config) -> Report {
         None => None,
     };
     findings.push(crypto_round_trip(config));
+    findings.push(api_families(config, &client).await);
     let registered = matches!(registration, Some(Ok(_)));
     findings.push(owner_key(config, registered));
     findings.push(callback_registration(config, registration));
@@ -433,6 +434,9 @@ async fn token(
                 dingtalk::Error::Rejected { errcode: 60020, .. } => {
                     "add this machine's public IP to the app's IP whitelist in the developer console (errcode 60020)"
                 }
+                e if e.v1_code() == Some("invalidClientIdOrSecret") => {
+                    "check dingtalk.app_key and dingtalk.app_secret (invalidClientIdOrSecret: wrong key or secret)"
+                }
                 dingtalk::Error::Transient(_) | dingtalk::Error::NoResponse(_) => {
                     "check that dingtalk.api_base is reachable from this machine"
                 }
@@ -443,6 +447,132 @@ async fn token(
                 None,
             )
         }
+    }
+}
+
+/// An instance id no organisation has: asking for it costs one metered call, and changes nothing.
+const PROBE_INSTANCE: &str = "dingsync-doctor-permission-probe";
+
+/// What one family's probe says about the app's permissions.
+enum Permitted {
+    Yes,
+    No(String),
+    /// DingTalk did not say (unreachable, rate limited, paused).
+    Unknown(String),
+}
+
+/// Which API family's approval permissions the app has (docs/dingtalk.md §11.7): one `get` of an
+/// instance that does not exist in each family, two metered calls in all (`topapi/processinstance/get`
+/// and v1.0 `GET /v1.0/workflow/processInstances`), with the token already fetched (one token
+/// serves both). "No such instance" means the API ran, so the app may call it; a permission
+/// refusal means it may not.
+async fn api_families(config: &Config, client: &Option<Client>) -> Finding {
+    const CHECK: &str = "api family";
+    let Some(client) = client else {
+        let why = if config.uses_emulator() {
+            "dingtalk.api_base is \"emulator\": the embedded emulator serves both families"
+        } else {
+            "needs an access token (see token)"
+        };
+        return Finding::new(Status::Skip, CHECK, why);
+    };
+    let mut other = config.dingtalk.clone();
+    other.api_family = match client.family() {
+        ApiFamily::Legacy => ApiFamily::V1,
+        ApiFamily::V1 => ApiFamily::Legacy,
+    };
+    let other = match Client::with_ledger(
+        client.pool().clone(),
+        &other,
+        &config.dingtalk.api_base,
+        client.ledger().clone(),
+    ) {
+        Ok(other) => other,
+        Err(e) => return Finding::new(Status::Fail, CHECK, format!("{e:#}")),
+    };
+    let (configured, other_family) = (client.family(), other.family());
+    let ours = permitted(client).await;
+    let theirs = permitted(&other).await;
+    let name = |f: ApiFamily| match f {
+        ApiFamily::Legacy => "legacy (topapi/processinstance/*)",
+        ApiFamily::V1 => "v1 (/v1.0/workflow/*)",
+    };
+    let key = format!("dingtalk.api_family = \"{}\"", configured.as_str());
+    match (ours, theirs) {
+        (Permitted::Yes, Permitted::Yes) => Finding::new(
+            Status::Ok,
+            CHECK,
+            format!("{key}; the app may call both families (2 metered calls spent on this check)"),
+        ),
+        (Permitted::Yes, Permitted::No(why)) => {
+            let finding = format!(
+                "{key} works; {} is not permitted ({why})",
+                name(other_family)
+            );
+            if configured == ApiFamily::Legacy && config.outbox.forecast_check {
+                Finding::new(Status::Fail, CHECK, format!("{finding}: outbox.forecast_check needs it"))
+                    .fix("grant the app Workflow.Instance.Write in the developer console, or set outbox.forecast_check = false")
+            } else if configured == ApiFamily::Legacy {
+                Finding::new(Status::Warn, CHECK, format!("{finding}: the forecast, self-selected approvers and task actions need v1"))
+                    .fix("grant the app Workflow.Instance.Read and Workflow.Instance.Write in the developer console to use them")
+            } else {
+                Finding::new(Status::Ok, CHECK, finding)
+            }
+        }
+        (Permitted::No(why), Permitted::Yes) => Finding::new(
+            Status::Fail,
+            CHECK,
+            format!(
+                "{key}, but the app may not call {} ({why}); it may call {}",
+                name(configured),
+                name(other_family)
+            ),
+        )
+        .fix(format!(
+            "set dingtalk.api_family = \"{}\", or grant the app the {} permissions in the developer console",
+            other_family.as_str(),
+            configured.as_str()
+        )),
+        (Permitted::No(why), _) => Finding::new(
+            Status::Fail,
+            CHECK,
+            format!("the app may not call {} ({why})", name(configured)),
+        )
+        .fix("grant the app the approval permissions (v1: Workflow.Instance.Read and Workflow.Instance.Write) in the developer console"),
+        (Permitted::Unknown(why), _) | (Permitted::Yes, Permitted::Unknown(why)) => {
+            Finding::new(Status::Warn, CHECK, format!("{key}; could not tell: {why}"))
+                .fix("run dingsync doctor again")
+        }
+    }
+}
+
+/// One family's probe: a `get` of [`PROBE_INSTANCE`].
+async fn permitted(client: &Client) -> Permitted {
+    match client.get_instance(PROBE_INSTANCE, Purpose::Doctor).await {
+        // DingTalk knows no such instance: anything else would be odd, but it did answer.
+        Ok(_) => Permitted::Yes,
+        Err(e @ dingtalk::Error::Rejected { .. }) => {
+            let text = e.to_string();
+            // v1.0: 403 AccessTokenPermissionDenied (and the endpoint-specific "no access"
+            // codes); old family: 60011 or a message about 权限 (permission), [unconfirmed].
+            let denied = matches!(
+                e.v1_code(),
+                Some(
+                    "Forbidden.AccessDenied.AccessTokenPermissionDenied"
+                        | "Forbidden.AccessDenied.IpNotInWhiteList"
+                        | "noPermission"
+                        | "apiPermissionDenied"
+                        | "permission.error"
+                )
+            ) || (e.v1_code().is_none()
+                && (text.contains("60011") || text.contains("权限")));
+            if denied {
+                Permitted::No(text)
+            } else {
+                Permitted::Yes
+            }
+        }
+        Err(e) => Permitted::Unknown(e.to_string()),
     }
 }
 

@@ -1,7 +1,8 @@
 //! `dingsync drift`: compares the database with a fresh DingTalk listing of each process_code
 //! (`listids` windows, then `processinstance/get` per id, bulk priority) and reports approvals
 //! missing from the database, extra in it (stored as created in the period but not listed), and
-//! disagreeing with DingTalk (status, result, times to the second, title, form values, tasks).
+//! disagreeing with DingTalk (status, result, times to the second (v1.0: the minute), title, form
+//! values, tasks).
 //! Read-only: it changes nothing.
 
 use std::{
@@ -210,15 +211,22 @@ pub fn compare(row: &Stored, snap: &Snapshot) -> Vec<String> {
         format!("{:?}", row.title),
         format!("{:?}", snap.title),
     );
+    // Compared at the precision DingTalk gave: the second, or the minute for a v1.0 answer
+    // (docs/dingtalk.md §11.3).
+    let step = if snap.whole_minutes {
+        TimeDelta::minutes(1)
+    } else {
+        TimeDelta::seconds(1)
+    };
     check(
         "created_at",
-        second(row.created_at),
-        second(snap.created_at),
+        truncated(row.created_at, step),
+        truncated(snap.created_at, step),
     );
     check(
         "finished_at",
-        second(row.finished_at),
-        second(snap.finished_at),
+        truncated(row.finished_at, step),
+        truncated(snap.finished_at, step),
     );
     let form = serde_json::Value::Array(Vec::new());
     check(
@@ -240,8 +248,8 @@ pub fn compare(row: &Stored, snap: &Snapshot) -> Vec<String> {
     diffs
 }
 
-fn second(t: Option<DateTime<Utc>>) -> String {
-    t.and_then(|t| t.duration_trunc(TimeDelta::seconds(1)).ok())
+fn truncated(t: Option<DateTime<Utc>>, step: TimeDelta) -> String {
+    t.and_then(|t| t.duration_trunc(step).ok())
         .map_or("null".into(), |t| t.to_rfc3339())
 }
 

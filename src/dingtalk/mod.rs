@@ -125,6 +125,7 @@ struct Inner {
     /// Where v1.0 calls go (`DingTalkConfig::v1_base`).
     v1_base: String,
     family: ApiFamily,
+    pool: PgPool,
     tokens: Tokens,
     budget: Budget,
     gate: Arc<quota::Gate>,
@@ -190,13 +191,14 @@ impl Client {
             ledger.clone(),
             gate.clone(),
         );
-        let budget = Budget::new(pool, config);
+        let budget = Budget::new(pool.clone(), config);
         Ok(Client {
             inner: Arc::new(Inner {
                 http,
                 base,
                 v1_base,
                 family: config.api_family,
+                pool,
                 tokens,
                 budget,
                 gate,
@@ -210,6 +212,11 @@ impl Client {
     /// The family that creates, reads and lists (`dingtalk.api_family`).
     pub fn family(&self) -> ApiFamily {
         self.inner.family
+    }
+
+    /// The pool this client shares its token, budget and ledger through.
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
     }
 
     pub fn tokens(&self) -> &Tokens {

@@ -91,6 +91,10 @@ pub struct ProcessInstance {
     pub operation_records: Vec<serde_json::Value>,
     #[serde(default)]
     pub tasks: Vec<InstanceTask>,
+    /// Its times are given to the minute, not the second (a v1.0 answer, docs/dingtalk.md
+    /// §11.3): a stored time within that minute is the finer one and is kept.
+    #[serde(skip)]
+    pub whole_minutes: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

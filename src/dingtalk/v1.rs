@@ -82,7 +82,11 @@ pub(super) fn read_answer(status: u16, text: &str) -> Result<(), Classified> {
     };
     let code = body.code.as_str();
     if code == quota::V1_QUOTA_CODE {
-        return Err(Classified::Quota(format!("{code}: {}", body.message)));
+        // Named with the old family's number too: operators and docs know it as 90020.
+        return Err(Classified::Quota(format!(
+            "{code} (90020): {}",
+            body.message
+        )));
     }
     if code.starts_with("Forbidden.AccessDenied.Qp") || RATE_CODES.contains(&code) {
         return Err(Classified::Rate(status_i));
@@ -299,6 +303,7 @@ impl Instance {
                     activity_id: t.activity_id,
                 })
                 .collect(),
+            whole_minutes: true,
         }
     }
 }
@@ -311,26 +316,29 @@ fn rename(m: &mut Map<String, Value>, from: &str, to: &str) {
 }
 
 /// A v1.0 form value with the old API's keys (`componentType` → `component_type`, `extValue`
-/// → `ext_value`, `bizAlias` → `biz_alias`): stored snapshots have one shape whichever family
-/// read them, and the outbox's lost-answer comparison reads `component_type`.
+/// → `ext_value`) and without the keys the old API has no counterpart for (`bizAlias`): stored
+/// snapshots have one shape whichever family read them, and the outbox's lost-answer
+/// comparison reads `component_type`.
 fn legacy_form_value(v: Value) -> Value {
     let Value::Object(mut m) = v else { return v };
     rename(&mut m, "componentType", "component_type");
     rename(&mut m, "extValue", "ext_value");
-    rename(&mut m, "bizAlias", "biz_alias");
+    m.remove("bizAlias");
     Value::Object(m)
 }
 
 /// A v1.0 operation record with the old API's keys and time (`userId` → `userid`, `type` →
-/// `operation_type`, `result` → `operation_result`, `date` in Beijing time).
+/// `operation_type`, `result` → `operation_result`, `date` in Beijing time), without the keys
+/// the old record has no counterpart for (`showName`, `activityId`, `ccUserIds`, `images`);
+/// `remark` and `attachments` are kept.
 fn legacy_record(v: Value) -> Value {
     let Value::Object(mut m) = v else { return v };
     rename(&mut m, "userId", "userid");
     rename(&mut m, "type", "operation_type");
     rename(&mut m, "result", "operation_result");
-    rename(&mut m, "showName", "show_name");
-    rename(&mut m, "activityId", "activity_id");
-    rename(&mut m, "ccUserIds", "cc_userids");
+    for extra in ["showName", "activityId", "ccUserIds", "images"] {
+        m.remove(extra);
+    }
     if let Some(Value::String(date)) = m.get("date") {
         let date = beijing_text(date);
         m.insert("date".into(), date.into());

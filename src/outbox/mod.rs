@@ -53,6 +53,14 @@ pub const PAUSED_RECHECK: Duration = Duration::from_secs(10 * 60);
 /// How long a stopping worker waits for creates in flight before it abandons them (as `unknown`).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// What the forecast pre-check leaves to do.
+enum Forecasted {
+    /// Send the create.
+    Go,
+    /// The row has been dealt with (failed, or waiting for the allowance).
+    Done,
+}
+
 /// The worker of one organisation.
 pub struct Worker {
     pool: PgPool,
@@ -311,6 +319,12 @@ impl Worker {
                 return Ok(());
             }
         };
+        if self.config.forecast_check {
+            match self.forecast(row, &request, claimed_at).await? {
+                Forecasted::Go => {}
+                Forecasted::Done => return Ok(()),
+            }
+        }
         // Cut off at half the lease after the claim: by the time the lease expires, this send is
         // over (rule 3).
         let deadline = claimed_at + self.lease() / 2;
@@ -350,6 +364,77 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    /// `outbox.forecast_check`: asks DingTalk's forecast (docs/dingtalk.md §11.5) whether the
+    /// create can work, before it is sent. A forecast DingTalk refuses, or one whose route has a
+    /// required self-selected node the row names no approvers for, fails the row with DingTalk's
+    /// reason (nothing was created: the forecast creates nothing). Any other outcome lets the
+    /// create go ahead: a transient failure, a rate limit or a lost answer says nothing about the
+    /// request, and a row is never failed for one. Bounded to a quarter of the lease, so that the
+    /// create still has its own time within the half lease of rule 3.
+    async fn forecast(
+        &self,
+        row: &OutboxRow,
+        request: &dingtalk::types::CreateInstance,
+        claimed_at: Instant,
+    ) -> anyhow::Result<Forecasted> {
+        let (pool, corp) = (&self.pool, self.corp_id.as_str());
+        let deadline = claimed_at + self.lease() / 4;
+        let asked = self.client.forecast(request, dingtalk::Purpose::Outbox);
+        let answer = match tokio::time::timeout_at(deadline, asked).await {
+            Ok(answer) => answer,
+            Err(_elapsed) => {
+                tracing::info!(
+                    outbox_id = row.id,
+                    "outbox: the forecast did not answer in time; creating without it"
+                );
+                return Ok(Forecasted::Go);
+            }
+        };
+        let refusal = match answer {
+            Ok(forecast) if !forecast.success => {
+                Some("DingTalk's forecast found no route for this request".to_string())
+            }
+            Ok(forecast) => forecast
+                .select_nodes
+                .iter()
+                .find(|node| {
+                    node.required
+                        && request.approvers.is_none()
+                        && request.approvers_v2.is_none()
+                        && !request
+                            .target_select_actioners
+                            .iter()
+                            .any(|a| a.actioner_key == node.actor_key && !a.user_ids.is_empty())
+                })
+                .map(|node| {
+                    format!(
+                        "DingTalk's forecast: the template's self-selected node {:?} needs approvers: set select_approvers {{\"{}\": [userid, ...]}}",
+                        node.activity_name, node.actor_key
+                    )
+                }),
+            Err(e @ dingtalk::Error::Rejected { .. }) => {
+                Some(format!("DingTalk's forecast refused the request: {e}"))
+            }
+            // Nothing was sent: the row waits for the allowance, as a create would.
+            Err(dingtalk::Error::QuotaExhausted { until, reason }) => {
+                self.paused(row, until, &reason).await?;
+                return Ok(Forecasted::Done);
+            }
+            Err(e) => {
+                tracing::info!(outbox_id = row.id, error = %e, "outbox: no forecast; creating without it");
+                None
+            }
+        };
+        match refusal {
+            Some(why) => {
+                tracing::info!(outbox_id = row.id, "outbox: {why}");
+                store::record_failed(pool, corp, row.id, &why).await?;
+                Ok(Forecasted::Done)
+            }
+            None => Ok(Forecasted::Go),
+        }
     }
 
     /// Certainly not created: back off and retry, or give up after `max_attempts` sends.

@@ -8,7 +8,7 @@
 use serde_json::Value;
 
 use crate::{
-    dingtalk::types::{ApproverNode, CreateInstance, FormValue, ProcessInstance},
+    dingtalk::types::{ApproverNode, CreateInstance, FormValue, ProcessInstance, SelectActioner},
     store::outbox::OutboxRow,
 };
 
@@ -25,8 +25,38 @@ pub fn create_request(row: &OutboxRow) -> Result<CreateInstance, String> {
         cc_list: row.cc_list.as_ref().map(|cc| cc.join(",")),
         cc_position: row.cc_position.clone(),
         form_component_values: form_values(&row.form_values)?,
-        target_select_actioners: Vec::new(),
+        target_select_actioners: row
+            .select_approvers
+            .as_ref()
+            .map(select_actioners)
+            .transpose()?
+            .unwrap_or_default(),
     })
+}
+
+/// `select_approvers` (`{"<actionerKey>": ["userid", ...]}`) as v1.0's `targetSelectActioners`
+/// (docs/dingtalk.md §11.2), in key order.
+fn select_actioners(chosen: &Value) -> Result<Vec<SelectActioner>, String> {
+    let nodes = chosen
+        .as_object()
+        .ok_or("select_approvers is not a JSON object")?;
+    nodes
+        .iter()
+        .map(|(key, users)| {
+            let user_ids = users
+                .as_array()
+                .and_then(|u| {
+                    u.iter()
+                        .map(|u| u.as_str().map(str::to_string))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .ok_or_else(|| format!("select_approvers.{key} is not an array of userids"))?;
+            Ok(SelectActioner {
+                actioner_key: key.clone(),
+                user_ids,
+            })
+        })
+        .collect()
 }
 
 /// `[{"name", "value", "ext_value"}]` with every name and value as DingTalk's string.
@@ -247,6 +277,7 @@ mod tests {
             approvers,
             cc_list: Some(vec!["u3".into(), "u4".into()]),
             cc_position: Some("FINISH".into()),
+            select_approvers: None,
             state: "sending".into(),
             attempts: 1,
             next_attempt_at: chrono::Utc::now(),

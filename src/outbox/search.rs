@@ -44,7 +44,7 @@ use serde_json::Value;
 
 use super::{Worker, request};
 use crate::{
-    dingtalk::{Purpose, types::CreateInstance},
+    dingtalk::{ApiFamily, Purpose, types::CreateInstance},
     snapshot::Snapshot,
     store::{
         approvals::{self, SnapshotSource},
@@ -251,7 +251,7 @@ impl Worker {
             }
         };
         let (found, fetched) = found;
-        pair(&mut parties, &found);
+        pair(&mut parties, &found, read_precision(self.client.family()));
 
         let mut dealt = Vec::new();
         for p in &parties {
@@ -426,15 +426,31 @@ impl Worker {
     }
 }
 
+/// How finely a create time read back with `get` is given: to the second by the old family
+/// (docs/dingtalk.md §2.3, covered by [`CLOCK_SKEW`]), to the minute by v1.0 (§11.3), so an
+/// instance made inside a row's window may read as made up to 59 s before it.
+fn read_precision(family: ApiFamily) -> TimeDelta {
+    match family {
+        ApiFamily::Legacy => TimeDelta::zero(),
+        ApiFamily::V1 => TimeDelta::minutes(1),
+    }
+}
+
 /// Gives each instance, oldest first, to the oldest row without one whose request it matches and
-/// whose window holds its create time. A settled row that could have had an instance which went
-/// to a row not yet settled becomes `doubtful`: that row's own instance may not be visible yet.
-fn pair(parties: &mut [Party], found: &[Found]) {
+/// whose window holds its create time (read to `precision`: the window's start is taken back to
+/// the last whole `precision`, the most a read time can lag). A settled row that could have had
+/// an instance which went to a row not yet settled becomes `doubtful`: that row's own instance
+/// may not be visible yet.
+fn pair(parties: &mut [Party], found: &[Found], precision: TimeDelta) {
+    let floor = |t: DateTime<Utc>| match precision.num_seconds() {
+        0 => t,
+        secs => DateTime::from_timestamp(t.timestamp().div_euclid(secs) * secs, 0).unwrap_or(t),
+    };
     for f in found {
         let fits = |p: &Party| {
             request::matches_read(&p.request, f.originator.as_deref(), &f.form_values)
                 && f.created_at
-                    .is_none_or(|t| p.window.0 <= t && t <= p.window.1)
+                    .is_none_or(|t| floor(p.window.0) <= t && t <= p.window.1)
         };
         let Some(taker) = parties.iter().position(|p| p.adopted.is_none() && fits(p)) else {
             continue;

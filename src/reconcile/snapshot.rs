@@ -91,6 +91,7 @@ impl Snapshot {
             form_values: Value::Array(p.form_component_values.clone()),
             operation_records: Value::Array(p.operation_records.clone()),
             tasks,
+            whole_minutes: p.whole_minutes,
         })
     }
 }
@@ -149,6 +150,7 @@ mod tests {
                 finish_time: Some("2022-06-19 09:01:00".into()),
                 activity_id: Some("xxxx-xxxx".into()),
             }],
+            whole_minutes: false,
         }
     }
 

@@ -458,6 +458,11 @@ pub async fn apply_snapshot(
     .bind(&snap.process_instance_id)
     .fetch_optional(&mut *tx)
     .await?;
+    let precision = if snap.whole_minutes {
+        "minute"
+    } else {
+        "second"
+    };
     let after: Option<Outcome> = sqlx::query_as(APPLY_APPROVAL)
         .bind(corp_id)
         .bind(&snap.process_instance_id)
@@ -474,6 +479,7 @@ pub async fn apply_snapshot(
         .bind(snap.finished_at)
         .bind(requested_at)
         .bind(source.as_str())
+        .bind(precision)
         .fetch_optional(&mut *tx)
         .await?;
     let Some(after) = after else {
@@ -496,6 +502,7 @@ pub async fn apply_snapshot(
         .bind(t.iter().map(|t| t.remark.as_deref()).collect::<Vec<_>>())
         .bind(t.iter().map(|t| t.created_at).collect::<Vec<_>>())
         .bind(t.iter().map(|t| t.finished_at).collect::<Vec<_>>())
+        .bind(precision)
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -511,7 +518,8 @@ pub async fn apply_snapshot(
     Ok(Applied::Yes { changed })
 }
 
-/// `$1..$13` the snapshot, `$14` requested_at, `$15` source.
+/// `$1..$13` the snapshot, `$14` requested_at, `$15` source, `$16` the precision of the snapshot's
+/// times (`second` or `minute`): a stored time that truncates to the snapshot's is finer, and kept.
 /// The `WHERE` of the update is the "an older snapshot never overrides a newer one" rule.
 const APPLY_APPROVAL: &str = "
 INSERT INTO dingsync.approvals AS a
@@ -528,7 +536,7 @@ ON CONFLICT (corp_id, process_instance_id) DO UPDATE SET
     form_values        = excluded.form_values,
     operation_records  = excluded.operation_records,
     created_at = CASE WHEN excluded.created_at IS NULL
-                        OR date_trunc('second', a.created_at) = excluded.created_at
+                        OR date_trunc($16::text, a.created_at) = excluded.created_at
                       THEN coalesce(a.created_at, excluded.created_at) ELSE excluded.created_at END,
     status      = CASE WHEN dingsync.status_wins(excluded.status, a.status, true)
                        THEN excluded.status ELSE a.status END,
@@ -536,7 +544,7 @@ ON CONFLICT (corp_id, process_instance_id) DO UPDATE SET
                        THEN excluded.result ELSE a.result END,
     finished_at = CASE WHEN NOT dingsync.status_wins(excluded.status, a.status, true)
                        THEN a.finished_at
-                       WHEN date_trunc('second', a.finished_at) = excluded.finished_at
+                       WHEN date_trunc($16::text, a.finished_at) = excluded.finished_at
                        THEN a.finished_at ELSE excluded.finished_at END,
     -- A hold after a failed fetch ends with a snapshot; when to look again is the planner's
     -- (bounded sweep and gap checks, src/planner.rs), not a cadence.
@@ -553,8 +561,9 @@ WHERE a.snapshot_at IS NULL OR a.snapshot_at < excluded.snapshot_at
 RETURNING status, result, finished_at, form_values
 ";
 
-/// `$1` corp, `$2` instance, `$3..$10` the tasks. Same status rule as approvals; a row is written
-/// only when something differs, so re-checking an unchanged approval writes no task rows.
+/// `$1` corp, `$2` instance, `$3..$10` the tasks, `$11` the precision of their times (as above).
+/// Same status rule as approvals; a row is written only when something differs, so re-checking
+/// an unchanged approval writes no task rows.
 const APPLY_TASKS: &str = "
 INSERT INTO dingsync.approval_tasks AS t
     (corp_id, task_id, process_instance_id, activity_id, userid, status, result, remark,
@@ -567,7 +576,7 @@ ON CONFLICT (corp_id, task_id) DO UPDATE SET
     activity_id = coalesce(excluded.activity_id, t.activity_id),
     userid      = coalesce(excluded.userid, t.userid),
     created_at  = CASE WHEN excluded.created_at IS NULL
-                         OR date_trunc('second', t.created_at) = excluded.created_at
+                         OR date_trunc($11::text, t.created_at) = excluded.created_at
                        THEN coalesce(t.created_at, excluded.created_at) ELSE excluded.created_at END,
     status      = CASE WHEN dingsync.status_wins(excluded.status, t.status, true)
                        THEN excluded.status ELSE t.status END,
@@ -575,12 +584,12 @@ ON CONFLICT (corp_id, task_id) DO UPDATE SET
                        THEN excluded.result ELSE t.result END,
     finished_at = CASE WHEN NOT dingsync.status_wins(excluded.status, t.status, true)
                        THEN t.finished_at
-                       WHEN date_trunc('second', t.finished_at) = excluded.finished_at
+                       WHEN date_trunc($11::text, t.finished_at) = excluded.finished_at
                        THEN t.finished_at ELSE excluded.finished_at END,
     remark      = coalesce(excluded.remark, t.remark),
     updated_at  = now()
 WHERE (t.process_instance_id, t.activity_id, t.userid, t.status, t.result, t.remark,
-       date_trunc('second', t.created_at), date_trunc('second', t.finished_at))
+       date_trunc($11::text, t.created_at), date_trunc($11::text, t.finished_at))
       IS DISTINCT FROM
       (excluded.process_instance_id, coalesce(excluded.activity_id, t.activity_id),
        coalesce(excluded.userid, t.userid),
@@ -589,9 +598,9 @@ WHERE (t.process_instance_id, t.activity_id, t.userid, t.status, t.result, t.rem
        CASE WHEN dingsync.status_wins(excluded.status, t.status, true)
             THEN excluded.result ELSE t.result END,
        coalesce(excluded.remark, t.remark),
-       coalesce(excluded.created_at, date_trunc('second', t.created_at)),
+       coalesce(excluded.created_at, date_trunc($11::text, t.created_at)),
        CASE WHEN dingsync.status_wins(excluded.status, t.status, true)
-            THEN excluded.finished_at ELSE date_trunc('second', t.finished_at) END)
+            THEN excluded.finished_at ELSE date_trunc($11::text, t.finished_at) END)
 ";
 
 // ---- A batch of events -------------------------------------------------------------------

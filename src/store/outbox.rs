@@ -26,6 +26,8 @@ pub struct OutboxRow {
     pub approvers: Option<Value>,
     pub cc_list: Option<Vec<String>>,
     pub cc_position: Option<String>,
+    /// `{"<actionerKey>": ["userid", ...]}` for the template's self-selected nodes (V19).
+    pub select_approvers: Option<Value>,
     pub state: String,
     pub attempts: i32,
     pub next_attempt_at: DateTime<Utc>,
@@ -56,7 +58,8 @@ pub enum Work {
 }
 
 const COLUMNS: &str = "o.corp_id, o.id, o.idempotency_key, o.process_code, o.originator_user_id, \
-    o.dept_id, o.form_values, o.approvers, o.cc_list, o.cc_position, o.state, o.attempts, \
+    o.dept_id, o.form_values, o.approvers, o.cc_list, o.cc_position, o.select_approvers, \
+    o.state, o.attempts, \
     o.next_attempt_at, o.sent_at, o.last_error, o.process_instance_id, o.created_at";
 
 /// Records that a daemon serves `corp_id` (see `dingsync.default_corp_id()`).

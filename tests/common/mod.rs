@@ -15,7 +15,7 @@ use std::{
 use dingsync::{
     app::App,
     callback::EncryptedReply,
-    config::{Config, Secret},
+    config::{ApiFamily, Config, Secret},
     crypto::{self, CallbackCrypto},
 };
 use serde_json::Value;
@@ -49,6 +49,10 @@ pub fn dingsync_command_with(config: &std::path::Path, args: &[&str]) -> std::pr
         if key.to_string_lossy().starts_with("DINGSYNC_TEST_") {
             command.env_remove(key);
         }
+    }
+    // The family of this test run (DINGSYNC_TEST_API_FAMILY) is the child's too.
+    if std::env::var_os("DINGSYNC_TEST_API_FAMILY").is_some() {
+        command.env("DINGSYNC_DINGTALK_API_FAMILY", api_family().as_str());
     }
     command
 }
@@ -137,9 +141,63 @@ impl Drop for TestDb {
     }
 }
 
-/// The configuration a test daemon runs with: fresh secrets, port 0, the given database.
+/// The API family the tests run in: `DINGSYNC_TEST_API_FAMILY` (`legacy`, the default, or `v1`).
+/// CI runs the client-touching tests once in each (`.ci/run`). An unknown value fails the test
+/// rather than silently running the default.
+pub fn api_family() -> ApiFamily {
+    match std::env::var("DINGSYNC_TEST_API_FAMILY").as_deref() {
+        Err(_) | Ok("") | Ok("legacy") => ApiFamily::Legacy,
+        Ok("v1") => ApiFamily::V1,
+        Ok(other) => panic!("DINGSYNC_TEST_API_FAMILY={other}: must be legacy or v1"),
+    }
+}
+
+/// The emulator's names of the calls a test counts or injects errors into, in the family the
+/// tests run in ([`api_family`]): the old family's paths, or v1.0's method and path.
+pub mod api {
+    use super::{ApiFamily, api_family};
+
+    fn pick(legacy: &'static str, v1: &'static str) -> &'static str {
+        match api_family() {
+            ApiFamily::Legacy => legacy,
+            ApiFamily::V1 => v1,
+        }
+    }
+
+    pub fn token() -> &'static str {
+        pick("gettoken", "POST v1.0/oauth2/accessToken")
+    }
+    pub fn create() -> &'static str {
+        pick(
+            "topapi/processinstance/create",
+            "POST v1.0/workflow/processInstances",
+        )
+    }
+    pub fn get() -> &'static str {
+        pick(
+            "topapi/processinstance/get",
+            "GET v1.0/workflow/processInstances",
+        )
+    }
+    pub fn list_ids() -> &'static str {
+        pick(
+            "topapi/processinstance/listids",
+            "POST v1.0/workflow/processes/instanceIds/query",
+        )
+    }
+    /// The ledger's name of the same call (`dingsync.usage.api`): the path without method.
+    pub fn ledger_path(emulator_name: &str) -> &str {
+        emulator_name
+            .split_once(' ')
+            .map_or(emulator_name, |(_, path)| path)
+    }
+}
+
+/// The configuration a test daemon runs with: fresh secrets, port 0, the given database, the
+/// API family of this run ([`api_family`]).
 pub fn test_config(database_url: &str) -> Config {
     let mut config = Config::default();
+    config.dingtalk.api_family = api_family();
     config.database.url = Secret::new(database_url);
     config.database.acquire_timeout_ms = 1_000;
     config.server.listen = "127.0.0.1:0".into();
