@@ -209,6 +209,7 @@ impl App {
                 &config.reconcile,
                 &config.retention,
             )
+            .with_forms(&config.forms)
         });
         let mut app = App {
             addr,

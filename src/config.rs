@@ -33,6 +33,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub reconcile: ReconcileConfig,
     pub retention: RetentionConfig,
+    pub forms: FormsConfig,
 }
 
 /// When each reconcile job runs: cron strings with six fields, seconds first
@@ -45,6 +46,7 @@ pub struct SchedulerConfig {
     pub backfill: String,
     pub failed: String,
     pub retention: String,
+    pub forms: String,
 }
 
 /// How long dingsync keeps what it may prune (the `retention` job).
@@ -60,6 +62,23 @@ pub struct RetentionConfig {
     /// Days of the scheduler's run log `dingsync.job_runs` to keep, by started_at; 0 keeps it
     /// forever. A job every few seconds writes tens of thousands of rows a day.
     pub job_runs_days: u32,
+}
+
+/// The typed form views (`[forms]`, `src/forms/`, the `forms` job in `src/reconcile/forms.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FormsConfig {
+    /// Fetch template schemas and keep the views of schema `dingsync_forms`.
+    pub enabled: bool,
+    /// A template with approvals created since its schema was last fetched is fetched again after
+    /// this many hours (0: only when an approval shows a control the schema lacks).
+    pub check_h: u64,
+    /// View names by process code: `{ "PROC-..." = "expense" }`.
+    pub names: BTreeMap<String, String>,
+    /// Column names by control: `{ "PROC-...:TextField-K2AD4O5B" = "reason" }`.
+    pub columns: BTreeMap<String, String>,
+    /// Expression indexes on form columns, as `view.column`, built without blocking writes.
+    pub indexes: Vec<String>,
 }
 
 /// How the reconcile jobs work (`src/reconcile/`).
@@ -371,6 +390,7 @@ impl Default for Config {
                 backfill: "0 17 19 * * *".into(),
                 failed: "30 * * * * *".into(),
                 retention: "0 30 19 * * *".into(),
+                forms: "20 * * * * *".into(),
             },
             reconcile: ReconcileConfig {
                 process_codes: Vec::new(),
@@ -392,6 +412,13 @@ impl Default for Config {
                 events_days: 180,
                 event_keys_days: 400,
                 job_runs_days: 30,
+            },
+            forms: FormsConfig {
+                enabled: true,
+                check_h: 24,
+                names: BTreeMap::new(),
+                columns: BTreeMap::new(),
+                indexes: Vec::new(),
             },
         }
     }
@@ -418,7 +445,8 @@ default_from_config!(
     LogConfig => log,
     SchedulerConfig => scheduler,
     ReconcileConfig => reconcile,
-    RetentionConfig => retention
+    RetentionConfig => retention,
+    FormsConfig => forms
 );
 
 /// A configuration mistake, naming the key and the rule it breaks.
@@ -628,6 +656,7 @@ impl Config {
             }
         }
         self.validate_reconcile()?;
+        self.validate_forms()?;
         let r = &self.retention;
         // Keys pruned before their events would let a replay of a pruned key's event be refused
         // by the event row alone, and after that row is gone be stored again.
@@ -807,6 +836,7 @@ impl Config {
             ("scheduler.backfill", &s.backfill),
             ("scheduler.failed", &s.failed),
             ("scheduler.retention", &s.retention),
+            ("scheduler.forms", &s.forms),
         ] {
             parse_schedule(schedule).map_err(|e| invalid(key, e))?;
         }
@@ -912,6 +942,61 @@ impl Config {
         Ok(())
     }
 
+    /// `[forms]`: names that can be identifiers, keys of the documented shapes.
+    fn validate_forms(&self) -> Result<(), ConfigError> {
+        let f = &self.forms;
+        if f.check_h > 24 * 366 {
+            return Err(invalid("forms.check_h", "must be 0 to 8784 (a year)"));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (code, name) in &f.names {
+            if code.trim().is_empty() {
+                return Err(invalid("forms.names", "has an empty process code"));
+            }
+            if !view_identifier_ok(name, 40) {
+                return Err(invalid(
+                    &format!("forms.names.\"{code}\""),
+                    "must be 1 to 40 bytes of lower-case letters, digits and _ (letters of any script), not starting with a digit",
+                ));
+            }
+            if !seen.insert(name) {
+                return Err(invalid(
+                    &format!("forms.names.\"{code}\""),
+                    format!("{name:?} is the name of another template's view"),
+                ));
+            }
+        }
+        for (key, name) in &f.columns {
+            let shape_ok = key
+                .split_once(':')
+                .is_some_and(|(code, id)| !code.trim().is_empty() && !id.trim().is_empty());
+            if !shape_ok {
+                return Err(invalid(
+                    &format!("forms.columns.\"{key}\""),
+                    "the key must be \"PROC-...:<control id>\"",
+                ));
+            }
+            if !view_identifier_ok(name, 63) {
+                return Err(invalid(
+                    &format!("forms.columns.\"{key}\""),
+                    "must be 1 to 63 bytes of lower-case letters, digits and _ (letters of any script), not starting with a digit",
+                ));
+            }
+        }
+        for index in &f.indexes {
+            let ok = index.split_once('.').is_some_and(|(view, column)| {
+                !view.is_empty() && !column.is_empty() && !column.contains('.')
+            });
+            if !ok {
+                return Err(invalid(
+                    "forms.indexes",
+                    format!("{index:?} must be \"view.column\" (a view of schema dingsync_forms)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn uses_emulator(&self) -> bool {
         self.dingtalk.api_base == EMULATOR
     }
@@ -923,6 +1008,17 @@ impl Config {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.server.request_timeout_ms)
     }
+}
+
+/// Whether `name` is a name dingsync would choose itself for a form view or column: it is then
+/// used as is, never rewritten behind the operator's back.
+fn view_identifier_ok(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && !name.starts_with(|c: char| c.is_ascii_digit() || c == '_')
+        && name
+            .chars()
+            .all(|c| c == '_' || (c.is_alphanumeric() && !c.is_uppercase()))
 }
 
 /// Keys of earlier versions that were replaced: (section, key, what replaces it).
@@ -1019,6 +1115,21 @@ fn apply_env(
                     .parse()
                     .map_err(|_| invalid(&dotted, "must be true or false"))?,
             ),
+            // A table as `key=value` pairs separated by commas:
+            // DINGSYNC_FORMS_NAMES="PROC-A=expense,PROC-B=leave".
+            toml::Value::Table(_) => {
+                let mut pairs = toml::Table::new();
+                for pair in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                    let (k, v) = pair.split_once('=').ok_or_else(|| {
+                        invalid(&dotted, "must be key=value pairs separated by commas")
+                    })?;
+                    pairs.insert(
+                        k.trim().to_string(),
+                        toml::Value::String(v.trim().to_string()),
+                    );
+                }
+                toml::Value::Table(pairs)
+            }
             toml::Value::Array(_) => toml::Value::Array(
                 value
                     .split(',')
@@ -1204,6 +1315,54 @@ mod tests {
         assert!(!config.outbox.enabled);
         assert_eq!(config.reconcile.process_codes, vec!["PROC-A", "PROC-B"]);
         assert_eq!(config.server.listen, "0.0.0.0:9000");
+    }
+
+    #[test]
+    fn forms_names_and_columns_come_from_the_file_or_the_environment_and_are_checked() {
+        let file = SHIPPED.replace(
+            "names = {}",
+            "names = { \"PROC-A\" = \"expense\", \"PROC-B\" = \"请假\" }",
+        );
+        let config = load(&file, &[]).unwrap();
+        assert_eq!(config.forms.names["PROC-B"], "请假");
+        let config = load(
+            SHIPPED,
+            &[
+                ("DINGSYNC_FORMS_NAMES", "PROC-A=expense, PROC-B=leave"),
+                ("DINGSYNC_FORMS_COLUMNS", "PROC-A:TextField-1=reason"),
+                ("DINGSYNC_FORMS_INDEXES", "expense.amount"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.forms.names["PROC-A"], "expense");
+        assert_eq!(config.forms.columns["PROC-A:TextField-1"], "reason");
+        assert_eq!(config.forms.indexes, ["expense.amount"]);
+        for (env, value, key) in [
+            (
+                "DINGSYNC_FORMS_NAMES",
+                "PROC-A=Expense",
+                "forms.names.\"PROC-A\"",
+            ),
+            (
+                "DINGSYNC_FORMS_NAMES",
+                "PROC-A=x,PROC-B=x",
+                "forms.names.\"PROC-B\"",
+            ),
+            (
+                "DINGSYNC_FORMS_NAMES",
+                "PROC-A",
+                "forms.names (from DINGSYNC_FORMS_NAMES)",
+            ),
+            (
+                "DINGSYNC_FORMS_COLUMNS",
+                "TextField-1=reason",
+                "forms.columns.\"TextField-1\"",
+            ),
+            ("DINGSYNC_FORMS_INDEXES", "amount", "forms.indexes"),
+        ] {
+            let e = load(SHIPPED, &[(env, value)]).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{env}={value}: {e}");
+        }
     }
 
     #[test]

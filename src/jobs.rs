@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use sqlx::PgPool;
 
 use crate::{
-    config::{ReconcileConfig, RetentionConfig},
+    config::{FormsConfig, ReconcileConfig, RetentionConfig},
     dingtalk,
     ledger::Allowances,
 };
@@ -25,6 +25,7 @@ struct Inner {
     corp_id: String,
     config: ReconcileConfig,
     retention: RetentionConfig,
+    forms: FormsConfig,
 }
 
 impl Context {
@@ -43,6 +44,23 @@ impl Context {
                 corp_id: corp_id.to_string(),
                 config: config.clone(),
                 retention: retention.clone(),
+                forms: FormsConfig::default(),
+            }),
+        }
+    }
+
+    /// The same context with the `[forms]` settings (`serve` and `dingsync forms` pass theirs;
+    /// others keep the defaults, which only the `forms` job reads).
+    pub fn with_forms(self, forms: &FormsConfig) -> Context {
+        let i = &self.inner;
+        Context {
+            inner: Arc::new(Inner {
+                pool: i.pool.clone(),
+                client: i.client.clone(),
+                corp_id: i.corp_id.clone(),
+                config: i.config.clone(),
+                retention: i.retention.clone(),
+                forms: forms.clone(),
             }),
         }
     }
@@ -67,6 +85,11 @@ impl Context {
     /// The `[reconcile]` settings.
     pub fn config(&self) -> &ReconcileConfig {
         &self.inner.config
+    }
+
+    /// The `[forms]` settings.
+    pub fn forms(&self) -> &FormsConfig {
+        &self.inner.forms
     }
 
     /// The `[retention]` settings.

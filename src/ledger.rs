@@ -64,10 +64,12 @@ pub enum Purpose {
     Token,
     /// Opening a Stream connection (`v1.0/gateway/connections/open`).
     Stream,
+    /// Fetching a template's form schema (the typed form views).
+    Forms,
 }
 
 impl Purpose {
-    pub const ALL: [Purpose; 14] = [
+    pub const ALL: [Purpose; 15] = [
         Purpose::Outbox,
         Purpose::Search,
         Purpose::Action,
@@ -82,6 +84,7 @@ impl Purpose {
         Purpose::Callback,
         Purpose::Token,
         Purpose::Stream,
+        Purpose::Forms,
     ];
 
     pub fn name(self) -> &'static str {
@@ -100,12 +103,13 @@ impl Purpose {
             Purpose::Callback => "callback",
             Purpose::Token => "token",
             Purpose::Stream => "stream",
+            Purpose::Forms => "forms",
         }
     }
 
     /// Work that cannot wait for a better day: creates and actions (a business app waits for
-    /// them), their searches and read-backs, and the one detail fetch that brings an approval's
-    /// form. The rest is background work, paced by what is left of the month (`planner`).
+    /// them), their searches and read-backs, the one detail fetch that brings an approval's
+    /// form, and the schema of a form (a few calls a month; without it no form view). The rest is background work, paced by what is left of the month (`planner`).
     pub fn is_live(self) -> bool {
         matches!(
             self,
@@ -117,6 +121,7 @@ impl Purpose {
                 | Purpose::Doctor
                 | Purpose::Token
                 | Purpose::Stream
+                | Purpose::Forms
         )
     }
 }

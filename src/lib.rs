@@ -21,6 +21,7 @@ mod demo;
 pub mod dingtalk;
 mod error;
 pub mod event;
+pub mod forms;
 mod health;
 mod ingest;
 pub mod jobs;

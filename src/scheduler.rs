@@ -21,7 +21,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::{self, SchedulerConfig},
     jobs::{Context, Counts},
-    reconcile::{self, backfill, failed},
+    reconcile::{self, backfill, failed, forms},
     retention,
     store::job_runs,
 };
@@ -37,15 +37,17 @@ pub enum Job {
     Backfill,
     Failed,
     Retention,
+    Forms,
 }
 
 impl Job {
-    pub const ALL: [Job; 5] = [
+    pub const ALL: [Job; 6] = [
         Job::Details,
         Job::Sweep,
         Job::Backfill,
         Job::Failed,
         Job::Retention,
+        Job::Forms,
     ];
 
     pub fn name(self) -> &'static str {
@@ -55,6 +57,7 @@ impl Job {
             Job::Backfill => "backfill",
             Job::Failed => "failed",
             Job::Retention => "retention",
+            Job::Forms => "forms",
         }
     }
 
@@ -65,6 +68,7 @@ impl Job {
             Job::Backfill => &config.backfill,
             Job::Failed => &config.failed,
             Job::Retention => &config.retention,
+            Job::Forms => &config.forms,
         }
     }
 
@@ -75,6 +79,7 @@ impl Job {
             Job::Backfill => backfill::scheduled(ctx, shutdown).await,
             Job::Failed => failed::planned(ctx, shutdown).await,
             Job::Retention => retention::prune(ctx, shutdown).await,
+            Job::Forms => forms::scheduled(ctx, shutdown).await,
         }
     }
 }
@@ -144,7 +149,7 @@ pub async fn start(
     cron.start().await.context("starting the scheduler")?;
     tracing::info!(
         details = %config.details, sweep = %config.sweep, backfill = %config.backfill,
-        failed = %config.failed, retention = %config.retention, "scheduler started (UTC cron, six fields)"
+        failed = %config.failed, retention = %config.retention, forms = %config.forms, "scheduler started (UTC cron, six fields)"
     );
     Ok(Scheduler { cron, runs })
 }

@@ -323,9 +323,21 @@ async fn public_executes_no_dingsync_function_and_cannot_create_objects_in_the_s
     pool.close().await;
 }
 
-/// The SQL-standard-body functions the planner inlines (migration V9): bound when created, so no
-/// search_path can redirect them, and a SET clause would stop the inlining.
-const INLINED: [&str; 2] = ["status_rank", "status_wins"];
+/// The SQL-standard-body functions the planner inlines (migrations V9, V21: the form views' safe
+/// parse functions, evaluated per row): bound when created, so no search_path can redirect
+/// them, and a SET clause would stop the inlining.
+const INLINED: [&str; 10] = [
+    "status_rank",
+    "status_wins",
+    "form_value",
+    "form_ext",
+    "form_text",
+    "form_textarea",
+    "form_numeric",
+    "form_ymd",
+    "form_range_part",
+    "form_cell",
+];
 
 #[tokio::test]
 async fn every_function_pins_its_search_path_unless_it_is_an_inlined_sql_body() {

@@ -105,16 +105,16 @@ fn travel_template() -> Template {
                 component_type: "TextField".into(),
                 label: "Destination".into(),
                 required: true,
-                options: vec![],
+                ..Default::default()
             },
             dingsync_emulator::Control {
                 component_type: "TableField".into(),
                 label: "Itinerary".into(),
-                required: false,
-                options: vec![],
+                ..Default::default()
             },
         ],
         default_approvers: vec!["manager1".into()],
+        revision: 1,
         select_nodes: vec![SelectNode {
             actor_key: "manual_emu_travel_finance".into(),
             name: "财务审批".into(),

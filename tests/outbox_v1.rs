@@ -53,9 +53,10 @@ async fn daemon(family: ApiFamily, adjust: impl FnOnce(&mut Config)) -> (TestApp
             component_type: "TextField".into(),
             label: "Destination".into(),
             required: true,
-            options: vec![],
+            ..Default::default()
         }],
         default_approvers: vec!["manager1".into()],
+        revision: 1,
         select_nodes: vec![SelectNode {
             actor_key: SELECT_KEY.into(),
             name: "财务审批".into(),

@@ -59,6 +59,10 @@ pub(crate) fn router(handle: Handle, token: &str) -> Router {
         .route("/_emulator/failed", get(failed))
         .route("/_emulator/callback", get(callback))
         .route("/_emulator/templates", get(templates).post(add_template))
+        .route(
+            "/_emulator/templates/{process_code}/controls/{control_id}/rename",
+            post(rename_control),
+        )
         .route("/_emulator/people", get(people).post(add_person))
         .route("/_emulator/stream", get(stream_report))
         .route("/_emulator/stream/acks", get(stream_acks))
@@ -306,6 +310,24 @@ async fn add_template(
 ) -> Result<StatusCode, AdminError> {
     handle
         .add_template(template)
+        .map_err(AdminError::Rejected)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Body of `POST /_emulator/templates/{process_code}/controls/{control_id}/rename`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rename {
+    label: String,
+}
+
+async fn rename_control(
+    State(handle): State<Handle>,
+    Path((process_code, control_id)): Path<(String, String)>,
+    Json(rename): Json<Rename>,
+) -> Result<StatusCode, AdminError> {
+    handle
+        .rename_control(&process_code, &control_id, &rename.label)
         .map_err(AdminError::Rejected)?;
     Ok(StatusCode::NO_CONTENT)
 }

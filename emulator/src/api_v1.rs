@@ -521,8 +521,9 @@ async fn forecast(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
 }
 
 /// `GET /v1.0/workflow/forms/schemas/processCodes?processCode=` (docs/dingtalk.md §2.5): the
-/// template's controls as schema items. Select options are JSON-encoded `{"value","key"}` object
-/// strings, the form real answers were seen in (§11.7, [UNCONFIRMED] which the server sends).
+/// template's controls as schema items (`forms::schema_result`: select options as JSON-encoded
+/// `{"value","key"}` object strings, the form real answers were seen in, [UNCONFIRMED] which
+/// the server sends).
 async fn schema(
     State(shared): State<Arc<Shared>>,
     Query(query): Query<HashMap<String, String>>,
@@ -541,36 +542,7 @@ async fn schema(
             Call::Schema,
         );
     };
-    let items: Vec<Value> = template
-        .controls
-        .iter()
-        .map(|c| {
-            let mut props = json!({
-                "id": crate::model::component_id(&template.process_code, &c.component_type, &c.label),
-                "label": c.label,
-                "required": c.required,
-                "bizAlias": "",
-            });
-            if !c.options.is_empty() {
-                props["options"] = c
-                    .options
-                    .iter()
-                    .enumerate()
-                    .map(|(i, o)| json!({"value": o, "key": format!("option_{i}")}).to_string())
-                    .collect::<Vec<_>>()
-                    .into();
-            }
-            json!({"componentName": c.component_type, "props": props, "children": []})
-        })
-        .collect();
-    ok(json!({"result": {
-        "name": template.name,
-        "processCode": template.process_code,
-        "formCode": template.process_code,
-        "formUuid": "",
-        "status": "PUBLISHED",
-        "schemaContent": {"title": template.name, "icon": "", "items": items},
-    }}))
+    ok(json!({"result": crate::forms::schema_result(&template, &shared.config.corp_id)}))
 }
 
 #[cfg(test)]

@@ -19,8 +19,8 @@ use serde_json::{Value, json};
 use super::{
     faults::{Faults, InjectedError, Injection},
     model::{
-        self, Action, Ctx, FormInput, Instance, NodeSpec, Org, Person, Rejection, StartRequest,
-        Task, TaskStatus, Template,
+        self, Action, Control, Ctx, FormInput, Instance, NodeSpec, Org, Person, Rejection,
+        StartRequest, Task, TaskStatus, Template,
     },
     push,
     quota::{Allowances, QuotaReport},
@@ -508,6 +508,20 @@ impl Handle {
         self.shared.world().org.add_template(template)
     }
 
+    /// Renames control `control_id` of a template (a table's column too), as an administrator
+    /// publishing an edited form: the id stays, the template's revision goes up.
+    pub fn rename_control(
+        &self,
+        process_code: &str,
+        control_id: &str,
+        label: &str,
+    ) -> Result<(), Rejection> {
+        self.shared
+            .world()
+            .org
+            .rename_control(process_code, control_id, label)
+    }
+
     pub fn people(&self) -> Vec<Person> {
         self.shared.world().org.people.values().cloned().collect()
     }
@@ -515,6 +529,84 @@ impl Handle {
     /// Adds (or replaces) a person.
     pub fn add_person(&self, person: Person) -> Result<(), Rejection> {
         self.shared.world().org.add_person(person)
+    }
+}
+
+/// A plausible value of one control, as a person would fill it in DingTalk.
+fn sample_value(
+    c: &Control,
+    org: &Org,
+    rng: &mut StdRng,
+    day: chrono::NaiveDate,
+    people: &[&String],
+) -> String {
+    let date = |d: chrono::NaiveDate| d.format("%Y-%m-%d").to_string();
+    let with_time = c.format.as_deref().is_some_and(|f| f.contains("HH"));
+    match c.component_type.as_str() {
+        "NumberField" => rng.random_range(1..=10).to_string(),
+        "StarRatingField" => rng.random_range(1..=5).to_string(),
+        "MoneyField" => format!(
+            "{}.{:02}",
+            rng.random_range(10..5000),
+            rng.random_range(0..100)
+        ),
+        "DDSelectField" if !c.options.is_empty() => {
+            c.options[rng.random_range(0..c.options.len())].clone()
+        }
+        "DDMultiSelectField" if !c.options.is_empty() => {
+            let mut chosen: Vec<&String> =
+                c.options.iter().filter(|_| rng.random_bool(0.5)).collect();
+            if chosen.is_empty() {
+                chosen.push(&c.options[0]);
+            }
+            json!(chosen).to_string()
+        }
+        "DDDateField" if with_time => format!(
+            "{} {:02}:{:02}",
+            date(day),
+            rng.random_range(8..19),
+            [0, 15, 30, 45][rng.random_range(0..4)]
+        ),
+        "DDDateField" => date(day - chrono::Days::new(rng.random_range(0..10))),
+        "DDDateRangeField" => {
+            let end = day + chrono::Days::new(rng.random_range(0..5));
+            json!([date(day), date(end)]).to_string()
+        }
+        "DDPhotoField" => json!(["https://static.example.com/receipt.jpg"]).to_string(),
+        "DDAttachment" => json!([{
+            "spaceId": "163500000", "fileName": "发票.pdf", "fileSize": "20480",
+            "fileType": "pdf", "fileId": format!("{}", rng.random_range(10_000_000..99_999_999)),
+        }])
+        .to_string(),
+        "InnerContactField" if !people.is_empty() => {
+            json!([people[rng.random_range(0..people.len())]]).to_string()
+        }
+        "DepartmentField" => {
+            let depts: Vec<&i64> = org.departments.keys().collect();
+            depts[rng.random_range(0..depts.len())].to_string()
+        }
+        "AddressField" => "浙江省,杭州市,西湖区".into(),
+        "TableField" if !c.children.is_empty() => {
+            let rows: Vec<Value> = (0..rng.random_range(1..=3))
+                .map(|_| {
+                    Value::Array(
+                        c.children
+                            .iter()
+                            .map(|cell| {
+                                json!({"name": cell.label, "value": sample_value(cell, org, rng, day, people)})
+                            })
+                            .collect(),
+                    )
+                })
+                .collect();
+            Value::Array(rows).to_string()
+        }
+        "TableField" => {
+            json!([[{"name": "品名", "value": "笔记本"}, {"name": "数量", "value": "2"}]])
+                .to_string()
+        }
+        "TextareaField" => "详见附件".to_string(),
+        _ => ["出差北京", "客户拜访", "办公用品", "团队活动"][rng.random_range(0..4)].to_string(),
     }
 }
 
@@ -534,40 +626,7 @@ pub(crate) fn sample_form(
             if !c.required && !rng.random_bool(0.5) {
                 return None;
             }
-            let value = match c.component_type.as_str() {
-                "NumberField" | "StarRatingField" => rng.random_range(1..=5).to_string(),
-                "MoneyField" => format!(
-                    "{}.{:02}",
-                    rng.random_range(10..5000),
-                    rng.random_range(0..100)
-                ),
-                "DDSelectField" if !c.options.is_empty() => {
-                    c.options[rng.random_range(0..c.options.len())].clone()
-                }
-                "DDMultiSelectField" if !c.options.is_empty() => {
-                    json!([c.options[rng.random_range(0..c.options.len())]]).to_string()
-                }
-                "DDDateField" => day.format("%Y-%m-%d").to_string(),
-                "DDDateRangeField" => {
-                    let end = day + chrono::Days::new(rng.random_range(0..5));
-                    json!([
-                        day.format("%Y-%m-%d").to_string(),
-                        end.format("%Y-%m-%d").to_string()
-                    ])
-                    .to_string()
-                }
-                "DDPhotoField" => json!(["https://static.example.com/receipt.jpg"]).to_string(),
-                "InnerContactField" if !people.is_empty() => {
-                    json!([people[rng.random_range(0..people.len())]]).to_string()
-                }
-                "TableField" => {
-                    json!([[{"name": "品名", "value": "笔记本"}, {"name": "数量", "value": "2"}]])
-                        .to_string()
-                }
-                "TextareaField" => "详见附件".to_string(),
-                _ => ["出差北京", "客户拜访", "办公用品", "团队活动"][rng.random_range(0..4)]
-                    .to_string(),
-            };
+            let value = sample_value(c, org, rng, day, &people);
             Some(FormInput {
                 name: c.label.clone(),
                 value,

@@ -28,6 +28,7 @@ mod admin;
 mod api;
 mod api_v1;
 mod faults;
+mod forms;
 mod handle;
 mod model;
 mod people;
@@ -49,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use actions::{COMMENTS, EXECUTE, REDIRECT, TERMINATE, TOO_SOON};
 pub use faults::{Faults, InjectedError, Injection, PushFaults, StreamFaults};
+pub use forms::schema_result;
 pub use handle::{Handle, OpenTask, StartInstance, TaskAction};
 pub use model::{
     ActionType, CcPosition, Control, DEFAULT_APPROVER, FormEntry, FormInput, Instance,

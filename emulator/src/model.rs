@@ -113,6 +113,10 @@ pub struct Template {
     /// §12.3): without it a terminate through the API fails. Ticked unless said otherwise.
     #[serde(default = "ticked")]
     pub allow_revoke: bool,
+    /// How often the form was published: 1 at first, one more per change (a renamed control).
+    /// The schema answer's `gmtModified` is derived from it.
+    #[serde(default = "first_revision")]
+    pub revision: u32,
     /// Self-selected approver nodes ("发起人自选"), after `default_approvers` in the flow: the
     /// originator names their approvers in the create (v1.0 `targetSelectActioners`,
     /// docs/dingtalk.md §11.2), and the forecast lists them (§11.5).
@@ -161,9 +165,13 @@ fn ticked() -> bool {
     true
 }
 
+fn first_revision() -> u32 {
+    1
+}
+
 /// One form control. For `DDDateRangeField` the label is the JSON text of both labels, which is
 /// what a create must send as `name` (docs/dingtalk.md §2.2, stricter reading).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Control {
     pub component_type: String,
@@ -173,6 +181,19 @@ pub struct Control {
     /// Choices of `DDSelectField` / `DDMultiSelectField`.
     #[serde(default)]
     pub options: Vec<String>,
+    /// The control's id (`props.id`, e.g. `TextField-K2AD4O5B`): kept when the label changes.
+    /// Default: derived from the template's code and the label (see [`Template::control_id`]).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// `props.bizAlias`, the developer's name for the control; often empty.
+    #[serde(default)]
+    pub biz_alias: Option<String>,
+    /// Dates: `yyyy-MM-dd` (a day) or `yyyy-MM-dd HH:mm` (a time); the values follow it.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// A table's columns (`TableField`).
+    #[serde(default)]
+    pub children: Vec<Control>,
 }
 
 impl Control {
@@ -182,7 +203,50 @@ impl Control {
             label: label.into(),
             required,
             options: options.iter().map(|o| (*o).to_string()).collect(),
+            id: None,
+            biz_alias: None,
+            format: None,
+            children: Vec::new(),
         }
+    }
+
+    fn alias(mut self, biz_alias: &str) -> Control {
+        self.biz_alias = Some(biz_alias.into());
+        self
+    }
+
+    fn format(mut self, format: &str) -> Control {
+        self.format = Some(format.into());
+        self
+    }
+
+    fn columns(mut self, children: Vec<Control>) -> Control {
+        self.children = children;
+        self
+    }
+}
+
+impl Template {
+    /// The id of `control`: its own, or one derived from the code and its label (stable as long
+    /// as the label is; builtin templates fix theirs so that a rename keeps it).
+    pub fn control_id(&self, control: &Control) -> String {
+        control.id.clone().unwrap_or_else(|| {
+            component_id(&self.process_code, &control.component_type, &control.label)
+        })
+    }
+
+    /// Gives every control (and table column) without an id the derived one.
+    fn fix_ids(mut self) -> Template {
+        let code = self.process_code.clone();
+        for c in &mut self.controls {
+            c.id.get_or_insert_with(|| component_id(&code, &c.component_type, &c.label));
+            for child in &mut c.children {
+                child.id.get_or_insert_with(|| {
+                    component_id(&code, &child.component_type, &child.label)
+                });
+            }
+        }
+        self
     }
 }
 
@@ -199,7 +263,7 @@ pub struct Org {
 pub const DEFAULT_APPROVER: &str = "manager1";
 
 impl Org {
-    /// A small fixed organisation: four departments, eight people, three templates.
+    /// A small fixed organisation: four departments, eight people, four templates.
     pub fn builtin() -> Org {
         let departments = [
             (1, "Acme"),
@@ -237,15 +301,25 @@ impl Org {
                 process_code: "PROC-EMU-EXPENSE".into(),
                 name: "报销".into(),
                 controls: vec![
-                    Control::new("TextField", "Reason", true, &[]),
-                    Control::new("MoneyField", "Amount", true, &[]),
-                    Control::new("DDSelectField", "Type", false, &["差旅", "办公", "招待"]),
-                    Control::new("DDDateField", "Date", false, &[]),
+                    Control::new("TextField", "Reason", true, &[]).alias("reason"),
+                    Control::new("MoneyField", "Amount", true, &[]).alias("amount"),
+                    Control::new("DDSelectField", "Type", false, &["差旅", "办公", "招待"])
+                        .alias("expense_type"),
+                    Control::new("DDDateField", "Date", false, &[])
+                        .alias("expense_date")
+                        .format("yyyy-MM-dd"),
                     Control::new("TextareaField", "Remark", false, &[]),
                     Control::new("DDPhotoField", "Receipts", false, &[]),
+                    Control::new("DepartmentField", "CostCenter", false, &[]).alias("cost_center"),
+                    Control::new("TableField", "Items", false, &[]).columns(vec![
+                        Control::new("TextField", "Item", true, &[]),
+                        Control::new("MoneyField", "Amount", true, &[]),
+                        Control::new("DDDateField", "Date", false, &[]).format("yyyy-MM-dd"),
+                    ]),
                 ],
                 default_approvers: vec![DEFAULT_APPROVER.into()],
                 allow_revoke: true,
+                revision: 1,
                 select_nodes: Vec::new(),
             },
             Template {
@@ -258,11 +332,13 @@ impl Org {
                         true,
                         &["年假", "病假", "事假"],
                     ),
-                    Control::new("DDDateRangeField", r#"["开始时间","结束时间"]"#, true, &[]),
+                    Control::new("DDDateRangeField", r#"["开始时间","结束时间"]"#, true, &[])
+                        .format("yyyy-MM-dd"),
                     Control::new("TextareaField", "Reason", false, &[]),
                 ],
                 default_approvers: vec![DEFAULT_APPROVER.into()],
                 allow_revoke: true,
+                revision: 1,
                 select_nodes: Vec::new(),
             },
             Template {
@@ -274,15 +350,62 @@ impl Org {
                     Control::new("MoneyField", "Amount", true, &[]),
                     Control::new("DDMultiSelectField", "Tags", false, &["IT", "办公", "紧急"]),
                     Control::new("InnerContactField", "Receiver", false, &[]),
-                    Control::new("TableField", "Details", false, &[]),
+                    Control::new("TableField", "Details", false, &[]).columns(vec![
+                        Control::new("TextField", "品名", false, &[]),
+                        Control::new("NumberField", "数量", false, &[]),
+                    ]),
                 ],
                 default_approvers: vec![DEFAULT_APPROVER.into()],
                 allow_revoke: true,
+                revision: 1,
+                select_nodes: Vec::new(),
+            },
+            // Chinese labels and no bizAlias, as most templates made in DingTalk's console are;
+            // every kind of control the form views type.
+            Template {
+                process_code: "PROC-EMU-TRIP".into(),
+                name: "出差申请".into(),
+                controls: vec![
+                    Control::new("TextField", "出差事由", true, &[]),
+                    Control::new("TextField", "目的地", false, &[]),
+                    Control::new("DDDateRangeField", r#"["开始时间","结束时间"]"#, true, &[])
+                        .format("yyyy-MM-dd"),
+                    Control::new("DDDateField", "出发时间", false, &[]).format("yyyy-MM-dd HH:mm"),
+                    Control::new(
+                        "DDSelectField",
+                        "交通工具",
+                        false,
+                        &["飞机", "火车", "汽车"],
+                    ),
+                    Control::new(
+                        "DDMultiSelectField",
+                        "费用类型",
+                        false,
+                        &["交通", "住宿", "餐饮"],
+                    ),
+                    Control::new("NumberField", "天数", false, &[]),
+                    Control::new("MoneyField", "预计费用", false, &[]),
+                    Control::new("InnerContactField", "同行人", false, &[]),
+                    Control::new("DepartmentField", "所属部门", false, &[]),
+                    Control::new("DDPhotoField", "图片", false, &[]),
+                    Control::new("DDAttachment", "附件", false, &[]),
+                    Control::new("StarRatingField", "紧急程度", false, &[]),
+                    Control::new("AddressField", "住址", false, &[]),
+                    Control::new("TextareaField", "备注", false, &[]),
+                    Control::new("TableField", "行程明细", false, &[]).columns(vec![
+                        Control::new("DDDateField", "日期", false, &[]).format("yyyy-MM-dd"),
+                        Control::new("TextField", "城市", false, &[]),
+                        Control::new("MoneyField", "费用", false, &[]),
+                    ]),
+                ],
+                default_approvers: vec![DEFAULT_APPROVER.into()],
+                allow_revoke: true,
+                revision: 1,
                 select_nodes: Vec::new(),
             },
         ]
         .into_iter()
-        .map(|t| (t.process_code.clone(), t))
+        .map(|t| (t.process_code.clone(), t.fix_ids()))
         .collect();
         Org {
             name: "Acme".into(),
@@ -306,7 +429,11 @@ impl Org {
         for userid in &template.default_approvers {
             self.person(userid)?;
         }
-        for control in &template.controls {
+        for control in template
+            .controls
+            .iter()
+            .chain(template.controls.iter().flat_map(|c| &c.children))
+        {
             if !KNOWN_COMPONENTS.contains(&control.component_type.as_str()) {
                 return Err(Rejection::param(format!(
                     "unknown component_type {}",
@@ -314,8 +441,46 @@ impl Org {
                 )));
             }
         }
+        let template = template.fix_ids();
         self.templates
             .insert(template.process_code.clone(), template);
+        Ok(())
+    }
+
+    /// Renames a control (or a table's column) of a template, as an administrator who edits the
+    /// form in DingTalk's console and publishes it: the id stays, the revision goes up. Instances
+    /// started before keep the old label in their values.
+    pub fn rename_control(
+        &mut self,
+        process_code: &str,
+        control_id: &str,
+        label: &str,
+    ) -> Result<(), Rejection> {
+        if label.trim().is_empty() || label.chars().count() > 64 {
+            return Err(Rejection::param("label must be 1 to 64 characters"));
+        }
+        let template = self.templates.get_mut(process_code).ok_or_else(|| {
+            Rejection::not_found(format!("审批模板不存在 process_code={process_code}"))
+        })?;
+        let wanted = Some(control_id);
+        let position = template
+            .controls
+            .iter()
+            .enumerate()
+            .find_map(|(i, c)| {
+                if c.id.as_deref() == wanted {
+                    return Some((i, None));
+                }
+                let j = c.children.iter().position(|x| x.id.as_deref() == wanted)?;
+                Some((i, Some(j)))
+            })
+            .ok_or_else(|| Rejection::not_found(format!("表单组件不存在 id={control_id}")))?;
+        let control = match position {
+            (i, None) => &mut template.controls[i],
+            (i, Some(j)) => &mut template.controls[i].children[j],
+        };
+        control.label = label.to_string();
+        template.revision += 1;
         Ok(())
     }
 
@@ -1478,34 +1643,41 @@ fn read_back(
         "TableField" if !empty => {
             let rows: Vec<Vec<FormInput>> =
                 serde_json::from_str(value).map_err(|_| bad("not rows of {name, value}"))?;
-            let rows: Vec<Value> = rows
-                .iter()
-                .enumerate()
-                .map(|(n, row)| {
-                    json!({
-                        "rowValue": row.iter().map(|cell| json!({
-                            "componentType": "TextField",
-                            "label": cell.name,
-                            "value": cell.value,
-                            "key": component_id(&template.process_code, "TextField", &cell.name),
-                            "extendValue": "",
-                        })).collect::<Vec<_>>(),
-                        "rowNumber": format!("TableField_row{n}"),
-                    })
-                })
-                .collect();
-            read = Value::Array(rows).to_string();
+            let mut read_rows = Vec::with_capacity(rows.len());
+            for (n, row) in rows.iter().enumerate() {
+                let mut cells = Vec::with_capacity(row.len());
+                for cell in row {
+                    // A table without declared columns takes any cell as text (older fixtures).
+                    let column = control.children.iter().find(|c| c.label == cell.name);
+                    if column.is_none() && !control.children.is_empty() {
+                        return Err(bad(&format!("no column {}", cell.name)));
+                    }
+                    let (component, key) = match column {
+                        Some(c) => (c.component_type.clone(), template.control_id(c)),
+                        None => (
+                            "TextField".to_string(),
+                            component_id(&template.process_code, "TextField", &cell.name),
+                        ),
+                    };
+                    cells.push(json!({
+                        "componentType": component,
+                        "label": cell.name,
+                        "value": cell.value,
+                        "key": key,
+                        "extendValue": "",
+                    }));
+                }
+                read_rows
+                    .push(json!({"rowValue": cells, "rowNumber": format!("TableField_row{n}")}));
+            }
+            read = Value::Array(read_rows).to_string();
         }
         // An empty multi-line text reads back as the literal "null" (docs/dingtalk.md §2.3).
         "TextareaField" if empty => read = "null".into(),
         _ => {}
     }
     Ok(FormEntry {
-        id: component_id(
-            &template.process_code,
-            &control.component_type,
-            &control.label,
-        ),
+        id: template.control_id(control),
         name: control.label.clone(),
         value: read,
         ext_value,

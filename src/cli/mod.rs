@@ -11,6 +11,7 @@ pub mod callback;
 pub mod doctor;
 pub mod drift;
 pub mod emulator;
+pub mod forms;
 pub mod outbox;
 pub mod quota;
 
@@ -80,6 +81,12 @@ pub enum Command {
         #[command(subcommand)]
         action: Option<QuotaCommand>,
     },
+    /// The typed form views of schema dingsync_forms: fetch schemas now, list templates, show
+    /// a view's columns.
+    Forms {
+        #[command(subcommand)]
+        action: FormsCommand,
+    },
     /// Compare the database with a fresh DingTalk listing of reconcile.process_codes; print
     /// missing, extra and disagreeing approvals; exit 1 when there are any.
     Drift {
@@ -125,6 +132,23 @@ pub enum ActionsCommand {
     Retry { id: i64 },
     /// Cancel a pending or failed action.
     Cancel { id: i64 },
+}
+
+#[derive(Subcommand)]
+pub enum FormsCommand {
+    /// Fetch the schemas of these templates now (default: every template seen) and regenerate
+    /// their views; one metered DingTalk call each.
+    Sync {
+        /// Templates (PROC-...).
+        process_code: Vec<String>,
+    },
+    /// Every template seen: its view, schema version, approvals and last fetch.
+    List,
+    /// A template's views: columns, types, the control of each, sample values.
+    Show {
+        /// The template (PROC-...).
+        process_code: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -178,6 +202,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Outbox { action } => outbox::command(&config, action).await,
         Command::Actions { action } => actions::command(&config, action).await,
         Command::Quota { action } => quota::command(&config, action).await,
+        Command::Forms { action } => forms::command(&config, action).await,
         Command::Backfill {
             process_code,
             since,
@@ -208,5 +233,6 @@ async fn jobs_context(config: &Config) -> anyhow::Result<crate::jobs::Context> {
         &config.dingtalk.corp_id,
         &config.reconcile,
         &config.retention,
-    ))
+    )
+    .with_forms(&config.forms))
 }

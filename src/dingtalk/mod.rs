@@ -696,9 +696,12 @@ pub fn priority(purpose: Purpose) -> Priority {
         | Purpose::Doctor
         | Purpose::Token
         | Purpose::Stream => Priority::Live,
-        Purpose::Gap | Purpose::Sweep | Purpose::Poll | Purpose::Backfill | Purpose::Drift => {
-            Priority::Bulk
-        }
+        Purpose::Gap
+        | Purpose::Sweep
+        | Purpose::Poll
+        | Purpose::Backfill
+        | Purpose::Drift
+        | Purpose::Forms => Priority::Bulk,
     }
 }
 

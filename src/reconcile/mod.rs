@@ -8,7 +8,8 @@
 //!   open approvals while they arrive; within the day's allowance;
 //! - `backfill`: `processinstance/listids` per process_code in windows, resumable;
 //! - `failed`: drain DingTalk's read-once failed-push list when the planner says it is due;
-//! - `drift`: compare the database with a fresh listing (operator command).
+//! - `drift`: compare the database with a fresh listing (operator command);
+//! - `forms`: fetch template schemas when they can have changed and keep the typed form views.
 //!
 //! DingTalk's answer that the month's calls are used up (errcode 90020, docs/dingtalk.md §7)
 //! ends a run: [`quota_exhausted`] is the one place that recognises it.
@@ -19,6 +20,7 @@
 pub mod backfill;
 pub mod background;
 pub mod failed;
+pub mod forms;
 pub mod snapshot;
 
 use std::future::Future;

@@ -6,6 +6,7 @@ pub mod actions;
 pub mod approvals;
 pub mod batch;
 pub mod corps;
+pub mod forms;
 pub mod job_runs;
 mod migrate;
 pub mod outbox;
