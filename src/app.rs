@@ -348,6 +348,9 @@ async fn resume_outbox(pool: &PgPool, corp_id: &str) {
 pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
     let bound = Duration::from_millis(config.server.shutdown_timeout_ms);
     let generated_admin_token = config.emulator.admin_token.is_empty();
+    // Before anything serves: a SIGHUP with no handler installed ends the process (its default
+    // action), and `/metrics` answering says nothing about whether the handler is there yet.
+    let mut hup = hangup_signal();
     let app = App::start(config).await?;
     if let Some(emulator) = &app.emulator
         && generated_admin_token
@@ -359,7 +362,6 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
             emulator.admin_usage()
         );
     }
-    let mut hup = hangup_signal();
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
