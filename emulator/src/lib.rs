@@ -29,6 +29,7 @@ mod api;
 mod api_v1;
 mod faults;
 mod forms;
+mod gateway;
 mod handle;
 mod model;
 mod people;
@@ -198,7 +199,7 @@ impl Emulator {
             push_http: push::http_client().context("building the emulator's push client")?,
             shutdown: CancellationToken::new(),
             in_flight: AtomicUsize::new(0),
-            stream: stream::Gateway::new(config.delivery, config.seed),
+            stream: gateway::Gateway::new(config.delivery, config.seed),
             config,
         });
         stream::start(shared.clone(), addr.ip())

@@ -51,7 +51,7 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
     pub in_flight: AtomicUsize,
     /// The Stream gateway (`stream`): its own lock, never taken while `world` is held.
-    pub stream: super::stream::Gateway,
+    pub stream: super::gateway::Gateway,
 }
 
 impl Shared {
