@@ -310,16 +310,30 @@ async fn five_xx_rate_limits_token_revocations_and_lost_creates_at_once_double_n
 
     // Faults stay on until the end: every row must get through DingTalk as it misbehaves, not
     // only once it has recovered.
-    eventually(load.within, "every outbox row created", || async {
-        let open: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM dingsync.outbox WHERE state NOT IN ('created', 'failed', 'cancelled')",
+    let deadline = Instant::now() + load.within;
+    loop {
+        let open: Vec<(i64, String, i32, Option<String>, String)> = sqlx::query_as(
+            "SELECT id, state, attempts, last_error,
+                    (next_attempt_at - now())::text
+               FROM dingsync.outbox WHERE state NOT IN ('created', 'failed', 'cancelled')
+              ORDER BY id",
         )
-        .fetch_one(&pool)
+        .fetch_all(&pool)
         .await
         .unwrap();
-        (open == 0).then_some(())
-    })
-    .await;
+        if open.is_empty() {
+            break;
+        }
+        // What is still open, and why, is the whole diagnosis of a run that does not finish.
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {:?} with {} rows open (id, state, attempts, last_error, \
+             next attempt or lease end in): {open:?}",
+            load.within,
+            open.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let took = started.elapsed();
     stop_chaos.cancel();
     let chaos = chaos.await.unwrap();
