@@ -39,7 +39,8 @@ struct Load {
     rows: i32,
     /// Distinct originators the rows are spread over (see `originators`).
     originators: i32,
-    /// Deadline for every row to be `created`.
+    /// Deadline for every row to be `created`. A correctness bound, not a speed target: a run
+    /// takes 50-90 s on two idle cores and was seen past 150 s on a loaded machine.
     within: Duration,
 }
 
@@ -54,7 +55,7 @@ fn load() -> Load {
         Load {
             rows: 250,
             originators: 25,
-            within: Duration::from_secs(150),
+            within: Duration::from_secs(300),
         }
     }
 }
