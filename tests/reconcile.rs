@@ -824,9 +824,9 @@ async fn counted(app: &TestApp, prefix: &str) -> f64 {
 async fn approvals_backfill_found_count_as_drift_repaired_and_a_recheck_that_agrees_does_not() {
     let emu = emulator().await;
     // No callback registered: DingTalk's approvals reach the database only through backfill.
-    for n in 0..2 {
+    for code in CODES {
         emu.state()
-            .start_instance(start(CODES[n], "emp1", &["manager1"]))
+            .start_instance(start(code, "emp1", &["manager1"]))
             .unwrap();
     }
     let app = TestApp::spawn_with(|c| configure(c, &emu)).await;
