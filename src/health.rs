@@ -198,12 +198,35 @@ async fn metrics_page(State(health): State<Health>) -> Response {
     let reading = health.reading().await;
     (
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
-        metrics::encode(reading.scraped.clone()),
+        metrics::encode(reading.scraped.clone(), health.token_valid_for(&reading)),
     )
         .into_response()
 }
 
 impl Health {
+    /// How long the access token held stays valid (this process's cached one, else the one
+    /// shared in the database): `/readyz`'s rule, as a number. `None` without a DingTalk client.
+    fn token_valid_for(&self, reading: &Reading) -> Option<std::time::Duration> {
+        if !self.expects_client {
+            return None;
+        }
+        let now = Utc::now();
+        let cached = self
+            .client
+            .get()
+            .and_then(|client| client.tokens().cached_expiry());
+        let stored = match reading.stored_token {
+            Some(Ok(expiry)) => expiry,
+            _ => None,
+        };
+        let expires_at = cached.max(stored);
+        Some(
+            expires_at
+                .and_then(|at| (at - now).to_std().ok())
+                .unwrap_or_default(),
+        )
+    }
+
     async fn read_database(&self) -> sqlx::Result<metrics::Scraped> {
         let pool = &self.pool;
         Ok(metrics::Scraped {

@@ -86,6 +86,12 @@ struct FrameLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FetchLabels {
+    source: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StatusLabel {
     status: &'static str,
 }
@@ -98,12 +104,14 @@ struct Metrics {
     ack_seconds: Histogram,
     outbox_creates: Family<OutcomeLabel, Counter>,
     outbox_create_seconds: Histogram,
+    outbox_failed: Family<ReasonLabel, Counter>,
     actions_sent: Family<ActionLabels, Counter>,
     action_seconds: Histogram,
     dingtalk_calls: Family<CallLabels, Counter>,
     budget_wait_seconds: Histogram,
     job_runs: Family<JobLabels, Counter>,
     job_seconds: Histograms<JobLabel>,
+    reconcile_fetches: Family<FetchLabels, Counter>,
     connections_open: Gauge,
     connections_shed: Family<ReasonLabel, Counter>,
     push_mode: Family<CorpLabel, Gauge>,
@@ -131,12 +139,14 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         ack_seconds: fast_buckets(),
         outbox_creates: Family::default(),
         outbox_create_seconds: slow_buckets(),
+        outbox_failed: Family::default(),
         actions_sent: Family::default(),
         action_seconds: slow_buckets(),
         dingtalk_calls: Family::default(),
         budget_wait_seconds: fast_buckets(),
         job_runs: Family::default(),
         job_seconds: Family::new_with_constructor(slow_buckets),
+        reconcile_fetches: Family::default(),
         connections_open: Gauge::default(),
         connections_shed: Family::default(),
         push_mode: Family::default(),
@@ -192,6 +202,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         m.outbox_create_seconds.clone(),
     );
     m.registry.register(
+        "dingsync_outbox_failed",
+        "Outbox rows failed for good by reason (invalid request, rejected by DingTalk, refused by the forecast, out of attempts)",
+        m.outbox_failed.clone(),
+    );
+    m.registry.register(
         "dingsync_actions_sent",
         "Actions on approvals sent to DingTalk by action and outcome (done, refused, not_sent, no_response, paused)",
         m.actions_sent.clone(),
@@ -220,6 +235,11 @@ static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "dingsync_job_duration_seconds",
         "Duration of scheduled job runs",
         m.job_seconds.clone(),
+    );
+    m.registry.register(
+        "dingsync_reconcile_fetches",
+        "Approvals fetched from DingTalk and applied, by source (details, sweep, gap, poll, backfill, search) and outcome (changed, unchanged, stale, rejected, failed, paused); changed by sweep, gap or backfill is drift repaired",
+        m.reconcile_fetches.clone(),
     );
     m.registry.register(
         "dingsync_http_connections",
@@ -261,6 +281,14 @@ pub fn outbox_create(outcome: &'static str, insert_to_created: Option<Duration>)
     METRICS
         .outbox_creates
         .get_or_create(&OutcomeLabel { outcome })
+        .inc();
+}
+
+/// An outbox row was failed for good, for `reason`.
+pub fn outbox_failed(reason: &'static str) {
+    METRICS
+        .outbox_failed
+        .get_or_create(&ReasonLabel { reason })
         .inc();
 }
 
@@ -352,6 +380,14 @@ pub fn job_run(job: &'static str, outcome: &'static str, took: Duration) {
         .job_seconds
         .get_or_create(&JobLabel { job })
         .observe(took.as_secs_f64());
+}
+
+/// One approval fetched for `source` (a snapshot source: why it was fetched) came to `outcome`.
+pub fn reconcile_fetch(source: &'static str, outcome: &'static str) {
+    METRICS
+        .reconcile_fetches
+        .get_or_create(&FetchLabels { source, outcome })
+        .inc();
 }
 
 /// An HTTP connection was opened (`1`) or closed (`-1`).
@@ -455,8 +491,9 @@ fn register_allowance(registry: &mut Registry, a: AllowanceReading) {
 }
 
 /// The whole `/metrics` page: every series of this process, then the scraped ones (left out
-/// when the database did not answer, with `dingsync_database_up` 0).
-pub fn encode(scraped: Option<Scraped>) -> String {
+/// when the database did not answer, with `dingsync_database_up` 0). `token_valid_for`: how
+/// long the access token held stays valid (zero when none is), `None` without a DingTalk client.
+pub fn encode(scraped: Option<Scraped>, token_valid_for: Option<Duration>) -> String {
     let mut page = String::new();
     // Writing to a String cannot fail.
     let _ = text::encode_registry(&mut page, &METRICS.registry);
@@ -482,6 +519,15 @@ pub fn encode(scraped: Option<Scraped>) -> String {
             "dingsync_sync_lag_seconds",
             "Age of the oldest approval change not yet fetched from DingTalk (0 when none)",
             sync_lag,
+        );
+    }
+    if let Some(valid_for) = token_valid_for {
+        let token = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        token.set(valid_for.as_secs_f64());
+        registry.register(
+            "dingsync_access_token_valid_seconds",
+            "How long the access token held (this process's, else the one shared in the database) stays valid; 0 when none is. Renewal starts 600 s before expiry: less means renewing fails",
+            token,
         );
     }
     registry.register(

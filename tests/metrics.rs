@@ -107,10 +107,10 @@ async fn metrics_expose_every_series_with_plausible_values_after_real_traffic() 
     .await
     .unwrap();
 
-    // The outbox rows are done and the details job (every second here) has run.
+    // The outbox rows are done and the details job (every second here) has fetched an approval.
     let page = eventually(
         Duration::from_secs(20),
-        "both outbox rows done and a details run",
+        "both outbox rows done and a details fetch",
         || async {
             let page = scrape(&app).await;
             let states: Vec<String> = sqlx::query_scalar(
@@ -123,7 +123,8 @@ async fn metrics_expose_every_series_with_plausible_values_after_real_traffic() 
             .unwrap();
             let ran = page
                 .lines()
-                .any(|l| l.starts_with("dingsync_job_runs_total{job=\"details\""));
+                .any(|l| l.starts_with("dingsync_job_runs_total{job=\"details\""))
+                && page.contains("dingsync_reconcile_fetches_total{source=\"details\"");
             (states == ["created", "failed"] && ran).then_some(page)
         },
     )
@@ -159,6 +160,8 @@ async fn metrics_expose_every_series_with_plausible_values_after_real_traffic() 
     at_least("dingsync_outbox_create_seconds_count", 1.0);
     let create_sum = at_least("dingsync_outbox_create_seconds_sum", 0.0);
     assert!(create_sum < 120.0, "create seconds sum {create_sum}");
+    // The row for the missing template failed for good, refused by DingTalk.
+    at_least("dingsync_outbox_failed_total{reason=\"rejected\"}", 1.0);
     for state in ["pending", "sending", "unknown"] {
         at_least(&format!("dingsync_outbox_rows{{state=\"{state}\"}}"), 0.0);
     }
@@ -188,6 +191,16 @@ async fn metrics_expose_every_series_with_plausible_values_after_real_traffic() 
         .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
         .sum();
     assert!(runs >= 1.0, "{page}");
+
+    let fetches: f64 = page
+        .lines()
+        .filter(|l| l.starts_with("dingsync_reconcile_fetches_total{source=\"details\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert!(fetches >= 1.0, "{page}");
+    // The emulator's tokens live 7200 s; renewal starts 600 s before the end.
+    let token = at_least("dingsync_access_token_valid_seconds", 600.0);
+    assert!(token <= 7200.0, "token valid for {token} s");
 
     at_least("dingsync_sync_lag_seconds", 0.0);
     assert_eq!(sample(&page, "dingsync_database_up"), Some(1.0));

@@ -2,7 +2,7 @@
 //! reordered pushes converge to DingTalk's state; a daemon that missed everything recovers from
 //! the failed list and one reconciliation pass; two replicas run each job once per tick; an
 //! interrupted backfill resumes; a burst of events is one detail fetch, and an approval is
-//! fetched for its details once.
+//! fetched for its details once; what backfill finds is counted as drift repaired.
 
 mod common;
 
@@ -801,4 +801,51 @@ async fn a_snapshot_corrects_a_terminal_state_but_never_an_older_one_a_newer_and
     );
     drop(conn);
     pool.close().await;
+}
+
+/// The sum of the `/metrics` samples of `app` whose name and labels start with `prefix`.
+async fn counted(app: &TestApp, prefix: &str) -> f64 {
+    let page = app
+        .http
+        .get(format!("{}/metrics", app.base_url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    page.lines()
+        .filter(|l| l.starts_with(prefix))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+#[tokio::test]
+async fn approvals_backfill_found_count_as_drift_repaired_and_a_recheck_that_agrees_does_not() {
+    let emu = emulator().await;
+    // No callback registered: DingTalk's approvals reach the database only through backfill.
+    for code in CODES {
+        emu.state()
+            .start_instance(start(code, "emp1", &["manager1"]))
+            .unwrap();
+    }
+    let app = TestApp::spawn_with(|c| configure(c, &emu)).await;
+    let ctx = ctx(&app);
+    // The registry is the test process's: other tests add to it, so these are lower bounds.
+    let drift = r#"dingsync_reconcile_fetches_total{source="backfill",outcome="changed"}"#;
+    let agreed = r#"dingsync_reconcile_fetches_total{source="sweep",outcome="unchanged"}"#;
+    let (drift_before, agreed_before) = (counted(&app, drift).await, counted(&app, agreed).await);
+
+    run_now(&ctx, Job::Backfill).await;
+    assert!(
+        counted(&app, drift).await - drift_before >= 2.0,
+        "both approvals backfill stored count as drift repaired"
+    );
+    recheck_open(&ctx).await;
+    assert!(
+        counted(&app, agreed).await - agreed_before >= 2.0,
+        "a re-check that finds the same state counts as unchanged"
+    );
+    app.stop().await;
+    emu.stop().await;
 }

@@ -310,11 +310,10 @@ impl Worker {
 
     /// Sends the create of a claimed row and records what came of it.
     async fn send(&self, row: &OutboxRow, claimed_at: Instant) -> anyhow::Result<()> {
-        let (pool, corp) = (&self.pool, self.corp_id.as_str());
         let request = match request::create_request(row) {
             Ok(request) => request,
             Err(why) => {
-                store::record_failed(pool, corp, row.id, &format!("invalid request: {why}"))
+                self.fail(row.id, "invalid", &format!("invalid request: {why}"))
                     .await?;
                 return Ok(());
             }
@@ -342,7 +341,7 @@ impl Worker {
             Ok(Err(e @ dingtalk::Error::Rejected { .. })) => {
                 let why = e.to_string();
                 tracing::info!(outbox_id = row.id, "outbox: {why}");
-                store::record_failed(pool, corp, row.id, &why).await?;
+                self.fail(row.id, "rejected", &why).await?;
             }
             // DingTalk certainly did not process these: nothing was sent, or it was refused
             // before processing (token, rate limit).
@@ -379,7 +378,6 @@ impl Worker {
         request: &dingtalk::types::CreateInstance,
         claimed_at: Instant,
     ) -> anyhow::Result<Forecasted> {
-        let (pool, corp) = (&self.pool, self.corp_id.as_str());
         let deadline = claimed_at + self.lease() / 4;
         let asked = self.client.forecast(request, dingtalk::Purpose::Outbox);
         let answer = match tokio::time::timeout_at(deadline, asked).await {
@@ -430,11 +428,20 @@ impl Worker {
         match refusal {
             Some(why) => {
                 tracing::info!(outbox_id = row.id, "outbox: {why}");
-                store::record_failed(pool, corp, row.id, &why).await?;
+                self.fail(row.id, "forecast", &why).await?;
                 Ok(Forecasted::Done)
             }
             None => Ok(Forecasted::Go),
         }
+    }
+
+    /// Fails row `id` for good with `why`, counted by `reason` (`invalid`, `rejected`,
+    /// `forecast`, `attempts`) when this call failed it (not when it was resolved elsewhere).
+    async fn fail(&self, id: i64, reason: &'static str, why: &str) -> sqlx::Result<()> {
+        if store::record_failed(&self.pool, &self.corp_id, id, why).await? {
+            crate::metrics::outbox_failed(reason);
+        }
+        Ok(())
     }
 
     /// Certainly not created: back off and retry, or give up after `max_attempts` sends.
@@ -443,7 +450,7 @@ impl Worker {
         if row.attempts as u32 >= self.config.max_attempts {
             let why = format!("gave up after {} attempts: {why}", row.attempts);
             tracing::warn!(outbox_id = row.id, "outbox: {why}");
-            store::record_failed(pool, corp, row.id, &why).await?;
+            self.fail(row.id, "attempts", &why).await?;
         } else {
             let delay = self.backoff(row.attempts as u32);
             tracing::debug!(

@@ -93,13 +93,8 @@ impl Worker {
     /// DingTalk certainly holds none for. If DingTalk cannot be asked now, the rows stay `unknown`.
     pub(super) async fn search(&self, row: &OutboxRow) -> anyhow::Result<()> {
         if let Err(why) = request::create_request(row) {
-            store::record_failed(
-                &self.pool,
-                &self.corp_id,
-                row.id,
-                &format!("invalid request: {why}"),
-            )
-            .await?;
+            self.fail(row.id, "invalid", &format!("invalid request: {why}"))
+                .await?;
             return Ok(());
         }
         let key: SearchKey = (row.process_code.clone(), row.originator_user_id.clone());

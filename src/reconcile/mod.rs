@@ -75,8 +75,22 @@ impl Fetched {
 }
 
 /// Fetches one instance and applies the snapshot. Database errors end the run (`Err`); DingTalk
-/// errors are outcomes of this one approval.
+/// errors are outcomes of this one approval. Each outcome is counted by source: a `changed`
+/// found by the sweep, a gap check or backfill is drift that no event announced.
 pub async fn fetch_and_apply(
+    ctx: &Context,
+    process_instance_id: &str,
+    purpose: Purpose,
+    source: SnapshotSource,
+    process_code: Option<&str>,
+) -> anyhow::Result<Fetched> {
+    let fetched =
+        fetch_and_apply_once(ctx, process_instance_id, purpose, source, process_code).await?;
+    crate::metrics::reconcile_fetch(source.as_str(), fetched.name());
+    Ok(fetched)
+}
+
+async fn fetch_and_apply_once(
     ctx: &Context,
     process_instance_id: &str,
     purpose: Purpose,
