@@ -6,7 +6,10 @@
 //! What it serves (one axum server):
 //! - DingTalk's old API (`api`): `gettoken`, `topapi/processinstance/{create,get,listids}`,
 //!   `call_back/{register,update,get,delete}_call_back`, `call_back/get_call_back_failed_result`;
+//! - the v1.0 family (`api_v1`): `/v1.0/oauth2/accessToken`, creating, reading and listing
+//!   instances, the forecast, with v1.0's shapes, time formats and errors, on the same state;
 //! - DingTalk's v1.0 actions on approvals (`actions`): execute, terminate, comments, redirect;
+//! - form schemas of the templates (`forms`), in both families;
 //! - encrypted pushes of every approval change to the registered URL, with DingTalk's retry
 //!   ladder and failed-push list (`push`);
 //! - an admin API under `/_emulator/…` to act as people, look inside and set faults (`admin`),
@@ -14,14 +17,15 @@
 //!   [`Handle`];
 //! - optionally simulated people who keep approvals moving (`people`);
 //! - DingTalk's monthly allowances, enforced on metered calls and on pushes (`quota`);
-//! - Stream mode (`stream`): `v1.0/gateway/connections/open`, a WebSocket gateway on a port of
-//!   its own, and delivery of the events over it instead of HTTP push when
-//!   [`EmulatorConfig::delivery`] says so.
+//! - Stream mode: `v1.0/gateway/connections/open` and the gateway's tickets and connections
+//!   (`gateway`, the data), a WebSocket gateway on a port of its own delivering the events over
+//!   it instead of HTTP push when [`EmulatorConfig::delivery`] says so (`stream`, the wire).
 //!
 //! Files: `model` (organisation, templates, instances, approval rules, event payloads), `state`
 //! (memory, tokens, failed list, call log), `handle` ([`Handle`]: acting on it from Rust),
-//! `faults` (knobs), `quota` (monthly allowances), `api`, `push`, `admin`, `people`. This file
-//! owns configuration, start and stop, and choosing the admin API's token.
+//! `faults` (knobs), `quota` (monthly allowances), `api`, `api_v1`, `actions`, `forms`, `push`,
+//! `gateway`, `stream`, `admin`, `people`. This file owns configuration, start and stop, and
+//! choosing the admin API's token.
 
 mod actions;
 mod admin;
