@@ -9,7 +9,7 @@
 //! - the v1.0 family (`api_v1`): `/v1.0/oauth2/accessToken`, creating, reading and listing
 //!   instances, the forecast, with v1.0's shapes, time formats and errors, on the same state;
 //! - DingTalk's v1.0 actions on approvals (`actions`): execute, terminate, comments, redirect;
-//! - form schemas of the templates (`forms`), in both families;
+//! - form schemas of the templates (`forms`), as v1.0 answers them;
 //! - encrypted pushes of every approval change to the registered URL, with DingTalk's retry
 //!   ladder and failed-push list (`push`);
 //! - an admin API under `/_emulator/…` to act as people, look inside and set faults (`admin`),
