@@ -252,14 +252,19 @@ impl App {
                 );
             }
             let jobs = client.as_ref().map(|client| {
-                jobs::Context::new(
+                let ctx = jobs::Context::new(
                     pool.clone(),
                     client.clone(),
                     &corp_id,
                     &config.reconcile,
                     &config.retention,
                 )
-                .with_forms(&config.forms)
+                .with_forms(&config.forms);
+                if app.registered {
+                    ctx.own_organisation_only()
+                } else {
+                    ctx
+                }
             });
             orgs.push(Organisation {
                 name: app.name.clone(),

@@ -276,6 +276,41 @@ impl Config {
             .collect()
     }
 
+    /// The configuration as the single-app form of one app, for an operator command (`--app`):
+    /// `name`, or the only app when `None`. With several apps and no name, the error lists them.
+    pub fn for_app(&self, name: Option<&str>) -> Result<Config, ConfigError> {
+        let apps = self.apps()?;
+        let chosen = match name {
+            Some(name) => apps.into_iter().find(|a| a.name == name),
+            None if apps.len() == 1 => apps.into_iter().next(),
+            None => {
+                let names: Vec<String> = apps.into_iter().map(|a| a.name).collect();
+                return Err(invalid(
+                    "--app",
+                    format!(
+                        "several apps are configured ({}): name one",
+                        names.join(", ")
+                    ),
+                ));
+            }
+        };
+        let Some(app) = chosen else {
+            return Err(invalid(
+                "--app",
+                format!(
+                    "{:?} is not the name of a configured app",
+                    name.unwrap_or_default()
+                ),
+            ));
+        };
+        let mut config = self.clone();
+        config.dingtalk = app.dingtalk;
+        config.callback = app.callback;
+        config.stream = app.stream;
+        config.apps = Vec::new();
+        Ok(config)
+    }
+
     fn resolve(&self, i: usize, e: &AppEntry) -> Result<AppSettings, ConfigError> {
         let key = |k: &str| format!("apps[{i}].{k}");
         let g = &self.dingtalk;
