@@ -506,3 +506,105 @@ async fn a_push_signed_for_one_app_is_refused_on_the_other_apps_path_and_may_not
     app.stop().await.unwrap();
     pool.close().await;
 }
+
+#[tokio::test]
+async fn doctor_checks_every_app_and_an_operator_command_must_name_one_of_several() {
+    let emu_a = emulator(CORP_A, KEY_A, 11, Delivery::Http).await;
+    let emu_b = emulator(CORP_B, KEY_B, 12, Delivery::Stream).await;
+    let db = TestDb::new();
+    let migrate = test_config(&db.url);
+    store::connect_and_migrate(&migrate.database)
+        .await
+        .unwrap()
+        .close()
+        .await;
+    let secrets = Secrets::new();
+    let file = std::env::temp_dir().join(format!("dingsync-orgs-{}.toml", crypto::random_nonce(8)));
+    let text = format!(
+        r#"
+[database]
+url = "{db}"
+
+[[apps]]
+name = "acme"
+corp_id = "{CORP_A}"
+app_key = "{KEY_A}"
+app_secret = "secret-of-{KEY_A}"
+token = "{token}"
+aes_key = "{aes_key}"
+api_base = "{a}"
+
+[[apps]]
+name = "globex"
+corp_id = "{CORP_B}"
+app_key = "{KEY_B}"
+api_base = "{b}"
+stream.enabled = true
+"#,
+        db = db.url,
+        token = secrets.token,
+        aes_key = secrets.aes_key,
+        a = emu_a.base_url(),
+        b = emu_b.base_url(),
+    );
+    std::fs::write(&file, text).unwrap();
+    let run = |args: &'static [&'static str]| {
+        let file = file.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut command = dingsync_command_with(&file, args);
+            command.env(
+                "DINGSYNC_APPS_GLOBEX_APP_SECRET",
+                format!("secret-of-{KEY_B}"),
+            );
+            run_to_end(command)
+        })
+    };
+
+    let doctor = run(&["doctor"]).await.unwrap();
+    let out = String::from_utf8_lossy(&doctor.stdout).to_string();
+    let (acme, globex) = out
+        .split_once("app globex")
+        .unwrap_or_else(|| panic!("a section per app: {out}"));
+    assert!(
+        acme.contains(&format!("app acme (corp_id {CORP_A})")),
+        "{out}"
+    );
+    for section in [acme, globex] {
+        assert!(
+            section
+                .lines()
+                .any(|l| l.starts_with("ok") && l.contains("token")),
+            "each app's credentials checked at its own DingTalk: {out}"
+        );
+    }
+    assert!(
+        globex
+            .lines()
+            .any(|l| l.starts_with("ok") && l.contains("stream")),
+        "globex's Stream connection opened: {out}"
+    );
+    assert!(
+        !out.contains(&format!("secret-of-{KEY_B}")),
+        "no secret printed"
+    );
+    assert!(emu_a.state().calls(api::token()) >= 1);
+    assert!(emu_b.state().calls(api::token()) >= 1);
+
+    let unnamed = run(&["outbox", "list"]).await.unwrap();
+    assert_eq!(unnamed.status.code(), Some(2));
+    let said = String::from_utf8_lossy(&unnamed.stderr);
+    assert!(
+        said.contains("--app: several apps are configured (acme, globex): name one"),
+        "{said}"
+    );
+    let named = run(&["outbox", "list", "--app", "globex"]).await.unwrap();
+    assert_eq!(
+        named.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&named.stderr)
+    );
+    std::fs::remove_file(&file).unwrap();
+    emu_a.stop().await;
+    emu_b.stop().await;
+}
