@@ -158,14 +158,20 @@ impl App {
             ));
         }
         let callbacks = Arc::new(Callbacks::new(states));
-        // `/readyz` and the allowance series are the first app's.
+        // `/readyz`'s client check is the first app's; the allowance series are every app's.
         let first = &apps[0];
         let health = health::Health::new(
             pool.clone(),
             config.uses_emulator() || first.has_credentials(),
             ledger.clone(),
-            first.corp_id(),
-            Allowances::from_config(&first.dingtalk),
+            apps.iter()
+                .map(|a| {
+                    (
+                        a.corp_id().to_string(),
+                        Allowances::from_config(&a.dingtalk),
+                    )
+                })
+                .collect(),
         );
         let router = router(callbacks, health.clone(), &config);
         let server_stop = shutdown.clone();
@@ -360,8 +366,8 @@ impl App {
         self.reload_app_allowances(&name, allowances).await
     }
 
-    /// [`App::reload_allowances`] for the app `name` (its organisation's gate and pause only;
-    /// `/metrics` shows the first app's).
+    /// [`App::reload_allowances`] for the app `name` (its organisation's gate, pause and
+    /// allowance series only).
     pub async fn reload_app_allowances(
         &self,
         name: &str,
@@ -370,9 +376,7 @@ impl App {
         let Some(org) = self.orgs.iter().find(|o| o.name == name) else {
             anyhow::bail!("no app named {name} runs here");
         };
-        if org.name == self.orgs[0].name {
-            self.health.set_allowances(allowances);
-        }
+        self.health.set_allowances(&org.corp_id, allowances);
         let lifted = match &org.client {
             Some(client) => client.quota().set_allowances(allowances).await,
             None => {

@@ -57,10 +57,10 @@ pub struct Health {
     /// Held while a reading is taken, so that probes arriving meanwhile wait for it.
     latest: Arc<Mutex<Option<Arc<Reading>>>>,
     readings: Arc<AtomicU64>,
-    /// The organisation's month in the ledger, for the allowance series.
+    /// Each organisation's month in the ledger, for the allowance series: one per app, with the
+    /// allowances in force (a reload changes them).
     ledger: Ledger,
-    corp_id: String,
-    allowances: Arc<std::sync::Mutex<Allowances>>,
+    organisations: Arc<Vec<(String, std::sync::Mutex<Allowances>)>>,
     /// With Stream mode: why it is not ready (no connection up for too long), asked at every
     /// probe. A closure, so that `health` does not import the flow it reports on.
     stream: Arc<OnceLock<StreamCheck>>,
@@ -87,8 +87,7 @@ impl Health {
         pool: PgPool,
         expects_client: bool,
         ledger: Ledger,
-        corp_id: &str,
-        allowances: Allowances,
+        organisations: Vec<(String, Allowances)>,
     ) -> Health {
         Health {
             pool,
@@ -97,8 +96,12 @@ impl Health {
             latest: Arc::new(Mutex::new(None)),
             readings: Arc::new(AtomicU64::new(0)),
             ledger,
-            corp_id: corp_id.to_string(),
-            allowances: Arc::new(std::sync::Mutex::new(allowances)),
+            organisations: Arc::new(
+                organisations
+                    .into_iter()
+                    .map(|(corp_id, a)| (corp_id, std::sync::Mutex::new(a)))
+                    .collect(),
+            ),
             stream: Arc::new(OnceLock::new()),
         }
     }
@@ -108,9 +111,13 @@ impl Health {
         let _ = self.stream.set(check);
     }
 
-    /// The allowances `/metrics` compares the month with (a configuration reload).
-    pub fn set_allowances(&self, allowances: Allowances) {
-        *self.allowances.lock().unwrap() = allowances;
+    /// The allowances `/metrics` compares `corp_id`'s month with (a configuration reload).
+    pub fn set_allowances(&self, corp_id: &str, allowances: Allowances) {
+        for (corp, current) in self.organisations.iter() {
+            if corp == corp_id {
+                *current.lock().unwrap() = allowances;
+            }
+        }
     }
 
     /// The DingTalk client is up: `/readyz` now also requires it to hold a valid token.
@@ -209,21 +216,31 @@ impl Health {
         Ok(metrics::Scraped {
             outbox_rows: store::scrape::outbox_in_progress(pool).await?,
             sync_lag_seconds: store::scrape::sync_lag_seconds(pool).await?,
-            allowance: Some(self.read_allowance().await?),
+            allowances: {
+                let mut readings = Vec::with_capacity(self.organisations.len());
+                for (corp_id, allowances) in self.organisations.iter() {
+                    let allowances = *allowances.lock().unwrap();
+                    readings.push(self.read_allowance(corp_id, allowances).await?);
+                }
+                readings
+            },
         })
     }
 
-    /// The organisation's month against its allowances, on the ledger's clock.
-    async fn read_allowance(&self) -> sqlx::Result<metrics::AllowanceReading> {
+    /// An organisation's month against its allowances, on the ledger's clock.
+    async fn read_allowance(
+        &self,
+        corp_id: &str,
+        allowances: Allowances,
+    ) -> sqlx::Result<metrics::AllowanceReading> {
         let now = self.ledger.clock().now();
-        let usage = self.ledger.month(&self.corp_id, now).await?;
-        let allowances = *self.allowances.lock().unwrap();
+        let usage = self.ledger.month(corp_id, now).await?;
         let forecast = usage.forecast(now, allowances.calls, allowances.deliveries);
         let month = clock::month(now);
         let calls = i64::try_from(allowances.calls).unwrap_or(i64::MAX);
         // The gate's rule (`dingtalk::quota`): DingTalk's pause of this month under this setting,
         // or dingsync's share used.
-        let paused = store::usage::pause(&self.pool, &self.corp_id)
+        let paused = store::usage::pause(&self.pool, corp_id)
             .await?
             .is_some_and(|p| p.month == month && p.allowance == calls)
             || (calls > 0 && forecast.calls.so_far >= calls);
@@ -233,7 +250,7 @@ impl Health {
             forecast: o.at_month_end,
         };
         Ok(metrics::AllowanceReading {
-            corp_id: self.corp_id.clone(),
+            corp_id: corp_id.to_string(),
             calls: kind(forecast.calls),
             deliveries: kind(forecast.deliveries),
             paused,

@@ -371,6 +371,22 @@ async fn one_organisations_allowance_pause_leaves_the_other_creating() {
     assert_eq!(outbox_row(pool, CORP_A, a).await.state, "pending");
     assert_eq!(orgs.emu_a.state().calls(api::create()), 1);
     assert!(orgs.emu_a.state().instances().is_empty());
+    // /metrics shows each organisation's month: acme paused, globex not.
+    let url = format!("http://{}/metrics", orgs.app.addr);
+    eventually(
+        Duration::from_secs(10),
+        "each organisation's pause in /metrics",
+        || async {
+            let page = reqwest::get(&url).await.ok()?.text().await.ok()?;
+            let paused = |corp: &str| {
+                let series = format!("dingsync_allowance_paused{{corp_id=\"{corp}\"}} ");
+                page.lines()
+                    .find_map(|l| l.strip_prefix(series.as_str()).map(str::to_string))
+            };
+            (paused(CORP_A)?.as_str() == "1" && paused(CORP_B)?.as_str() == "0").then_some(())
+        },
+    )
+    .await;
     orgs.stop().await;
 }
 
