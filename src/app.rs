@@ -112,6 +112,7 @@ impl App {
                     format!("recording app {}'s corp_id in dingsync.corps", app.name)
                 })?;
         }
+        warn_of_rows_nobody_here_sends(&pool, &apps).await;
         let ledger = Ledger::new(pool.clone(), planning_clock(&config));
         for app in &apps {
             let corp_id = app.corp_id();
@@ -639,6 +640,23 @@ fn seal_unused_callback(app: &mut AppSettings) {
             app = %app.name,
             "no callback token / aes_key: HTTP pushes are refused; events arrive over Stream only"
         );
+    }
+}
+
+/// Outbox rows of an organisation no app here serves wait for a deployment that does: said once
+/// at start-up, naming the organisation, so that a row left out of the configuration is not
+/// silently pending (the insert refused only organisations never registered in `dingsync.corps`).
+async fn warn_of_rows_nobody_here_sends(pool: &PgPool, apps: &[AppSettings]) {
+    let served: Vec<String> = apps.iter().map(|a| a.corp_id().to_string()).collect();
+    match store::outbox::open_rows_elsewhere(pool, &served).await {
+        Ok(open) => {
+            for (corp_id, rows) in open {
+                tracing::warn!(%corp_id, rows, "outbox rows of an organisation no app of this deployment serves: another deployment must send them, or remove the organisation from dingsync.corps and cancel them");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look for outbox rows of other organisations")
+        }
     }
 }
 

@@ -624,3 +624,40 @@ stream.enabled = true
     emu_a.stop().await;
     emu_b.stop().await;
 }
+
+#[tokio::test]
+async fn the_single_app_form_is_the_app_named_default_on_both_paths() {
+    let app = TestApp::spawn().await;
+    let secrets = Secrets {
+        token: app.token().to_string(),
+        aes_key: app.crypto_key().to_string(),
+    };
+    let http = reqwest::Client::new();
+    for (path, pid) in [
+        ("/dingtalk/callback", "pid-bare"),
+        ("/dingtalk/callback/default", "pid-named"),
+    ] {
+        let response = push_to(
+            &http,
+            &app.base_url,
+            path,
+            &secrets,
+            CORP_ID,
+            &event_of(CORP_ID, pid),
+        )
+        .await;
+        assert_success(&app.crypto, CORP_ID, response).await;
+        assert_eq!(event_corps(&app.pool, pid).await, [CORP_ID], "{path}");
+    }
+    let other = push_to(
+        &http,
+        &app.base_url,
+        "/dingtalk/callback/acme",
+        &secrets,
+        CORP_ID,
+        &event_of(CORP_ID, "pid-x"),
+    )
+    .await;
+    assert_eq!(other.status(), 404);
+    app.stop().await;
+}
