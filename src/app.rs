@@ -159,11 +159,11 @@ impl App {
             ));
         }
         let callbacks = Arc::new(Callbacks::new(states));
-        // `/readyz`'s client check is the first app's; the allowance series are every app's.
+        // `/readyz` checks every app's token, the allowance series show every organisation.
         let first = &apps[0];
         let health = health::Health::new(
             pool.clone(),
-            config.uses_emulator() || first.has_credentials(),
+            config.uses_emulator() || apps.iter().any(AppSettings::has_credentials),
             ledger.clone(),
             apps.iter()
                 .map(|a| {
@@ -280,8 +280,9 @@ impl App {
                 jobs,
             });
         }
-        if let Some(client) = &orgs[0].client {
-            health.client_started(client);
+        let started: Vec<dingtalk::Client> = orgs.iter().filter_map(|o| o.client.clone()).collect();
+        if !started.is_empty() {
+            health.clients_started(started);
         }
         if !stream_statuses.is_empty() {
             let several = apps.len() > 1;
