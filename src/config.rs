@@ -1,6 +1,6 @@
 //! Configuration: `config.toml`, then `DINGSYNC_<SECTION>_<KEY>` environment overrides, validated
-//! once at start-up. Everything else receives `&Config` (or a part of it) and never reads the
-//! environment itself.
+//! once at start-up. Everything else receives `&Config` (or a part of it: one app's
+//! [`AppSettings`], see `apps`) and never reads the environment itself.
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, str::FromStr, time::Duration};
 
