@@ -20,9 +20,9 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::{
     actions,
-    callback::{self, CallbackState},
+    callback::{self, CallbackState, Callbacks},
     clock::Clock,
-    config::{Config, Secret},
+    config::{AppSettings, CallbackConfig, Config, Secret},
     crypto::{self, CallbackCrypto},
     demo,
     dingtalk::{
@@ -34,7 +34,9 @@ use crate::{
     ingest::Ingest,
     jobs,
     ledger::Ledger,
-    outbox, planner, scheduler, server, store, stream,
+    outbox, planner, scheduler, server,
+    store::{self, corps::Served},
+    stream,
 };
 
 /// CorpId the embedded emulator's organisation uses (and events without a corpId fall back to):
@@ -51,14 +53,16 @@ pub struct App {
     pub pool: PgPool,
     /// The embedded DingTalk emulator (`dingtalk.api_base = "emulator"`).
     pub emulator: Option<Emulator>,
-    /// The DingTalk client; `None` without credentials (then `serve` only serves callbacks).
+    /// The first app's DingTalk client (the only one without `[[apps]]`); `None` without
+    /// credentials (then `serve` only serves callbacks). Every app's: [`App::orgs`].
     pub client: Option<dingtalk::Client>,
-    /// The scheduled jobs' context (with a DingTalk client), e.g. for `scheduler::run_job_now`.
+    /// The first app's jobs' context (with a DingTalk client), e.g. for `scheduler::run_job_now`.
     pub jobs: Option<jobs::Context>,
+    /// Every app served, in the order configured.
+    pub orgs: Vec<Organisation>,
     /// The allowance ledger (calls and deliveries counted).
     pub ledger: Ledger,
-    corp_id: String,
-    scheduler: Option<scheduler::Scheduler>,
+    schedulers: Vec<scheduler::Scheduler>,
     health: health::Health,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
@@ -66,41 +70,68 @@ pub struct App {
     workers: Vec<JoinHandle<()>>,
 }
 
+/// One app as it runs here: its organisation's client (token, rate budget, allowance gate and
+/// 90020 pause are the client's, hence the organisation's own) and jobs' context.
+#[derive(Clone)]
+pub struct Organisation {
+    /// `apps[i].name` (`default` in the single-app form).
+    pub name: String,
+    pub corp_id: String,
+    pub client: Option<dingtalk::Client>,
+    pub jobs: Option<jobs::Context>,
+}
+
 impl App {
     /// Prepares the database and starts serving. Returns once the listener is bound.
+    ///
+    /// Each app gets its own callback path, client, outbox and actions workers, Stream
+    /// connections (when its `stream.enabled`) and scheduler: one organisation's backlog or
+    /// pause holds up only its own loops, never another's (each claims only its organisation's
+    /// rows, within its own `outbox.concurrency`, and each job runs per organisation under its
+    /// own guard and day's allowance).
     pub async fn start(mut config: Config) -> anyhow::Result<App> {
         config.validate().context("invalid configuration")?;
         server::check_open_files(&config)?;
         resolve_emulator_defaults(&mut config);
-        seal_unused_callback(&mut config);
-        let crypto = CallbackCrypto::new(
-            config.callback.token.expose(),
-            config.callback.aes_key.expose(),
-        )
-        .context("callback.aes_key")?;
+        let mut apps = config.apps().context("invalid configuration")?;
+        for app in &mut apps {
+            seal_unused_callback(app);
+        }
+        let mut cryptos = Vec::new();
+        for app in &apps {
+            let crypto =
+                CallbackCrypto::new(app.callback.token.expose(), app.callback.aes_key.expose())
+                    .with_context(|| format!("the callback aes_key of app {}", app.name))?;
+            cryptos.push(crypto);
+        }
         let pool = store::connect_and_migrate(&config.database).await?;
-        store::outbox::register_corp(&pool, &config.dingtalk.corp_id)
-            .await
-            .context("recording dingtalk.corp_id in dingsync.corps")?;
-        let corps = store::corps::Served::load(pool.clone(), &config.dingtalk.corp_id)
-            .await
-            .context("reading dingsync.corps")?;
+        for app in &apps {
+            store::outbox::register_corp(&pool, app.corp_id())
+                .await
+                .with_context(|| {
+                    format!("recording app {}'s corp_id in dingsync.corps", app.name)
+                })?;
+        }
+        warn_of_rows_nobody_here_sends(&pool, &apps).await;
         let ledger = Ledger::new(pool.clone(), planning_clock(&config));
-        // Before this process runs any job: the run log still shows when the last one ran.
-        planner::note_start(&pool, ledger.clock(), &config.dingtalk.corp_id)
+        for app in &apps {
+            let corp_id = app.corp_id();
+            // Before this process runs any job: the run log still shows when the last one ran.
+            planner::note_start(&pool, ledger.clock(), corp_id)
+                .await
+                .context("reading dingsync.job_runs for the planner")?;
+            // A pause of an earlier month, or taken under another monthly_calls, is over.
+            let lifted = quota::lift_stale_pause(
+                &pool,
+                corp_id,
+                ledger.clock().now(),
+                app.dingtalk.monthly_calls,
+            )
             .await
-            .context("reading dingsync.job_runs for the planner")?;
-        // A pause of an earlier month, or taken under another dingtalk.monthly_calls, is over.
-        let lifted = quota::lift_stale_pause(
-            &pool,
-            &config.dingtalk.corp_id,
-            ledger.clock().now(),
-            config.dingtalk.monthly_calls,
-        )
-        .await
-        .context("reading dingsync.quota_pause")?;
-        if lifted {
-            resume_outbox(&pool, &config.dingtalk.corp_id).await;
+            .context("reading dingsync.quota_pause")?;
+            if lifted {
+                resume_outbox(&pool, corp_id).await;
+            }
         }
         let listener = server::bind(config.listen_addr())
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
@@ -113,23 +144,37 @@ impl App {
             Ingest::start(pool.clone(), &config.ingest, ingest_stop.clone());
         // Stream connections, like callbacks in flight, finish before the ingest stops.
         let streams = tokio_util::task::TaskTracker::new();
-        let state = Arc::new(CallbackState {
-            crypto,
-            owner_keys: config.callback.owner_key.clone(),
-            default_corp_id: config.dingtalk.corp_id.clone(),
-            corps,
-            ingest: ingest.clone(),
-            ledger: ledger.clone(),
-        });
+        let mut states = Vec::new();
+        for (app, crypto) in apps.iter().zip(cryptos) {
+            states.push((
+                app.name.clone(),
+                CallbackState {
+                    crypto,
+                    owner_keys: app.callback.owner_key.clone(),
+                    default_corp_id: app.corp_id().to_string(),
+                    corps: served(&pool, app).await?,
+                    ingest: ingest.clone(),
+                    ledger: ledger.clone(),
+                },
+            ));
+        }
+        let callbacks = Arc::new(Callbacks::new(states));
+        // `/readyz` checks every app's token, the allowance series show every organisation.
+        let first = &apps[0];
         let health = health::Health::new(
             pool.clone(),
-            config.uses_emulator()
-                || !(config.dingtalk.app_key.is_empty() || config.dingtalk.app_secret.is_empty()),
+            config.uses_emulator() || apps.iter().any(AppSettings::has_credentials),
             ledger.clone(),
-            &config.dingtalk.corp_id,
-            Allowances::from_config(&config.dingtalk),
+            apps.iter()
+                .map(|a| {
+                    (
+                        a.corp_id().to_string(),
+                        Allowances::from_config(&a.dingtalk),
+                    )
+                })
+                .collect(),
         );
-        let router = router(state, health.clone(), &config);
+        let router = router(callbacks, health.clone(), &config);
         let server_stop = shutdown.clone();
         let limits = server::Limits::new(&config.server);
         let streams_done = streams.clone();
@@ -141,76 +186,117 @@ impl App {
             ingest_task.await.ok();
             Ok(())
         });
-        tracing::info!(%addr, "dingsync listening; callbacks at POST /dingtalk/callback");
+        for app in &apps {
+            tracing::info!(%addr, app = %app.name, corp_id = %app.corp_id(), "dingsync listening; callbacks at POST /dingtalk/callback/{}", app.name);
+        }
 
         // `stop` flushes once more after everything has stopped.
         let ledger_task = tokio::spawn(ledger.clone().run_flusher(shutdown.clone()));
-        let (emulator, client) = match dingtalk_client(&config, &pool, &ledger).await {
-            Ok(pair) => pair,
-            Err(e) => {
-                // The server is already running: take it down before reporting.
-                shutdown.cancel();
-                let _ = task.await;
-                pool.close().await;
-                return Err(e);
+        let mut emulator = None;
+        let mut clients = Vec::new();
+        for app in &apps {
+            match dingtalk_client(&config, app, &pool, &ledger).await {
+                Ok((emu, client)) => {
+                    emulator = emulator.or(emu);
+                    clients.push(client);
+                }
+                Err(e) => {
+                    // The server is already running: take it down before reporting.
+                    shutdown.cancel();
+                    let _ = task.await;
+                    if let Some(emulator) = emulator {
+                        emulator.stop().await;
+                    }
+                    pool.close().await;
+                    return Err(e);
+                }
             }
-        };
+        }
         let mut workers = vec![ledger_task];
-        if let Some(client) = &client {
-            health.client_started(client);
-            tokio::spawn(keep_token_fresh(client.clone(), shutdown.clone()));
-            if config.outbox.enabled {
-                let worker = outbox::Worker::new(
-                    pool.clone(),
-                    client.clone(),
-                    config.dingtalk.corp_id.clone(),
-                    config.outbox.clone(),
-                );
-                workers.push(tokio::spawn(worker.run(shutdown.clone())));
-                // Actions on approvals: the same switch and timings as the outbox's creates.
-                let actions = actions::Worker::new(
-                    pool.clone(),
-                    client.clone(),
-                    config.dingtalk.corp_id.clone(),
-                    config.outbox.clone(),
-                );
-                workers.push(tokio::spawn(actions.run(shutdown.clone())));
+        let mut orgs = Vec::new();
+        let mut stream_statuses = Vec::new();
+        for (app, client) in apps.iter().zip(&clients) {
+            let corp_id = app.corp_id().to_string();
+            if let Some(client) = client {
+                tokio::spawn(keep_token_fresh(client.clone(), shutdown.clone()));
+                if config.outbox.enabled {
+                    let worker = outbox::Worker::new(
+                        pool.clone(),
+                        client.clone(),
+                        corp_id.clone(),
+                        config.outbox.clone(),
+                    );
+                    workers.push(tokio::spawn(worker.run(shutdown.clone())));
+                    // Actions on approvals: the same switch and timings as the outbox's creates.
+                    let actions = actions::Worker::new(
+                        pool.clone(),
+                        client.clone(),
+                        corp_id.clone(),
+                        config.outbox.clone(),
+                    );
+                    workers.push(tokio::spawn(actions.run(shutdown.clone())));
+                }
+            } else if config.outbox.enabled {
+                tracing::warn!(app = %app.name, "no DingTalk client: dingsync.outbox rows of this organisation are not sent by this replica");
             }
-        } else if config.outbox.enabled {
-            tracing::warn!("no DingTalk client: dingsync.outbox rows are not sent by this replica");
+            if let Some(client) = client.as_ref().filter(|_| app.stream.enabled) {
+                // The client's v1.0 address: the embedded emulator's, or the app's openapi_base.
+                let openapi_base = client.v1_base().to_string();
+                let deps = stream::Deps {
+                    gateway: dingtalk::gateway::Gateway::new(client, &app.dingtalk, &openapi_base),
+                    ingest: ingest.clone(),
+                    corps: served(&pool, app).await?,
+                    ledger: ledger.clone(),
+                    corp_id: corp_id.clone(),
+                    silence: Duration::from_millis(app.stream.silence_limit_ms),
+                };
+                let running = stream::Stream::start(&app.stream, deps, &streams, shutdown.clone());
+                stream_statuses.push((app.name.clone(), running.status()));
+                tracing::info!(
+                    app = %app.name,
+                    connections = app.stream.connections,
+                    "Stream mode on: receiving events over outbound connections to {openapi_base}"
+                );
+            }
+            let jobs = client.as_ref().map(|client| {
+                let ctx = jobs::Context::new(
+                    pool.clone(),
+                    client.clone(),
+                    &corp_id,
+                    &config.reconcile,
+                    &config.retention,
+                )
+                .with_forms(&config.forms);
+                if app.registered {
+                    ctx.own_organisation_only()
+                } else {
+                    ctx
+                }
+            });
+            orgs.push(Organisation {
+                name: app.name.clone(),
+                corp_id,
+                client: client.clone(),
+                jobs,
+            });
         }
-        if let Some(client) = client.as_ref().filter(|_| config.stream.enabled) {
-            // The client's v1.0 address: the embedded emulator's, or `dingtalk.openapi_base`.
-            let openapi_base = client.v1_base().to_string();
-            let corps = store::corps::Served::load(pool.clone(), &config.dingtalk.corp_id)
-                .await
-                .context("reading dingsync.corps")?;
-            let deps = stream::Deps {
-                gateway: dingtalk::gateway::Gateway::new(client, &config.dingtalk, &openapi_base),
-                ingest,
-                corps,
-                ledger: ledger.clone(),
-                corp_id: config.dingtalk.corp_id.clone(),
-                silence: Duration::from_millis(config.stream.silence_limit_ms),
-            };
-            let running = stream::Stream::start(&config.stream, deps, &streams, shutdown.clone());
-            let status = running.status();
-            health.watch_stream(Arc::new(move || status.not_ready()));
-            tracing::info!(
-                connections = config.stream.connections,
-                "Stream mode on: receiving events over outbound connections to {openapi_base}"
-            );
+        let started: Vec<dingtalk::Client> = orgs.iter().filter_map(|o| o.client.clone()).collect();
+        if !started.is_empty() {
+            health.clients_started(started);
         }
-        let jobs = client.as_ref().map(|client| {
-            jobs::Context::new(
-                pool.clone(),
-                client.clone(),
-                &config.dingtalk.corp_id,
-                &config.reconcile,
-                &config.retention,
-            )
-            .with_forms(&config.forms)
-        });
+        if !stream_statuses.is_empty() {
+            let several = apps.len() > 1;
+            health.watch_stream(Arc::new(move || {
+                stream_statuses.iter().find_map(|(name, status)| {
+                    let why = status.not_ready()?;
+                    Some(if several {
+                        format!("app {name}: {why}")
+                    } else {
+                        why
+                    })
+                })
+            }));
+        }
         let mut app = App {
             addr,
             pool,
@@ -218,22 +304,22 @@ impl App {
             task,
             workers,
             emulator,
-            client,
-            jobs,
+            client: orgs[0].client.clone(),
+            jobs: orgs[0].jobs.clone(),
+            orgs,
             ledger,
-            corp_id: config.dingtalk.corp_id.clone(),
-            scheduler: None,
+            schedulers: Vec::new(),
             health,
         };
         let http_delivery = config.emulator.delivery != "stream";
-        if config.uses_emulator() && !http_delivery && !config.stream.enabled {
+        if config.uses_emulator() && !http_delivery && !first.stream.enabled {
             tracing::warn!(
                 "emulator.delivery = \"stream\" but stream.enabled = false: no events will arrive (set DINGSYNC_STREAM_ENABLED=true)"
             );
         }
         if let (Some(emulator), Some(client), true) = (&app.emulator, &app.client, http_delivery) {
             let url = format!("http://{addr}/dingtalk/callback");
-            if let Err(e) = register_with_emulator(client, &config, &url).await {
+            if let Err(e) = register_with_emulator(client, &first.callback, &url).await {
                 // Not left running behind the error: server, token job, emulator, pool.
                 if let Err(stopped) = app.stop().await {
                     tracing::warn!(error = %format!("{stopped:#}"), "stopping after a failed start");
@@ -252,10 +338,11 @@ impl App {
                 app.workers.push(tokio::spawn(demo));
             }
         }
-        if let Some(ctx) = app.jobs.clone() {
-            let replica = scheduler::replica_name();
+        let replica = scheduler::replica_name();
+        let contexts: Vec<jobs::Context> = app.orgs.iter().filter_map(|o| o.jobs.clone()).collect();
+        for ctx in contexts {
             match scheduler::start(ctx, &config.scheduler, &replica, app.shutdown.clone()).await {
-                Ok(running) => app.scheduler = Some(running),
+                Ok(running) => app.schedulers.push(running),
                 Err(e) => {
                     if let Err(stopped) = app.stop().await {
                         tracing::warn!(error = %format!("{stopped:#}"), "stopping after a failed start");
@@ -274,20 +361,34 @@ impl App {
     }
 
     /// Applies new monthly allowances (`dingtalk.monthly_calls`, `monthly_deliveries`: the keys a
-    /// SIGHUP re-reads) to the client's gate and `/metrics`; a pause taken under another
+    /// SIGHUP re-reads) to the first app's client gate and `/metrics`; a pause taken under another
     /// `monthly_calls` is lifted and the outbox rows waiting for it fall due. Whether one was.
     pub async fn reload_allowances(&self, allowances: Allowances) -> anyhow::Result<bool> {
-        self.health.set_allowances(allowances);
-        let lifted = match &self.client {
+        let name = self.orgs[0].name.clone();
+        self.reload_app_allowances(&name, allowances).await
+    }
+
+    /// [`App::reload_allowances`] for the app `name` (its organisation's gate, pause and
+    /// allowance series only).
+    pub async fn reload_app_allowances(
+        &self,
+        name: &str,
+        allowances: Allowances,
+    ) -> anyhow::Result<bool> {
+        let Some(org) = self.orgs.iter().find(|o| o.name == name) else {
+            anyhow::bail!("no app named {name} runs here");
+        };
+        self.health.set_allowances(&org.corp_id, allowances);
+        let lifted = match &org.client {
             Some(client) => client.quota().set_allowances(allowances).await,
             None => {
                 let now = self.ledger.clock().now();
-                quota::lift_stale_pause(&self.pool, &self.corp_id, now, allowances.calls).await
+                quota::lift_stale_pause(&self.pool, &org.corp_id, now, allowances.calls).await
             }
         }
         .context("lifting the allowance pause")?;
         if lifted {
-            resume_outbox(&self.pool, &self.corp_id).await;
+            resume_outbox(&self.pool, &org.corp_id).await;
         }
         Ok(lifted)
     }
@@ -295,7 +396,7 @@ impl App {
     /// Stops accepting, lets in-flight requests and their commits finish, and waits for that.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
-        if let Some(scheduler) = self.scheduler {
+        for scheduler in self.schedulers {
             scheduler.stop().await;
         }
         self.task.await.context("server task")??;
@@ -388,6 +489,7 @@ pub async fn run(config: Config, path: &Path) -> anyhow::Result<()> {
 /// Starts the embedded emulator when configured, and the client when there are credentials.
 async fn dingtalk_client(
     config: &Config,
+    app: &AppSettings,
     pool: &PgPool,
     ledger: &Ledger,
 ) -> anyhow::Result<(Option<Emulator>, Option<dingtalk::Client>)> {
@@ -396,9 +498,9 @@ async fn dingtalk_client(
         let settings = &config.emulator;
         let emulator = Emulator::start(
             EmulatorConfig {
-                corp_id: config.dingtalk.corp_id.clone(),
-                app_key: config.dingtalk.app_key.clone(),
-                app_secret: config.dingtalk.app_secret.expose().to_string(),
+                corp_id: app.dingtalk.corp_id.clone(),
+                app_key: app.dingtalk.app_key.clone(),
+                app_secret: app.dingtalk.app_secret.expose().to_string(),
                 time_scale: settings.time_scale,
                 seed: settings.effective_seed(),
                 people: (settings.people_pace_ms > 0)
@@ -420,22 +522,23 @@ async fn dingtalk_client(
         .context("starting the embedded DingTalk emulator")?;
         let client = dingtalk::Client::with_ledger(
             pool.clone(),
-            &config.dingtalk,
+            &app.dingtalk,
             &emulator.base_url(),
             ledger.clone(),
         )?;
         return Ok((Some(emulator), Some(client)));
     }
-    if config.dingtalk.app_key.is_empty() || config.dingtalk.app_secret.is_empty() {
+    if !app.has_credentials() {
         tracing::warn!(
+            app = %app.name,
             "no dingtalk.app_key/app_secret: serving callbacks only (no DingTalk API calls)"
         );
         return Ok((None, None));
     }
     let client = dingtalk::Client::with_ledger(
         pool.clone(),
-        &config.dingtalk,
-        &config.dingtalk.api_base,
+        &app.dingtalk,
+        &app.dingtalk.api_base,
         ledger.clone(),
     )?;
     Ok((None, Some(client)))
@@ -456,13 +559,13 @@ fn planning_clock(config: &Config) -> Clock {
 /// Registers our callback URL with the emulator (updating a registration left from before).
 async fn register_with_emulator(
     client: &dingtalk::Client,
-    config: &Config,
+    secrets: &CallbackConfig,
     url: &str,
 ) -> anyhow::Result<()> {
     let registration = CallbackRegistration {
         call_back_tag: callback::TAGS.iter().map(|t| t.to_string()).collect(),
-        token: config.callback.token.expose().to_string(),
-        aes_key: config.callback.aes_key.expose().to_string(),
+        token: secrets.token.expose().to_string(),
+        aes_key: secrets.aes_key.expose().to_string(),
         url: url.to_string(),
     };
     match client.register_callback(&registration).await {
@@ -489,11 +592,12 @@ async fn keep_token_fresh(client: dingtalk::Client, shutdown: CancellationToken)
     }
 }
 
-fn router(state: Arc<CallbackState>, health: health::Health, config: &Config) -> Router {
+fn router(callbacks: Arc<Callbacks>, health: health::Health, config: &Config) -> Router {
     let callback = Router::new()
-        .route("/dingtalk/callback", post(callback::handle))
+        .route("/dingtalk/callback", post(callback::handle_bare))
+        .route("/dingtalk/callback/{app}", post(callback::handle_app))
         .layer(axum::middleware::from_fn(callback::track))
-        .with_state(state);
+        .with_state(callbacks);
     callback
         .route("/healthz", get(|| async { "ok" }))
         .merge(health::router(health))
@@ -529,35 +633,73 @@ fn resolve_emulator_defaults(config: &mut Config) {
 /// With Stream mode alone a real organisation configures no callback secrets (validation allows
 /// it). The HTTP callback still listens, sealed with secrets made for this run and known to
 /// nobody, so that it refuses every push instead of needing a second code path.
-fn seal_unused_callback(config: &mut Config) {
-    if config.callback.token.is_empty() && config.callback.aes_key.is_empty() {
-        config.callback.token = Secret::new(crypto::random_nonce(32));
-        config.callback.aes_key = Secret::new(crypto::random_aes_key());
+fn seal_unused_callback(app: &mut AppSettings) {
+    if app.callback.token.is_empty() && app.callback.aes_key.is_empty() {
+        app.callback.token = Secret::new(crypto::random_nonce(32));
+        app.callback.aes_key = Secret::new(crypto::random_aes_key());
         tracing::info!(
-            "no callback.token / aes_key: HTTP pushes are refused; events arrive over Stream only"
+            app = %app.name,
+            "no callback token / aes_key: HTTP pushes are refused; events arrive over Stream only"
         );
     }
 }
 
-/// SIGHUP re-reads the configuration file: what `reload` applies.
+/// Outbox rows of an organisation no app here serves wait for a deployment that does: said once
+/// at start-up, naming the organisation, so that a row left out of the configuration is not
+/// silently pending (the insert refused only organisations never registered in `dingsync.corps`).
+async fn warn_of_rows_nobody_here_sends(pool: &PgPool, apps: &[AppSettings]) {
+    let served: Vec<String> = apps.iter().map(|a| a.corp_id().to_string()).collect();
+    match store::outbox::open_rows_elsewhere(pool, &served).await {
+        Ok(open) => {
+            for (corp_id, rows) in open {
+                tracing::warn!(%corp_id, rows, "outbox rows of an organisation no app of this deployment serves: another deployment must send them, or remove the organisation from dingsync.corps and cancel them");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look for outbox rows of other organisations")
+        }
+    }
+}
+
+/// How an app's events are checked for their organisation: an `[[apps]]` entry's are its
+/// organisation's only; the single-app form keeps serving every organisation in
+/// `dingsync.corps` (`store::corps`).
+async fn served(pool: &PgPool, app: &AppSettings) -> anyhow::Result<Served> {
+    if app.registered {
+        return Ok(Served::only(pool.clone(), app.corp_id()));
+    }
+    Served::load(pool.clone(), app.corp_id())
+        .await
+        .context("reading dingsync.corps")
+}
+
+/// SIGHUP re-reads the configuration file: what `reload` applies (each app's monthly
+/// allowances, by name; an app added or removed needs a restart).
 async fn reload(app: &App, path: &Path) {
-    let config = match Config::load(path) {
-        Ok(config) => config,
+    let apps = match Config::load(path).and_then(|config| config.apps()) {
+        Ok(apps) => apps,
         Err(e) => {
             tracing::warn!(error = %e, "configuration reload (SIGHUP) failed; keeping the current settings");
             return;
         }
     };
-    let allowances = Allowances::from_config(&config.dingtalk);
-    match app.reload_allowances(allowances).await {
-        Ok(lifted) => tracing::info!(
-            monthly_calls = allowances.calls,
-            monthly_deliveries = allowances.deliveries,
-            pause_lifted = lifted,
-            "configuration reloaded (SIGHUP): dingtalk.monthly_calls and dingtalk.monthly_deliveries applied; other keys take effect at the next restart"
-        ),
-        Err(e) => {
-            tracing::warn!(error = %format!("{e:#}"), "configuration reload (SIGHUP): the new allowances could not be applied")
+    for settings in apps {
+        if !app.orgs.iter().any(|o| o.name == settings.name) {
+            tracing::warn!(app = %settings.name, "configuration reload (SIGHUP): a new app starts only with a restart");
+            continue;
+        }
+        let allowances = Allowances::from_config(&settings.dingtalk);
+        match app.reload_app_allowances(&settings.name, allowances).await {
+            Ok(lifted) => tracing::info!(
+                app = %settings.name,
+                monthly_calls = allowances.calls,
+                monthly_deliveries = allowances.deliveries,
+                pause_lifted = lifted,
+                "configuration reloaded (SIGHUP): monthly_calls and monthly_deliveries applied; other keys take effect at the next restart"
+            ),
+            Err(e) => {
+                tracing::warn!(app = %settings.name, error = %format!("{e:#}"), "configuration reload (SIGHUP): the new allowances could not be applied")
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Configuration: `config.toml`, then `DINGSYNC_<SECTION>_<KEY>` environment overrides, validated
-//! once at start-up. Everything else receives `&Config` (or a part of it) and never reads the
-//! environment itself.
+//! once at start-up. Everything else receives `&Config` (or a part of it: one app's
+//! [`AppSettings`], see `apps`) and never reads the environment itself.
 
 use std::{collections::BTreeMap, fmt, net::SocketAddr, path::Path, str::FromStr, time::Duration};
 
@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 use sqlx::postgres::PgConnectOptions;
 
 use crate::crypto::CallbackCrypto;
+
+mod apps;
+pub use apps::{AppEntry, AppSettings, AppStream, DEFAULT_APP};
 
 /// The value of `dingtalk.api_base` that selects the in-process emulator.
 pub const EMULATOR: &str = "emulator";
@@ -34,6 +37,9 @@ pub struct Config {
     pub reconcile: ReconcileConfig,
     pub retention: RetentionConfig,
     pub forms: FormsConfig,
+    /// Several apps (one per organisation) in one deployment (`config/apps.rs`); empty: the
+    /// single-app form, `[dingtalk]` and `[callback]`, is the one app.
+    pub apps: Vec<AppEntry>,
 }
 
 /// When each reconcile job runs: cron strings with six fields, seconds first
@@ -420,6 +426,7 @@ impl Default for Config {
                 columns: BTreeMap::new(),
                 indexes: Vec::new(),
             },
+            apps: Vec::new(),
         }
     }
 }
@@ -508,6 +515,7 @@ impl Config {
         refuse_replaced_keys(&table)?;
         apply_env(&mut table, env)?;
         check_monthly_signs(&table)?;
+        apps::check_monthly_signs(&table)?;
         let config: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| parse_err(&e))?;
@@ -610,9 +618,38 @@ impl Config {
             ));
         }
         self.validate_outbox()?;
+        self.validate_stream()?;
+        if self.apps.is_empty() {
+            self.validate_single_app()?;
+        } else {
+            self.validate_apps()?;
+        }
+        self.validate_reconcile()?;
+        self.validate_forms()?;
+        let r = &self.retention;
+        // Keys pruned before their events would let a replay of a pruned key's event be refused
+        // by the event row alone, and after that row is gone be stored again.
+        let keys_outlive_events =
+            r.event_keys_days == 0 || (r.events_days != 0 && r.event_keys_days >= r.events_days);
+        if !keys_outlive_events {
+            return Err(invalid(
+                "retention.event_keys_days",
+                "must be at least retention.events_days (or 0, forever; and 0 when events_days is 0)",
+            ));
+        }
+        if self.log.filter.trim().is_empty() {
+            return Err(invalid(
+                "log.filter",
+                "must not be empty (e.g. \"info\" or \"dingsync=debug,info\")",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `[dingtalk]` and `[callback]` as the one app (no `[[apps]]`).
+    fn validate_single_app(&self) -> Result<(), ConfigError> {
         self.validate_api_base()?;
         self.validate_openapi_base()?;
-        self.validate_stream()?;
         let emulator = self.uses_emulator();
         // With the embedded emulator empty callback secrets are generated at start-up; against a
         // real DingTalk they must be the ones registered there.
@@ -654,25 +691,6 @@ impl Config {
                     "required: your organisation's CorpId (ding...)",
                 ));
             }
-        }
-        self.validate_reconcile()?;
-        self.validate_forms()?;
-        let r = &self.retention;
-        // Keys pruned before their events would let a replay of a pruned key's event be refused
-        // by the event row alone, and after that row is gone be stored again.
-        let keys_outlive_events =
-            r.event_keys_days == 0 || (r.events_days != 0 && r.event_keys_days >= r.events_days);
-        if !keys_outlive_events {
-            return Err(invalid(
-                "retention.event_keys_days",
-                "must be at least retention.events_days (or 0, forever; and 0 when events_days is 0)",
-            ));
-        }
-        if self.log.filter.trim().is_empty() {
-            return Err(invalid(
-                "log.filter",
-                "must not be empty (e.g. \"info\" or \"dingsync=debug,info\")",
-            ));
         }
         Ok(())
     }
@@ -1074,6 +1092,10 @@ fn apply_env(
     }
     for (rest, value) in vars {
         let env_name = format!("{ENV_PREFIX}{}", rest.to_ascii_uppercase());
+        if let Some(app) = rest.strip_prefix("apps_") {
+            apps::apply_env(table, app, value, &env_name)?;
+            continue;
+        }
         let Some((section, key)) = rest.split_once('_') else {
             return Err(invalid(
                 &env_name,

@@ -29,6 +29,10 @@ pub enum AppError {
     /// the corp id's fingerprint for the log, never the id.
     #[error("the event's corpId is not an organisation served here")]
     CorpNotServed(Fingerprint),
+    /// `/dingtalk/callback/{app}` names no app served here, or `/dingtalk/callback` is used
+    /// while several are (then the path must say which).
+    #[error("no such app")]
+    UnknownApp,
     #[error("database unavailable, retry later")]
     Unavailable,
     #[error("internal error")]
@@ -65,6 +69,7 @@ impl AppError {
             }
             AppError::Undecryptable(_) => "refused_decrypt",
             AppError::CorpNotServed(_) => "refused_corp",
+            AppError::UnknownApp => "refused_app",
             AppError::Unavailable => "unavailable",
             AppError::Internal => "failed",
         }
@@ -82,8 +87,9 @@ impl AppError {
                 format!("cannot decrypt: {other} (callback.aes_key?)")
             }
             AppError::CorpNotServed(corp) => format!(
-                "the event names organisation {corp}, neither dingtalk.corp_id nor in dingsync.corps; nothing stored"
+                "the event names organisation {corp}, not the organisation of the app it arrived for (dingtalk.corp_id, apps[i].corp_id) nor in dingsync.corps; nothing stored"
             ),
+            AppError::UnknownApp => "the callback path names no configured app (with [[apps]], POST /dingtalk/callback/{apps[i].name})".into(),
             other => other.to_string(),
         }
     }
@@ -100,6 +106,7 @@ impl IntoResponse for AppError {
                 StatusCode::BAD_REQUEST
             }
             AppError::BadSignature | AppError::CorpNotServed(_) => StatusCode::FORBIDDEN,
+            AppError::UnknownApp => StatusCode::NOT_FOUND,
             AppError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             AppError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };

@@ -53,14 +53,15 @@ pub const READING_MAX_AGE: Duration = Duration::from_secs(1);
 pub struct Health {
     pool: PgPool,
     expects_client: bool,
-    client: Arc<OnceLock<dingtalk::Client>>,
+    /// Every app's client (one per organisation), in the order configured.
+    clients: Arc<OnceLock<Vec<dingtalk::Client>>>,
     /// Held while a reading is taken, so that probes arriving meanwhile wait for it.
     latest: Arc<Mutex<Option<Arc<Reading>>>>,
     readings: Arc<AtomicU64>,
-    /// The organisation's month in the ledger, for the allowance series.
+    /// Each organisation's month in the ledger, for the allowance series: one per app, with the
+    /// allowances in force (a reload changes them).
     ledger: Ledger,
-    corp_id: String,
-    allowances: Arc<std::sync::Mutex<Allowances>>,
+    organisations: Arc<Vec<(String, std::sync::Mutex<Allowances>)>>,
     /// With Stream mode: why it is not ready (no connection up for too long), asked at every
     /// probe. A closure, so that `health` does not import the flow it reports on.
     stream: Arc<OnceLock<StreamCheck>>,
@@ -69,15 +70,18 @@ pub struct Health {
 /// Why Stream mode is not ready, or `None` (`stream::Status::not_ready`).
 pub type StreamCheck = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
+/// Until when one client's shared token is valid (`None`: none stored), or the kind of failure.
+type StoredToken = Result<Option<DateTime<Utc>>, &'static str>;
+
 /// What the database said, once, for every probe of the next [`READING_MAX_AGE`]. A failed
 /// query is kept as the kind of failure `/readyz` reports (`connection`, `query failed`).
 struct Reading {
     taken: Instant,
     /// Whether the newest embedded migration is applied.
     migration: Result<bool, &'static str>,
-    /// Until when the access token shared in the database is valid; `None` when there was no
-    /// DingTalk client to ask yet.
-    stored_token: Option<Result<Option<DateTime<Utc>>, &'static str>>,
+    /// Until when each client's access token shared in the database is valid (in the order of
+    /// the clients); `None` when there was no DingTalk client to ask yet.
+    stored_token: Option<Vec<StoredToken>>,
     /// The series `/metrics` reads from the database; `None` when it did not answer them.
     scraped: Option<metrics::Scraped>,
 }
@@ -87,18 +91,21 @@ impl Health {
         pool: PgPool,
         expects_client: bool,
         ledger: Ledger,
-        corp_id: &str,
-        allowances: Allowances,
+        organisations: Vec<(String, Allowances)>,
     ) -> Health {
         Health {
             pool,
             expects_client,
-            client: Arc::new(OnceLock::new()),
+            clients: Arc::new(OnceLock::new()),
             latest: Arc::new(Mutex::new(None)),
             readings: Arc::new(AtomicU64::new(0)),
             ledger,
-            corp_id: corp_id.to_string(),
-            allowances: Arc::new(std::sync::Mutex::new(allowances)),
+            organisations: Arc::new(
+                organisations
+                    .into_iter()
+                    .map(|(corp_id, a)| (corp_id, std::sync::Mutex::new(a)))
+                    .collect(),
+            ),
             stream: Arc::new(OnceLock::new()),
         }
     }
@@ -108,14 +115,19 @@ impl Health {
         let _ = self.stream.set(check);
     }
 
-    /// The allowances `/metrics` compares the month with (a configuration reload).
-    pub fn set_allowances(&self, allowances: Allowances) {
-        *self.allowances.lock().unwrap() = allowances;
+    /// The allowances `/metrics` compares `corp_id`'s month with (a configuration reload).
+    pub fn set_allowances(&self, corp_id: &str, allowances: Allowances) {
+        for (corp, current) in self.organisations.iter() {
+            if corp == corp_id {
+                *current.lock().unwrap() = allowances;
+            }
+        }
     }
 
-    /// The DingTalk client is up: `/readyz` now also requires it to hold a valid token.
-    pub fn client_started(&self, client: &dingtalk::Client) {
-        let _ = self.client.set(client.clone());
+    /// The DingTalk clients are up (one per app): `/readyz` now also requires each to hold a
+    /// valid token.
+    pub fn clients_started(&self, clients: Vec<dingtalk::Client>) {
+        let _ = self.clients.set(clients);
     }
 
     /// Readings of the database taken so far.
@@ -127,20 +139,20 @@ impl Health {
     /// the others wait on the lock and then find it).
     async fn reading(&self) -> Arc<Reading> {
         let mut latest = self.latest.lock().await;
-        let client = self.client.get();
+        let clients = self.clients.get().map(Vec::as_slice);
         if let Some(reading) = latest.as_ref()
             && reading.taken.elapsed() < READING_MAX_AGE
-            // A reading from before the client started lacks the stored token.
-            && (client.is_none() || reading.stored_token.is_some())
+            // A reading from before the clients started lacks the stored tokens.
+            && (clients.is_none() || reading.stored_token.is_some())
         {
             return reading.clone();
         }
-        let reading = Arc::new(self.read(client).await);
+        let reading = Arc::new(self.read(clients).await);
         *latest = Some(reading.clone());
         reading
     }
 
-    async fn read(&self, client: Option<&dingtalk::Client>) -> Reading {
+    async fn read(&self, clients: Option<&[dingtalk::Client]>) -> Reading {
         self.readings.fetch_add(1, Ordering::Relaxed);
         let taken = Instant::now();
         let kind = |e: sqlx::Error| {
@@ -158,12 +170,18 @@ impl Health {
             return Reading {
                 taken,
                 migration,
-                stored_token: client.map(|_| Err("connection")),
+                stored_token: clients.map(|c| c.iter().map(|_| Err("connection")).collect()),
                 scraped: None,
             };
         }
-        let stored_token = match client {
-            Some(client) => Some(client.tokens().stored_expiry().await.map_err(kind)),
+        let stored_token = match clients {
+            Some(clients) => {
+                let mut expiries = Vec::with_capacity(clients.len());
+                for client in clients {
+                    expiries.push(client.tokens().stored_expiry().await.map_err(kind));
+                }
+                Some(expiries)
+            }
             None => None,
         };
         let scraped = match tokio::time::timeout(DB_SCRAPE_TIMEOUT, self.read_database()).await {
@@ -232,21 +250,31 @@ impl Health {
         Ok(metrics::Scraped {
             outbox_rows: store::scrape::outbox_in_progress(pool).await?,
             sync_lag_seconds: store::scrape::sync_lag_seconds(pool).await?,
-            allowance: Some(self.read_allowance().await?),
+            allowances: {
+                let mut readings = Vec::with_capacity(self.organisations.len());
+                for (corp_id, allowances) in self.organisations.iter() {
+                    let allowances = *allowances.lock().unwrap();
+                    readings.push(self.read_allowance(corp_id, allowances).await?);
+                }
+                readings
+            },
         })
     }
 
-    /// The organisation's month against its allowances, on the ledger's clock.
-    async fn read_allowance(&self) -> sqlx::Result<metrics::AllowanceReading> {
+    /// An organisation's month against its allowances, on the ledger's clock.
+    async fn read_allowance(
+        &self,
+        corp_id: &str,
+        allowances: Allowances,
+    ) -> sqlx::Result<metrics::AllowanceReading> {
         let now = self.ledger.clock().now();
-        let usage = self.ledger.month(&self.corp_id, now).await?;
-        let allowances = *self.allowances.lock().unwrap();
+        let usage = self.ledger.month(corp_id, now).await?;
         let forecast = usage.forecast(now, allowances.calls, allowances.deliveries);
         let month = clock::month(now);
         let calls = i64::try_from(allowances.calls).unwrap_or(i64::MAX);
         // The gate's rule (`dingtalk::quota`): DingTalk's pause of this month under this setting,
         // or dingsync's share used.
-        let paused = store::usage::pause(&self.pool, &self.corp_id)
+        let paused = store::usage::pause(&self.pool, corp_id)
             .await?
             .is_some_and(|p| p.month == month && p.allowance == calls)
             || (calls > 0 && forecast.calls.so_far >= calls);
@@ -256,7 +284,7 @@ impl Health {
             forecast: o.at_month_end,
         };
         Ok(metrics::AllowanceReading {
-            corp_id: self.corp_id.clone(),
+            corp_id: corp_id.to_string(),
             calls: kind(forecast.calls),
             deliveries: kind(forecast.deliveries),
             paused,
@@ -291,16 +319,27 @@ async fn not_ready(health: &Health) -> Option<String> {
     if !health.expects_client {
         return None;
     }
-    let Some(client) = health.client.get() else {
+    let Some(clients) = health.clients.get() else {
         return Some("DingTalk client not started yet".into());
     };
     let now = Utc::now();
-    if client.tokens().cached_expiry().is_some_and(|at| at > now) {
-        return None;
+    let several = clients.len() > 1;
+    for (i, client) in clients.iter().enumerate() {
+        if client.tokens().cached_expiry().is_some_and(|at| at > now) {
+            continue;
+        }
+        let stored = reading.stored_token.as_ref().and_then(|t| t.get(i));
+        let why = match stored {
+            Some(Ok(Some(expires_at))) if *expires_at > now => continue,
+            Some(Err(kind)) => db_error(kind),
+            _ => "no valid DingTalk access token".into(),
+        };
+        // The organisation, not the app's name: `health` knows clients, not the registry.
+        return Some(if several {
+            format!("{why} (organisation {})", client.corp_id())
+        } else {
+            why
+        });
     }
-    match reading.stored_token {
-        Some(Ok(Some(expires_at))) if expires_at > now => None,
-        Some(Err(kind)) => Some(db_error(kind)),
-        _ => Some("no valid DingTalk access token".into()),
-    }
+    None
 }

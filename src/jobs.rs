@@ -26,6 +26,8 @@ struct Inner {
     config: ReconcileConfig,
     retention: RetentionConfig,
     forms: FormsConfig,
+    /// The organisation's events only, whatever `dingsync.corps` lists (an `[[apps]]` app's).
+    own_organisation_only: bool,
 }
 
 impl Context {
@@ -45,6 +47,7 @@ impl Context {
                 config: config.clone(),
                 retention: retention.clone(),
                 forms: FormsConfig::default(),
+                own_organisation_only: false,
             }),
         }
     }
@@ -61,8 +64,31 @@ impl Context {
                 config: i.config.clone(),
                 retention: i.retention.clone(),
                 forms: forms.clone(),
+                own_organisation_only: i.own_organisation_only,
             }),
         }
+    }
+
+    /// The same context for an `[[apps]]` app: what it reads from DingTalk (the failed list) is
+    /// its organisation's only, never another served from the same database.
+    pub fn own_organisation_only(self) -> Context {
+        let i = &self.inner;
+        Context {
+            inner: Arc::new(Inner {
+                pool: i.pool.clone(),
+                client: i.client.clone(),
+                corp_id: i.corp_id.clone(),
+                config: i.config.clone(),
+                retention: i.retention.clone(),
+                forms: i.forms.clone(),
+                own_organisation_only: true,
+            }),
+        }
+    }
+
+    /// Whether events naming another organisation served here are foreign to this context.
+    pub fn serves_own_organisation_only(&self) -> bool {
+        self.inner.own_organisation_only
     }
 
     /// The monthly allowances in force (the client's gate holds them; a reload changes them).

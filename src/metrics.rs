@@ -412,8 +412,8 @@ pub struct Scraped {
     pub outbox_rows: Vec<(&'static str, i64)>,
     /// Age of the oldest approval change not yet fetched from DingTalk.
     pub sync_lag_seconds: f64,
-    /// The organisation's month against its monthly allowances.
-    pub allowance: Option<AllowanceReading>,
+    /// Each organisation's month against its monthly allowances (one per app).
+    pub allowances: Vec<AllowanceReading>,
 }
 
 /// One organisation's month against its allowances (docs/dingtalk.md §7).
@@ -437,32 +437,34 @@ pub struct Allowance {
     pub forecast: i64,
 }
 
-fn register_allowance(registry: &mut Registry, a: AllowanceReading) {
+fn register_allowance(registry: &mut Registry, readings: Vec<AllowanceReading>) {
     let (used, limit, remaining, forecast) = (
         Family::<AllowanceLabels, Gauge>::default(),
         Family::<AllowanceLabels, Gauge>::default(),
         Family::<AllowanceLabels, Gauge>::default(),
         Family::<AllowanceLabels, Gauge>::default(),
     );
-    for (kind, allowance) in [("call", a.calls), ("delivery", a.deliveries)] {
-        let labels = AllowanceLabels {
-            corp_id: a.corp_id.clone(),
-            kind,
-        };
-        let cap = i64::try_from(allowance.limit).unwrap_or(i64::MAX);
-        used.get_or_create(&labels).set(allowance.used);
-        limit.get_or_create(&labels).set(cap);
-        if allowance.limit > 0 {
-            remaining
-                .get_or_create(&labels)
-                .set((cap - allowance.used).max(0));
-        }
-        forecast.get_or_create(&labels).set(allowance.forecast);
-    }
     let paused = Family::<CorpLabel, Gauge>::default();
-    paused
-        .get_or_create(&CorpLabel { corp_id: a.corp_id })
-        .set(i64::from(a.paused));
+    for a in readings {
+        for (kind, allowance) in [("call", a.calls), ("delivery", a.deliveries)] {
+            let labels = AllowanceLabels {
+                corp_id: a.corp_id.clone(),
+                kind,
+            };
+            let cap = i64::try_from(allowance.limit).unwrap_or(i64::MAX);
+            used.get_or_create(&labels).set(allowance.used);
+            limit.get_or_create(&labels).set(cap);
+            if allowance.limit > 0 {
+                remaining
+                    .get_or_create(&labels)
+                    .set((cap - allowance.used).max(0));
+            }
+            forecast.get_or_create(&labels).set(allowance.forecast);
+        }
+        paused
+            .get_or_create(&CorpLabel { corp_id: a.corp_id })
+            .set(i64::from(a.paused));
+    }
     registry.register(
         "dingsync_allowance_used",
         "This Beijing month's metered DingTalk calls (kind=call) or event deliveries (kind=delivery), all replicas",
@@ -512,8 +514,8 @@ pub fn encode(scraped: Option<Scraped>, token_valid_for: Option<Duration>) -> St
         );
         let sync_lag = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         sync_lag.set(scraped.sync_lag_seconds);
-        if let Some(a) = scraped.allowance {
-            register_allowance(&mut registry, a);
+        if !scraped.allowances.is_empty() {
+            register_allowance(&mut registry, scraped.allowances);
         }
         registry.register(
             "dingsync_sync_lag_seconds",

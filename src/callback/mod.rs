@@ -1,5 +1,6 @@
-//! `POST /dingtalk/callback`: verify → decrypt → check the owner key → parse → check the event's
-//! organisation is served here → store (group commit) → reply with the encrypted `success`. No
+//! `POST /dingtalk/callback/{app}` (and `POST /dingtalk/callback` while one app is served):
+//! find the app's secrets → verify → decrypt → check the owner key → parse → check the event's
+//! organisation is the app's (or, in the single-app form, served here) → store (group commit) → reply with the encrypted `success`. No
 //! commit, no `success`: when anything fails DingTalk gets an error status and retries
 //! (docs/dingtalk.md §4.7, §6).
 //!
@@ -7,12 +8,12 @@
 //! `event`, storing it is `ingest`, the organisations served are `store::corps`. How refusals
 //! reach the log is `refusals`.
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::HashMap, sync::Arc, time::Instant};
 
 use axum::{
     Json,
     body::Bytes,
-    extract::{Query, Request, State},
+    extract::{Path, Query, Request, State},
     http::StatusCode,
     middleware::Next,
     response::{IntoResponse, Response},
@@ -34,7 +35,50 @@ mod refusals;
 /// The events dingsync subscribes to.
 pub const TAGS: [&str; 2] = ["bpms_instance_change", "bpms_task_change"];
 
-/// What the callback handler needs.
+/// Every app's callback, by `apps[i].name`: the path names the app, and the app decides the
+/// secrets a push must verify with and the organisation it is stored under.
+pub struct Callbacks {
+    apps: HashMap<String, Arc<CallbackState>>,
+    /// What `POST /dingtalk/callback` (no name) serves: the one app, when there is one. With
+    /// several, which organisation a push is for must come from its path, never from a guess.
+    bare: Option<Arc<CallbackState>>,
+}
+
+impl Callbacks {
+    pub fn new(apps: Vec<(String, CallbackState)>) -> Callbacks {
+        let apps: HashMap<String, Arc<CallbackState>> = apps
+            .into_iter()
+            .map(|(name, state)| (name, Arc::new(state)))
+            .collect();
+        let bare = (apps.len() == 1)
+            .then(|| apps.values().next().cloned())
+            .flatten();
+        Callbacks { apps, bare }
+    }
+}
+
+/// `POST /dingtalk/callback/{app}`.
+pub async fn handle_app(
+    State(callbacks): State<Arc<Callbacks>>,
+    Path(app): Path<String>,
+    query: Query<PushQuery>,
+    body: Bytes,
+) -> Result<Response, AppError> {
+    let state = callbacks.apps.get(&app).ok_or(AppError::UnknownApp)?;
+    handle(State(state.clone()), query, body).await
+}
+
+/// `POST /dingtalk/callback`: the one app's.
+pub async fn handle_bare(
+    State(callbacks): State<Arc<Callbacks>>,
+    query: Query<PushQuery>,
+    body: Bytes,
+) -> Result<Response, AppError> {
+    let state = callbacks.bare.as_ref().ok_or(AppError::UnknownApp)?;
+    handle(State(state.clone()), query, body).await
+}
+
+/// What the callback handler needs: one app's.
 pub struct CallbackState {
     pub crypto: CallbackCrypto,
     pub owner_keys: Vec<String>,

@@ -133,6 +133,36 @@ pub fn config_error(e: &ConfigError) -> Finding {
 
 /// Runs every check against `config`.
 /// `dingsync doctor`: prints one line per check; exit 1 on any FAIL.
+/// `dingsync doctor`: with several apps (`[[apps]]`, no `--app`), the checks of each app in
+/// turn under its name; the exit code is 1 when any app has a FAIL.
+pub async fn every_app(config: &Config) -> ExitCode {
+    if config.apps.len() <= 1 {
+        return command(config).await;
+    }
+    let apps = match config.apps() {
+        Ok(apps) => apps,
+        Err(e) => {
+            println!("{}", config_error(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let mut worst = ExitCode::SUCCESS;
+    for app in apps {
+        println!("app {} (corp_id {}):", app.name, app.corp_id());
+        let code = match config.for_app(Some(&app.name)) {
+            Ok(single) => command(&single).await,
+            Err(e) => {
+                println!("{}", config_error(&e));
+                ExitCode::from(2)
+            }
+        };
+        if code != ExitCode::SUCCESS && worst == ExitCode::SUCCESS {
+            worst = code;
+        }
+    }
+    worst
+}
+
 pub async fn command(config: &Config) -> ExitCode {
     crate::app::install_crypto_provider();
     let report = run(config).await;

@@ -27,6 +27,10 @@ pub struct Cli {
     /// Configuration file (every key can be overridden by DINGSYNC_<SECTION>_<KEY>).
     #[arg(long, global = true, default_value = "config.toml")]
     config: PathBuf,
+    /// With several apps (`[[apps]]`): the app (`apps[i].name`) an operator command is about;
+    /// `doctor` without it checks every app.
+    #[arg(long, global = true)]
+    app: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -185,6 +189,23 @@ pub async fn run(cli: Cli) -> ExitCode {
         }
     };
     telemetry::init(&config.log);
+    // `serve` runs every app; `migrate` and `emulator` concern none; `doctor` checks each.
+    let whole =
+        matches!(
+            cli.command,
+            Command::Serve | Command::Migrate | Command::Emulator { .. }
+        ) || (matches!(cli.command, Command::Doctor) && cli.app.is_none() && config.apps.len() > 1);
+    let config = if whole {
+        config
+    } else {
+        match config.for_app(cli.app.as_deref()) {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("dingsync: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
     let result = match cli.command {
         Command::Serve => app::run(config, &cli.config)
             .await
@@ -192,7 +213,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Migrate => store::connect_and_migrate(&config.database)
             .await
             .map(|_| ExitCode::SUCCESS),
-        Command::Doctor => Ok(doctor::command(&config).await),
+        Command::Doctor => Ok(doctor::every_app(&config).await),
         Command::Drift {
             since,
             process_code,

@@ -88,7 +88,11 @@ pub async fn planned(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Res
 /// Drains the list now, page by page while DingTalk says there is more.
 pub async fn drain(ctx: &Context, shutdown: &CancellationToken) -> anyhow::Result<Counts> {
     let mut counts = Counts::new();
-    let corps = Served::load(ctx.pool().clone(), ctx.corp_id()).await?;
+    let corps = if ctx.serves_own_organisation_only() {
+        Served::only(ctx.pool().clone(), ctx.corp_id())
+    } else {
+        Served::load(ctx.pool().clone(), ctx.corp_id()).await?
+    };
     loop {
         store::ping(ctx.pool()).await?;
         let page = match ctx.client().failed_callbacks().await {

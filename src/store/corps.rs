@@ -4,6 +4,11 @@
 //! another organisation is not written into that organisation's rows (`callback` refuses the
 //! push, `reconcile::failed` keeps the item raw under its own organisation).
 //!
+//! With `[[apps]]` each app's events are checked with [`Served::only`]: the organisation of an
+//! event is the app's it arrived for, never another one served from the same database (an event
+//! signed with app A's secrets that names organisation B is not B's, whatever `dingsync.corps`
+//! lists).
+//!
 //! [`Served`] keeps the set in memory: the hot path runs no query per event. A miss re-reads the
 //! table, at most once per [`REFRESH_AFTER`], so that an organisation added while the daemon runs
 //! is found without a restart and a flood of foreign events costs one query per interval.
@@ -23,6 +28,8 @@ pub const REFRESH_AFTER: Duration = Duration::from_secs(10);
 pub struct Served {
     pool: PgPool,
     configured: String,
+    /// Only `configured` (`Served::only`): `dingsync.corps` is never read.
+    only: bool,
     known: RwLock<HashSet<String>>,
     /// When a miss last re-read the table; `None` lets the next miss re-read at once.
     reread_at: Mutex<Option<Instant>>,
@@ -35,9 +42,21 @@ impl Served {
         Ok(Served {
             pool,
             configured: configured.to_string(),
+            only: false,
             known: RwLock::new(known),
             reread_at: Mutex::new(None),
         })
+    }
+
+    /// Serves `corp_id` alone: the check of one `[[apps]]` entry's events.
+    pub fn only(pool: PgPool, corp_id: &str) -> Served {
+        Served {
+            pool,
+            configured: corp_id.to_string(),
+            only: true,
+            known: RwLock::new(HashSet::new()),
+            reread_at: Mutex::new(None),
+        }
     }
 
     /// Whether events of `corp_id` may be stored here. A query only on a miss, at most once per
@@ -45,6 +64,9 @@ impl Served {
     pub async fn serves(&self, corp_id: &str) -> sqlx::Result<bool> {
         if corp_id == self.configured || self.knows(corp_id) {
             return Ok(true);
+        }
+        if self.only {
+            return Ok(false);
         }
         let previous = {
             let mut reread_at = self

@@ -141,6 +141,22 @@ pub async fn next_due(pool: &PgPool, corp_id: &str) -> sqlx::Result<Option<DateT
     .await
 }
 
+/// Organisations other than `served` with outbox rows still to send, and how many: rows that no
+/// app of this deployment will take (another deployment may serve them, or nobody does).
+pub async fn open_rows_elsewhere(
+    pool: &PgPool,
+    served: &[String],
+) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as(
+        "SELECT corp_id, count(*) FROM dingsync.outbox
+         WHERE state IN ('pending', 'sending', 'unknown') AND corp_id <> ALL($1)
+         GROUP BY corp_id ORDER BY corp_id",
+    )
+    .bind(served)
+    .fetch_all(pool)
+    .await
+}
+
 /// The approvals exist in DingTalk: marks each row `(id, process_instance_id)` `created` and links
 /// (or inserts) its approval row (`store::approvals::outbox_link_sql!`), all in one statement: one
 /// commit for the whole batch, since commits that NOTIFY are serialised by PostgreSQL. A row is changed only while `sending` or
