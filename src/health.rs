@@ -223,26 +223,33 @@ async fn metrics_page(State(health): State<Health>) -> Response {
 
 impl Health {
     /// How long the access token held stays valid (this process's cached one, else the one
-    /// shared in the database): `/readyz`'s rule, as a number. `None` without a DingTalk client.
+    /// shared in the database): `/readyz`'s rule, as a number. With several apps, the one whose
+    /// token runs out first: the series is there to show a renewal failing, and one app's
+    /// failing renewal must not hide behind another's fresh token. `None` without a DingTalk
+    /// client.
     fn token_valid_for(&self, reading: &Reading) -> Option<std::time::Duration> {
         if !self.expects_client {
             return None;
         }
         let now = Utc::now();
-        let cached = self
-            .client
-            .get()
-            .and_then(|client| client.tokens().cached_expiry());
-        let stored = match reading.stored_token {
-            Some(Ok(expiry)) => expiry,
-            _ => None,
+        let Some(clients) = self.clients.get() else {
+            return Some(std::time::Duration::ZERO);
         };
-        let expires_at = cached.max(stored);
-        Some(
-            expires_at
-                .and_then(|at| (at - now).to_std().ok())
-                .unwrap_or_default(),
-        )
+        let stored = reading.stored_token.as_deref().unwrap_or_default();
+        clients
+            .iter()
+            .enumerate()
+            .map(|(i, client)| {
+                let cached = client.tokens().cached_expiry();
+                let stored = stored
+                    .get(i)
+                    .and_then(|s| s.as_ref().ok().copied().flatten());
+                cached
+                    .max(stored)
+                    .and_then(|at| (at - now).to_std().ok())
+                    .unwrap_or_default()
+            })
+            .min()
     }
 
     async fn read_database(&self) -> sqlx::Result<metrics::Scraped> {

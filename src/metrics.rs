@@ -528,7 +528,7 @@ pub fn encode(scraped: Option<Scraped>, token_valid_for: Option<Duration>) -> St
         token.set(valid_for.as_secs_f64());
         registry.register(
             "dingsync_access_token_valid_seconds",
-            "How long the access token held (this process's, else the one shared in the database) stays valid; 0 when none is. Renewal starts 600 s before expiry: less means renewing fails",
+            "How long the access token held (this process's, else the one shared in the database) stays valid, for the app whose token runs out first; 0 when none is. Renewal starts 600 s before expiry: less means renewing fails",
             token,
         );
     }

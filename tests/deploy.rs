@@ -230,8 +230,15 @@ fn secret_keys() -> BTreeSet<(String, String)> {
         .split('}')
         .next()
         .unwrap();
-    for line in config.lines() {
-        if let Some((field, ty)) = line.trim().trim_end_matches(',').split_once(": ") {
+    for line in config.lines().map(str::trim) {
+        // Doc comments are not fields; `apps` is a list whose secrets are named per app
+        // (DINGSYNC_APPS_<NAME>_<KEY>, shown commented in the example).
+        if line.starts_with("//") {
+            continue;
+        }
+        if let Some((field, ty)) = line.trim_end_matches(',').split_once(": ")
+            && !ty.starts_with("Vec<")
+        {
             sections.push((ty.to_string(), field.trim_start_matches("pub ").to_string()));
         }
     }
