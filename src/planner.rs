@@ -9,7 +9,7 @@
 //!   `Purpose::is_live`): what is left of the month, minus a reserve for live work (creates,
 //!   searches, detail fetches: the live pace so far × days left × 1.25, at least 10% of the
 //!   allowance for the part of the month still ahead), spread over the days left; and within
-//!   the day, polling's pace ([`Plan::pace`]): what today has left spread over the rest of it,
+//!   the day, polling's pace ([`Plan::round`]): what today has left spread over the rest of it,
 //!   so that checks go on until the day's (and the month's) last hour.
 //! - [`drain_due`]: the failed-push list is drained on signs of missed pushes (refused
 //!   deliveries, downtime, a database outage, a gap the gap check found), [`SIGN_WAIT`] after
@@ -145,22 +145,33 @@ impl Plan {
         (self.per_day.floor() as i64 - self.background_today).max(0) as u64
     }
 
-    /// What a polling round may spend of `left` (the calls today still allows) for the time
-    /// `since` its last round (planner's clock, at most a day): `left` spread evenly over the
-    /// rest of the day, from the last round on. Paced on what is left rather than on the day's
-    /// allowance, what other work spent (gap checks, drains) and what earlier rounds left
-    /// unspent is spread over the hours still ahead, so that the day's calls last until its end
-    /// (its last round gets all that is left), and the last day's until the month's end.
-    pub fn pace(&self, left: u64, since: Duration) -> f64 {
+    /// What a polling round may spend now of `left` (the calls today still allows), `since` its
+    /// last round (planner's clock, at most a day), if it spends only once it has `batch`: `left`
+    /// spread evenly over the rest of the day from the last round on; 0 while that is less than
+    /// `batch` (the round waits), unless the day ends before another wait as long (the day's last
+    /// round takes what is left: a remainder too small for a round of its own would otherwise
+    /// not be spent today, and on the month's last day never). Paced on what is left rather than
+    /// on the day's allowance, what other work spent (gap checks, drains) and what earlier
+    /// rounds left unspent is spread over the hours still ahead, so that the day's calls last
+    /// until its end, and the last day's until the month's end.
+    pub fn round(&self, left: u64, since: Duration, batch: f64) -> u64 {
         if self.unmetered() {
-            return left as f64;
+            return left;
         }
         let since = since.min(Duration::from_secs(86_400)).as_secs_f64();
-        let ahead = since + self.rest_of_day.as_secs_f64();
-        if ahead <= 0.0 {
-            return left as f64;
+        let rest = self.rest_of_day.as_secs_f64();
+        let may = if since + rest > 0.0 {
+            left as f64 * since / (since + rest)
+        } else {
+            left as f64
+        };
+        if may >= batch {
+            (may.floor() as u64).min(left)
+        } else if rest <= since {
+            left
+        } else {
+            0
         }
-        left as f64 * since / ahead
     }
 }
 
@@ -396,7 +407,7 @@ pub struct PushState {
     /// fetched since this database time; none while no pass is due.
     pub pass_before: Option<DateTime<Utc>>,
     /// Polling: when the last round spent calls (planner's clock); the next one spends what
-    /// the time since gives (`Plan::pace`).
+    /// the time since gives (`Plan::round`).
     pub poll_tick_at: Option<DateTime<Utc>>,
     /// Polling: per process_code, instances created up to this time (epoch ms) are listed.
     #[serde(default)]
@@ -629,8 +640,11 @@ mod tests {
         // At 9:00, 15 hours are left of the day: a round a minute after the last one spends a
         // minute's share of what is left from then on.
         assert_eq!(plan.rest_of_day, Duration::from_secs(15 * 3600));
-        let pace = plan.pace(150, Duration::from_secs(60));
-        assert!((pace - 150.0 * 60.0 / (15.0 * 3600.0 + 60.0)).abs() < 1e-9);
+        let minute = Duration::from_secs(60);
+        assert_eq!(plan.round(150, minute, 1.0), 0, "150 / 901 of a call");
+        let hour = Duration::from_secs(3600);
+        assert_eq!(plan.round(150, 2 * hour, 10.0), (150.0 * 2.0 / 17.0) as u64);
+        assert_eq!(plan.round(150, hour, 10.0), 0, "9.4 calls wait for a tenth");
     }
 
     #[test]
@@ -653,21 +667,20 @@ mod tests {
             let mut plan = Plan::compute(&Usage::default(), now, 5_000);
             plan.rest_of_day = (at(2, 0) - now).to_std().unwrap();
             let since = (now - last_round).to_std().unwrap();
-            let may = plan.pace(left, since);
-            if may < 12.0_f64.min(left as f64) || left == 0 {
+            let spent = plan.round(left, since, 12.0);
+            if spent == 0 {
                 continue;
             }
-            let spent = (may.floor() as u64).min(left);
             left -= spent;
             last_round = now;
             last_spend = Some(now);
         }
-        // Rounds go on into the day's last two hours, and little is left unspent by then.
+        // Rounds go on into the day's last two hours, the last one spending what is left.
         assert!(
             last_spend.is_some_and(|t| t >= at(1, 22)),
             "last round {last_spend:?}"
         );
-        assert!(left < 30, "{left} left at the day's end");
+        assert_eq!(left, 0, "left at the day's end");
     }
 
     #[test]
@@ -705,7 +718,10 @@ mod tests {
         assert!(plan.reserve > 900.0, "{plan:?}");
         assert_eq!(plan.per_day, 0.0);
         assert_eq!(plan.left_today(), 0);
-        assert_eq!(plan.pace(plan.left_today(), Duration::from_secs(3600)), 0.0);
+        assert_eq!(
+            plan.round(plan.left_today(), Duration::from_secs(3600), 1.0),
+            0
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //!    template's `RUNNING` instances listed over its open approvals' window: an open approval
 //!    missing from the listing has finished and is fetched); then open approvals, least
 //!    recently checked first; a round spends what is left of today spread over the rest of the
-//!    day (`Plan::pace`), once that pays for the listings and the probe;
+//!    day (`Plan::round`), once that pays for the listings and the probe;
 //! 5. in push mode (purpose `Sweep`): each open approval re-checked at most
 //!    `reconcile.sweep_checks` times over its life, at ages `sweep_first_check_h × 4^k`.
 //!
@@ -358,7 +358,6 @@ async fn poll(
     let c = ctx.config();
     let last_round = *state.poll_tick_at.get_or_insert(now);
     let since = (now - last_round).to_std().unwrap_or_default();
-    let may = plan.pace(budget.left(), since);
     let list_every_ms = ctx
         .client()
         .ledger()
@@ -375,8 +374,7 @@ async fn poll(
     // A round waits until it can pay for what it is for: a listing per template due, and with
     // the v1.0 family the finished probe (its pages and as much again for the finishes it
     // finds); otherwise POLL_BATCH (a round of one call would always be the listing and never
-    // a `get`). Never more than a day's allowance, nor than today has left: the day's last
-    // rounds spend what there is.
+    // a `get`). Never more than a day's allowance; the day's last round spends what there is.
     let templates = if ctx.client().filters_by_status() {
         approvals::open_by_template(ctx.pool(), ctx.corp_id()).await?
     } else {
@@ -392,16 +390,13 @@ async fn poll(
         .filter(|code| listing_due(state, code))
         .count() as u64;
     let wanted = (probe + listings) as f64;
-    let batch = POLL_BATCH
-        .max(wanted)
-        .min(plan.per_day)
-        .min(budget.left() as f64)
-        .max(1.0);
-    if !plan.unmetered() && may < batch {
+    let batch = POLL_BATCH.max(wanted).min(plan.per_day).max(1.0);
+    let may = plan.round(budget.left(), since, batch);
+    if may == 0 {
         return Ok(());
     }
     state.poll_tick_at = Some(now);
-    let granted = budget.take_up_to(may.max(0.0).floor() as u64);
+    let granted = budget.take_up_to(may);
     let mut mine = Budget::new(granted);
     let corp = ctx.corp_id();
 
