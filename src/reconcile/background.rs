@@ -343,7 +343,7 @@ async fn pass(
     }
 }
 
-/// Polling: this tick's share of the day's allowance on listing and fetching.
+/// Polling: a round on listing and fetching, once what the day has left gives it enough.
 #[allow(clippy::too_many_arguments)]
 async fn poll(
     ctx: &Context,
