@@ -40,12 +40,23 @@ use dingsync::{
     app::{App, EMULATOR_CORP_ID},
     clock::{self, Clock},
     config::{ApiFamily, Config, Secret},
+    ledger::Purpose,
 };
 use dingsync_emulator::{Faults, Handle, PushFaults, TaskAction};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use sqlx::PgPool;
 
 const CODE: &str = "PROC-EMU-EXPENSE";
+/// The timeline printed for the month's last days: how many, and every how many hours.
+const TIMELINE_DAYS: i64 = 2;
+const TIMELINE_EVERY_H: i64 = 3;
+
+/// Whether a ledger purpose is live work (not paced by the planner).
+fn live_purpose(name: &str) -> bool {
+    Purpose::ALL
+        .into_iter()
+        .any(|p| p.name() == name && p.is_live())
+}
 const APPROVERS: [&str; 3] = ["manager1", "fin1", "boss1"];
 
 struct Args {
@@ -260,10 +271,41 @@ async fn run(s: &Scenario, args: &Args) {
     // The business app and the approvers, until the month ends.
     let mut next = 0;
     let mut due: BTreeMap<i64, DateTime<Utc>> = BTreeMap::new();
+    // The month's last days, every few hours: where the calls stand and how many approvals are
+    // wrong at that moment (whether checks go on until the month's last hour).
+    let timeline_from = month_end - TimeDelta::days(TIMELINE_DAYS);
+    let mut timeline_at = timeline_from;
+    let mut budget_runs = 0;
+    println!("the month's last {TIMELINE_DAYS} days (Beijing time):");
+    println!("  time         metered  background today  sweep runs out of budget  wrong now");
     loop {
         let now = clock.now();
         if now >= month_end {
             break;
+        }
+        if now >= timeline_at {
+            timeline_at += TimeDelta::hours(TIMELINE_EVERY_H);
+            let usage = app.ledger.month(EMULATOR_CORP_ID, now).await.unwrap();
+            let today = clock::day(now);
+            let background = usage.sum(|r| {
+                r.kind == "call" && r.metered && r.day == today && !live_purpose(&r.purpose)
+            });
+            let runs: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM dingsync.job_runs WHERE job = 'sweep' AND counts ? 'budget'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            let w = wrong(&emu, &pool).await;
+            println!(
+                "  {}  {:>7}  {:>16}  {:>24}  {:>9}",
+                (now + TimeDelta::hours(8)).format("%d %H:%M"),
+                usage.metered_calls(),
+                background,
+                runs - budget_runs,
+                w.approvals.len()
+            );
+            budget_runs = runs;
         }
         while next < created_at.len() && created_at[next] <= now {
             let form = serde_json::json!([

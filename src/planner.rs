@@ -8,7 +8,9 @@
 //! - [`Plan`]: the day's allowance of background calls (purposes that are not
 //!   `Purpose::is_live`): what is left of the month, minus a reserve for live work (creates,
 //!   searches, detail fetches: the live pace so far × days left × 1.25, at least 10% of the
-//!   allowance for the part of the month still ahead), spread over the days left.
+//!   allowance for the part of the month still ahead), spread over the days left; and within
+//!   the day, polling's pace ([`Plan::round`]): what today has left spread over the rest of it,
+//!   so that checks go on until the day's (and the month's) last hour.
 //! - [`drain_due`]: the failed-push list is drained on signs of missed pushes (refused
 //!   deliveries, downtime, a database outage, a gap the gap check found), [`SIGN_WAIT`] after
 //!   the sign (items reach the list 3-5 minutes after DingTalk's last retry, docs/dingtalk.md §3,
@@ -78,6 +80,8 @@ pub struct Plan {
     pub per_day: f64,
     /// Metered background calls made today.
     pub background_today: i64,
+    /// What is left of today (Beijing day, planner's clock).
+    pub rest_of_day: Duration,
 }
 
 impl Plan {
@@ -92,6 +96,9 @@ impl Plan {
         let day_start = clock::start_of(today);
         let days_left = clock::days_left(day_start);
         let background_today = usage.metered_calls_for(&background, today);
+        let rest_of_day = (day_start + TimeDelta::days(1) - now)
+            .to_std()
+            .unwrap_or_default();
         if monthly_calls == 0 {
             return Plan {
                 monthly_calls,
@@ -100,6 +107,7 @@ impl Plan {
                 days_left,
                 per_day: f64::INFINITY,
                 background_today,
+                rest_of_day,
             };
         }
         let m = monthly_calls as f64;
@@ -121,6 +129,7 @@ impl Plan {
             days_left,
             per_day,
             background_today,
+            rest_of_day,
         }
     }
 
@@ -136,13 +145,33 @@ impl Plan {
         (self.per_day.floor() as i64 - self.background_today).max(0) as u64
     }
 
-    /// The share of the day's allowance that a tick of `tick` (planner's clock) may spend:
-    /// polling spreads the allowance evenly over the day.
-    pub fn share(&self, tick: Duration) -> f64 {
+    /// What a polling round may spend now of `left` (the calls today still allows), `since` its
+    /// last round (planner's clock, at most a day), if it spends only once it has `batch`: `left`
+    /// spread evenly over the rest of the day from the last round on; 0 while that is less than
+    /// `batch` (the round waits), unless the day ends before another wait as long (the day's last
+    /// round takes what is left: a remainder too small for a round of its own would otherwise
+    /// not be spent today, and on the month's last day never). Paced on what is left rather than
+    /// on the day's allowance, what other work spent (gap checks, drains) and what earlier
+    /// rounds left unspent is spread over the hours still ahead, so that the day's calls last
+    /// until its end, and the last day's until the month's end.
+    pub fn round(&self, left: u64, since: Duration, batch: f64) -> u64 {
         if self.unmetered() {
-            return f64::INFINITY;
+            return left;
         }
-        self.per_day * tick.as_secs_f64() / 86_400.0
+        let since = since.min(Duration::from_secs(86_400)).as_secs_f64();
+        let rest = self.rest_of_day.as_secs_f64();
+        let may = if since + rest > 0.0 {
+            left as f64 * since / (since + rest)
+        } else {
+            left as f64
+        };
+        if may >= batch {
+            (may.floor() as u64).min(left)
+        } else if rest <= since {
+            left
+        } else {
+            0
+        }
     }
 }
 
@@ -377,9 +406,9 @@ pub struct PushState {
     /// The reconciliation pass after a month in polling mode re-checks open approvals not
     /// fetched since this database time; none while no pass is due.
     pub pass_before: Option<DateTime<Utc>>,
-    /// Polling: when the last tick ran (planner's clock) and the calls it left unspent.
+    /// Polling: when the last round spent calls (planner's clock); the next one spends what
+    /// the time since gives (`Plan::round`).
     pub poll_tick_at: Option<DateTime<Utc>>,
-    pub poll_credit: f64,
     /// Polling: per process_code, instances created up to this time (epoch ms) are listed.
     #[serde(default)]
     pub listed_until_ms: std::collections::BTreeMap<String, i64>,
@@ -493,7 +522,6 @@ pub fn apply_switch(
             state.mode = Mode::Polling;
             state.reason = Some(reason);
             state.poll_tick_at = Some(now);
-            state.poll_credit = 0.0;
         }
         Switch::ToPush => {
             tracing::info!("pushes arrive again; back to push mode");
@@ -609,8 +637,50 @@ mod tests {
         assert!((plan.reserve - 500.0).abs() < 1e-9, "{plan:?}");
         assert!((plan.per_day - 150.0).abs() < 1e-9, "{plan:?}");
         assert_eq!(plan.left_today(), 150);
-        // A minute's tick polls a minute's share.
-        assert!((plan.share(Duration::from_secs(60)) - 150.0 / 1440.0).abs() < 1e-9);
+        // At 9:00, 15 hours are left of the day: a round a minute after the last one spends a
+        // minute's share of what is left from then on.
+        assert_eq!(plan.rest_of_day, Duration::from_secs(15 * 3600));
+        let minute = Duration::from_secs(60);
+        assert_eq!(plan.round(150, minute, 1.0), 0, "150 / 901 of a call");
+        let hour = Duration::from_secs(3600);
+        assert_eq!(plan.round(150, 2 * hour, 10.0), (150.0 * 2.0 / 17.0) as u64);
+        assert_eq!(plan.round(150, hour, 10.0), 0, "9.4 calls wait for a tenth");
+    }
+
+    #[test]
+    fn rounds_paced_on_what_is_left_spend_the_day_until_its_last_hour_whatever_else_takes() {
+        // 150 calls a day; a tick every 72 minutes (the month benchmark's); rounds of at least
+        // 12 calls, each spending what it may; a drain takes 3 calls every 6 hours.
+        let tick = TimeDelta::minutes(72);
+        let mut left: u64 = 150;
+        let mut last_round = at(1, 0);
+        let mut last_spend = None;
+        let mut now = at(1, 0);
+        while now < at(2, 0) {
+            now += tick;
+            if now >= at(2, 0) {
+                break;
+            }
+            if (now - at(1, 0)).num_minutes() % 360 < 72 {
+                left = left.saturating_sub(3);
+            }
+            let mut plan = Plan::compute(&Usage::default(), now, 5_000);
+            plan.rest_of_day = (at(2, 0) - now).to_std().unwrap();
+            let since = (now - last_round).to_std().unwrap();
+            let spent = plan.round(left, since, 12.0);
+            if spent == 0 {
+                continue;
+            }
+            left -= spent;
+            last_round = now;
+            last_spend = Some(now);
+        }
+        // Rounds go on into the day's last two hours, the last one spending what is left.
+        assert!(
+            last_spend.is_some_and(|t| t >= at(1, 22)),
+            "last round {last_spend:?}"
+        );
+        assert_eq!(left, 0, "left at the day's end");
     }
 
     #[test]
@@ -648,7 +718,10 @@ mod tests {
         assert!(plan.reserve > 900.0, "{plan:?}");
         assert_eq!(plan.per_day, 0.0);
         assert_eq!(plan.left_today(), 0);
-        assert_eq!(plan.share(Duration::from_secs(3600)), 0.0);
+        assert_eq!(
+            plan.round(plan.left_today(), Duration::from_secs(3600), 1.0),
+            0
+        );
     }
 
     #[test]

@@ -12,8 +12,8 @@
 //!    listing for approvals no event announced; with the v1.0 family, the finished probe (each
 //!    template's `RUNNING` instances listed over its open approvals' window: an open approval
 //!    missing from the listing has finished and is fetched); then open approvals, least
-//!    recently checked first; a tick spends its share of the day's allowance (allowance × tick
-//!    / 24 h);
+//!    recently checked first; a round spends what is left of today spread over the rest of the
+//!    day (`Plan::round`), once that pays for the listings and the probe;
 //! 5. in push mode (purpose `Sweep`): each open approval re-checked at most
 //!    `reconcile.sweep_checks` times over its life, at ages `sweep_first_check_h × 4^k`.
 //!
@@ -35,8 +35,6 @@ use crate::{
 
 /// How far back a listing overlaps the previous one (instances created at a window's edge).
 const LIST_OVERLAP_MS: i64 = 60_000;
-/// A polling tick carries at most a day's allowance over.
-const MAX_CREDIT_DAYS: f64 = 1.0;
 /// While polling, how often a template is listed for approvals no event announced (an approval
 /// started in DingTalk is found at most this late).
 const LIST_EVERY: Duration = Duration::from_secs(6 * 3600);
@@ -345,7 +343,7 @@ async fn pass(
     }
 }
 
-/// Polling: this tick's share of the day's allowance on listing and fetching.
+/// Polling: a round on listing and fetching, once what the day has left gives it enough.
 #[allow(clippy::too_many_arguments)]
 async fn poll(
     ctx: &Context,
@@ -358,24 +356,47 @@ async fn poll(
     counts: &mut Counts,
 ) -> anyhow::Result<()> {
     let c = ctx.config();
-    let tick = state
-        .poll_tick_at
-        .map(|t| (now - t).to_std().unwrap_or_default())
-        .unwrap_or(Duration::ZERO)
-        .min(Duration::from_secs(86_400));
-    state.poll_tick_at = Some(now);
-    let share = if plan.unmetered() {
-        budget.left() as f64
-    } else {
-        (state.poll_credit + plan.share(tick)).min(plan.per_day * MAX_CREDIT_DAYS)
+    let last_round = *state.poll_tick_at.get_or_insert(now);
+    let since = (now - last_round).to_std().unwrap_or_default();
+    let list_every_ms = ctx
+        .client()
+        .ledger()
+        .clock()
+        .real_duration(LIST_EVERY)
+        .as_millis() as i64;
+    let now_ms = db_now.timestamp_millis();
+    let listing_due = |state: &PushState, code: &String| {
+        state
+            .listed_until_ms
+            .get(code)
+            .is_none_or(|listed| now_ms - listed >= list_every_ms)
     };
-    // Credit gathers until a round is worth its listing (never more than a day can give).
-    let batch = POLL_BATCH.min(plan.per_day * MAX_CREDIT_DAYS).max(1.0);
-    if !plan.unmetered() && share < batch {
-        state.poll_credit = share.max(0.0);
+    // A round waits until it can pay for what it is for: a listing per template due, and with
+    // the v1.0 family the finished probe (its pages and as much again for the finishes it
+    // finds); otherwise POLL_BATCH (a round of one call would always be the listing and never
+    // a `get`). Never more than a day's allowance; the day's last round spends what there is.
+    let templates = if ctx.client().filters_by_status() {
+        approvals::open_by_template(ctx.pool(), ctx.corp_id()).await?
+    } else {
+        Vec::new()
+    };
+    let probe: u64 = templates
+        .iter()
+        .map(|(_, _, open)| 2 * probe_pages(*open))
+        .sum();
+    let listings = c
+        .process_codes
+        .iter()
+        .filter(|code| listing_due(state, code))
+        .count() as u64;
+    let wanted = (probe + listings) as f64;
+    let batch = POLL_BATCH.max(wanted).min(plan.per_day).max(1.0);
+    let may = plan.round(budget.left(), since, batch);
+    if may == 0 {
         return Ok(());
     }
-    let granted = budget.take_up_to(share.max(0.0).floor() as u64);
+    state.poll_tick_at = Some(now);
+    let granted = budget.take_up_to(may);
     let mut mine = Budget::new(granted);
     let corp = ctx.corp_id();
 
@@ -383,22 +404,11 @@ async fn poll(
     // LIST_EVERY (planner's clock) per template. A listing costs a call per 20 new instances
     // whether or not dingsync made them; listed every round, it took a quarter of polling's
     // calls in the month benchmark, calls the open approvals' checks needed more.
-    let now_ms = db_now.timestamp_millis();
-    let list_every_ms = ctx
-        .client()
-        .ledger()
-        .clock()
-        .real_duration(LIST_EVERY)
-        .as_millis() as i64;
     for code in &c.process_codes {
         if stopped(counts, shutdown) || mine.left() == 0 {
             break;
         }
-        if state
-            .listed_until_ms
-            .get(code)
-            .is_some_and(|listed| now_ms - listed < list_every_ms)
-        {
+        if !listing_due(state, code) {
             continue;
         }
         let since_db = state.since_db.unwrap_or(db_now).timestamp_millis();
@@ -481,7 +491,7 @@ async fn poll(
 
     // With the v1.0 family, which open approvals finished, for a page per 20 of them.
     if ctx.client().filters_by_status() && !stopped(counts, shutdown) {
-        finished_probe(ctx, &mut mine, db_now, shutdown, counts).await?;
+        finished_probe(ctx, templates, &mut mine, db_now, shutdown, counts).await?;
     }
 
     // Then open approvals, least recently checked first (for what the probe cannot see: a task
@@ -500,14 +510,16 @@ async fn poll(
         mine.take_up_to(ids.len() as u64);
         fetch_ids(ctx, ids, POLL, shutdown, counts).await?;
     }
-    // What this tick did not spend stays for the next ticks (not beyond a day's allowance).
+    // What this round did not spend stays in the day's allowance, spread over the rounds after.
     budget.give_back(mine.left());
-    state.poll_credit = if plan.unmetered() {
-        0.0
-    } else {
-        (share - (granted - mine.left()) as f64).max(0.0)
-    };
     Ok(())
+}
+
+/// The listing pages the finished probe takes for a template with `open` open approvals: theirs
+/// and one more for instances dingsync does not know yet. A round lists only with as much again
+/// for the fetches it may find: otherwise the round's `get`s are worth more.
+fn probe_pages(open: i64) -> u64 {
+    u64::try_from(open).unwrap_or(0).div_ceil(20) + 1
 }
 
 /// The finished probe (v1.0 family, while polling): for each template with open approvals, list
@@ -520,20 +532,19 @@ async fn poll(
 /// nothing: its approvals are left to the `get`s after it.
 async fn finished_probe(
     ctx: &Context,
+    templates: Vec<(String, DateTime<Utc>, i64)>,
     mine: &mut Budget,
     db_now: DateTime<Utc>,
     shutdown: &CancellationToken,
     counts: &mut Counts,
 ) -> anyhow::Result<()> {
     let corp = ctx.corp_id();
-    for (code, oldest, open) in approvals::open_by_template(ctx.pool(), corp).await? {
+    for (code, oldest, open) in templates {
         if stopped(counts, shutdown) {
             break;
         }
         let from = (oldest - PROBE_MARGIN).max(db_now - PROBE_REACH);
-        // The open approvals' pages, one more for instances dingsync does not know yet, and as
-        // much again for the fetches it may find: otherwise the round's `get`s are worth more.
-        let pages = u64::try_from(open).unwrap_or(0).div_ceil(20) + 1;
+        let pages = probe_pages(open);
         if mine.left() < 2 * pages {
             continue;
         }
