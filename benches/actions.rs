@@ -6,8 +6,9 @@
 //!    idle daemon; INSERT-to-done per action from the database's own clock (`done_at -
 //!    created_at`), as the outbox benchmark measures INSERT-to-created.
 //! 2. Throughput: `--actions` agree actions inserted in one statement, rate budget off,
-//!    zero-latency emulator, the emulator pushing each action's events back (as DingTalk does);
-//!    actions/s from the first insert to the last `done`.
+//!    zero-latency emulator; actions/s from the first insert to the last `done`. Run twice: with
+//!    the emulator pushing each action's events back (as DingTalk does), and without pushes
+//!    (only the actions worker runs), as the outbox benchmark does.
 //!
 //! ```sh
 //! cargo bench --bench actions -- [--latency-actions 300] [--actions 3000] [--concurrency 16]
@@ -183,30 +184,88 @@ async fn main() {
     }
     let n = arg("--actions", 3_000);
     if n > 0 {
-        let run = Run::start().await;
-        run.approvals(n).await;
-        let started = Instant::now();
-        let inserted = run.agree(n as i64).await;
-        if inserted < n {
-            println!(
-                "({} of {n} approvals' tasks known to dingsync when the actions were inserted)",
-                inserted
-            );
+        for pushes in [true, false] {
+            throughput(n, pushes).await;
         }
-        run.wait_done(Duration::from_secs(600)).await;
-        let (done, span): (i64, f64) = sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE state = 'done'),
-                    extract(epoch FROM max(done_at) - min(created_at))::float8
-             FROM dingsync.actions",
-        )
+    }
+}
+
+/// Throughput, budget off: `n` agree actions in one INSERT. Without `pushes` the callback is
+/// deleted once dingsync knows the tasks, so the emulator pushes nothing back and only the
+/// actions worker runs (as the outbox benchmark's "no pushes").
+async fn throughput(n: u64, pushes: bool) {
+    let run = Run::start().await;
+    run.approvals(n).await;
+    if !pushes {
+        run.app
+            .client
+            .as_ref()
+            .unwrap()
+            .delete_callback()
+            .await
+            .unwrap();
+    }
+    let emu = run.app.emulator.as_ref().unwrap().state().clone();
+    let executes_before = emu.calls(dingsync_emulator::EXECUTE);
+    let started = Instant::now();
+    let inserted = run.agree(n as i64).await;
+    let insert_took = started.elapsed();
+    // The database's clock once the INSERT has committed: the rows are visible to the worker
+    // from here on (`created_at` is the INSERT's start).
+    let committed: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
         .fetch_one(&run.pool)
         .await
         .unwrap();
+    if inserted < n {
         println!(
-            "throughput (with the emulator's pushes of each action's events): {done} of {inserted} agree actions done in {span:.2} s (database clock) = {:.0} actions/s; wall {:.2} s",
-            done as f64 / span,
-            started.elapsed().as_secs_f64(),
+            "({} of {n} approvals' tasks known to dingsync when the actions were inserted)",
+            inserted
         );
-        run.stop().await;
     }
+    run.wait_done(Duration::from_secs(600)).await;
+    let (done, span, in_flight): (i64, f64, f64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE state = 'done'),
+                extract(epoch FROM max(done_at) - min(created_at))::float8,
+                extract(epoch FROM percentile_cont(0.5) WITHIN GROUP (ORDER BY done_at - sent_at))::float8 * 1000
+         FROM dingsync.actions",
+    )
+    .fetch_one(&run.pool)
+    .await
+    .unwrap();
+    let (after_commit,): (f64,) = sqlx::query_as(
+        "SELECT extract(epoch FROM max(done_at) - $1)::float8 FROM dingsync.actions",
+    )
+    .bind(committed)
+    .fetch_one(&run.pool)
+    .await
+    .unwrap();
+    // `now()` is a transaction's start: each distinct `sent_at` is one claim, each distinct
+    // `done_at` one commit of the recorder.
+    let (claims, records, claiming): (i64, i64, f64) = sqlx::query_as(
+        "SELECT count(DISTINCT sent_at), count(DISTINCT done_at),
+                extract(epoch FROM max(sent_at) - min(sent_at))::float8
+         FROM dingsync.actions",
+    )
+    .fetch_one(&run.pool)
+    .await
+    .unwrap();
+    println!(
+        "  the INSERT took {:.2} s; from its commit to the last done {after_commit:.2} s = {:.0} actions/s; {claims} claims ({:.1} rows each) over {claiming:.2} s, {records} commits of done rows ({:.1} each)",
+        insert_took.as_secs_f64(),
+        done as f64 / after_commit,
+        done as f64 / claims.max(1) as f64,
+        done as f64 / records.max(1) as f64,
+    );
+    println!(
+        "throughput ({}): {done} of {inserted} agree actions done in {span:.2} s (database clock) = {:.0} actions/s; claim to done p50 {in_flight:.1} ms; wall {:.2} s; emulator saw {} executes",
+        if pushes {
+            "with the emulator's pushes of each action's events"
+        } else {
+            "no pushes"
+        },
+        done as f64 / span,
+        started.elapsed().as_secs_f64(),
+        emu.calls(dingsync_emulator::EXECUTE) - executes_before,
+    );
+    run.stop().await;
 }

@@ -708,6 +708,41 @@ async fn a_refusal_of_dingtalk_fails_the_action_with_its_reason_and_retry_carrie
 }
 
 #[tokio::test]
+async fn a_terminate_the_template_does_not_allow_fails_with_dingtalks_reason_after_one_send() {
+    let app = daemon(|_| {}).await;
+    let emu = emulator(&app);
+    let (pid, _task) = approval(&app, "expense-locked", None).await;
+    // The administrator has not ticked "allow revoking a form in progress" for this template.
+    let mut template = emu
+        .templates()
+        .into_iter()
+        .find(|t| t.process_code == "PROC-EMU-EXPENSE")
+        .unwrap();
+    template.allow_revoke = false;
+    emu.add_template(template).unwrap();
+    past_terminate_guard(&emu, &pid).await;
+    let id = act(
+        &app.pool,
+        "erp-withdraw-locked",
+        "terminate",
+        &pid,
+        ", actor_user_id => 'emp1'",
+    )
+    .await;
+    let failed = wait_for_state(&app.pool, id, "failed").await;
+    let why = failed.last_error.unwrap();
+    assert!(
+        why.contains("internalError") && why.contains("权限"),
+        "{why}"
+    );
+    // A refusal, not a lost answer: sent once, never again after a read-back.
+    assert_eq!(failed.attempts, 1);
+    assert_eq!(emu.calls(dingsync_emulator::TERMINATE), 1);
+    assert_eq!(instance(&emu, &pid).status.as_str(), "RUNNING");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_malformed_or_impossible_action_is_refused_by_the_insert_naming_the_field() {
     let app = daemon(|_| {}).await;
     let (pid, task) = approval(&app, "expense-checks", None).await;

@@ -337,7 +337,9 @@ async fn terminate(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
             .get(&instance.process_code)
             .is_none_or(|t| t.allow_revoke);
         if !allowed {
-            // The documented answer: internalError, text about the missing task permission.
+            // The documented answer (docs/dingtalk.md §12.3): HTTP 400 internalError with a text
+            // about the missing task permission. DingTalk's exact words are not documented; this
+            // text names the permission (权限), which is what a client can go by.
             return Err(V1Error::bad(
                 "internalError",
                 "没有撤销审批的任务权限：模板未开启允许撤销审批中的单据",

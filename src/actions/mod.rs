@@ -45,7 +45,7 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, postgres::PgListener};
 use tokio::{
-    sync::{Semaphore, mpsc, oneshot},
+    sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot},
     task::JoinSet,
     time::Instant,
 };
@@ -76,6 +76,18 @@ const TOO_SOON_WAIT: Duration = Duration::from_secs(16);
 
 /// A `done` on its way to the recorder, and who waits for it to be committed.
 type Done = (i64, oneshot::Sender<sqlx::Result<bool>>);
+
+/// A claim's share of `outbox.concurrency`: held while DingTalk is asked, given back before the
+/// claim waits for the recorder's commit. A row waiting for a group commit has nothing left to
+/// send, so it must not keep the next row's call from starting (with it held, the commit's wait
+/// was part of every row's time in a slot and capped the calls per second).
+struct Slot(Mutex<Option<OwnedSemaphorePermit>>);
+
+impl Slot {
+    fn free(&self) {
+        self.0.lock().unwrap().take();
+    }
+}
 
 /// The actions worker of one organisation.
 pub struct Worker {
@@ -170,10 +182,11 @@ impl Worker {
                             self.in_flight.lock().unwrap().insert(claim.row.id);
                             let (worker, permits) = (self.clone(), permits.clone());
                             tasks.spawn(async move {
-                                let Ok(_permit) = permits.acquire().await else {
+                                let Ok(permit) = permits.acquire_owned().await else {
                                     return worker.release(claim.row.id).await;
                                 };
-                                worker.process(claim, claimed_at).await
+                                let slot = Slot(Mutex::new(Some(permit)));
+                                worker.process(claim, claimed_at, &slot).await
                             });
                         }
                         if !due_now {
@@ -275,13 +288,13 @@ impl Worker {
         }
     }
 
-    async fn process(&self, claim: ActionClaim, claimed_at: Instant) {
+    async fn process(&self, claim: ActionClaim, claimed_at: Instant, slot: &Slot) {
         let id = claim.row.id;
         // Everything this claim sends ends within half the lease (rule 3).
         let deadline = claimed_at + self.lease() / 2;
         let outcome = match claim.work {
-            ActionWork::Send => self.send(&claim.row, deadline).await,
-            ActionWork::Verify => self.verify(&claim.row, deadline).await,
+            ActionWork::Send => self.send(&claim.row, deadline, slot).await,
+            ActionWork::Verify => self.verify(&claim.row, deadline, slot).await,
             ActionWork::TakenOver => Ok(()),
         };
         self.in_flight.lock().unwrap().remove(&id);
@@ -292,7 +305,7 @@ impl Worker {
     }
 
     /// Sends a claimed (`sending`) row and records what came of it.
-    async fn send(&self, row: &ActionRow, deadline: Instant) -> anyhow::Result<()> {
+    async fn send(&self, row: &ActionRow, deadline: Instant, slot: &Slot) -> anyhow::Result<()> {
         let request = match request(row) {
             Ok(request) => request,
             Err(why) => {
@@ -322,7 +335,7 @@ impl Worker {
         crate::metrics::action(&row.action, sent.label(), row.created_at);
         match sent {
             Sent::Done => {
-                if self.record_done(row.id).await? {
+                if self.record_done(row.id, slot).await? {
                     tracing::info!(action_id = row.id, action = %row.action, process_instance_id = %row.process_instance_id, "actions: done");
                 }
             }
@@ -346,7 +359,7 @@ impl Worker {
 
     /// A row sent before: reads the approval back, and sends again only if the action has
     /// certainly not taken effect (rule 2).
-    async fn verify(&self, row: &ActionRow, deadline: Instant) -> anyhow::Result<()> {
+    async fn verify(&self, row: &ActionRow, deadline: Instant, slot: &Slot) -> anyhow::Result<()> {
         let Some(snap) = self.read_back(row, deadline).await? else {
             return Ok(());
         };
@@ -365,7 +378,7 @@ impl Worker {
         };
         match verdict {
             Verdict::Done => {
-                if self.record_done(row.id).await? {
+                if self.record_done(row.id, slot).await? {
                     tracing::info!(action_id = row.id, action = %row.action, "actions: carried out in DingTalk (its answer was lost); done");
                 }
             }
@@ -391,7 +404,7 @@ impl Worker {
                     row.attempts += 1;
                     row.state = "sending".into();
                 }
-                self.send(&row, deadline).await?;
+                self.send(&row, deadline, slot).await?;
             }
         }
         Ok(())
@@ -566,8 +579,10 @@ impl Worker {
         outbox::backoff(&self.config, attempt)
     }
 
-    /// Hands a `done` to the recorder and waits until it is committed.
-    async fn record_done(&self, id: i64) -> anyhow::Result<bool> {
+    /// Hands a `done` to the recorder, gives the claim's slot back (nothing is sent any more),
+    /// and waits until the `done` is committed.
+    async fn record_done(&self, id: i64, slot: &Slot) -> anyhow::Result<bool> {
+        slot.free();
         let (reply, recorded) = oneshot::channel();
         self.done
             .send((id, reply))

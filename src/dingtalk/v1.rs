@@ -57,7 +57,8 @@ const RATE_CODES: [&str; 3] = [
 /// - `Forbidden.AccessDenied.ApiCountLimitForOrg` (whatever the status): the monthly allowance;
 /// - `InvalidAuthentication`, `Unauthorized`, a missing header, or HTTP 401: the token;
 /// - 5xx, `internalError`, or an answer that is not a v1.0 error body: the gateway or the server
-///   failed, and a write may have been carried out (docs/dingtalk.md §11.6, "lost answers");
+///   failed, and a write may have been carried out (docs/dingtalk.md §11.6, "lost answers"),
+///   except a 400 `internalError` that names a missing permission ([`refuses_permission`]);
 /// - any other 4xx with a code: DingTalk refused the request.
 pub(super) fn read_answer(status: u16, text: &str) -> Result<(), Classified> {
     let status_i = i64::from(status);
@@ -94,6 +95,13 @@ pub(super) fn read_answer(status: u16, text: &str) -> Result<(), Classified> {
     if status == 401 || TOKEN_CODES.contains(&code) {
         return Err(Classified::Token(status_i));
     }
+    if status == 400 && code == "internalError" && refuses_permission(&body.message) {
+        return Err(Classified::Rejected(Error::Rejected {
+            errcode: status_i,
+            code: Some(body.code),
+            errmsg: body.message,
+        }));
+    }
     if status >= 500 || code == "internalError" {
         return Err(Classified::Gateway(format!(
             "HTTP {status} {code}: {}",
@@ -105,6 +113,16 @@ pub(super) fn read_answer(status: u16, text: &str) -> Result<(), Classified> {
         code: Some(body.code),
         errmsg: body.message,
     }))
+}
+
+/// What a 400 `internalError` says when DingTalk refuses for a missing permission rather than
+/// failing: a terminate of an approval whose template does not let the submitter revoke a form
+/// in progress (docs/dingtalk.md §12.3; the text names the missing permission, 权限, and older
+/// texts the old family's errcode 820008). That refusal is an answer (nothing was carried out,
+/// and sending again cannot change it), so it is a rejection, not a lost answer; any other
+/// `internalError` stays "no answer".
+fn refuses_permission(message: &str) -> bool {
+    message.contains("权限") || message.contains("820008")
 }
 
 /// `POST /v1.0/oauth2/accessToken` answer (docs/dingtalk.md §1.2).
@@ -621,6 +639,21 @@ mod tests {
         ));
         assert!(matches!(
             read_answer(502, "<html>bad gateway</html>"),
+            Err(Classified::Gateway(_))
+        ));
+        // internalError: a server failure, unless it names a missing permission (§12.3).
+        assert!(matches!(
+            read_answer(400, &body("internalError")),
+            Err(Classified::Gateway(_))
+        ));
+        let revoke =
+            r#"{"code":"internalError","message":"没有撤销审批的任务权限","requestid":"r"}"#;
+        assert!(matches!(
+            read_answer(400, revoke),
+            Err(Classified::Rejected(Error::Rejected { errcode: 400, .. }))
+        ));
+        assert!(matches!(
+            read_answer(500, revoke),
             Err(Classified::Gateway(_))
         ));
         match read_answer(400, &body("processCodeError")) {
