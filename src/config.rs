@@ -53,7 +53,8 @@ pub struct SchedulerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
-    /// Days of raw `dingsync.events` to keep, by received_at; 0 keeps them forever.
+    /// Days of raw `dingsync.events` to keep, by received_at; 0 keeps them forever. Removed by
+    /// whole UTC months (`retention`), so kept up to about a month longer.
     pub events_days: u32,
     /// Days of the events' dedup keys (`dingsync.event_keys`) to keep, by received_at; 0 keeps
     /// them forever. At least `events_days`: while a key is kept, a replay of its event (the same

@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use refinery_core::{
-    Migration, Runner,
+    Migration, Runner, Target,
     traits::r#async::{AsyncMigrate, AsyncQuery, AsyncTransaction},
 };
 use sqlx::{Connection, Executor, PgConnection, PgPool, Row};
@@ -19,6 +19,16 @@ const HISTORY_TABLE: &str = "dingsync.schema_history";
 
 /// Applies every migration not yet applied; returns how many were applied.
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<usize> {
+    migrate_to(pool, Target::Latest).await
+}
+
+/// Applies the migrations up to and including `version` only: for a test that builds an older
+/// schema with rows and then migrates it (`tests/migrate.rs`). The daemon always applies all.
+pub async fn migrate_up_to(pool: &PgPool, version: i32) -> anyhow::Result<usize> {
+    migrate_to(pool, Target::Version(version)).await
+}
+
+async fn migrate_to(pool: &PgPool, target: Target) -> anyhow::Result<usize> {
     let migrations = MIGRATIONS
         .iter()
         .map(|(name, sql)| Migration::unapplied(name, sql))
@@ -39,6 +49,7 @@ pub async fn migrate(pool: &PgPool) -> anyhow::Result<usize> {
     let result = async {
         created?;
         let mut runner = Runner::new(&migrations)
+            .set_target(target)
             .set_abort_divergent(true)
             .set_abort_missing(true);
         runner.set_migration_table_name(HISTORY_TABLE);

@@ -27,7 +27,7 @@ use sqlx::{
 
 use crate::config::DatabaseConfig;
 
-pub use migrate::{migrate, migration_applied, newest_migration};
+pub use migrate::{migrate, migrate_up_to, migration_applied, newest_migration};
 
 /// Creates the database named in the URL when it does not exist (through the `postgres`
 /// maintenance database on the same server), then opens the pool.
@@ -63,11 +63,15 @@ pub async fn ping(db: impl sqlx::PgExecutor<'_>) -> sqlx::Result<()> {
     sqlx::query("SELECT 1").execute(db).await.map(drop)
 }
 
-/// Connects, creates the database if needed and applies the migrations: what `serve` and
-/// `migrate` both do before anything else.
+/// Connects, creates the database if needed, applies the migrations and makes the events'
+/// partitions of this month and the next few (`prune::create_event_partitions`; the retention
+/// job makes them too): what `serve` and `migrate` both do before anything else.
 pub async fn connect_and_migrate(config: &DatabaseConfig) -> anyhow::Result<PgPool> {
     let pool = connect(config).await?;
     migrate(&pool).await?;
+    prune::create_event_partitions(&pool)
+        .await
+        .context("making the partitions of dingsync.events for the coming months")?;
     Ok(pool)
 }
 
