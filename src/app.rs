@@ -160,8 +160,17 @@ impl App {
             health.client_started(client);
             tokio::spawn(keep_token_fresh(client.clone(), shutdown.clone()));
             if config.outbox.enabled {
+                let listen = store::Listen::new(&config.database, &pool)?;
+                if config.database.pooler == crate::config::Pooler::Transaction
+                    && config.database.direct_url.is_empty()
+                {
+                    tracing::info!(
+                        "database.pooler is \"transaction\" without database.direct_url: the outbox and actions poll every outbox.poll_ms instead of LISTEN"
+                    );
+                }
                 let worker = outbox::Worker::new(
                     pool.clone(),
+                    listen.clone(),
                     client.clone(),
                     config.dingtalk.corp_id.clone(),
                     config.outbox.clone(),
@@ -170,6 +179,7 @@ impl App {
                 // Actions on approvals: the same switch and timings as the outbox's creates.
                 let actions = actions::Worker::new(
                     pool.clone(),
+                    listen,
                     client.clone(),
                     config.dingtalk.corp_id.clone(),
                     config.outbox.clone(),
