@@ -215,6 +215,17 @@ impl App {
         let mut workers = vec![ledger_task];
         let mut orgs = Vec::new();
         let mut stream_statuses = Vec::new();
+        // LISTEN for the outbox and actions workers of every app: one direct pool behind a
+        // transaction pooler (database.direct_url), else this pool; none means polling.
+        let listen = store::Listen::new(&config.database, &pool)?;
+        if config.outbox.enabled
+            && config.database.pooler == crate::config::Pooler::Transaction
+            && config.database.direct_url.is_empty()
+        {
+            tracing::info!(
+                "database.pooler is \"transaction\" without database.direct_url: the outbox and actions poll every outbox.poll_ms instead of LISTEN"
+            );
+        }
         for (app, client) in apps.iter().zip(&clients) {
             let corp_id = app.corp_id().to_string();
             if let Some(client) = client {
@@ -222,6 +233,7 @@ impl App {
                 if config.outbox.enabled {
                     let worker = outbox::Worker::new(
                         pool.clone(),
+                        listen.clone(),
                         client.clone(),
                         corp_id.clone(),
                         config.outbox.clone(),
@@ -230,6 +242,7 @@ impl App {
                     // Actions on approvals: the same switch and timings as the outbox's creates.
                     let actions = actions::Worker::new(
                         pool.clone(),
+                        listen.clone(),
                         client.clone(),
                         corp_id.clone(),
                         config.outbox.clone(),

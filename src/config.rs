@@ -59,7 +59,8 @@ pub struct SchedulerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
-    /// Days of raw `dingsync.events` to keep, by received_at; 0 keeps them forever.
+    /// Days of raw `dingsync.events` to keep, by received_at; 0 keeps them forever. Removed by
+    /// whole UTC months (`retention`), so kept up to about a month longer.
     pub events_days: u32,
     /// Days of the events' dedup keys (`dingsync.event_keys`) to keep, by received_at; 0 keeps
     /// them forever. At least `events_days`: while a key is kept, a replay of its event (the same
@@ -157,6 +158,37 @@ pub struct DatabaseConfig {
     pub url: Secret,
     pub max_connections: u32,
     pub acquire_timeout_ms: u64,
+    /// What `url` points at: PostgreSQL itself, or a pooler in transaction mode (`store::connect`
+    /// then prepares no named statements and sends no startup options).
+    pub pooler: Pooler,
+    /// A URL straight to PostgreSQL (not through the pooler), for what needs a session of its
+    /// own: migrations (a session-level lock) and LISTEN. Empty: `url` is used for them, which
+    /// behind a transaction pooler means `serve` refuses to migrate and polls instead of LISTEN.
+    pub direct_url: Secret,
+}
+
+/// `database.pooler`: whether `database.url` reaches PostgreSQL through a connection pooler that
+/// hands out server connections per transaction (PgBouncer's `pool_mode = transaction`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pooler {
+    /// Straight to PostgreSQL, or a pooler in session mode: a connection is a session.
+    #[default]
+    None,
+    /// A pooler in transaction mode: only a transaction is a session.
+    Transaction,
+}
+
+impl DatabaseConfig {
+    /// The URL for what needs a session of its own (`direct_url`, else `url`), and whether it is
+    /// one (not a transaction pooler's).
+    pub fn session_url(&self) -> (&Secret, bool) {
+        if !self.direct_url.is_empty() {
+            (&self.direct_url, true)
+        } else {
+            (&self.url, self.pooler == Pooler::None)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -322,6 +354,8 @@ impl Default for Config {
                 url: Secret::new("postgres://postgres@127.0.0.1:5432/dingsync"),
                 max_connections: 16,
                 acquire_timeout_ms: 2_000,
+                pooler: Pooler::None,
+                direct_url: Secret::new(""),
             },
             server: ServerConfig {
                 listen: "127.0.0.1:8080".into(),
@@ -527,6 +561,11 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         PgConnectOptions::from_str(self.database.url.expose())
             .map_err(|e| invalid("database.url", format!("not a PostgreSQL URL: {e}")))?;
+        if !self.database.direct_url.is_empty() {
+            PgConnectOptions::from_str(self.database.direct_url.expose()).map_err(|e| {
+                invalid("database.direct_url", format!("not a PostgreSQL URL: {e}"))
+            })?;
+        }
         if self.database.max_connections < 2 {
             return Err(invalid("database.max_connections", "must be at least 2"));
         }

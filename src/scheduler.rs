@@ -189,7 +189,7 @@ async fn reconcile_clock(ctx: &Context) -> anyhow::Result<DateTime<Utc>> {
     Ok(crate::store::approvals::clock(ctx.pool()).await?)
 }
 
-/// One guarded run: lock, claim the tick, work, record. Errors are only those of the guard and
+/// One guarded run: lease, claim the tick, work, record. Errors are only those of the guard and
 /// the log itself; the work's error is recorded as the run's outcome.
 async fn run(
     ctx: &Context,
@@ -198,19 +198,16 @@ async fn run(
     replica: &str,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Ran> {
-    let corp = ctx.corp_id();
-    let mut lock_conn = ctx.pool().acquire().await?;
-    // A session lock must never go back to the pool held (e.g. if this task is dropped): the
-    // connection is closed instead, which releases it.
-    lock_conn.close_on_drop();
-    if !job_runs::try_lock(&mut lock_conn, corp, job.name()).await? {
+    let (corp, pool) = (ctx.corp_id(), ctx.pool());
+    let holder = format!("{replica}:{}", crate::crypto::random_nonce(6));
+    if !job_runs::try_lease(pool, corp, job.name(), &holder).await? {
         tracing::debug!(
             job = job.name(),
             "previous run still in progress; tick skipped"
         );
         return Ok(Ran::Busy);
     }
-    let abandoned = job_runs::abandon_stale(&mut *lock_conn, corp, job.name()).await?;
+    let abandoned = job_runs::abandon_stale(pool, corp, job.name()).await?;
     if abandoned > 0 {
         tracing::warn!(
             job = job.name(),
@@ -218,14 +215,29 @@ async fn run(
             "found runs of a process that died"
         );
     }
-    let Some(id) = job_runs::begin(&mut *lock_conn, corp, job.name(), tick, replica).await? else {
-        job_runs::unlock(&mut lock_conn, corp, job.name()).await?;
+    let Some(id) = job_runs::begin(pool, corp, job.name(), tick, replica).await? else {
+        job_runs::release_lease(pool, corp, job.name(), &holder).await?;
         return Ok(Ran::TickTaken);
     };
     let started = std::time::Instant::now();
-    let result = job.work(ctx, shutdown).await;
+    // The job stops between items on shutdown, or when its lease is lost (not renewed in time:
+    // another run may have taken it, and two runs must not overlap).
+    let stop = shutdown.child_token();
+    let renewing = tokio::spawn(renew(
+        pool.clone(),
+        corp.to_owned(),
+        job.name(),
+        holder.clone(),
+        stop.clone(),
+    ));
+    // Dropped with this future (a run abandoned mid-way), it stops the renewing too.
+    let stop_renewing = stop.clone().drop_guard();
+    let result = job.work(ctx, &stop).await;
+    let stopped = stop.is_cancelled();
+    drop(stop_renewing);
+    renewing.abort();
     let (outcome, counts, error) = match result {
-        Ok(counts) if shutdown.is_cancelled() => ("cancelled", counts, None),
+        Ok(counts) if stopped => ("cancelled", counts, None),
         Ok(counts) => ("ok", counts, None),
         Err(e) => ("failed", Counts::new(), Some(format!("{e:#}"))),
     };
@@ -236,22 +248,49 @@ async fn run(
             tracing::info!(job = job.name(), run = id, outcome, ms = started.elapsed().as_millis() as u64, counts = %json!(counts), "job run finished")
         }
     }
-    job_runs::finish(
-        &mut *lock_conn,
-        corp,
-        id,
-        outcome,
-        &json!(counts),
-        error.as_deref(),
-    )
-    .await?;
-    job_runs::unlock(&mut lock_conn, corp, job.name()).await?;
+    job_runs::finish(pool, corp, id, outcome, &json!(counts), error.as_deref()).await?;
+    job_runs::release_lease(pool, corp, job.name(), &holder).await?;
     Ok(Ran::Done {
         id,
         outcome,
         counts,
         error,
     })
+}
+
+/// Renews the lease of a running job every third of its length; cancels `stop` when the lease is
+/// no longer this run's or cannot be renewed before it would lapse.
+async fn renew(
+    pool: sqlx::PgPool,
+    corp: String,
+    job: &'static str,
+    holder: String,
+    stop: CancellationToken,
+) {
+    let every = job_runs::LEASE / 3;
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        match job_runs::renew_lease(&pool, &corp, job, &holder).await {
+            Ok(true) => renewed = tokio::time::Instant::now(),
+            Ok(false) => {
+                tracing::warn!(job, "job lease lost to another run; stopping this one");
+                stop.cancel();
+                return;
+            }
+            Err(e) if renewed.elapsed() + every < job_runs::LEASE => {
+                tracing::warn!(job, error = %e, "renewing the job lease failed; retrying");
+            }
+            Err(e) => {
+                tracing::warn!(job, error = %e, "job lease not renewed in time; stopping the run");
+                stop.cancel();
+                return;
+            }
+        }
+    }
 }
 
 /// This process, as `job_runs.replica` names it.

@@ -1,6 +1,8 @@
-//! The `retention` job: deletes raw events older than `retention.events_days`, their dedup keys
-//! older than `retention.event_keys_days` and job runs older than `retention.job_runs_days`, in
-//! batches, and nothing else; a replay after its event was pruned is still a duplicate.
+//! The `retention` job: removes raw events whose UTC month ended more than
+//! `retention.events_days` ago (dropping the month's partition when it is this organisation's
+//! alone, else in batches), their dedup keys older than `retention.event_keys_days` and job runs
+//! older than `retention.job_runs_days`, in batches, and nothing else; a replay after its event
+//! was pruned is still a duplicate.
 
 mod common;
 
@@ -88,11 +90,13 @@ async fn run_retention(app: &TestApp) -> Ran {
         .unwrap()
 }
 
+/// 62 days ago is always in a month that ended more than 30 days ago; a fresh database has no
+/// partition that old, so these rows are in the default partition and go in batches.
 #[tokio::test]
 async fn retention_deletes_only_events_older_than_the_limit_in_batches() {
     let app = spawn(30).await;
     let pool = &app.pool;
-    events(pool, CORP_ID, BATCH as i32 + 2, 31).await;
+    events(pool, CORP_ID, BATCH as i32 + 2, 62).await;
     events(pool, CORP_ID, 3, 29).await;
     events(pool, OTHER_CORP, 4, 400).await; // another organisation's daemon prunes those
     old_approval_rows(pool).await;
@@ -109,6 +113,7 @@ async fn retention_deletes_only_events_older_than_the_limit_in_batches() {
     assert_eq!((outcome, error), ("ok", None));
     assert_eq!(counts["deleted"], BATCH as u64 + 2);
     assert_eq!(counts["batches"], 2);
+    assert_eq!(counts["partitions_dropped"], 0);
 
     let left =
         |corp: &str| format!("SELECT count(*) FROM dingsync.events WHERE corp_id = '{corp}'");
@@ -126,6 +131,99 @@ async fn retention_deletes_only_events_older_than_the_limit_in_batches() {
     .await
     .unwrap();
     assert_eq!(logged["deleted"], BATCH + 2);
+}
+
+/// The partitions of dingsync.events, by name.
+async fn partitions(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT inhrelid::regclass::text FROM pg_inherits
+         WHERE inhparent = 'dingsync.events'::regclass ORDER BY 1",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Months whose every row is this organisation's are dropped whole; a month another organisation
+/// shares loses only this organisation's rows; the month that straddles the cutoff, and the ones
+/// after, stay; and the run makes the months ahead.
+#[tokio::test]
+async fn retention_drops_whole_past_months_and_keeps_other_organisations_rows() {
+    let app = spawn(30).await;
+    let pool = &app.pool;
+    // Two old months, made as a database migrated back then would have them.
+    for months_ago in [5, 4] {
+        sqlx::query(
+            "SELECT dingsync.create_events_partition(
+                 (date_trunc('month', now() AT TIME ZONE 'UTC') - make_interval(months => $1))::date)",
+        )
+        .bind(months_ago)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+    let five = partitions(pool).await.first().cloned().unwrap();
+    // 5 months ago: ours alone; 4 months ago: ours and another organisation's.
+    let at = |months: i32, corp: &str, n: i32| {
+        sqlx::query(
+            "INSERT INTO dingsync.events (corp_id, dedup_key, source, event_type, received_at, raw, payload)
+             SELECT $1, 'old:' || $2 || ':' || g, 'http_push', 'bpms_instance_change',
+                    (date_trunc('month', now() AT TIME ZONE 'UTC') - make_interval(months => $2))
+                        AT TIME ZONE 'UTC' + interval '3 days',
+                    '{}', '{}'
+             FROM generate_series(1, $3) g",
+        )
+        .bind(corp.to_owned())
+        .bind(months)
+        .bind(n)
+        .execute(pool)
+    };
+    at(5, CORP_ID, 7).await.unwrap();
+    at(4, CORP_ID, 5).await.unwrap();
+    at(4, OTHER_CORP, 2).await.unwrap();
+    events(pool, CORP_ID, 3, 1).await;
+    // The months ahead are there from start-up; drop the farthest to see the job make it again.
+    let farthest = partitions(pool)
+        .await
+        .into_iter()
+        .rfind(|p| p != "dingsync.events_default")
+        .unwrap();
+    sqlx::query(&format!("DROP TABLE {farthest}"))
+        .execute(pool)
+        .await
+        .unwrap();
+
+    let Ran::Done {
+        outcome, counts, ..
+    } = run_retention(&app).await
+    else {
+        panic!("the retention job did not run");
+    };
+    assert_eq!(outcome, "ok");
+    assert_eq!(counts["partitions_dropped"], 1, "{counts:?}");
+    assert_eq!(counts["deleted"], 7 + 5, "{counts:?}");
+    assert_eq!(counts["partitions_created"], 1, "{counts:?}");
+    let left = partitions(pool).await;
+    assert!(!left.contains(&five), "{five} is dropped: {left:?}");
+    assert!(
+        left.contains(&farthest),
+        "{farthest} is made again: {left:?}"
+    );
+    assert_eq!(
+        left.len(),
+        1 + 4 + 1,
+        "the shared month, this month and three ahead, the default: {left:?}"
+    );
+    let by_corp: Vec<(String, i64)> =
+        sqlx::query_as("SELECT corp_id, count(*) FROM dingsync.events GROUP BY 1 ORDER BY 1")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        by_corp,
+        [(OTHER_CORP.to_owned(), 2), (CORP_ID.to_owned(), 3)],
+        "the other organisation's old rows and this month's stay"
+    );
 }
 
 #[tokio::test]

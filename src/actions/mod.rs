@@ -92,6 +92,8 @@ impl Slot {
 /// The actions worker of one organisation.
 pub struct Worker {
     pool: PgPool,
+    /// Where LISTEN connects (none behind a transaction pooler without `database.direct_url`).
+    listen: crate::store::Listen,
     client: dingtalk::Client,
     corp_id: String,
     config: OutboxConfig,
@@ -115,6 +117,7 @@ enum Sent {
 impl Worker {
     pub fn new(
         pool: PgPool,
+        listen: crate::store::Listen,
         client: dingtalk::Client,
         corp_id: String,
         config: OutboxConfig,
@@ -122,6 +125,7 @@ impl Worker {
         let (done, done_rx) = mpsc::channel(RECORD_BATCH);
         Arc::new(Worker {
             pool,
+            listen,
             client,
             corp_id,
             config,
@@ -228,14 +232,8 @@ impl Worker {
     }
 
     async fn listen(&self) -> Option<PgListener> {
-        let connected: sqlx::Result<PgListener> = async {
-            let mut listener = PgListener::connect_with(&self.pool).await?;
-            listener.listen("dingsync_actions").await?;
-            Ok(listener)
-        }
-        .await;
-        match connected {
-            Ok(listener) => Some(listener),
+        match self.listen.channel("dingsync_actions").await {
+            Ok(listener) => listener,
             Err(e) => {
                 tracing::warn!(error = %e, "actions: LISTEN unavailable; polling every outbox.poll_ms");
                 None

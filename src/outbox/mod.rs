@@ -64,6 +64,8 @@ enum Forecasted {
 /// The worker of one organisation.
 pub struct Worker {
     pool: PgPool,
+    /// Where LISTEN connects (none behind a transaction pooler without `database.direct_url`).
+    listen: crate::store::Listen,
     client: dingtalk::Client,
     corp_id: String,
     config: OutboxConfig,
@@ -90,6 +92,7 @@ const RECORD_BATCH: usize = 256;
 impl Worker {
     pub fn new(
         pool: PgPool,
+        listen: crate::store::Listen,
         client: dingtalk::Client,
         corp_id: String,
         config: OutboxConfig,
@@ -97,6 +100,7 @@ impl Worker {
         let (created, created_rx) = mpsc::channel(RECORD_BATCH);
         Arc::new(Worker {
             pool,
+            listen,
             client,
             corp_id,
             config,
@@ -261,14 +265,8 @@ impl Worker {
     }
 
     async fn listen(&self) -> Option<PgListener> {
-        let connected: sqlx::Result<PgListener> = async {
-            let mut listener = PgListener::connect_with(&self.pool).await?;
-            listener.listen("dingsync_outbox").await?;
-            Ok(listener)
-        }
-        .await;
-        match connected {
-            Ok(listener) => Some(listener),
+        match self.listen.channel("dingsync_outbox").await {
+            Ok(listener) => listener,
             Err(e) => {
                 tracing::warn!(error = %e, "outbox: LISTEN unavailable; polling every outbox.poll_ms");
                 None

@@ -15,14 +15,15 @@
 //! Whether an event is new is decided by `dingsync.event_keys` (migration V11), which keeps every
 //! key longer than retention keeps the raw events: a replay of an event whose raw row was pruned
 //! is still a duplicate. The key's insert is one more CTE of the same statement (no round trip):
-//! one small heap row and one btree entry per event. `events_dedup_key_unique` stays as the second
-//! guard (an event row whose key is missing, e.g. written by an older dingsync during an upgrade,
-//! is still never stored twice).
+//! one small heap row and one btree entry per event. It is the only guard: `dingsync.events` is
+//! partitioned by month (migration V22) and a unique key on it would have to include
+//! `received_at`, so it has none on the dedup key; an event row is inserted only when its key
+//! was new, once per key even when the batch holds the event twice.
 //!
 //! Two forms of the statement: one skips the events that are stored already (`ON CONFLICT DO
 //! NOTHING` on the key, then only the events whose key was new), the other expects every event
-//! to be new and fails with a unique violation on `event_keys_pkey` or `events_dedup_key_unique`
-//! (storing nothing) when one is not. `ON CONFLICT` makes PostgreSQL
+//! to be new and fails with a unique violation on `event_keys_pkey` (storing nothing) when one
+//! is not. `ON CONFLICT` makes PostgreSQL
 //! look each key up before inserting it (a second descent of the dedup index) and insert it
 //! speculatively (a lock and an extra WAL record per row): about a tenth of the backend's CPU
 //! per event, spent for the rare redelivery. [`store_events`] tries the second form when the
@@ -116,12 +117,11 @@ async fn write_new(
     bind(SQL_NEW, events, changes).execute(conn).await.map(drop)
 }
 
-/// Whether `e` is [`write_new`] refusing an event that is not new (its key is known, or its event
-/// row exists).
+/// Whether `e` is [`write_new`] refusing an event that is not new (its key is known).
 fn is_not_new(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db)
         if db.code().as_deref() == Some("23505")
-            && matches!(db.constraint(), Some("event_keys_pkey" | "events_dedup_key_unique")))
+            && db.constraint() == Some("event_keys_pkey"))
 }
 
 /// The statement with its parameters: the events' `$1..$9` here, then the changes' (from `$10`)
@@ -150,7 +150,7 @@ fn bind<'a>(
 /// parameters (`store::approvals::event_changes_sql!`), then the notification of every approval
 /// that `ap` or `touched` changed.
 macro_rules! batch_sql {
-    ($keys_on_conflict:literal, $only_new_keys:literal, $on_conflict:literal, $select:literal) => {
+    ($keys_on_conflict:literal, $distinct:literal, $only_new_keys:literal, $select:literal) => {
         concat!(
             "
 WITH keys AS (
@@ -164,12 +164,13 @@ ev AS (
     INSERT INTO dingsync.events
         (corp_id, dedup_key, source, event_type, change_type, process_instance_id, task_id,
          event_time, raw, payload)
-    SELECT c, k, s, et, ct, p, t, tm, r, r::jsonb
+    SELECT ",
+            $distinct,
+            "c, k, s, et, ct, p, t, tm, r, r::jsonb
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                 $7::bigint[], $8::timestamptz[], $9::text[]) AS x(c, k, s, et, ct, p, t, tm, r)
 ",
             $only_new_keys,
-            $on_conflict,
             "    RETURNING corp_id, dedup_key, process_instance_id
 ),
 ",
@@ -188,11 +189,11 @@ notified AS (
 }
 
 /// Only events whose key is new are stored (an event repeated within the batch, too, is stored
-/// once: its second key and second row meet the first's and do nothing).
+/// once: its second key does nothing, and `DISTINCT ON` keeps one of its rows).
 const SQL: &str = batch_sql!(
     "    ON CONFLICT ON CONSTRAINT event_keys_pkey DO NOTHING\n",
+    "DISTINCT ON (x.c, x.k) ",
     "    WHERE (x.c, x.k) IN (SELECT corp_id, dedup_key FROM keys)\n",
-    "    ON CONFLICT ON CONSTRAINT events_dedup_key_unique DO NOTHING\n",
     "SELECT ev.corp_id, ev.dedup_key FROM ev, notified\n"
 );
 

@@ -1,35 +1,84 @@
-//! `dingsync.job_runs` (migration V7): the scheduler's run log and its run-once-per-tick guard,
-//! and the per-job advisory lock that keeps two runs of one job from overlapping on any replicas.
+//! `dingsync.job_runs` (migration V7): the scheduler's run log and its run-once-per-tick guard;
+//! and `dingsync.job_leases` (migration V27): the per-job lease that keeps two runs of one job
+//! from overlapping on any replicas.
+//!
+//! A lease, not an advisory lock: a session-level lock does not survive a pooler in transaction
+//! mode (the lock stays on the server connection that took it), and a transaction-level one
+//! would pin a server connection per running job for the whole run. A lease holds no connection;
+//! its holder renews it every third of [`LEASE`] while the job runs, and a process that dies
+//! leaves it to lapse: the next run after that starts at most [`LEASE`] later.
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgExecutor};
+use sqlx::PgExecutor;
 
-/// Takes the job's session-level advisory lock on `conn` without waiting. The lock lives as long
-/// as the session: the caller unlocks, or closes the connection (never returns it to the pool
-/// locked).
-pub async fn try_lock(conn: &mut PgConnection, corp_id: &str, job: &str) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
-        "SELECT pg_try_advisory_lock(hashtextextended('dingsync.job:' || $1 || ':' || $2, 0))",
+/// How long a lease lasts unless renewed.
+pub const LEASE: Duration = Duration::from_secs(30);
+
+/// Takes the lease of `job` for `holder` if it is free or lapsed; whether it did.
+pub async fn try_lease(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+    job: &str,
+    holder: &str,
+) -> sqlx::Result<bool> {
+    let taken: Option<bool> = sqlx::query_scalar(
+        "INSERT INTO dingsync.job_leases AS l (corp_id, job, holder, expires_at)
+         VALUES ($1, $2, $3, clock_timestamp() + make_interval(secs => $4))
+         ON CONFLICT ON CONSTRAINT job_leases_pkey DO UPDATE
+             SET holder = excluded.holder, expires_at = excluded.expires_at
+             WHERE l.expires_at < clock_timestamp()
+         RETURNING true",
     )
     .bind(corp_id)
     .bind(job)
-    .fetch_one(conn)
-    .await
+    .bind(holder)
+    .bind(LEASE.as_secs_f64())
+    .fetch_optional(db)
+    .await?;
+    Ok(taken.is_some())
 }
 
-pub async fn unlock(conn: &mut PgConnection, corp_id: &str, job: &str) -> sqlx::Result<()> {
-    sqlx::query(
-        "SELECT pg_advisory_unlock(hashtextextended('dingsync.job:' || $1 || ':' || $2, 0))",
+/// Extends `holder`'s lease of `job` by [`LEASE`] from now; false when it is no longer its own
+/// (it lapsed and another run took it).
+pub async fn renew_lease(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+    job: &str,
+    holder: &str,
+) -> sqlx::Result<bool> {
+    let done = sqlx::query(
+        "UPDATE dingsync.job_leases SET expires_at = clock_timestamp() + make_interval(secs => $4)
+         WHERE corp_id = $1 AND job = $2 AND holder = $3",
     )
     .bind(corp_id)
     .bind(job)
-    .execute(conn)
+    .bind(holder)
+    .bind(LEASE.as_secs_f64())
+    .execute(db)
     .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Gives `holder`'s lease of `job` back (nothing when it is no longer its own).
+pub async fn release_lease(
+    db: impl PgExecutor<'_>,
+    corp_id: &str,
+    job: &str,
+    holder: &str,
+) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM dingsync.job_leases WHERE corp_id = $1 AND job = $2 AND holder = $3")
+        .bind(corp_id)
+        .bind(job)
+        .bind(holder)
+        .execute(db)
+        .await?;
     Ok(())
 }
 
-/// Runs still marked running belong to a process that died (whoever holds the lock is the only
-/// one running the job): mark them abandoned. Call with the job's lock held.
+/// Runs still marked running belong to a process that died (whoever holds the lease is the only
+/// one running the job): mark them abandoned. Call with the job's lease held.
 pub async fn abandon_stale(db: impl PgExecutor<'_>, corp_id: &str, job: &str) -> sqlx::Result<u64> {
     let done = sqlx::query(
         "UPDATE dingsync.job_runs SET outcome = 'abandoned', finished_at = clock_timestamp()

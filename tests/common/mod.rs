@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod mirror;
+pub mod pgbouncer;
 pub mod pgcluster;
 pub mod proxy;
 
