@@ -23,6 +23,7 @@ use crate::{
     callback::{self, CallbackState},
     clock::Clock,
     config::{Config, Secret},
+    console,
     crypto::{self, CallbackCrypto},
     demo,
     dingtalk::{
@@ -48,6 +49,8 @@ pub const EMULATOR_APP_KEY: &str = "dingemulatorappkey00";
 pub struct App {
     /// Where the HTTP server listens (useful with port 0).
     pub addr: SocketAddr,
+    /// Where the admin console listens (`admin.listen`; `None`: no console).
+    pub admin_addr: Option<SocketAddr>,
     pub pool: PgPool,
     /// The embedded DingTalk emulator (`dingtalk.api_base = "emulator"`).
     pub emulator: Option<Emulator>,
@@ -105,6 +108,18 @@ impl App {
         let listener = server::bind(config.listen_addr())
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
         let addr = listener.local_addr()?;
+        let admin_listener = match config.admin.listen_addr() {
+            Some(at) => Some(
+                server::bind(at)
+                    .with_context(|| format!("binding admin.listen {}", config.admin.listen))?,
+            ),
+            None => None,
+        };
+        let admin_addr = match &admin_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
+        let replica = scheduler::replica_name();
 
         let shutdown = CancellationToken::new();
         // Ingest stops only after the server has drained, so in-flight callbacks still commit.
@@ -142,6 +157,36 @@ impl App {
             Ok(())
         });
         tracing::info!(%addr, "dingsync listening; callbacks at POST /dingtalk/callback");
+        let mut workers = Vec::new();
+        if let (Some(listener), Some(at)) = (admin_listener, admin_addr) {
+            let console = console::Console::new(
+                &config.admin,
+                pool.clone(),
+                ledger.clone(),
+                health.clone(),
+                &config.dingtalk.corp_id,
+                &replica,
+                config.scheduler.clone(),
+            );
+            let router = console::router(console)
+                .layer(DefaultBodyLimit::max(16 * 1024))
+                .layer(TimeoutLayer::with_status_code(
+                    StatusCode::REQUEST_TIMEOUT,
+                    config.request_timeout(),
+                ));
+            workers.push(tokio::spawn(server::serve(
+                listener,
+                router,
+                limits,
+                shutdown.clone(),
+            )));
+            let signed = if config.admin.token.is_empty() {
+                "open to this machine: no admin.token"
+            } else {
+                "sign-in with admin.token"
+            };
+            tracing::info!(admin = %at, "admin console at http://{at}/ ({signed})");
+        }
 
         // `stop` flushes once more after everything has stopped.
         let ledger_task = tokio::spawn(ledger.clone().run_flusher(shutdown.clone()));
@@ -155,7 +200,7 @@ impl App {
                 return Err(e);
             }
         };
-        let mut workers = vec![ledger_task];
+        workers.push(ledger_task);
         if let Some(client) = &client {
             health.client_started(client);
             tokio::spawn(keep_token_fresh(client.clone(), shutdown.clone()));
@@ -213,6 +258,7 @@ impl App {
         });
         let mut app = App {
             addr,
+            admin_addr,
             pool,
             shutdown,
             task,
@@ -253,7 +299,6 @@ impl App {
             }
         }
         if let Some(ctx) = app.jobs.clone() {
-            let replica = scheduler::replica_name();
             match scheduler::start(ctx, &config.scheduler, &replica, app.shutdown.clone()).await {
                 Ok(running) => app.scheduler = Some(running),
                 Err(e) => {

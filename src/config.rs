@@ -29,6 +29,7 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub emulator: EmulatorSettings,
     pub stream: StreamConfig,
+    pub admin: AdminConfig,
     pub log: LogConfig,
     pub scheduler: SchedulerConfig,
     pub reconcile: ReconcileConfig,
@@ -143,6 +144,27 @@ pub struct StreamConfig {
     /// and replaced; it is pinged after a third of it. Also how long `/readyz` tolerates no
     /// connection up.
     pub silence_limit_ms: u64,
+}
+
+/// The admin console (`src/console/`): its own listener, never the callback's port.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where the console listens; empty: no console.
+    pub listen: String,
+    /// What a browser sends as the basic-auth password, or a script as `Authorization: Bearer`.
+    /// Empty: no sign-in, allowed only on a loopback address. Best set from the environment
+    /// (`DINGSYNC_ADMIN_TOKEN`) rather than written in the file.
+    pub token: Secret,
+    /// The basic-auth user name the browser sends with the token.
+    pub user: String,
+}
+
+impl AdminConfig {
+    /// The console's address, when it is on.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        (!self.listen.is_empty()).then(|| self.listen.parse().expect("validated at load"))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -380,6 +402,11 @@ impl Default for Config {
                 connections: 1,
                 silence_limit_ms: 30_000,
             },
+            admin: AdminConfig {
+                listen: "127.0.0.1:8081".into(),
+                token: Secret::default(),
+                user: "admin".into(),
+            },
             log: LogConfig {
                 format: LogFormat::Text,
                 filter: "info".into(),
@@ -441,6 +468,7 @@ default_from_config!(
     IngestConfig => ingest,
     OutboxConfig => outbox,
     EmulatorSettings => emulator,
+    AdminConfig => admin,
     StreamConfig => stream,
     LogConfig => log,
     SchedulerConfig => scheduler,
@@ -613,6 +641,7 @@ impl Config {
         self.validate_api_base()?;
         self.validate_openapi_base()?;
         self.validate_stream()?;
+        self.validate_admin()?;
         let emulator = self.uses_emulator();
         // With the embedded emulator empty callback secrets are generated at start-up; against a
         // real DingTalk they must be the ones registered there.
@@ -907,6 +936,46 @@ impl Config {
             return Err(invalid(
                 "reconcile.backfill_overlap_s",
                 "must be shorter than reconcile.backfill_window_days",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `admin.*`: the console reads every approval and can retry or cancel outbox rows and
+    /// actions, so anywhere but the loopback it needs a token.
+    fn validate_admin(&self) -> Result<(), ConfigError> {
+        let admin = &self.admin;
+        if admin.listen.is_empty() {
+            return Ok(());
+        }
+        let addr = SocketAddr::from_str(&admin.listen).map_err(|e| {
+            invalid(
+                "admin.listen",
+                format!("must be an address like 127.0.0.1:8081, or empty for no console ({e})"),
+            )
+        })?;
+        if addr.port() != 0 && admin.listen == self.server.listen {
+            return Err(invalid(
+                "admin.listen",
+                "must not be server.listen: the console never shares the callback's port",
+            ));
+        }
+        if !addr.ip().is_loopback() && admin.token.is_empty() {
+            return Err(invalid(
+                "admin.token",
+                format!(
+                    "must be set (DINGSYNC_ADMIN_TOKEN) when admin.listen is not a loopback \
+                     address ({addr}): the console would be open to anyone who can reach it"
+                ),
+            ));
+        }
+        if !admin.token.is_empty() && admin.token.expose().len() < 16 {
+            return Err(invalid("admin.token", "must be at least 16 characters"));
+        }
+        if admin.user.is_empty() || admin.user.contains(':') {
+            return Err(invalid(
+                "admin.user",
+                "must be a user name without ':' (basic auth)",
             ));
         }
         Ok(())

@@ -251,6 +251,20 @@ async fn readyz(State(health): State<Health>) -> (StatusCode, String) {
     }
 }
 
+impl Health {
+    /// Why this replica is not ready, as `/readyz` says it (`None`: ready).
+    pub async fn not_ready(&self) -> Option<String> {
+        not_ready(self).await
+    }
+
+    /// The organisation's month against its allowances, from the latest reading (`None` when
+    /// the database did not answer it).
+    pub async fn allowance(&self) -> Option<metrics::AllowanceReading> {
+        let reading = self.reading().await;
+        reading.scraped.as_ref().and_then(|s| s.allowance.clone())
+    }
+}
+
 async fn not_ready(health: &Health) -> Option<String> {
     let db_error = |kind: &str| format!("database unreachable ({kind})");
     let reading = health.reading().await;
