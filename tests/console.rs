@@ -174,7 +174,13 @@ async fn the_console_shows_the_demo_flowing_and_retries_and_cancels_failed_outbo
 
     let client = driver.session(1280, 1000).await;
     // The overview loads, signed in with basic auth.
-    let text = page_shows(&client, &format!("{base}/"), "Readiness", Duration::from_secs(10)).await;
+    let text = page_shows(
+        &client,
+        &format!("{base}/"),
+        "Readiness",
+        Duration::from_secs(10),
+    )
+    .await;
     assert!(text.contains("Last event received"), "{text}");
     // The demo's approvals arrive as events and become approvals with DingTalk's status names.
     page_shows(
@@ -292,7 +298,10 @@ async fn the_console_shows_the_demo_flowing_and_retries_and_cancels_failed_outbo
     )
     .await;
     assert!(quota.contains("Not paused"), "{quota}");
-    let bars = client.find_all(Locator::Css("figure.chart svg rect")).await.unwrap();
+    let bars = client
+        .find_all(Locator::Css("figure.chart svg rect"))
+        .await
+        .unwrap();
     assert!(!bars.is_empty(), "the quota chart has no bars");
     shot(&client, "quota").await;
 
@@ -307,7 +316,9 @@ async fn the_console_shows_the_demo_flowing_and_retries_and_cancels_failed_outbo
 
     // A wrong token: refused, nothing shown.
     client
-        .goto(&format!("http://admin:wrong-token-0000000000@{addr}/outbox"))
+        .goto(&format!(
+            "http://admin:wrong-token-0000000000@{addr}/outbox"
+        ))
         .await
         .unwrap();
     let refused = body_text(&client).await;
@@ -316,7 +327,13 @@ async fn the_console_shows_the_demo_flowing_and_retries_and_cancels_failed_outbo
 
     // The overview on a phone.
     let phone = driver.session(390, 844).await;
-    page_shows(&phone, &format!("{base}/"), "Readiness", Duration::from_secs(10)).await;
+    page_shows(
+        &phone,
+        &format!("{base}/"),
+        "Readiness",
+        Duration::from_secs(10),
+    )
+    .await;
     shot(&phone, "overview-phone").await;
     phone.close().await.unwrap();
     drop(driver);
@@ -338,7 +355,12 @@ async fn the_console_refuses_requests_without_the_token_and_forms_without_the_cs
             .is_some_and(|v| v.to_str().unwrap().starts_with("Basic")),
         "no basic-auth challenge"
     );
-    let wrong = http.get(&url).bearer_auth("not-the-token").send().await.unwrap();
+    let wrong = http
+        .get(&url)
+        .bearer_auth("not-the-token")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(wrong.status(), 401);
     let wrong_user = http
         .get(&url)
@@ -396,7 +418,10 @@ async fn serve_refuses_a_console_on_a_non_loopback_address_without_a_token_namin
     let mut command = dingsync_command(&["serve"]);
     command
         .env("DINGSYNC_DATABASE_URL", &db.url)
-        .env("DINGSYNC_SERVER_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env(
+            "DINGSYNC_SERVER_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
         .env("DINGSYNC_ADMIN_LISTEN", format!("0.0.0.0:{}", free_port()))
         .env_remove("DINGSYNC_ADMIN_TOKEN");
     let output = run_to_end(command);

@@ -77,12 +77,16 @@ fn table(rows: &[ActionRow]) -> String {
 
 /// `actions retry ID`.
 pub async fn retry(pool: &PgPool, id: i64) -> anyhow::Result<String> {
-    operate::action_retry(pool, id).await?.map_err(anyhow::Error::msg)
+    operate::action_retry(pool, id)
+        .await?
+        .map_err(anyhow::Error::msg)
 }
 
 /// `actions cancel ID`.
 pub async fn cancel(pool: &PgPool, id: i64) -> anyhow::Result<String> {
-    operate::action_cancel(pool, id).await?.map_err(anyhow::Error::msg)
+    operate::action_cancel(pool, id)
+        .await?
+        .map_err(anyhow::Error::msg)
 }
 
 pub async fn command(config: &Config, command: ActionsCommand) -> anyhow::Result<ExitCode> {

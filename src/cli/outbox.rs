@@ -69,12 +69,16 @@ fn table(rows: &[OutboxRow]) -> String {
 
 /// `outbox retry ID`.
 pub async fn retry(pool: &PgPool, id: i64) -> anyhow::Result<String> {
-    operate::outbox_retry(pool, id).await?.map_err(anyhow::Error::msg)
+    operate::outbox_retry(pool, id)
+        .await?
+        .map_err(anyhow::Error::msg)
 }
 
 /// `outbox cancel ID`.
 pub async fn cancel(pool: &PgPool, id: i64) -> anyhow::Result<String> {
-    operate::outbox_cancel(pool, id).await?.map_err(anyhow::Error::msg)
+    operate::outbox_cancel(pool, id)
+        .await?
+        .map_err(anyhow::Error::msg)
 }
 
 pub async fn command(config: &Config, command: OutboxCommand) -> anyhow::Result<ExitCode> {

@@ -184,7 +184,11 @@ pub fn horizontal_bars(title: &str, rows: &[(String, f64)]) -> Markup {
     const ROW: f64 = 22.0;
     const LABEL: f64 = 260.0;
     let h = (rows.len().max(1) as f64) * ROW + 8.0;
-    let max = rows.iter().map(|(_, v)| *v).fold(0.0_f64, f64::max).max(1.0);
+    let max = rows
+        .iter()
+        .map(|(_, v)| *v)
+        .fold(0.0_f64, f64::max)
+        .max(1.0);
     html! {
         figure.chart {
             svg viewBox={ "0 0 " (W) " " (h) } role="img" aria-label=(title) {

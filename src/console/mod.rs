@@ -99,7 +99,10 @@ pub fn router(console: Console) -> Router {
         .route("/outbox/{id}", get(outbox_row))
         .route("/outbox/{id}/{op}", get(confirm_outbox).post(change_outbox))
         .route("/actions/{id}", get(action_row))
-        .route("/actions/{id}/{op}", get(confirm_action).post(change_action))
+        .route(
+            "/actions/{id}/{op}",
+            get(confirm_action).post(change_action),
+        )
         .route("/quota", get(quota))
         .route("/reconcile", get(reconcile))
         .route("/approvals", get(approvals))

@@ -16,7 +16,9 @@ use crate::{
     operate,
     store::{
         actions::ActionRow,
-        console::{ApprovalEvent, ApprovalSummary, JobRun, MinuteCount, OutboxTimes, Replica, Task},
+        console::{
+            ApprovalEvent, ApprovalSummary, JobRun, MinuteCount, OutboxTimes, Replica, Task,
+        },
         outbox::OutboxRow,
         usage::Pause,
     },
@@ -632,7 +634,12 @@ pub fn approvals(term: &str, found: &[ApprovalSummary]) -> Markup {
 
 /// What one event says, in the words of the approval's row.
 fn describe(e: &ApprovalEvent) -> String {
-    let field = |k: &str| e.payload.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let field = |k: &str| {
+        e.payload
+            .get(k)
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    };
     let change = e.change_type.as_deref().unwrap_or("?");
     let result = field("result");
     match (e.event_type.as_str(), change) {
