@@ -177,7 +177,7 @@ impl App {
             workers.push(tokio::spawn(server::serve(
                 listener,
                 router,
-                limits,
+                server::Limits::admin(&config.server),
                 shutdown.clone(),
             )));
             let signed = if config.admin.token.is_empty() {

@@ -1323,6 +1323,28 @@ mod tests {
         )
     }
 
+    #[test]
+    fn a_console_beyond_the_loopback_needs_a_token_and_its_own_port() {
+        let shipped = load(SHIPPED, &[]).unwrap();
+        assert_eq!(shipped.admin.listen, "127.0.0.1:8081");
+        assert!(shipped.admin.token.is_empty());
+        let open = [("DINGSYNC_ADMIN_LISTEN", "0.0.0.0:8081")];
+        let err = load(SHIPPED, &open).unwrap_err().to_string();
+        assert!(
+            err.contains("admin.token") && err.contains("DINGSYNC_ADMIN_TOKEN"),
+            "{err}"
+        );
+        let token = ("DINGSYNC_ADMIN_TOKEN", "0123456789abcdef0123");
+        let config = load(SHIPPED, &[open[0], token]).unwrap();
+        assert_eq!(config.admin.token.expose(), token.1);
+        let short = load(SHIPPED, &[open[0], ("DINGSYNC_ADMIN_TOKEN", "short")]);
+        assert!(short.unwrap_err().to_string().contains("admin.token"));
+        let shared = load(SHIPPED, &[("DINGSYNC_ADMIN_LISTEN", "127.0.0.1:8080")]);
+        assert!(shared.unwrap_err().to_string().contains("admin.listen"));
+        let off = load(SHIPPED, &[("DINGSYNC_ADMIN_LISTEN", "")]).unwrap();
+        assert_eq!(off.admin.listen_addr(), None);
+    }
+
     /// The shipped config.toml without its `api_base` line.
     fn without_api_base() -> String {
         let line = "api_base = \"emulator\"\n";
