@@ -23,6 +23,7 @@ use crate::{
     callback::{self, CallbackState, Callbacks},
     clock::Clock,
     config::{AppSettings, CallbackConfig, Config, Secret},
+    console,
     crypto::{self, CallbackCrypto},
     demo,
     dingtalk::{
@@ -50,6 +51,8 @@ pub const EMULATOR_APP_KEY: &str = "dingemulatorappkey00";
 pub struct App {
     /// Where the HTTP server listens (useful with port 0).
     pub addr: SocketAddr,
+    /// Where the admin console listens (`admin.listen`; `None`: no console).
+    pub admin_addr: Option<SocketAddr>,
     pub pool: PgPool,
     /// The embedded DingTalk emulator (`dingtalk.api_base = "emulator"`).
     pub emulator: Option<Emulator>,
@@ -136,6 +139,18 @@ impl App {
         let listener = server::bind(config.listen_addr())
             .with_context(|| format!("binding server.listen {}", config.server.listen))?;
         let addr = listener.local_addr()?;
+        let admin_listener = match config.admin.listen_addr() {
+            Some(at) => Some(
+                server::bind(at)
+                    .with_context(|| format!("binding admin.listen {}", config.admin.listen))?,
+            ),
+            None => None,
+        };
+        let admin_addr = match &admin_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
+        let replica = scheduler::replica_name();
 
         let shutdown = CancellationToken::new();
         // Ingest stops only after the server has drained, so in-flight callbacks still commit.
@@ -189,6 +204,36 @@ impl App {
         for app in &apps {
             tracing::info!(%addr, app = %app.name, corp_id = %app.corp_id(), "dingsync listening; callbacks at POST /dingtalk/callback/{}", app.name);
         }
+        let mut workers = Vec::new();
+        if let (Some(listener), Some(at)) = (admin_listener, admin_addr) {
+            let console = console::Console::new(
+                &config.admin,
+                pool.clone(),
+                ledger.clone(),
+                health.clone(),
+                apps[0].corp_id(),
+                &replica,
+                config.scheduler.clone(),
+            );
+            let router = console::router(console)
+                .layer(DefaultBodyLimit::max(16 * 1024))
+                .layer(TimeoutLayer::with_status_code(
+                    StatusCode::REQUEST_TIMEOUT,
+                    config.request_timeout(),
+                ));
+            workers.push(tokio::spawn(server::serve(
+                listener,
+                router,
+                server::Limits::admin(&config.server),
+                shutdown.clone(),
+            )));
+            let signed = if config.admin.token.is_empty() {
+                "open to this machine: no admin.token"
+            } else {
+                "sign-in with admin.token"
+            };
+            tracing::info!(admin = %at, "admin console at http://{at}/ ({signed})");
+        }
 
         // `stop` flushes once more after everything has stopped.
         let ledger_task = tokio::spawn(ledger.clone().run_flusher(shutdown.clone()));
@@ -212,7 +257,7 @@ impl App {
                 }
             }
         }
-        let mut workers = vec![ledger_task];
+        workers.push(ledger_task);
         let mut orgs = Vec::new();
         let mut stream_statuses = Vec::new();
         // LISTEN for the outbox and actions workers of every app: one direct pool behind a
@@ -312,6 +357,7 @@ impl App {
         }
         let mut app = App {
             addr,
+            admin_addr,
             pool,
             shutdown,
             task,
@@ -351,7 +397,6 @@ impl App {
                 app.workers.push(tokio::spawn(demo));
             }
         }
-        let replica = scheduler::replica_name();
         let contexts: Vec<jobs::Context> = app.orgs.iter().filter_map(|o| o.jobs.clone()).collect();
         for ctx in contexts {
             match scheduler::start(ctx, &config.scheduler, &replica, app.shutdown.clone()).await {

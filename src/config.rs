@@ -32,6 +32,7 @@ pub struct Config {
     pub outbox: OutboxConfig,
     pub emulator: EmulatorSettings,
     pub stream: StreamConfig,
+    pub admin: AdminConfig,
     pub log: LogConfig,
     pub scheduler: SchedulerConfig,
     pub reconcile: ReconcileConfig,
@@ -150,6 +151,27 @@ pub struct StreamConfig {
     /// and replaced; it is pinged after a third of it. Also how long `/readyz` tolerates no
     /// connection up.
     pub silence_limit_ms: u64,
+}
+
+/// The admin console (`src/console/`): its own listener, never the callback's port.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Where the console listens; empty: no console.
+    pub listen: String,
+    /// What a browser sends as the basic-auth password, or a script as `Authorization: Bearer`.
+    /// Empty: no sign-in, allowed only on a loopback address. Best set from the environment
+    /// (`DINGSYNC_ADMIN_TOKEN`) rather than written in the file.
+    pub token: Secret,
+    /// The basic-auth user name the browser sends with the token.
+    pub user: String,
+}
+
+impl AdminConfig {
+    /// The console's address, when it is on.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        (!self.listen.is_empty()).then(|| self.listen.parse().expect("validated at load"))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -420,6 +442,11 @@ impl Default for Config {
                 connections: 1,
                 silence_limit_ms: 30_000,
             },
+            admin: AdminConfig {
+                listen: "127.0.0.1:8081".into(),
+                token: Secret::default(),
+                user: "admin".into(),
+            },
             log: LogConfig {
                 format: LogFormat::Text,
                 filter: "info".into(),
@@ -482,6 +509,7 @@ default_from_config!(
     IngestConfig => ingest,
     OutboxConfig => outbox,
     EmulatorSettings => emulator,
+    AdminConfig => admin,
     StreamConfig => stream,
     LogConfig => log,
     SchedulerConfig => scheduler,
@@ -658,6 +686,7 @@ impl Config {
         }
         self.validate_outbox()?;
         self.validate_stream()?;
+        self.validate_admin()?;
         if self.apps.is_empty() {
             self.validate_single_app()?;
         } else {
@@ -964,6 +993,46 @@ impl Config {
             return Err(invalid(
                 "reconcile.backfill_overlap_s",
                 "must be shorter than reconcile.backfill_window_days",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `admin.*`: the console reads every approval and can retry or cancel outbox rows and
+    /// actions, so anywhere but the loopback it needs a token.
+    fn validate_admin(&self) -> Result<(), ConfigError> {
+        let admin = &self.admin;
+        if admin.listen.is_empty() {
+            return Ok(());
+        }
+        let addr = SocketAddr::from_str(&admin.listen).map_err(|e| {
+            invalid(
+                "admin.listen",
+                format!("must be an address like 127.0.0.1:8081, or empty for no console ({e})"),
+            )
+        })?;
+        if addr.port() != 0 && admin.listen == self.server.listen {
+            return Err(invalid(
+                "admin.listen",
+                "must not be server.listen: the console never shares the callback's port",
+            ));
+        }
+        if !addr.ip().is_loopback() && admin.token.is_empty() {
+            return Err(invalid(
+                "admin.token",
+                format!(
+                    "must be set (DINGSYNC_ADMIN_TOKEN) when admin.listen is not a loopback \
+                     address ({addr}): the console would be open to anyone who can reach it"
+                ),
+            ));
+        }
+        if !admin.token.is_empty() && admin.token.expose().len() < 16 {
+            return Err(invalid("admin.token", "must be at least 16 characters"));
+        }
+        if admin.user.is_empty() || admin.user.contains(':') {
+            return Err(invalid(
+                "admin.user",
+                "must be a user name without ':' (basic auth)",
             ));
         }
         Ok(())
@@ -1313,6 +1382,28 @@ mod tests {
             "test.toml",
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         )
+    }
+
+    #[test]
+    fn a_console_beyond_the_loopback_needs_a_token_and_its_own_port() {
+        let shipped = load(SHIPPED, &[]).unwrap();
+        assert_eq!(shipped.admin.listen, "127.0.0.1:8081");
+        assert!(shipped.admin.token.is_empty());
+        let open = [("DINGSYNC_ADMIN_LISTEN", "0.0.0.0:8081")];
+        let err = load(SHIPPED, &open).unwrap_err().to_string();
+        assert!(
+            err.contains("admin.token") && err.contains("DINGSYNC_ADMIN_TOKEN"),
+            "{err}"
+        );
+        let token = ("DINGSYNC_ADMIN_TOKEN", "0123456789abcdef0123");
+        let config = load(SHIPPED, &[open[0], token]).unwrap();
+        assert_eq!(config.admin.token.expose(), token.1);
+        let short = load(SHIPPED, &[open[0], ("DINGSYNC_ADMIN_TOKEN", "short")]);
+        assert!(short.unwrap_err().to_string().contains("admin.token"));
+        let shared = load(SHIPPED, &[("DINGSYNC_ADMIN_LISTEN", "127.0.0.1:8080")]);
+        assert!(shared.unwrap_err().to_string().contains("admin.listen"));
+        let off = load(SHIPPED, &[("DINGSYNC_ADMIN_LISTEN", "")]).unwrap();
+        assert_eq!(off.admin.listen_addr(), None);
     }
 
     /// The shipped config.toml without its `api_base` line.

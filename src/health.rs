@@ -309,6 +309,23 @@ async fn readyz(State(health): State<Health>) -> (StatusCode, String) {
     }
 }
 
+impl Health {
+    /// Why this replica is not ready, as `/readyz` says it (`None`: ready).
+    pub async fn not_ready(&self) -> Option<String> {
+        not_ready(self).await
+    }
+
+    /// `corp_id`'s month against its allowances, from the latest reading (`None` when the
+    /// database did not answer it, or no app here serves that organisation).
+    pub async fn allowance(&self, corp_id: &str) -> Option<metrics::AllowanceReading> {
+        let reading = self.reading().await;
+        reading
+            .scraped
+            .as_ref()
+            .and_then(|s| s.allowances.iter().find(|a| a.corp_id == corp_id).cloned())
+    }
+}
+
 async fn not_ready(health: &Health) -> Option<String> {
     let db_error = |kind: &str| format!("database unreachable ({kind})");
     let reading = health.reading().await;

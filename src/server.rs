@@ -95,6 +95,22 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// The admin console's listener: the same timeouts and header buffer, a cap sized for a few
+    /// operators' browsers (each keeps up to six connections) rather than for DingTalk's pushes,
+    /// so that the console costs few file descriptors.
+    pub fn admin(server: &ServerConfig) -> Limits {
+        Limits {
+            max_connections: server.max_connections.min(ADMIN_CONNECTIONS),
+            probe_connections: server.probe_connections.min(1),
+            ..Limits::new(server)
+        }
+    }
+}
+
+/// The admin console's connection cap (at most `server.max_connections`).
+const ADMIN_CONNECTIONS: usize = 32;
+
 /// Refuses a cap the process's open-file limit cannot hold: past that limit `accept` fails and
 /// nothing at all is served, the outage the cap is there to prevent. The other open files are
 /// the database pool, the DingTalk client's connections (and the embedded emulator's ends of
@@ -112,11 +128,17 @@ fn check_against(config: &Config, limit: Option<u64>) -> anyhow::Result<()> {
         + dingtalk * if config.uses_emulator() { 2 } else { 1 }
         + 64;
     let server = &config.server;
-    let needed = (server.max_connections + server.probe_connections) as u64 + others;
+    let admin = if config.admin.listen.is_empty() {
+        0
+    } else {
+        let limits = Limits::admin(server);
+        (limits.max_connections + limits.probe_connections) as u64
+    };
+    let needed = (server.max_connections + server.probe_connections) as u64 + admin + others;
     if needed > limit {
         bail!(
-            "server.max_connections: {} connections + {} probe connections + about {others} other \
-             open files need {needed} file descriptors, but the open-file limit (ulimit -n) is \
+            "server.max_connections: {} connections + {} probe connections + {admin} of the \
+             console + about {others} other open files need {needed} file descriptors, but the open-file limit (ulimit -n) is \
              {limit}: lower server.max_connections or raise the limit",
             server.max_connections,
             server.probe_connections,
@@ -748,8 +770,8 @@ mod tests {
     #[test]
     fn a_cap_over_the_open_file_limit_is_refused_naming_the_key() {
         let config = Config::default();
-        // 512 + 8 connections, 16 pooled, (16 + 4) x 2 to and in the emulator, 64 spare.
-        check_against(&config, Some(640)).unwrap();
+        // 512 + 8 connections, 32 + 1 of the console, 16 pooled, the DingTalk client's, 64 spare.
+        check_against(&config, Some(673)).unwrap();
         let err = check_against(&config, Some(256)).unwrap_err().to_string();
         assert!(
             err.starts_with("server.max_connections:")
@@ -758,5 +780,14 @@ mod tests {
             "{err}"
         );
         check_against(&config, None).unwrap();
+        // Without the console its connections are not counted.
+        let mut without = Config::default();
+        without.admin.listen = String::new();
+        let needed = |c: &Config| {
+            (0..2000u64)
+                .find(|&n| check_against(c, Some(n)).is_ok())
+                .unwrap()
+        };
+        assert_eq!(needed(&config) - needed(&without), 33);
     }
 }

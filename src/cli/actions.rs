@@ -1,8 +1,7 @@
 //! `dingsync actions list|retry|cancel`: what an operator needs to see and unblock actions on
-//! approvals. Only the transitions that cannot double an action are offered: `retry` takes back
-//! a row that DingTalk certainly did not carry out (`failed`, `cancelled`; the worker reads the
-//! approval back first if it was ever sent), `cancel` stops one that is waiting or failed. Rows in
-//! flight (`sending`, `unknown`) are left to the worker.
+//! approvals.
+//! The transitions offered and what each answer means are `operate`'s (the console offers the
+//! same).
 
 use std::{fmt::Write, process::ExitCode};
 
@@ -12,6 +11,7 @@ use sqlx::PgPool;
 use super::ActionsCommand;
 use crate::{
     config::Config,
+    operate,
     store::{
         self as db,
         actions::{self as store, ActionRow},
@@ -77,32 +77,16 @@ fn table(rows: &[ActionRow]) -> String {
 
 /// `actions retry ID`.
 pub async fn retry(pool: &PgPool, id: i64) -> anyhow::Result<String> {
-    match store::retry(pool, id).await?.as_deref() {
-        None => bail!("no action with id {id}"),
-        Some("failed" | "cancelled") => Ok(format!(
-            "action {id} is pending again; a worker will carry it out now (reading the approval back first if it was sent before)"
-        )),
-        Some("unknown") => bail!(
-            "action {id} is unknown: it may have reached DingTalk, and dingsync is reading the approval back; retrying it could act twice"
-        ),
-        Some(state) => {
-            bail!("action {id} is {state}: only failed or cancelled actions can be retried")
-        }
-    }
+    operate::action_retry(pool, id)
+        .await?
+        .map_err(anyhow::Error::msg)
 }
 
 /// `actions cancel ID`.
 pub async fn cancel(pool: &PgPool, id: i64) -> anyhow::Result<String> {
-    match store::cancel(pool, id).await?.as_deref() {
-        None => bail!("no action with id {id}"),
-        Some("pending" | "failed") => Ok(format!("action {id} cancelled")),
-        Some(state @ ("sending" | "unknown")) => bail!(
-            "action {id} is {state}: it may already have reached DingTalk; wait until it is done, failed or superseded"
-        ),
-        Some(state) => {
-            bail!("action {id} is {state}: only pending or failed actions can be cancelled")
-        }
-    }
+    operate::action_cancel(pool, id)
+        .await?
+        .map_err(anyhow::Error::msg)
 }
 
 pub async fn command(config: &Config, command: ActionsCommand) -> anyhow::Result<ExitCode> {

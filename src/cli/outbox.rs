@@ -1,7 +1,6 @@
 //! `dingsync outbox list|retry|cancel`: what an operator needs to see and unblock outbox rows.
-//! Only the transitions that cannot double an approval are offered: `retry` takes back a row
-//! that certainly created nothing (`failed`, `cancelled`), `cancel` stops one that has not been
-//! sent or failed. Rows in flight (`sending`, `unknown`) are left to the worker.
+//! The transitions offered and what each answer means are `operate`'s (the console offers the
+//! same).
 
 use std::{fmt::Write, process::ExitCode};
 
@@ -11,6 +10,7 @@ use sqlx::PgPool;
 use super::OutboxCommand;
 use crate::{
     config::Config,
+    operate,
     store::{
         self as db,
         outbox::{self as store, OutboxRow},
@@ -69,32 +69,16 @@ fn table(rows: &[OutboxRow]) -> String {
 
 /// `outbox retry ID`.
 pub async fn retry(pool: &PgPool, id: i64) -> anyhow::Result<String> {
-    match store::retry(pool, id).await?.as_deref() {
-        None => bail!("no outbox row with id {id}"),
-        Some("failed" | "cancelled") => Ok(format!(
-            "outbox row {id} is pending again; a worker will send it now"
-        )),
-        Some("unknown") => bail!(
-            "outbox row {id} is unknown: its create may have reached DingTalk, and dingsync is searching for the instance; retrying it could create a second approval"
-        ),
-        Some(state) => {
-            bail!("outbox row {id} is {state}: only failed or cancelled rows can be retried")
-        }
-    }
+    operate::outbox_retry(pool, id)
+        .await?
+        .map_err(anyhow::Error::msg)
 }
 
 /// `outbox cancel ID`.
 pub async fn cancel(pool: &PgPool, id: i64) -> anyhow::Result<String> {
-    match store::cancel(pool, id).await?.as_deref() {
-        None => bail!("no outbox row with id {id}"),
-        Some("pending" | "failed") => Ok(format!("outbox row {id} cancelled")),
-        Some(state @ ("sending" | "unknown")) => bail!(
-            "outbox row {id} is {state}: its create may already have reached DingTalk; wait until it is created or failed"
-        ),
-        Some(state) => {
-            bail!("outbox row {id} is {state}: only pending or failed rows can be cancelled")
-        }
-    }
+    operate::outbox_cancel(pool, id)
+        .await?
+        .map_err(anyhow::Error::msg)
 }
 
 pub async fn command(config: &Config, command: OutboxCommand) -> anyhow::Result<ExitCode> {

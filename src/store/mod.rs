@@ -5,6 +5,7 @@
 pub mod actions;
 pub mod approvals;
 pub mod batch;
+pub mod console;
 pub mod corps;
 pub mod forms;
 pub mod job_runs;

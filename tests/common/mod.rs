@@ -51,6 +51,9 @@ pub fn dingsync_command_with(config: &std::path::Path, args: &[&str]) -> std::pr
             command.env_remove(key);
         }
     }
+    // The shipped console port would be shared by every daemon a test runs at once: none unless
+    // the test sets its own DINGSYNC_ADMIN_LISTEN.
+    command.env("DINGSYNC_ADMIN_LISTEN", "");
     // The family of this test run (DINGSYNC_TEST_API_FAMILY) is the child's too.
     if std::env::var_os("DINGSYNC_TEST_API_FAMILY").is_some() {
         command.env("DINGSYNC_DINGTALK_API_FAMILY", api_family().as_str());
@@ -202,6 +205,8 @@ pub fn test_config(database_url: &str) -> Config {
     config.database.url = Secret::new(database_url);
     config.database.acquire_timeout_ms = 1_000;
     config.server.listen = "127.0.0.1:0".into();
+    // No console unless a test asks for one (tests/console.rs).
+    config.admin.listen = String::new();
     config.callback.token = Secret::new(crypto::random_nonce(32));
     config.callback.aes_key = Secret::new(crypto::random_aes_key());
     config.callback.owner_key = vec![CORP_ID.into()];
