@@ -10,8 +10,6 @@
 //! - the mirror: every approval row (status, result, tasks) equals its organisation's DingTalk;
 //! - fairness: no organisation finishes far behind another (the spread of the times from the
 //!   insert to each organisation's last row created is printed and bounded).
-//!
-//! The default is 10 organisations × 60 rows; `DINGSYNC_TEST_LONG=1` runs 10 × 300.
 
 mod common;
 
@@ -39,27 +37,12 @@ const PEOPLE: i32 = 20;
 /// pools together (3 × 16), so that clients really share them.
 const SERVER_CONNECTIONS: u32 = 10;
 
-/// How much load, and how long it may take.
-struct Load {
-    rows_per_org: i32,
-    /// Deadline for every row to be created and every approval to equal DingTalk. A
-    /// correctness bound, not a speed target.
-    within: Duration,
-}
-
-fn load() -> Load {
-    if std::env::var("DINGSYNC_TEST_LONG").as_deref() == Ok("1") {
-        Load {
-            rows_per_org: 300,
-            within: Duration::from_secs(900),
-        }
-    } else {
-        Load {
-            rows_per_org: 60,
-            within: Duration::from_secs(300),
-        }
-    }
-}
+/// Outbox rows per organisation, all inserted at once. The full size runs in about 110 s on the
+/// two shared cores (docs/BENCHMARKS.md), short enough to be the only size.
+const ROWS_PER_ORG: i32 = 300;
+/// Deadline for every row to be created and every approval to equal DingTalk. A correctness
+/// bound, not a speed target: eight times the run seen on a loaded machine.
+const WITHIN: Duration = Duration::from_secs(900);
 
 fn corp_id(org: usize) -> String {
     format!("dingscalecorp{org:07}")
@@ -224,6 +207,7 @@ async fn open_rows(pool: &PgPool) -> HashMap<String, i64> {
 
 #[derive(Debug, sqlx::FromRow)]
 struct Row {
+    corp_id: String,
     id: i64,
     state: String,
     process_instance_id: Option<String>,
@@ -233,7 +217,6 @@ struct Row {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_organisations_on_three_replicas_behind_pgbouncer_with_faults_create_each_row_once_mirror_dingtalk_and_finish_close_together()
  {
-    let load = load();
     let bouncer = PgBouncer::start(SERVER_CONNECTIONS);
     let mut emus = Vec::new();
     for org in 0..ORGS {
@@ -260,8 +243,8 @@ async fn ten_organisations_on_three_replicas_behind_pgbouncer_with_faults_create
     let deciding = approvers(handles.clone(), stop_approvers.clone());
 
     let started = Instant::now();
-    request_rows(&pool, load.rows_per_org).await;
-    let deadline = started + load.within;
+    request_rows(&pool, ROWS_PER_ORG).await;
+    let deadline = started + WITHIN;
 
     // Faults stay on until every row is created: each organisation must get through DingTalk as
     // it misbehaves.
@@ -276,7 +259,7 @@ async fn ten_organisations_on_three_replicas_behind_pgbouncer_with_faults_create
         assert!(
             Instant::now() < deadline,
             "timed out after {:?}: rows not created per organisation {open:?}",
-            load.within
+            WITHIN
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -300,7 +283,7 @@ async fn ten_organisations_on_three_replicas_behind_pgbouncer_with_faults_create
             Instant::now() < deadline,
             "timed out after {:?}: approvals differing from DingTalk per organisation \
              (corp, count, first): {left:?}",
-            load.within
+            WITHIN
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -313,27 +296,14 @@ async fn ten_organisations_on_three_replicas_behind_pgbouncer_with_faults_create
     }
 
     // Exactly one instance per row, tied by its Reason, in the row's own organisation.
-    let rows: Vec<(String, Row)> = sqlx::query_as::<_, (String, i64, String, Option<String>, String)>(
-        "SELECT corp_id, id, state, process_instance_id, form_values->0->>'value'
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT corp_id, id, state, process_instance_id, form_values->0->>'value' AS reason
            FROM dingsync.outbox ORDER BY corp_id, id",
     )
     .fetch_all(&pool)
     .await
-    .unwrap()
-    .into_iter()
-    .map(|(corp, id, state, process_instance_id, reason)| {
-        (
-            corp,
-            Row {
-                id,
-                state,
-                process_instance_id,
-                reason,
-            },
-        )
-    })
-    .collect();
-    assert_eq!(rows.len(), ORGS * load.rows_per_org as usize);
+    .unwrap();
+    assert_eq!(rows.len(), ORGS * ROWS_PER_ORG as usize);
     let mut instances = 0;
     let mut states: HashMap<String, usize> = HashMap::new();
     for (org, h) in handles.iter().enumerate() {
@@ -355,7 +325,7 @@ async fn ten_organisations_on_three_replicas_behind_pgbouncer_with_faults_create
                 .or_default()
                 .push(instance.process_instance_id.clone());
         }
-        for (_, row) in rows.iter().filter(|(c, _)| *c == corp) {
+        for row in rows.iter().filter(|r| r.corp_id == corp) {
             assert_eq!(row.state, "created", "{corp} row {}", row.id);
             let made = by_reason.remove(&row.reason).unwrap_or_default();
             assert_eq!(
@@ -399,7 +369,7 @@ async fn ten_organisations_on_three_replicas_behind_pgbouncer_with_faults_create
          per organisation (insert to last row created): {}; fastest {fastest:.1?}, slowest \
          {slowest:.1?}, spread {spread:.1?}; {attempts} outbox attempts, {creates} create calls, \
          {decided} task decisions, instance states {states:?}",
-        load.rows_per_org,
+        ROWS_PER_ORG,
         times
             .iter()
             .map(|(c, t)| format!("{c} {t:.1?}"))
@@ -408,10 +378,12 @@ async fn ten_organisations_on_three_replicas_behind_pgbouncer_with_faults_create
     );
     assert_eq!(instances, rows.len());
     // Each app has its own outbox worker and budget, so organisations run side by side rather
-    // than one behind another; what they share (three replicas' CPU, PgBouncer's connections) is
-    // shared evenly. The bound is generous for a loaded two-core machine: the slowest within
-    // three times the fastest, or within 30 s of it (short runs, where a few lost answers
-    // of one organisation weigh more than the load).
+    // than one behind another; what they share (the replicas' CPU, PgBouncer's connections) they
+    // share without a queue in which one organisation waits for another to finish. Seen on two
+    // shared cores at load average 3-6: the slowest at 2.1 times the fastest. The bound (three
+    // times, or within 30 s, which covers a fast run where a few lost answers of one organisation
+    // weigh more than the load) holds with that margin and still fails an organisation served
+    // only after the others.
     assert!(
         slowest <= fastest * 3 || spread <= Duration::from_secs(30),
         "an organisation waited behind the others: fastest {fastest:?}, slowest {slowest:?}: \
