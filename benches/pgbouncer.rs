@@ -13,7 +13,7 @@
 //!
 //! ```sh
 //! cargo bench --bench pgbouncer -- [--events 20000] [--concurrency 32] [--rounds 3]
-//!     [--server-connections 8] [--retention-events 10000000]
+//!     [--server-connections 8] [--retention-events 10000000] [--drop-only]
 //! ```
 //! Needs the local PostgreSQL (or DINGSYNC_TEST_DATABASE_URL) and `pgbouncer` (Debian package).
 
@@ -44,6 +44,8 @@ struct Args {
     rounds: usize,
     server_connections: u32,
     retention_events: i64,
+    /// `--drop-only`: skip the batch delete (at 10 million rows it runs for hours).
+    drop_only: bool,
 }
 
 fn args() -> Args {
@@ -53,6 +55,7 @@ fn args() -> Args {
         rounds: 3,
         server_connections: 8,
         retention_events: 10_000_000,
+        drop_only: false,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -68,6 +71,7 @@ fn args() -> Args {
             "--rounds" => a.rounds = value().max(1) as usize,
             "--server-connections" => a.server_connections = value() as u32,
             "--retention-events" => a.retention_events = value() as i64,
+            "--drop-only" => a.drop_only = true,
             _ => {} // cargo bench passes --bench
         }
         i += 1;
@@ -225,6 +229,35 @@ async fn fill(pool: &sqlx::PgPool, month: chrono::DateTime<Utc>, n: i64) -> Dura
     started.elapsed()
 }
 
+/// The retention job before migration V22: batches of `BATCH` deletes, then the VACUUM that makes
+/// the space reusable (autovacuum's work, done at once here).
+async fn batch_delete(pool: &sqlx::PgPool, before: chrono::DateTime<Utc>) {
+    let started = Instant::now();
+    let (mut deleted, mut batches) = (0u64, 0u64);
+    loop {
+        let k = store::prune::older_than(pool, Aged::Events, CORP, before, BATCH)
+            .await
+            .unwrap();
+        deleted += k;
+        batches += 1;
+        if k < BATCH as u64 {
+            break;
+        }
+    }
+    let deleting = started.elapsed();
+    let started = Instant::now();
+    sqlx::raw_sql("VACUUM dingsync.events")
+        .execute(pool)
+        .await
+        .unwrap();
+    let vacuum = started.elapsed();
+    println!(
+        "retention, batch delete: {deleted} rows in {batches} statements: {:.1} s, then VACUUM {:.1} s",
+        deleting.as_secs_f64(),
+        vacuum.as_secs_f64()
+    );
+}
+
 async fn run_retention(args: &Args) {
     let name = format!("dingsync_bench_{}", crypto::random_nonce(8).to_lowercase());
     let url = format!("{}/{name}", common::server_url());
@@ -249,32 +282,10 @@ async fn run_retention(args: &Args) {
         "retention: {n} rows inserted in {:.1} s",
         filled.as_secs_f64()
     );
-    let started = Instant::now();
-    let (mut deleted, mut batches) = (0u64, 0u64);
-    loop {
-        let k = store::prune::older_than(&pool, Aged::Events, CORP, before, BATCH)
-            .await
-            .unwrap();
-        deleted += k;
-        batches += 1;
-        if k < BATCH as u64 {
-            break;
-        }
+    if !args.drop_only {
+        batch_delete(&pool, before).await;
+        fill(&pool, month, n).await;
     }
-    let deleting = started.elapsed();
-    let started = Instant::now();
-    sqlx::raw_sql("VACUUM dingsync.events")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let vacuum = started.elapsed();
-    println!(
-        "retention, batch delete: {deleted} rows in {batches} statements: {:.1} s, then VACUUM {:.1} s",
-        deleting.as_secs_f64(),
-        vacuum.as_secs_f64()
-    );
-
-    fill(&pool, month, n).await;
     let started = Instant::now();
     let (mut dropped_rows, mut dropped) = (0u64, 0);
     for partition in store::prune::event_partitions_before(&pool, before)

@@ -381,11 +381,11 @@ async fn ten_organisations_on_three_replicas_behind_pgbouncer_with_faults_create
     // than one behind another; what they share (the replicas' CPU, PgBouncer's connections) they
     // share without a queue in which one organisation waits for another to finish. Seen on two
     // shared cores at load average 3-6: the slowest at 2.1 and 2.35 times the fastest. The bound
-    // (three times, or within 30 s, which covers a fast run where a few lost answers of one
-    // organisation weigh more than the load) holds with that margin and still fails an
-    // organisation served only after the others.
+    // (four times, or within 30 s, which covers a fast run where a few lost answers of one
+    // organisation weigh more than the load) leaves room for a busier machine and still fails
+    // organisations served one after another (ten of them: the last at about ten times the first).
     assert!(
-        slowest <= fastest * 3 || spread <= Duration::from_secs(30),
+        slowest <= fastest * 4 || spread <= Duration::from_secs(30),
         "an organisation waited behind the others: fastest {fastest:?}, slowest {slowest:?}: \
          {times:?}"
     );
