@@ -101,14 +101,34 @@ async fn shot(client: &Client, name: &str) {
     std::fs::write(screenshots().join(format!("{name}.png")), png).expect("saving a screenshot");
 }
 
+/// The page's text. A page still loading (a click's navigation, a reload) can replace its body
+/// between finding it and reading it; the body is then found again, a few times at most.
 async fn body_text(client: &Client) -> String {
-    client
-        .find(Locator::Css("body"))
-        .await
-        .expect("a body")
-        .text()
-        .await
-        .expect("its text")
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let body = client.find(Locator::Css("body")).await.expect("a body");
+        match body.text().await {
+            Ok(text) => return text,
+            Err(fantoccini::error::CmdError::Standard(e))
+                if e.error == fantoccini::error::ErrorStatus::StaleElementReference
+                    && tries < 20 => {}
+            Err(e) => panic!("its text: {e:?}"),
+        }
+    }
+}
+
+/// The page's text once it contains `needle` (a click's navigation may still be under way when
+/// the click returns), within a few seconds; the last text read otherwise.
+async fn shows(client: &Client, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = body_text(client).await;
+        if text.contains(needle) || Instant::now() >= deadline {
+            return text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits (polling the page, reloading it) until its text contains `needle`.
@@ -235,7 +255,7 @@ async fn the_console_shows_the_demo_flowing_and_retries_and_cancels_failed_outbo
         .click()
         .await
         .unwrap();
-    let confirm = body_text(&client).await;
+    let confirm = shows(&client, "Retry outbox row").await;
     assert!(confirm.contains("Retry outbox row"), "{confirm}");
     assert_eq!(
         state_of(&app.pool, retry_id).await.0,
@@ -250,7 +270,7 @@ async fn the_console_shows_the_demo_flowing_and_retries_and_cancels_failed_outbo
         .click()
         .await
         .unwrap();
-    let done = body_text(&client).await;
+    let done = shows(&client, "is pending again").await;
     assert!(done.contains("is pending again"), "{done}");
     // Pending again, and the worker (the console did not send it) creates its approval.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -285,7 +305,7 @@ async fn the_console_shows_the_demo_flowing_and_retries_and_cancels_failed_outbo
         .click()
         .await
         .unwrap();
-    let done = body_text(&client).await;
+    let done = shows(&client, "cancelled").await;
     assert!(done.contains("cancelled"), "{done}");
     assert_eq!(state_of(&app.pool, cancel_id).await.0, "cancelled");
 
