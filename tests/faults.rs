@@ -155,8 +155,9 @@ struct Chaos {
 
 /// Until `stop`, every 1.5 s: revokes the access token, queues rate-limit and token errors on a
 /// rotating endpoint (so that they keep arriving during the whole run rather than being used up in
-/// its first second), and turns DingTalk's create limiter on for one tick in three. A fault
-/// generator on a timer, not a synchronisation.
+/// its first second; none where the previous ones are still waiting for a call), and turns
+/// DingTalk's create limiter on for one tick in three. A fault generator on a timer, not a
+/// synchronisation.
 ///
 /// The limiter is on one tick in three so that creates meet it in bursts, with everything else
 /// going on; a limit below the budget all the time has its own test below.
@@ -185,10 +186,18 @@ fn chaos(emu: Handle, stop: CancellationToken) -> tokio::task::JoinHandle<Chaos>
             done.revocations += 1;
             let round = done.injection_rounds;
             let endpoint = endpoints[round as usize % endpoints.len()];
-            emu.inject(endpoint, InjectedError::RateLimit, 2);
-            // gettoken takes no access token: refusing one there would be no DingTalk answer.
-            if endpoint != api::token() {
-                emu.inject(endpoint, InjectedError::TokenInvalid, 1);
+            // Injected errors wait for the next calls of their endpoint. Queued on a timer while
+            // few calls come (the run's tail: one last search listing on its own), they would
+            // pile up and all fall on that one caller, round after round, which no DingTalk does:
+            // its refusals come with traffic. So a round adds none where the last round's are
+            // still waiting.
+            let waiting = emu.faults().inject.iter().any(|i| i.endpoint == endpoint);
+            if !waiting {
+                emu.inject(endpoint, InjectedError::RateLimit, 2);
+                // gettoken takes no access token: refusing one there would be no DingTalk answer.
+                if endpoint != api::token() {
+                    emu.inject(endpoint, InjectedError::TokenInvalid, 1);
+                }
             }
             done.injection_rounds += 1;
             let limit = round.is_multiple_of(3);
