@@ -101,19 +101,27 @@ async fn shot(client: &Client, name: &str) {
     std::fs::write(screenshots().join(format!("{name}.png")), png).expect("saving a screenshot");
 }
 
-/// The page's text. A page still loading (a click's navigation, a reload) can replace its body
-/// between finding it and reading it; the body is then found again, a few times at most.
+/// The page's text. A page still loading (a click's navigation, a reload) may have no body yet,
+/// or replace its body between finding it and reading it; both are tried again, for a few
+/// seconds at most.
 async fn body_text(client: &Client) -> String {
-    let mut tries = 0;
+    use fantoccini::error::{CmdError, ErrorStatus};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let loading = |e: &CmdError| {
+        matches!(e, CmdError::Standard(w)
+            if matches!(w.error, ErrorStatus::StaleElementReference | ErrorStatus::NoSuchElement))
+    };
     loop {
-        tries += 1;
-        let body = client.find(Locator::Css("body")).await.expect("a body");
-        match body.text().await {
+        let read = match client.find(Locator::Css("body")).await {
+            Ok(body) => body.text().await,
+            Err(e) => Err(e),
+        };
+        match read {
             Ok(text) => return text,
-            Err(fantoccini::error::CmdError::Standard(e))
-                if e.error == fantoccini::error::ErrorStatus::StaleElementReference
-                    && tries < 20 => {}
-            Err(e) => panic!("its text: {e:?}"),
+            Err(e) if loading(&e) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the page's text: {e:?}"),
         }
     }
 }
